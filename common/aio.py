@@ -1,0 +1,374 @@
+"""The asyncio transport: a message stream over asyncio streams, a server, and a pipelined client.
+
+Owns everything between a socket and a decoded message for the asyncio processes (replicas, the
+sequencer, servers, the lab):
+
+- `MessageStream` reads whole chunks and returns every complete message in them at once (so a
+  handler can treat one read as one batch), and coalesces the writes made during one turn of the
+  event loop into one send (so a pipelined peer costs one syscall per batch, not per message).
+- `serve` accepts connections under a bound and runs a handler per connection.
+- `Connection` is the client: many requests in flight on one connection, replies matched by "ID",
+  a timeout per request that resolves to an indefinite error reply instead of an exception.
+
+The codec itself is common/wire.py, shared with the blocking transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import socket
+import time
+from typing import Awaitable, Callable
+
+from common import wire
+from common.errors import SaldoError, error_reply
+from common.log import get_logger
+
+log = get_logger("aio")
+
+PARTIAL_LINE_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 1024
+# Above this many unsent bytes a sender waits in drain(); below it writes never block.
+WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
+
+
+class MessageStream:
+    """One TCP connection carrying newline-delimited JSON messages both ways."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        max_line_bytes: int = wire.MAX_LINE_BYTES,
+        partial_line_timeout_s: float = PARTIAL_LINE_TIMEOUT_S,
+        idle_timeout_s: float | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._splitter = wire.LineSplitter(max_line_bytes)
+        self.partial_line_timeout_s = partial_line_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        transport = writer.transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def read_batch(self) -> list[dict | SaldoError] | None:
+        """Every message that has arrived, at least one; None once the connection is over.
+
+        The connection is over at EOF, on a reset, on a line above the limit (answered with
+        LINE_TOO_LONG first), and when the peer stalls mid-line past the partial-line timeout.
+        An undecodable line is returned as a SaldoError in its place; the stream stays usable.
+        """
+        splitter = self._splitter
+        while True:
+            if self._closed:
+                return None
+            if splitter.overflowed:
+                self.send(error_reply("LINE_TOO_LONG", f"a line exceeded {splitter.max_line_bytes} bytes"))
+                log.warning("line_too_long", peer=self.peer, max_line_bytes=splitter.max_line_bytes)
+                await self.close()
+                return None
+            timeout_s = self.partial_line_timeout_s if splitter.partial_bytes else self.idle_timeout_s
+            try:
+                if timeout_s is None:
+                    data = await self._reader.read(wire.READ_CHUNK_BYTES)
+                else:
+                    async with asyncio.timeout(timeout_s):
+                        data = await self._reader.read(wire.READ_CHUNK_BYTES)
+            except TimeoutError:
+                log.warning(
+                    "read_timeout", peer=self.peer, partial_bytes=splitter.partial_bytes, timeout_s=timeout_s
+                )
+                await self.close()
+                return None
+            except (ConnectionError, OSError):
+                await self.close()
+                return None
+            if not data:
+                if splitter.partial_bytes:
+                    log.info("eof_mid_line", peer=self.peer, partial_bytes=splitter.partial_bytes)
+                await self.close()
+                return None
+            lines = splitter.feed(data)
+            if lines:
+                batch = wire.decode_lines(lines)
+                if batch:
+                    return batch
+
+    def send(self, message: dict) -> None:
+        self.send_bytes(wire.encode(message))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue bytes (whole lines) to send at the end of this turn of the event loop."""
+        if self._closed:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out or self._closed:
+            self._out.clear()
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        self._writer.write(data)
+
+    async def drain(self) -> bool:
+        """Send what is queued and wait while the peer is slow to read. False if the peer is gone."""
+        self._flush()
+        if self._closed:
+            return False
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            await self.close()
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._flush()
+        self._closed = True
+        try:
+            self._writer.close()
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+    def abort(self) -> None:
+        """Drop the connection at once, without sending what is queued (used by fault injection)."""
+        self._closed = True
+        self._out.clear()
+        self._writer.transport.abort()
+
+
+Handler = Callable[[MessageStream], Awaitable[None]]
+
+
+class Server:
+    """A listening socket that runs `handler(stream)` for each accepted connection, under a bound."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        name: str,
+        max_connections: int = MAX_CONNECTIONS,
+        max_line_bytes: int = wire.MAX_LINE_BYTES,
+        partial_line_timeout_s: float = PARTIAL_LINE_TIMEOUT_S,
+        idle_timeout_s: float | None = None,
+    ) -> None:
+        self.name = name
+        self._handler = handler
+        self.max_connections = max_connections
+        self._max_line_bytes = max_line_bytes
+        self._partial_line_timeout_s = partial_line_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._server: asyncio.base_events.Server | None = None
+        self.streams: set[MessageStream] = set()
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(
+            self._on_connection, host, port, limit=2 * wire.READ_CHUNK_BYTES, reuse_address=True
+        )
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        log.info("listening", server=self.name, host=sockname[0], port=sockname[1], pid=os.getpid())
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = MessageStream(
+            reader,
+            writer,
+            max_line_bytes=self._max_line_bytes,
+            partial_line_timeout_s=self._partial_line_timeout_s,
+            idle_timeout_s=self._idle_timeout_s,
+        )
+        if len(self.streams) >= self.max_connections:
+            stream.send(error_reply("OVERLOADED", f"{self.name} holds {self.max_connections} connections"))
+            log.warning("connection_refused", server=self.name, peer=stream.peer, reason="max_connections")
+            await stream.close()
+            return
+        self.streams.add(stream)
+        try:
+            await self._handler(stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # A handler bug must not take the process down with it.
+            log.exception("handler_failed", server=self.name, peer=stream.peer, error=repr(error))
+        finally:
+            self.streams.discard(stream)
+            await stream.close()
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for stream in list(self.streams):
+            stream.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+
+async def start_server(handler: Handler, host: str, port: int, *, name: str, **options) -> Server:
+    server = Server(handler, name=name, **options)
+    await server.start(host, port)
+    return server
+
+
+def indefinite_reply(code: str, detail: str, request_id: object) -> dict:
+    """The reply a client synthesizes when it cannot know the outcome (TIMEOUT, CONNECTION_LOST)."""
+    return error_reply(code, detail, request_id)
+
+
+class Connection:
+    """A client connection with many requests in flight, replies matched by "ID".
+
+    `request()` never raises for a network failure: a timeout or a lost connection becomes an
+    indefinite error reply (DEFINITE false), which tells the caller to retry with the same id.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, stream: MessageStream, *, request_timeout_s: float, max_in_flight: int) -> None:
+        assert request_timeout_s > 0 and max_in_flight > 0
+        self.stream = stream
+        self.request_timeout_s = request_timeout_s
+        self._pending: dict[object, list[asyncio.Future]] = {}
+        # (deadline, id, future) in send order; equal timeouts make it deadline order too.
+        self._deadlines: collections.deque = collections.deque()
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tag = f"c{os.getpid()}.{next(self._ids)}."
+        self._next_request = itertools.count(1)
+        self.unmatched_replies = 0
+        self._reader_task = asyncio.create_task(self._read_replies())
+        self._sweeper_task = asyncio.create_task(self._sweep_timeouts())
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        connect_timeout_s: float = 2.0,
+        request_timeout_s: float = 5.0,
+        max_in_flight: int = 1024,
+        max_line_bytes: int = wire.MAX_LINE_BYTES,
+        source_host: str | None = None,
+    ) -> "Connection":
+        """Connect, or raise OSError / TimeoutError."""
+        async with asyncio.timeout(connect_timeout_s):
+            reader, writer = await asyncio.open_connection(
+                host,
+                port,
+                limit=2 * wire.READ_CHUNK_BYTES,
+                local_addr=(source_host, 0) if source_host else None,
+            )
+        stream = MessageStream(reader, writer, max_line_bytes=max_line_bytes)
+        return cls(stream, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    def new_request_id(self) -> str:
+        return f"{self._tag}{next(self._next_request)}"
+
+    async def request(self, message: dict, *, timeout_s: float | None = None) -> dict:
+        """Send one request and wait for its reply (or a synthesized indefinite error)."""
+        request_id = message.get("ID")
+        if request_id is None:
+            request_id = message["ID"] = self.new_request_id()
+        return await self.request_bytes(request_id, wire.encode(message), timeout_s=timeout_s)
+
+    async def request_bytes(self, request_id: object, line: bytes, *, timeout_s: float | None = None) -> dict:
+        """Like request(), for a line the caller encoded itself with this request id."""
+        if self.stream.closed:
+            return indefinite_reply("CONNECTION_LOST", "the connection is closed", request_id)
+        async with self._slots:
+            future = asyncio.get_running_loop().create_future()
+            waiters = self._pending.get(request_id)
+            if waiters is None:
+                self._pending[request_id] = [future]
+            else:
+                waiters.append(future)
+            deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.request_timeout_s)
+            self._deadlines.append((deadline, request_id, future))
+            self.stream.send_bytes(line)
+            return await future
+
+    def send(self, message: dict) -> None:
+        """Send a message that expects no reply."""
+        self.stream.send(message)
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                batch = await self.stream.read_batch()
+                if batch is None:
+                    break
+                for reply in batch:
+                    if isinstance(reply, SaldoError):
+                        self.unmatched_replies += 1
+                        continue
+                    waiters = self._pending.pop(reply.get("ID"), None)
+                    if waiters is None:
+                        self.unmatched_replies += 1
+                        continue
+                    for future in waiters:
+                        if not future.done():
+                            future.set_result(reply)
+        finally:
+            self._fail_all("CONNECTION_LOST", "the connection closed before the reply")
+
+    async def _sweep_timeouts(self) -> None:
+        period_s = min(0.05, self.request_timeout_s / 4)
+        deadlines = self._deadlines
+        while not self.stream.closed:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            while deadlines and (deadlines[0][2].done() or deadlines[0][0] <= now):
+                _deadline, request_id, future = deadlines.popleft()
+                if future.done():
+                    continue
+                future.set_result(indefinite_reply("TIMEOUT", "no reply in time", request_id))
+                waiters = self._pending.get(request_id)
+                if waiters is not None:
+                    waiters.remove(future)
+                    if not waiters:
+                        del self._pending[request_id]
+
+    def _fail_all(self, code: str, detail: str) -> None:
+        pending, self._pending = self._pending, {}
+        for request_id, waiters in pending.items():
+            for future in waiters:
+                if not future.done():
+                    future.set_result(indefinite_reply(code, detail, request_id))
+        self._deadlines.clear()
+
+    async def close(self) -> None:
+        await self.stream.close()
+        for task in (self._reader_task, self._sweeper_task):
+            task.cancel()
+        await asyncio.gather(self._reader_task, self._sweeper_task, return_exceptions=True)
+        self._fail_all("CONNECTION_LOST", "the connection was closed by the client")

@@ -1,0 +1,404 @@
+"""The bank state machine: accounts, operations, exactly-once apply. No I/O.
+
+Owns the rules every replica must agree on. `Bank.apply(op)` is deterministic: the same operations
+in the same order give the same balances and the same outcomes on every replica. Each operation
+carries an id chosen by the client; applying an id a second time changes nothing and returns the
+first outcome, so a client may retry an operation whose outcome it does not know.
+
+Operations:
+- DEPOSIT account amount: creates the account if it does not exist.
+- WITHDRAW account amount: INSUFFICIENT_FUNDS (and no change) when the balance is short.
+- TRANSFER from to amount: INSUFFICIENT_FUNDS when the source is short; creates the destination.
+- BALANCE account: a query; never recorded, never changes anything.
+
+Outcomes that depend on the state (INSUFFICIENT_FUNDS, ACCOUNT_NOT_FOUND, BALANCE_LIMIT,
+TOO_MANY_ACCOUNTS) are recorded like successes: a retry returns them again. Input that is wrong in
+itself (amounts, names, a transfer to the same account) is rejected by `parse_request` before it
+reaches the state machine, and never recorded.
+
+Limits: at most `max_accounts` accounts; balances within [0, MAX_BALANCE_CENTS]; the ids of the
+last `dedup_window_ops` applied operations are remembered (memory and disk stay bounded), so a retry
+is recognised while its id is among them.
+
+Invariant (asserted by `check_invariants`): the sum of balances equals the cents deposited minus the
+cents withdrawn, over every operation ever applied. Transfers move money and never create it.
+
+The messages this module reads are saldo's own and the seeds':
+    {"TASK": "DEPOSIT", "ID": "<op id>", "ACCOUNT": "alice", "AMOUNT": "12.34"}
+    {"TASK": "WITHDRAW", "ID": "<op id>", "ACCOUNT": "alice", "AMOUNT": "5"}
+    {"TASK": "TRANSFER", "ID": "<op id>", "FROM": "alice", "TO": "bob", "AMOUNT": "1.50"}
+    {"TASK": "BALANCE", "ACCOUNT": "alice", "MIN_SEQ": 42}           (MIN_SEQ optional)
+    {"TASK": "QUERY", "USER": "alice"}                                 (seed 000; answered with SALDO)
+    {"id_msg": "<uuid>", "tipo": "DEPOSITO"|"SAQUE"|"TRANSFERENCIA",
+     "conta_origem": ..., "conta_destino": ..., "valor": 10.5}        (seed 002's Operacao)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from common.errors import SaldoError, error_reply
+from common.money import MAX_BALANCE_CENTS, parse_amount_cents, render_cents
+
+MAX_ACCOUNT_CHARS = 64
+MAX_OP_ID_CHARS = 64
+DEFAULT_MAX_ACCOUNTS = 1_000_000
+DEFAULT_DEDUP_WINDOW_OPS = 200_000
+
+DEPOSIT = "DEPOSIT"
+WITHDRAW = "WITHDRAW"
+TRANSFER = "TRANSFER"
+BALANCE = "BALANCE"
+OPERATION_KINDS = (DEPOSIT, WITHDRAW, TRANSFER)
+
+# A plain character set: names and ids never need escaping in a log line or a JSON template.
+_ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.@-]+")
+_OP_ID_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+
+_SEED_002_KINDS = {"DEPOSITO": DEPOSIT, "SAQUE": WITHDRAW, "TRANSFERENCIA": TRANSFER}
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """A state-changing operation. `account` is the source of a TRANSFER; `to_account` its target."""
+
+    op_id: str
+    kind: str
+    account: str
+    to_account: str | None
+    amount_cents: int
+
+    def __post_init__(self) -> None:
+        assert self.kind in OPERATION_KINDS, self.kind
+        assert type(self.amount_cents) is int and self.amount_cents > 0, self.amount_cents
+        assert (self.to_account is not None) == (self.kind == TRANSFER), self
+        assert self.to_account != self.account, self
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A balance read. `min_seq`: the reader must have applied at least this sequence number."""
+
+    account: str
+    min_seq: int | None = None
+    seed_000: bool = False  # asked as {"TASK": "QUERY", "USER": ...}: answer with SALDO too
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What applying an operation decided. `error` is None on success; `balance_cents` is the
+    balance of `account` after the operation (the source, for a transfer), or None on error."""
+
+    error: str | None
+    balance_cents: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --- Parsing requests ---------------------------------------------------------------------------
+
+
+def check_account(name: object, field: str = "ACCOUNT") -> str:
+    if name is None:
+        raise SaldoError("MISSING_FIELD", f"{field} is required")
+    if type(name) is not str:
+        raise SaldoError("FIELD_TYPE", f"{field} must be a string")
+    if not name:
+        raise SaldoError("ACCOUNT_EMPTY", f"{field} is empty")
+    if len(name) > MAX_ACCOUNT_CHARS:
+        raise SaldoError("ACCOUNT_TOO_LONG", f"{field} is longer than {MAX_ACCOUNT_CHARS} characters")
+    if _ACCOUNT_RE.fullmatch(name) is None:
+        raise SaldoError("ACCOUNT_INVALID", f"{field} may use only A-Z a-z 0-9 _ . @ -")
+    return name
+
+
+def check_op_id(op_id: object, field: str = "ID") -> str:
+    if op_id is None:
+        raise SaldoError("ID_INVALID", f"{field} (the operation id) is required")
+    if type(op_id) is not str:
+        raise SaldoError("ID_INVALID", f"{field} must be a string, such as a UUID")
+    if not op_id or len(op_id) > MAX_OP_ID_CHARS:
+        raise SaldoError("ID_INVALID", f"{field} must have 1 to {MAX_OP_ID_CHARS} characters")
+    if _OP_ID_RE.fullmatch(op_id) is None:
+        raise SaldoError("ID_INVALID", f"{field} may use only A-Z a-z 0-9 _ . : -")
+    return op_id
+
+
+def _check_min_seq(value: object) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise SaldoError("FIELD_TYPE", "MIN_SEQ must be a non-negative integer")
+    return value
+
+
+def make_operation(op_id: object, kind: str, account: object, to_account: object, amount: object) -> Operation:
+    """Validate the parts of an operation (raising SaldoError) and build it."""
+    op_id = check_op_id(op_id)
+    amount_cents = parse_amount_cents(amount)
+    if kind == TRANSFER:
+        source = check_account(account, "FROM")
+        target = check_account(to_account, "TO")
+        if source == target:
+            raise SaldoError("SAME_ACCOUNT", "FROM and TO are the same account")
+        return Operation(op_id, kind, source, target, amount_cents)
+    return Operation(op_id, kind, check_account(account), None, amount_cents)
+
+
+def parse_request(message: dict) -> Operation | Query:
+    """Read a bank request in any of the accepted formats; raise SaldoError if it is not one."""
+    task = message.get("TASK")
+    if task is not None:
+        if type(task) is not str:
+            raise SaldoError("FIELD_TYPE", "TASK must be a string")
+        if task == TRANSFER:
+            return make_operation(message.get("ID"), TRANSFER, message.get("FROM"), message.get("TO"), message.get("AMOUNT"))
+        if task == DEPOSIT or task == WITHDRAW:
+            return make_operation(message.get("ID"), task, message.get("ACCOUNT"), None, message.get("AMOUNT"))
+        if task == BALANCE:
+            return Query(check_account(message.get("ACCOUNT")), _check_min_seq(message.get("MIN_SEQ")))
+        if task == "QUERY":
+            return Query(check_account(message.get("USER"), "USER"), _check_min_seq(message.get("MIN_SEQ")), seed_000=True)
+        raise SaldoError("UNKNOWN_MESSAGE", f"unknown TASK {task[:40]!r}")
+    kind_pt = message.get("tipo")
+    if kind_pt is not None:
+        if type(kind_pt) is not str:
+            raise SaldoError("FIELD_TYPE", "tipo must be a string")
+        kind = _SEED_002_KINDS.get(kind_pt)
+        if kind is None:
+            raise SaldoError("FIELD_INVALID", "tipo must be DEPOSITO, SAQUE or TRANSFERENCIA")
+        source = message.get("conta_origem")
+        target = message.get("conta_destino")
+        if kind == DEPOSIT:  # money arrives at the destination; accept the origin if that is all there is
+            return make_operation(message.get("id_msg"), kind, target if target is not None else source, None, message.get("valor"))
+        if kind == WITHDRAW:
+            return make_operation(message.get("id_msg"), kind, source if source is not None else target, None, message.get("valor"))
+        return make_operation(message.get("id_msg"), kind, source, target, message.get("valor"))
+    raise SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY) or an Operacao")
+
+
+# --- Rendering outcomes -------------------------------------------------------------------------
+
+
+def outcome_reply(outcome: Outcome, request_id: object = None, **extra: object) -> dict:
+    """The reply to an applied operation: {"STATUS": "OK", "BALANCE": "12.34"} or a NOK."""
+    reply: dict = {}
+    if request_id is not None:
+        reply["ID"] = request_id
+    if outcome.error is None:
+        reply["STATUS"] = "OK"
+        assert outcome.balance_cents is not None
+        reply["BALANCE"] = render_cents(outcome.balance_cents)
+    else:
+        reply.update(error_reply(outcome.error))
+    reply.update(extra)
+    return reply
+
+
+def balance_reply(query: Query, balance_cents: int | None, request_id: object = None, **extra: object) -> dict:
+    if balance_cents is None:
+        reply = error_reply("ACCOUNT_NOT_FOUND", f"no account {query.account}", request_id)
+        if query.seed_000:
+            reply["TASK"] = "QUERY"
+        reply.update(extra)
+        return reply
+    reply = {} if request_id is None else {"ID": request_id}
+    reply["STATUS"] = "OK"
+    reply["BALANCE"] = render_cents(balance_cents)
+    if query.seed_000:
+        reply["SALDO"] = reply["BALANCE"]
+        reply["USER"] = query.account
+    reply.update(extra)
+    return reply
+
+
+# --- The state machine --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AppliedOp:
+    """One applied operation as persisted: its position in this bank's apply order, the sequence
+    number the orderer gave it (None without an orderer), and the outcome."""
+
+    apply_index: int
+    seq: int | None
+    op: Operation
+    outcome: Outcome
+
+
+@dataclass(slots=True)
+class Counters:
+    """Totals over every operation ever applied; persisted with the balances they explain."""
+
+    ops_applied_total: int = 0
+    deposited_cents_total: int = 0
+    withdrawn_cents_total: int = 0
+
+    def copy(self) -> "Counters":
+        return Counters(self.ops_applied_total, self.deposited_cents_total, self.withdrawn_cents_total)
+
+
+class Bank:
+    """Balances plus the recent applied ids; apply() is the only way to change them."""
+
+    def __init__(
+        self,
+        *,
+        max_accounts: int = DEFAULT_MAX_ACCOUNTS,
+        dedup_window_ops: int = DEFAULT_DEDUP_WINDOW_OPS,
+    ) -> None:
+        assert max_accounts > 0 and dedup_window_ops > 0
+        self.max_accounts = max_accounts
+        self.dedup_window_ops = dedup_window_ops
+        self.balances: dict[str, int] = {}
+        # op id -> AppliedOp for the last dedup_window_ops applied; `_recent_order` has the same ids,
+        # oldest first, so forgetting the oldest is O(1).
+        self.recent: dict[str, AppliedOp] = {}
+        self._recent_order: deque[str] = deque()
+        self.counters = Counters()
+        # Accounts that exist in the store but are not held here (a Bank over a slice; see for_slice).
+        self._other_accounts = 0
+        # What changed since the last take_effects(): for the store to persist.
+        self._new_applied: list[AppliedOp] = []
+        self._dirty_accounts: set[str] = set()
+
+    # Loading a persisted image (store load or state transfer).
+    def restore(self, balances: dict[str, int], recent: list[AppliedOp], counters: Counters) -> None:
+        assert not self.balances and not self.recent, "restore into an empty bank"
+        self.balances = dict(balances)
+        for applied in recent[-self.dedup_window_ops :]:
+            self.recent[applied.op.op_id] = applied
+            self._recent_order.append(applied.op.op_id)
+        self.counters = counters.copy()
+        self.check_invariants()
+
+    @classmethod
+    def for_slice(
+        cls,
+        balances: dict[str, int],
+        recent: list[AppliedOp],
+        counters: Counters,
+        *,
+        other_accounts: int,
+        max_accounts: int,
+        dedup_window_ops: int,
+    ) -> "Bank":
+        """A Bank over the part of a shared store that a batch touches: its accounts, the earlier
+        outcomes of its ids, and the counters. Money conservation holds for the whole store, not
+        for the slice, so it is not checked here."""
+        assert other_accounts >= 0
+        bank = cls(max_accounts=max_accounts, dedup_window_ops=dedup_window_ops)
+        bank.balances = dict(balances)
+        bank._other_accounts = other_accounts
+        for applied in recent:
+            bank.recent[applied.op.op_id] = applied
+            bank._recent_order.append(applied.op.op_id)
+        bank.counters = counters.copy()
+        return bank
+
+    def balance(self, account: str) -> int | None:
+        return self.balances.get(account)
+
+    def applied_outcome(self, op_id: str) -> Outcome | None:
+        applied = self.recent.get(op_id)
+        return None if applied is None else applied.outcome
+
+    def apply(self, op: Operation, seq: int | None = None) -> tuple[Outcome, bool]:
+        """Apply `op` once. Returns (outcome, duplicate): a duplicate id changes nothing and
+        returns the outcome recorded the first time."""
+        earlier = self.recent.get(op.op_id)
+        if earlier is not None:
+            return earlier.outcome, True
+        outcome = self._decide_and_change(op)
+        counters = self.counters
+        counters.ops_applied_total += 1
+        applied = AppliedOp(counters.ops_applied_total, seq, op, outcome)
+        self.recent[op.op_id] = applied
+        self._recent_order.append(op.op_id)
+        self._new_applied.append(applied)
+        if len(self._recent_order) > self.dedup_window_ops:
+            del self.recent[self._recent_order.popleft()]
+        return outcome, False
+
+    def _decide_and_change(self, op: Operation) -> Outcome:
+        balances = self.balances
+        kind = op.kind
+        amount = op.amount_cents
+        if kind == DEPOSIT:
+            current = balances.get(op.account)
+            if current is None:
+                if len(balances) + self._other_accounts >= self.max_accounts:
+                    return Outcome("TOO_MANY_ACCOUNTS", None)
+                current = 0
+            if current + amount > MAX_BALANCE_CENTS:
+                return Outcome("BALANCE_LIMIT", None)
+            balances[op.account] = current + amount
+            self._dirty_accounts.add(op.account)
+            self.counters.deposited_cents_total += amount
+            return Outcome(None, current + amount)
+        if kind == WITHDRAW:
+            current = balances.get(op.account)
+            if current is None:
+                return Outcome("ACCOUNT_NOT_FOUND", None)
+            if current < amount:
+                return Outcome("INSUFFICIENT_FUNDS", None)
+            balances[op.account] = current - amount
+            self._dirty_accounts.add(op.account)
+            self.counters.withdrawn_cents_total += amount
+            return Outcome(None, current - amount)
+        assert kind == TRANSFER
+        source = balances.get(op.account)
+        if source is None:
+            return Outcome("ACCOUNT_NOT_FOUND", None)
+        if source < amount:
+            return Outcome("INSUFFICIENT_FUNDS", None)
+        target = balances.get(op.to_account)  # type: ignore[arg-type]
+        if target is None:
+            if len(balances) + self._other_accounts >= self.max_accounts:
+                return Outcome("TOO_MANY_ACCOUNTS", None)
+            target = 0
+        if target + amount > MAX_BALANCE_CENTS:
+            return Outcome("BALANCE_LIMIT", None)
+        balances[op.account] = source - amount
+        balances[op.to_account] = target + amount  # type: ignore[index]
+        self._dirty_accounts.add(op.account)
+        self._dirty_accounts.add(op.to_account)  # type: ignore[arg-type]
+        return Outcome(None, source - amount)
+
+    def take_effects(self) -> tuple[list[AppliedOp], dict[str, int]]:
+        """What changed since the last call: applied ops in order, and the changed balances."""
+        applied, self._new_applied = self._new_applied, []
+        dirty, self._dirty_accounts = self._dirty_accounts, set()
+        balances = self.balances
+        changed = {account: balances[account] for account in dirty}
+        for account, cents in changed.items():
+            assert 0 <= cents <= MAX_BALANCE_CENTS, (account, cents)
+        return applied, changed
+
+    def check_invariants(self) -> None:
+        """Assert what money depends on; O(accounts), so callers run it at load and in tests."""
+        counters = self.counters
+        total = 0
+        for account, cents in self.balances.items():
+            assert type(cents) is int and 0 <= cents <= MAX_BALANCE_CENTS, (account, cents)
+            total += cents
+        assert total == counters.deposited_cents_total - counters.withdrawn_cents_total, (
+            "money is not conserved",
+            total,
+            counters.deposited_cents_total,
+            counters.withdrawn_cents_total,
+        )
+        assert len(self.balances) <= self.max_accounts
+        assert len(self.recent) == len(self._recent_order) <= self.dedup_window_ops
+        assert len(self.recent) <= counters.ops_applied_total
+
+
+def describe(op: Operation) -> str:
+    """A short human form, for logs: 'TRANSFER alice->bob 1.50'."""
+    if op.kind == TRANSFER:
+        return f"TRANSFER {op.account}->{op.to_account} {render_cents(op.amount_cents)}"
+    return f"{op.kind} {op.account} {render_cents(op.amount_cents)}"

@@ -1,0 +1,96 @@
+"""Error codes of the saldo protocol, and whether each one is definite.
+
+Every error reply is `{"STATUS": "NOK", "ERROR": <code>, "DETAIL": <text>, "DEFINITE": <bool>}`.
+
+- definite: the operation certainly did not happen (bad input, insufficient funds, a full queue).
+  Retrying the same request gives the same answer; a client may give up.
+- indefinite: the operation may or may not have happened (a timeout, a lost connection, a server
+  that lost its replicas mid-request). A client that needs to know retries with the same operation
+  id: exactly-once apply makes the retry safe, and its answer is the first result.
+
+This module owns the table of codes; nothing else invents a code.
+"""
+
+from __future__ import annotations
+
+# code -> (definite, one-line meaning). The meaning is what README/PROTOCOL documentation shows.
+ERROR_CODES: dict[str, tuple[bool, str]] = {
+    # Framing and decoding (common/wire.py).
+    "LINE_TOO_LONG": (True, "a line exceeded the maximum line length; the connection is closed"),
+    "INVALID_UTF8": (True, "the line is not valid UTF-8"),
+    "INVALID_JSON": (True, "the line is not valid JSON"),
+    "NOT_OBJECT": (True, "the line is valid JSON but not an object"),
+    "UNKNOWN_MESSAGE": (True, "the message is not one this port understands"),
+    "MISSING_FIELD": (True, "a required field is absent"),
+    "FIELD_TYPE": (True, "a field has the wrong JSON type"),
+    "FIELD_INVALID": (True, "a field has the right type but an invalid value"),
+    "ID_INVALID": (True, "the operation id is missing, empty, too long or has forbidden characters"),
+    # Money (common/money.py).
+    "AMOUNT_MISSING": (True, "the amount is absent or null"),
+    "AMOUNT_TYPE": (True, "the amount is neither a decimal string nor a JSON number"),
+    "AMOUNT_BOOLEAN": (True, "the amount is a boolean"),
+    "AMOUNT_MALFORMED": (True, "the amount string is not a plain decimal number"),
+    "AMOUNT_NOT_FINITE": (True, "the amount is NaN or infinite"),
+    "AMOUNT_NEGATIVE": (True, "the amount is negative"),
+    "AMOUNT_ZERO": (True, "the amount is zero"),
+    "AMOUNT_TOO_PRECISE": (True, "the amount has more than two decimal places"),
+    "AMOUNT_TOO_LARGE": (True, "the amount exceeds the maximum of one operation"),
+    # Bank rules (common/bank.py).
+    "ACCOUNT_EMPTY": (True, "the account name is empty"),
+    "ACCOUNT_TOO_LONG": (True, "the account name is longer than the maximum"),
+    "ACCOUNT_INVALID": (True, "the account name has characters outside [A-Za-z0-9_.@-]"),
+    "ACCOUNT_NOT_FOUND": (True, "the account does not exist"),
+    "SAME_ACCOUNT": (True, "a transfer names the same account twice"),
+    "INSUFFICIENT_FUNDS": (True, "the balance is short; nothing changed"),
+    "BALANCE_LIMIT": (True, "the operation would take a balance above the maximum"),
+    "TOO_MANY_ACCOUNTS": (True, "the bank holds the maximum number of accounts"),
+    # Roles, routing and load.
+    "WRONG_ROLE": (True, "this process does not accept that message in its role"),
+    "NOT_PRIMARY": (True, "this replica is not the primary; see TARGET_MASTER"),
+    "QUEUE_FULL": (True, "the queue is at its bound; the request was not accepted"),
+    "OVERLOADED": (True, "too many requests are pending; the request was not accepted"),
+    "NOT_READY": (True, "the process is starting or catching up; the request was not accepted"),
+    "TOO_STALE": (True, "the replica has not yet applied the sequence number the read requires"),
+    # Outcome unknown: the client must retry with the same id to learn it.
+    "TIMEOUT": (False, "no answer in time; the operation may have been applied"),
+    "CONNECTION_LOST": (False, "the connection closed before the answer; the operation may have been applied"),
+    "UNAVAILABLE": (False, "the request was accepted but could not be completed now; it may be applied later"),
+    "INTERNAL": (False, "an internal failure; the operation may have been applied"),
+}
+
+
+def is_definite(code: str) -> bool:
+    """True when an error with this code means the operation certainly did not happen."""
+    definite_and_meaning = ERROR_CODES.get(code)
+    if definite_and_meaning is None:
+        return False  # An unknown code from a peer: assume the worst.
+    return definite_and_meaning[0]
+
+
+class SaldoError(Exception):
+    """A request failed with a protocol error code; carries what the reply needs."""
+
+    __slots__ = ("code", "detail")
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+    @property
+    def definite(self) -> bool:
+        return is_definite(self.code)
+
+
+def error_reply(code: str, detail: str = "", request_id: object = None) -> dict:
+    """The reply object for an error; echoes the request id when there was one."""
+    assert code in ERROR_CODES, code
+    reply: dict = {}
+    if request_id is not None:
+        reply["ID"] = request_id
+    reply["STATUS"] = "NOK"
+    reply["ERROR"] = code
+    reply["DETAIL"] = detail or ERROR_CODES[code][1]
+    reply["DEFINITE"] = ERROR_CODES[code][0]
+    return reply

@@ -1,0 +1,453 @@
+"""Durable storage of a Bank: one interface, two backends chosen by URL.
+
+    sqlite:///relative/path.db   sqlite:////absolute/path.db   sqlite:///:memory:
+    mysql://user:password@host:port/database
+
+Owns the tables of sql/schema.sql (MySQL) and sql/schema.sqlite.sql (SQLite, kept equivalent), and
+the two ways of writing them, each one transaction:
+
+- `persist(...)`: for a process that holds the whole Bank in memory (a replica, the only writer
+  of its store). It writes what a batch of applies changed: the applied operations with their ids,
+  sequence numbers and outcomes, the changed balances, the counters and any metadata (such as
+  last_applied_seq). Throughput comes from persisting many operations per transaction.
+- `apply_batch(...)`: for processes that share one store (the worker farm's workers). It reads
+  the slice of state the operations touch, locking it, runs the same Bank rules on it, and persists
+  the effects, all in one transaction, so concurrent writers serialise correctly.
+
+A process killed mid-transaction leaves all of it or none of it: that is the database's promise,
+and the tests check it with SIGKILL. The SQLite backend runs in WAL mode with synchronous=FULL by
+default (a commit is on disk before it returns); `?synchronous=normal` trades that for speed
+(a committed transaction survives a process crash, not a power loss).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.bank import AppliedOp, Bank, Counters, Operation, Outcome
+from common.log import get_logger
+
+log = get_logger("store")
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "sql"
+COUNTER_NAMES = ("ops_applied_total", "deposited_cents_total", "withdrawn_cents_total")
+# Bound on one multi-row statement's parameters (SQLite's default limit is 32766 variables).
+MAX_ROWS_PER_STATEMENT = 500
+MAX_META_NAME_CHARS = 64
+
+
+@dataclass(slots=True)
+class StoreImage:
+    """Everything a Bank needs to resume: balances, the recent applied ops, counters, metadata."""
+
+    balances: dict[str, int] = field(default_factory=dict)
+    recent: list[AppliedOp] = field(default_factory=list)
+    counters: Counters = field(default_factory=Counters)
+    meta: dict[str, int] = field(default_factory=dict)
+
+    def to_bank(self, bank: Bank) -> Bank:
+        bank.restore(self.balances, self.recent, self.counters)
+        return bank
+
+
+def _row_to_applied(row: tuple) -> AppliedOp:
+    apply_index, op_id, seq, kind, account, to_account, amount_cents, error, balance_cents = row
+    return AppliedOp(
+        int(apply_index),
+        None if seq is None else int(seq),
+        Operation(op_id, kind, account, to_account, int(amount_cents)),
+        Outcome(error, None if balance_cents is None else int(balance_cents)),
+    )
+
+
+def _applied_to_row(applied: AppliedOp) -> tuple:
+    op = applied.op
+    outcome = applied.outcome
+    return (
+        applied.apply_index,
+        op.op_id,
+        applied.seq,
+        op.kind,
+        op.account,
+        op.to_account,
+        op.amount_cents,
+        outcome.error,
+        outcome.balance_cents,
+    )
+
+
+def _chunks(rows: list, size: int = MAX_ROWS_PER_STATEMENT):
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+class Store:
+    """The operations both backends offer; SQL text differs per dialect, the logic does not."""
+
+    url: str
+    _placeholder = "?"
+    _lock_suffix = ""  # " FOR UPDATE" where the backend has row locks
+
+    # --- Dialect hooks --------------------------------------------------------------------------
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _rollback(self) -> None:
+        raise NotImplementedError
+
+    def _cursor(self):
+        raise NotImplementedError
+
+    _upsert_account_sql: str
+    _upsert_meta_sql: str
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- Reading --------------------------------------------------------------------------------
+    def load(self, dedup_window_ops: int | None = None) -> StoreImage:
+        """The whole durable image (the last `dedup_window_ops` applied ops, or all)."""
+        cursor = self._cursor()
+        cursor.execute("SELECT name, balance_cents FROM accounts")
+        balances = {name: int(cents) for name, cents in cursor.fetchall()}
+        query = (
+            "SELECT apply_index, op_id, seq, kind, account, to_account, amount_cents, error, balance_cents"
+            " FROM applied_ops ORDER BY apply_index DESC"
+        )
+        if dedup_window_ops is not None:
+            query += f" LIMIT {int(dedup_window_ops)}"
+        cursor.execute(query)
+        recent = [_row_to_applied(row) for row in cursor.fetchall()]
+        recent.reverse()
+        cursor.execute("SELECT name, value FROM replica_meta")
+        meta = {name: int(value) for name, value in cursor.fetchall()}
+        self._end_read()
+        counters = Counters(*(meta.pop(name, 0) for name in COUNTER_NAMES))
+        return StoreImage(balances, recent, counters, meta)
+
+    def _end_read(self) -> None:
+        """Close the read transaction a driver may have opened implicitly."""
+
+    def get_meta(self, name: str, default: int = 0) -> int:
+        cursor = self._cursor()
+        cursor.execute(f"SELECT value FROM replica_meta WHERE name = {self._placeholder}", (name,))
+        row = cursor.fetchone()
+        self._end_read()
+        return default if row is None else int(row[0])
+
+    # --- Writing --------------------------------------------------------------------------------
+    def persist(
+        self,
+        applied: list[AppliedOp],
+        balances: dict[str, int],
+        counters: Counters,
+        meta: dict[str, int] | None = None,
+        *,
+        dedup_window_ops: int,
+    ) -> None:
+        """Write one batch of a Bank's effects in one transaction (see the module docstring)."""
+        self._begin()
+        try:
+            self._write_effects(applied, balances, counters, meta or {}, dedup_window_ops)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def set_meta(self, meta: dict[str, int]) -> None:
+        self._begin()
+        try:
+            self._write_meta(meta)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _write_meta(self, meta: dict[str, int]) -> None:
+        for name, value in meta.items():
+            assert type(value) is int and len(name) <= MAX_META_NAME_CHARS, (name, value)
+        if meta:
+            self._cursor().executemany(self._upsert_meta_sql, list(meta.items()))
+
+    def _write_effects(
+        self,
+        applied: list[AppliedOp],
+        balances: dict[str, int],
+        counters: Counters,
+        meta: dict[str, int],
+        dedup_window_ops: int,
+    ) -> None:
+        cursor = self._cursor()
+        p = self._placeholder
+        if applied:
+            assert applied[-1].apply_index == counters.ops_applied_total, (applied[-1].apply_index, counters)
+            insert = (
+                "INSERT INTO applied_ops (apply_index, op_id, seq, kind, account, to_account, amount_cents,"
+                f" error, balance_cents) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
+            )
+            rows = [_applied_to_row(a) for a in applied]
+            for chunk in _chunks(rows):
+                cursor.executemany(insert, chunk)
+        if balances:
+            cursor.executemany(self._upsert_account_sql, [(name, cents) for name, cents in balances.items()])
+        self._write_meta(
+            {
+                "ops_applied_total": counters.ops_applied_total,
+                "deposited_cents_total": counters.deposited_cents_total,
+                "withdrawn_cents_total": counters.withdrawn_cents_total,
+                **meta,
+            }
+        )
+        forget_up_to = counters.ops_applied_total - dedup_window_ops
+        if applied and forget_up_to > 0:  # keep only the dedup window, like the Bank does in memory
+            cursor.execute(f"DELETE FROM applied_ops WHERE apply_index <= {p}", (forget_up_to,))
+
+    def apply_batch(
+        self,
+        ops: list[tuple[Operation, int | None]],
+        *,
+        max_accounts: int,
+        dedup_window_ops: int,
+        meta: dict[str, int] | None = None,
+    ) -> list[tuple[Outcome, bool]]:
+        """Apply operations against the shared store in one transaction; [(outcome, duplicate)]."""
+        assert ops
+        p = self._placeholder
+        lock = self._lock_suffix
+        self._begin()
+        try:
+            cursor = self._cursor()
+            names = list(COUNTER_NAMES)
+            cursor.execute(
+                f"SELECT name, value FROM replica_meta WHERE name IN ({', '.join([p] * len(names))}){lock}", names
+            )
+            found = {name: int(value) for name, value in cursor.fetchall()}
+            counters = Counters(*(found.get(name, 0) for name in COUNTER_NAMES))
+            op_ids = list({op.op_id for op, _seq in ops})
+            recent: list[AppliedOp] = []
+            for chunk in _chunks(op_ids):
+                cursor.execute(
+                    "SELECT apply_index, op_id, seq, kind, account, to_account, amount_cents, error, balance_cents"
+                    f" FROM applied_ops WHERE op_id IN ({', '.join([p] * len(chunk))})",
+                    chunk,
+                )
+                recent.extend(_row_to_applied(row) for row in cursor.fetchall())
+            accounts = sorted({op.account for op, _ in ops} | {op.to_account for op, _ in ops if op.to_account})
+            balances: dict[str, int] = {}
+            for chunk in _chunks(accounts):
+                cursor.execute(
+                    f"SELECT name, balance_cents FROM accounts WHERE name IN ({', '.join([p] * len(chunk))}){lock}",
+                    chunk,
+                )
+                balances.update({name: int(cents) for name, cents in cursor.fetchall()})
+            other_accounts = 0
+            if len(balances) < len(accounts):  # some op may create an account: the bound needs the count
+                cursor.execute("SELECT COUNT(*) FROM accounts")
+                other_accounts = int(cursor.fetchone()[0]) - len(balances)
+            bank = Bank.for_slice(
+                balances,
+                recent,
+                counters,
+                other_accounts=other_accounts,
+                max_accounts=max_accounts,
+                dedup_window_ops=dedup_window_ops,
+            )
+            outcomes = [bank.apply(op, seq) for op, seq in ops]
+            applied, changed = bank.take_effects()
+            self._write_effects(applied, changed, bank.counters, meta or {}, dedup_window_ops)
+            self._commit()
+            return outcomes
+        except BaseException:
+            self._rollback()
+            raise
+
+    def install(self, image: StoreImage) -> None:
+        """Replace the whole content with `image` in one transaction (state transfer)."""
+        self._begin()
+        try:
+            cursor = self._cursor()
+            for table in ("accounts", "applied_ops", "replica_meta"):
+                cursor.execute(f"DELETE FROM {table}")
+            counters = image.counters
+            if image.balances:
+                for chunk in _chunks(list(image.balances.items())):
+                    cursor.executemany(self._upsert_account_sql, chunk)
+            p = self._placeholder
+            insert = (
+                "INSERT INTO applied_ops (apply_index, op_id, seq, kind, account, to_account, amount_cents,"
+                f" error, balance_cents) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
+            )
+            for chunk in _chunks([_applied_to_row(a) for a in image.recent]):
+                cursor.executemany(insert, chunk)
+            self._write_meta(
+                {
+                    "ops_applied_total": counters.ops_applied_total,
+                    "deposited_cents_total": counters.deposited_cents_total,
+                    "withdrawn_cents_total": counters.withdrawn_cents_total,
+                    **image.meta,
+                }
+            )
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def wipe(self) -> None:
+        """Empty every table (tests, and `--reset` of a fresh local cluster)."""
+        self.install(StoreImage())
+
+
+# --- SQLite -------------------------------------------------------------------------------------
+
+
+class SQLiteStore(Store):
+    _placeholder = "?"
+    _lock_suffix = ""  # BEGIN IMMEDIATE takes the database write lock up front
+    _upsert_account_sql = (
+        "INSERT INTO accounts (name, balance_cents) VALUES (?, ?)"
+        " ON CONFLICT(name) DO UPDATE SET balance_cents = excluded.balance_cents"
+    )
+    _upsert_meta_sql = (
+        "INSERT INTO replica_meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+    )
+
+    def __init__(self, url: str, path: str, synchronous: str = "full", busy_timeout_ms: int = 10_000) -> None:
+        assert synchronous in ("full", "normal", "off"), synchronous
+        self.url = url
+        self.path = path
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # One writer thread at a time is the caller's promise (a replica commits from one thread).
+        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if path != ":memory:":
+            self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self._connection.executescript((SCHEMA_DIR / "schema.sqlite.sql").read_text())
+        self._cursor_obj = self._connection.cursor()
+
+    def _cursor(self):
+        return self._cursor_obj
+
+    def _begin(self) -> None:
+        self._cursor_obj.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        self._cursor_obj.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._connection.in_transaction:
+            self._cursor_obj.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+# --- MySQL / MariaDB ----------------------------------------------------------------------------
+
+
+class MySQLStore(Store):
+    _placeholder = "%s"
+    _lock_suffix = " FOR UPDATE"
+    _upsert_account_sql = (
+        "INSERT INTO accounts (name, balance_cents) VALUES (%s, %s)"
+        " ON DUPLICATE KEY UPDATE balance_cents = VALUES(balance_cents)"
+    )
+    _upsert_meta_sql = "INSERT INTO replica_meta (name, value) VALUES (%s, %s) ON DUPLICATE KEY UPDATE value = VALUES(value)"
+
+    def __init__(self, url: str, host: str, port: int, user: str, password: str, database: str, connect_timeout_s: float = 5.0) -> None:
+        import pymysql  # Imported here: SQLite-only machines run without PyMySQL installed.
+
+        self._pymysql = pymysql
+        self.url = url
+        self.database = database
+        options = dict(host=host, port=port, user=user, password=password, autocommit=True, connect_timeout=connect_timeout_s, charset="utf8mb4")
+        try:
+            self._connection = pymysql.connect(database=database, **options)
+        except pymysql.err.OperationalError as error:
+            if error.args[0] != 1049:  # ER_BAD_DB_ERROR: create the database, then connect to it
+                raise
+            bootstrap = pymysql.connect(**options)
+            with bootstrap.cursor() as cursor:
+                cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+            bootstrap.close()
+            self._connection = pymysql.connect(database=database, **options)
+        with self._connection.cursor() as cursor:
+            for statement in _split_sql((SCHEMA_DIR / "schema.sql").read_text()):
+                cursor.execute(statement)
+        self._cursor_obj = self._connection.cursor()
+
+    def _cursor(self):
+        return self._cursor_obj
+
+    def _begin(self) -> None:
+        self._connection.begin()
+
+    def _commit(self) -> None:
+        self._connection.commit()
+
+    def _rollback(self) -> None:
+        try:
+            self._connection.rollback()
+        except self._pymysql.err.Error:
+            pass  # the connection is gone; the server rolls the transaction back itself
+
+    def close(self) -> None:
+        try:
+            self._connection.close()
+        except self._pymysql.err.Error:
+            pass
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a schema file: comments dropped, split on semicolons at line ends."""
+    text = "\n".join(line for line in script.splitlines() if not line.strip().startswith("--"))
+    text = re.sub(r"--[^\n]*", "", text)
+    return [statement.strip() for statement in text.split(";") if statement.strip()]
+
+
+# --- Choosing a backend -------------------------------------------------------------------------
+
+_DATABASE_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def open_store(url: str) -> Store:
+    """Open (and create if needed) the store named by `url`; see the module docstring."""
+    parsed = urllib.parse.urlsplit(url)
+    options = dict(urllib.parse.parse_qsl(parsed.query))
+    if parsed.scheme == "sqlite":
+        if not url.startswith("sqlite:///"):
+            raise ValueError(f"expected sqlite:///path, got {url!r}")
+        path = url[len("sqlite:///") :].split("?", 1)[0]
+        if not path:
+            raise ValueError("sqlite URL without a path")
+        return SQLiteStore(url, path, synchronous=options.get("synchronous", "full").lower())
+    if parsed.scheme == "mysql":
+        database = parsed.path.lstrip("/")
+        if not _DATABASE_NAME_RE.fullmatch(database):
+            raise ValueError(f"expected mysql://user:password@host:port/database, got database {database!r}")
+        return MySQLStore(
+            url,
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 3306,
+            user=urllib.parse.unquote(parsed.username or "root"),
+            password=urllib.parse.unquote(parsed.password or ""),
+            database=database,
+        )
+    raise ValueError(f"unknown store URL scheme {parsed.scheme!r}: use sqlite:/// or mysql://")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))

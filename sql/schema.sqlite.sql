@@ -1,0 +1,30 @@
+-- saldo's store, SQLite dialect: the twin of sql/schema.sql (MySQL), kept equivalent by a test.
+
+CREATE TABLE IF NOT EXISTS accounts (
+    name VARCHAR(64) NOT NULL,
+    balance_cents BIGINT NOT NULL,
+    PRIMARY KEY (name),
+    CONSTRAINT accounts_balance_non_negative CHECK (balance_cents >= 0)
+);
+
+CREATE TABLE IF NOT EXISTS applied_ops (
+    apply_index INTEGER NOT NULL,
+    op_id VARCHAR(64) NOT NULL,
+    seq BIGINT NULL,
+    kind VARCHAR(8) NOT NULL,
+    account VARCHAR(64) NOT NULL,
+    to_account VARCHAR(64) NULL,
+    amount_cents BIGINT NOT NULL,
+    error VARCHAR(32) NULL,
+    balance_cents BIGINT NULL,
+    PRIMARY KEY (apply_index),
+    CONSTRAINT applied_ops_op_id UNIQUE (op_id),
+    CONSTRAINT applied_ops_amount_positive CHECK (amount_cents > 0),
+    CONSTRAINT applied_ops_kind CHECK (kind IN ('DEPOSIT', 'WITHDRAW', 'TRANSFER'))
+);
+
+CREATE TABLE IF NOT EXISTS replica_meta (
+    name VARCHAR(64) NOT NULL,
+    value BIGINT NOT NULL,
+    PRIMARY KEY (name)
+);
