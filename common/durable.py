@@ -1,0 +1,139 @@
+"""A Bank in memory with its durable image in a Store, written by group commit.
+
+Owns the rule that makes a replica fast and safe at once: operations are applied to the in-memory
+Bank as they arrive (deterministic, microseconds), and everything applied while one transaction is
+being written joins the next one. At most one transaction is in flight; it runs on a dedicated
+thread so the event loop keeps reading and applying meanwhile (SQLite and PyMySQL release the GIL
+while they wait on the disk or the network).
+
+Callers reply to a client only after `durable()` resolves: no answer ever reports a state that a
+crash could take back, and reads wait the same way, so no read sees an operation that is not yet
+on disk. If a commit fails, the in-memory state is ahead of the disk and nothing can be trusted:
+the process stops at once (fail-stop) and recovers from the store when restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from common.bank import Bank, Operation, Outcome
+from common.log import get_logger
+from common.store import Store, StoreImage
+
+log = get_logger("durable")
+
+EXIT_STORE_FAILURE = 70
+
+
+class DurableBank:
+    """Bank + Store with group commit. All methods run on the event loop's thread."""
+
+    def __init__(self, store: Store, bank: Bank, meta: dict[str, int] | None = None) -> None:
+        self.store = store
+        self.bank = bank
+        # Metadata as persisted (e.g. last_applied_seq); updates join the next commit.
+        self.meta: dict[str, int] = dict(meta or {})
+        self._meta_changes: dict[str, int] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self._loop = asyncio.get_running_loop()
+        self._uncommitted = False
+        self._next_commit: asyncio.Future | None = None  # resolves when the pending changes are on disk
+        self._inflight_commit: asyncio.Future | None = None
+        self._done = self._loop.create_future()
+        self._done.set_result(None)
+        self.commits_total = 0
+        self.ops_committed_total = 0
+        self.largest_commit_ops = 0
+
+    @classmethod
+    async def open(cls, store: Store, *, max_accounts: int, dedup_window_ops: int) -> "DurableBank":
+        """Load the store's image into a fresh Bank (checking its invariants)."""
+        image: StoreImage = await asyncio.to_thread(store.load, dedup_window_ops)
+        bank = Bank(max_accounts=max_accounts, dedup_window_ops=dedup_window_ops)
+        image.to_bank(bank)
+        return cls(store, bank, image.meta)
+
+    # --- Changing state (in memory; durable later) ----------------------------------------------
+    def apply(self, op: Operation, seq: int | None = None) -> tuple[Outcome, bool]:
+        outcome, duplicate = self.bank.apply(op, seq)
+        if not duplicate:
+            self._mark_uncommitted()
+        return outcome, duplicate
+
+    def set_meta(self, name: str, value: int) -> None:
+        if self.meta.get(name) != value:
+            self.meta[name] = value
+            self._meta_changes[name] = value
+            self._mark_uncommitted()
+
+    def _mark_uncommitted(self) -> None:
+        if not self._uncommitted:
+            self._uncommitted = True
+            if self._inflight_commit is None:
+                self._loop.call_soon(self._start_commit)
+
+    # --- Waiting for the disk -------------------------------------------------------------------
+    def durable(self) -> asyncio.Future:
+        """A future that resolves once everything applied so far is on disk."""
+        if self._uncommitted:
+            if self._next_commit is None:
+                self._next_commit = self._loop.create_future()
+            return self._next_commit
+        if self._inflight_commit is not None:
+            return self._inflight_commit
+        return self._done
+
+    @property
+    def idle(self) -> bool:
+        return not self._uncommitted and self._inflight_commit is None
+
+    def _start_commit(self) -> None:
+        if self._inflight_commit is not None or not self._uncommitted:
+            return
+        applied, balances = self.bank.take_effects()
+        meta_changes, self._meta_changes = self._meta_changes, {}
+        counters = self.bank.counters.copy()
+        commit = self._next_commit if self._next_commit is not None else self._loop.create_future()
+        self._next_commit = None
+        self._uncommitted = False
+        self._inflight_commit = commit
+        ops_count = len(applied)
+        work = self._loop.run_in_executor(
+            self._executor,
+            lambda: self.store.persist(
+                applied, balances, counters, meta_changes, dedup_window_ops=self.bank.dedup_window_ops
+            ),
+        )
+        work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count))
+
+    def _on_committed(self, work: asyncio.Future, commit: asyncio.Future, ops_count: int) -> None:
+        error = work.exception()
+        if error is not None:
+            # Memory is ahead of the disk: stop now; a restart recovers from the last commit.
+            log.error("commit_failed_stopping", error=repr(error), ops=ops_count)
+            os._exit(EXIT_STORE_FAILURE)
+        self.commits_total += 1
+        self.ops_committed_total += ops_count
+        if ops_count > self.largest_commit_ops:
+            self.largest_commit_ops = ops_count
+        self._inflight_commit = None
+        if not commit.done():
+            commit.set_result(None)
+        if self._uncommitted:
+            self._start_commit()
+
+    async def flush(self) -> None:
+        """Wait until nothing is pending (used before a clean stop and by state transfer)."""
+        while not self.idle:
+            await self.durable()
+
+    async def close(self) -> None:
+        await self.flush()
+        self._executor.shutdown(wait=True)
+        self.store.close()
+
+    async def run_in_store_thread(self, function, *args):
+        """Run a store call on the commit thread, in order with the commits (e.g. install)."""
+        return await self._loop.run_in_executor(self._executor, function, *args)

@@ -1,0 +1,171 @@
+"""Each architecture as the lab runs it: its nodes, its links, its client, its promises.
+
+Owns the local layout of a cluster per architecture, on the seed's three "hosts" (127.0.0.11 the
+orchestrator, 127.0.0.12 and 127.0.0.13 the replicas), with the seed's ports or free ones, and
+routes chosen links through fault proxies. A `LabCluster` also knows which node plays a role in a
+fault ("replica", "primary", ...) and how to start and end each kind of fault on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from common import topology
+from common.bankclient import DirectClient
+from common.lab.cluster import Cluster, Node, free_port
+from common.lab.faults import Fault
+from common.log import get_logger
+
+log = get_logger("archs")
+
+ORCHESTRATOR_HOST = "127.0.0.11"
+REPLICA_HOSTS = ("127.0.0.12", "127.0.0.13", "127.0.0.14")
+
+
+@dataclass
+class LabCluster:
+    architecture: str
+    nodes: list[Node]
+    replicas: list[str]  # nodes whose stores hold the bank: the checker reads them
+    make_client: Callable[[int, int], object]  # (client index, window) -> client
+    total_order: bool
+    read_your_writes: bool = False
+    variant: str = ""
+    roles: dict[str, list[str]] = field(default_factory=dict)  # role -> candidate nodes
+    proxies_of: dict[str, list[str]] = field(default_factory=dict)  # node -> proxies on its links
+    cluster: Cluster | None = None
+
+    def stores(self) -> dict[str, str]:
+        by_name = {node.name: node for node in self.nodes}
+        return {name: by_name[name].store for name in self.replicas}
+
+    # --- Faults ---------------------------------------------------------------------------------
+    async def resolve(self, role: str) -> str:
+        if role == "primary":
+            return await self._find_primary()
+        candidates = self.roles.get(role) or (self.replicas if role == "replica" else [])
+        if not candidates:
+            raise ValueError(f"{self.architecture} has no node in role {role!r}")
+        return candidates[0]
+
+    async def _find_primary(self) -> str:
+        assert self.cluster is not None
+        for name in self.replicas:
+            try:
+                status = await asyncio.to_thread(self.cluster.status, name, timeout_s=1.0)
+            except OSError:
+                continue
+            if status.get("ROLE") == "primary":
+                return name
+        return self.replicas[0]
+
+    async def start_fault(self, fault: Fault, target: str) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        if fault.kind == "kill":
+            cluster.kill(target)
+        elif fault.kind == "pause":
+            cluster.pause(target)
+        elif fault.kind in ("partition", "delay", "drop"):
+            proxies = self.proxies_of.get(target, [])
+            if not proxies:
+                raise ValueError(f"{target} has no proxied links; build the cluster with proxies")
+            message = {"TASK": "FAULT", "ACTION": fault.kind}
+            if fault.kind == "delay":
+                message["DELAY_MS"] = int(fault.params.get("delay_ms", 20))
+            for proxy in proxies:
+                await asyncio.to_thread(cluster.request, proxy, dict(message))
+        else:
+            raise ValueError(f"unknown fault kind {fault.kind}")
+
+    async def end_fault(self, fault: Fault, target: str) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        if fault.kind == "kill":
+            cluster.spawn(target)  # on the loop's thread: see Cluster (PR_SET_PDEATHSIG)
+            await asyncio.to_thread(cluster.wait_ready, target)
+        elif fault.kind == "pause":
+            cluster.resume(target)
+        elif fault.kind in ("partition", "delay"):
+            for proxy in self.proxies_of.get(target, []):
+                await asyncio.to_thread(cluster.request, proxy, {"TASK": "FAULT", "ACTION": "heal"})
+
+
+@dataclass
+class LayoutOptions:
+    run_dir: Path
+    ports: str = "free"  # "seed": the seed's port numbers; "free": ports the kernel says are free
+    proxies: bool = False  # route the links of replicas through fault proxies
+    store: str = "sqlite"  # sqlite | mysql base URL (mysql://user:pass@host:port/prefix)
+    request_timeout_s: float = 2.0
+    extra: dict = field(default_factory=dict)  # architecture-specific options
+
+
+class _Ports:
+    def __init__(self, mode: str) -> None:
+        assert mode in ("seed", "free"), mode
+        self.mode = mode
+
+    def get(self, host: str, seed_port: int) -> int:
+        return seed_port if self.mode == "seed" else free_port(host)
+
+
+def _store_url(options: LayoutOptions, name: str) -> str:
+    if options.store == "sqlite":
+        return f"sqlite:///{(options.run_dir / f'{name}.db').resolve()}"
+    assert options.store.startswith("mysql://"), options.store
+    return f"{options.store}_{name.replace('-', '_')}"
+
+
+def _proxy(name: str, listen: tuple[str, int], target: tuple[str, int], control_port: int) -> Node:
+    return Node(
+        name=name,
+        script="-m common.lab.proxy",
+        host="127.0.0.1",
+        port=control_port,
+        role="proxy",
+        settings={"listen": topology.format_address(listen), "target": topology.format_address(target)},
+    )
+
+
+def build_standalone(options: LayoutOptions) -> LabCluster:
+    ports = _Ports(options.ports)
+    host = REPLICA_HOSTS[0]
+    port = ports.get(host, topology.DEFAULT_PORTS["standalone"])
+    node = Node("standalone", "replica.py", host, port, {"mode": "standalone"}, store=_store_url(options, "standalone"))
+    nodes = [node]
+    client_address = (host, port)
+    proxies_of: dict[str, list[str]] = {}
+    if options.proxies:
+        # Clients reach the standalone process through a proxy on the orchestrator host.
+        listen = (ORCHESTRATOR_HOST, free_port(ORCHESTRATOR_HOST))
+        nodes.append(_proxy("proxy-clients-standalone", listen, (host, port), free_port("127.0.0.1")))
+        proxies_of["standalone"] = ["proxy-clients-standalone"]
+        client_address = listen
+
+    def make_client(_index: int, window: int) -> DirectClient:
+        return DirectClient(client_address, request_timeout_s=options.request_timeout_s, max_in_flight=max(1, window))
+
+    return LabCluster(
+        architecture="standalone",
+        nodes=nodes,
+        replicas=["standalone"],
+        make_client=make_client,
+        total_order=True,
+        roles={"replica": ["standalone"], "primary": ["standalone"]},
+        proxies_of=proxies_of,
+    )
+
+
+BUILDERS: dict[str, Callable[[LayoutOptions], LabCluster]] = {
+    "standalone": build_standalone,
+}
+
+
+def build(architecture: str, options: LayoutOptions) -> LabCluster:
+    if architecture not in BUILDERS:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(BUILDERS)}")
+    return BUILDERS[architecture](options)

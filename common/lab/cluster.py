@@ -1,0 +1,232 @@
+"""The local cluster launcher: start saldo processes from a topology, and break them on purpose.
+
+Owns the processes of a lab run or a test. `Cluster` writes the topology file, starts each node as
+`python <script> --topology FILE --name NODE` with its output in its own log file, waits until each
+answers a STATUS request, and stops, kills (SIGKILL), restarts, pauses (SIGSTOP) and resumes
+(SIGCONT) any of them by name.
+
+It leaves no process behind: `close()` (also run by the context manager and at interpreter exit)
+resumes paused nodes and stops every node it started, by PID; and each child is started with
+PR_SET_PDEATHSIG, so the kernel kills it if the launcher itself dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import topology as topology_file
+from common.blocking import BlockingConnection
+from common.log import get_logger
+
+log = get_logger("cluster")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STOP_TIMEOUT_S = 5.0
+READY_TIMEOUT_S = 15.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free on `host` a moment ago (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Node:
+    """One process of the cluster. `settings` are its flags (its topology entry)."""
+
+    name: str
+    script: str  # e.g. "replica.py", or "-m common.lab.proxy"
+    host: str
+    port: int  # where it answers STATUS
+    settings: dict = field(default_factory=dict)
+    role: str = "replica"
+    store: str | None = None
+
+    def entry(self) -> dict:
+        entry = {"script": self.script, "host": self.host, "port": self.port, **self.settings}
+        if self.store is not None:
+            entry["store"] = self.store
+        return entry
+
+
+class Cluster:
+    def __init__(self, run_dir: str | Path, nodes: list[Node], *, name: str = "lab") -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.nodes = {node.name: node for node in nodes}
+        assert len(self.nodes) == len(nodes), "node names must be unique"
+        self.topology_path = self.run_dir / "topology.json"
+        topology_file.write(
+            self.topology_path, {"name": name, "nodes": {n.name: n.entry() for n in nodes}}
+        )
+        self._processes: dict[str, subprocess.Popen] = {}
+        self._paused: set[str] = set()
+        self._log_files: dict[str, object] = {}
+        atexit.register(self.close)
+
+    # --- Starting and stopping ------------------------------------------------------------------
+    def log_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    def _command(self, node: Node) -> list[str]:
+        script = node.script.split() if node.script.startswith("-m ") else [str(REPO_ROOT / node.script)]
+        return [sys.executable, *script, "--topology", str(self.topology_path), "--name", node.name]
+
+    def spawn(self, name: str) -> int:
+        """Start one node (not waiting for it); its PID."""
+        assert name not in self._processes or self._processes[name].poll() is not None, f"{name} is running"
+        node = self.nodes[name]
+        previous_log = self._log_files.pop(name, None)
+        if previous_log is not None:
+            previous_log.close()
+        log_file = open(self.log_path(name), "ab")
+        self._log_files[name] = log_file
+        process = subprocess.Popen(
+            self._command(node),
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        self._processes[name] = process
+        self._paused.discard(name)
+        log.info("node_started", node=name, pid=process.pid, script=node.script)
+        return process.pid
+
+    def start(self, names: list[str] | None = None, *, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Start nodes (default: all, in the given order) and wait until each answers."""
+        names = list(self.nodes) if names is None else names
+        for name in names:
+            self.spawn(name)
+        for name in names:
+            self.wait_ready(name, timeout_s=timeout_s)
+
+    def wait_ready(self, name: str, *, timeout_s: float = READY_TIMEOUT_S) -> dict:
+        """Wait until `name` answers STATUS with OK; its status. Raises if it exits or times out."""
+        node = self.nodes[name]
+        deadline = time.monotonic() + timeout_s
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            process = self._processes.get(name)
+            if process is None or process.poll() is not None:
+                raise RuntimeError(f"{name} exited (code {process and process.returncode}); see {self.log_path(name)}")
+            try:
+                status = self.status(name, timeout_s=1.0)
+                if status.get("STATUS") == "OK":
+                    return status
+                last_error = str(status)
+            except OSError as error:
+                last_error = repr(error)
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} did not answer STATUS at {node.host}:{node.port} within {timeout_s} s: {last_error}")
+
+    def status(self, name: str, *, timeout_s: float = 2.0) -> dict:
+        """Ask `name` for its STATUS (raises OSError if it cannot connect)."""
+        node = self.nodes[name]
+        with BlockingConnection(node.host, node.port, connect_timeout_s=timeout_s) as connection:
+            return connection.request({"TASK": "STATUS"}, timeout_s)
+
+    def request(self, name: str, message: dict, *, timeout_s: float = 2.0) -> dict:
+        node = self.nodes[name]
+        with BlockingConnection(node.host, node.port, connect_timeout_s=timeout_s) as connection:
+            return connection.request(message, timeout_s)
+
+    def pid(self, name: str) -> int | None:
+        process = self._processes.get(name)
+        return None if process is None or process.poll() is not None else process.pid
+
+    def is_running(self, name: str) -> bool:
+        return self.pid(name) is not None
+
+    def stop(self, name: str, *, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM (a clean stop), then SIGKILL if it does not exit in time; the exit code."""
+        process = self._processes.get(name)
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        if name in self._paused:
+            self.resume(name)
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("node_stop_timeout_killing", node=name, pid=process.pid)
+            process.kill()
+            return process.wait()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: the process gets no chance to clean up (a crash)."""
+        process = self._processes.get(name)
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        process.wait()
+        self._paused.discard(name)
+        log.info("node_killed", node=name, pid=process.pid)
+
+    def restart(self, name: str, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> None:
+        if self.is_running(name):
+            self.stop(name)
+        self.spawn(name)
+        if wait:
+            self.wait_ready(name, timeout_s=timeout_s)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP: the process freezes with its sockets open (a stall, a long GC, a VM pause)."""
+        pid = self.pid(name)
+        assert pid is not None, f"{name} is not running"
+        os.kill(pid, signal.SIGSTOP)
+        self._paused.add(name)
+        log.info("node_paused", node=name, pid=pid)
+
+    def resume(self, name: str) -> None:
+        pid = self.pid(name)
+        if pid is None:
+            self._paused.discard(name)
+            return
+        os.kill(pid, signal.SIGCONT)
+        self._paused.discard(name)
+        log.info("node_resumed", node=name, pid=pid)
+
+    def close(self) -> None:
+        """Stop every node this cluster started. Safe to call more than once."""
+        for name in list(self._paused):
+            self.resume(name)
+        for name in reversed(list(self._processes)):
+            try:
+                self.stop(name)
+            except Exception as error:  # keep going: leaving no process behind comes first
+                log.error("node_stop_failed", node=name, error=repr(error))
+                process = self._processes[name]
+                if process.poll() is None:
+                    process.kill()
+        for log_file in self._log_files.values():
+            log_file.close()
+        self._log_files.clear()
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

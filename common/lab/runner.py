@@ -1,0 +1,264 @@
+"""One lab run from start to verdict.
+
+Owns the order of a run: start the cluster, seed the accounts, run the workload while the fault
+injector plays its schedule, heal and wait until the cluster is quiet, read every replica's final
+state, check, measure the echo reference when asked, and write the report.
+
+    result = run_lab(RunOptions(architecture="standalone", clients=8, duration_s=10))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.lab import archs, checker, report
+from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port
+from common.lab.faults import SCHEDULES, Fault, FaultInjector
+from common.lab.workload import OpRecord, Workload, WorkloadConfig
+from common.log import get_logger
+from common.store import StoreImage, open_store
+
+log = get_logger("runner")
+
+QUIET_TIMEOUT_S = 60.0
+QUIET_STABLE_S = 0.5
+
+
+@dataclass
+class RunOptions:
+    architecture: str = "standalone"
+    clients: int = 8
+    window: int = 16
+    duration_s: float = 10.0
+    accounts: int = 8
+    faults: str = "none"
+    schedule: list[Fault] | None = None  # overrides `faults` (tests build their own)
+    ports: str = "free"
+    store: str = "sqlite"
+    reference: bool = False  # measure the echo reference in the same run
+    reference_duration_s: float = 5.0
+    results_dir: Path = REPO_ROOT / "results"
+    run_root: Path = REPO_ROOT / "var" / "lab"
+    run_name: str | None = None
+    seed: int = 1
+    progress: bool = True
+    proxies: bool | None = None  # default: when the schedule needs them
+    extra: dict = field(default_factory=dict)  # architecture options (e.g. replication mode)
+    keep_history: bool = False  # write results/<run>.history.jsonl even when the verdict is valid
+    attempt_timeout_s: float = 2.0
+    op_deadline_s: float = 30.0
+
+
+@dataclass
+class RunResult:
+    report: dict
+    history: list[OpRecord]
+    states: dict[str, StoreImage]
+    check: checker.CheckResult
+    report_path: Path | None
+    lab: archs.LabCluster
+
+
+def _schedule(options: RunOptions) -> list[Fault]:
+    if options.schedule is not None:
+        return options.schedule
+    if options.faults not in SCHEDULES:
+        raise ValueError(f"unknown fault schedule {options.faults!r}; known: {', '.join(SCHEDULES)}")
+    return SCHEDULES[options.faults]
+
+
+def _peak_rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+async def _applied_counts(lab: archs.LabCluster) -> dict[str, int | None]:
+    counts: dict[str, int | None] = {}
+    for name in lab.replicas:
+        try:
+            status = await asyncio.to_thread(lab.cluster.status, name, timeout_s=2.0)
+            counts[name] = status.get("OPS_APPLIED_TOTAL") if status.get("STATUS") == "OK" else None
+        except OSError:
+            counts[name] = None
+    return counts
+
+
+async def _wait_quiet(lab: archs.LabCluster, timeout_s: float = QUIET_TIMEOUT_S) -> dict[str, int | None]:
+    """Until every replica answers with the same applied count, unchanged for a moment."""
+    deadline = time.monotonic() + timeout_s
+    previous: dict[str, int | None] = {}
+    stable_since = time.monotonic()
+    while True:
+        counts = await _applied_counts(lab)
+        if counts != previous:
+            previous = counts
+            stable_since = time.monotonic()
+        values = set(counts.values())
+        if None not in values and (len(values) == 1 or not lab.total_order) and time.monotonic() - stable_since >= QUIET_STABLE_S:
+            return counts
+        if time.monotonic() > deadline:
+            log.warning("quiet_timeout", counts=counts)
+            return counts
+        await asyncio.sleep(0.1)
+
+
+async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Fault]) -> tuple[Workload, list[dict], dict, dict, float]:
+    config = WorkloadConfig(
+        clients=options.clients,
+        window=options.window,
+        accounts=options.accounts,
+        duration_s=options.duration_s,
+        read_your_writes=lab.read_your_writes,
+        seed=options.seed,
+        attempt_timeout_s=options.attempt_timeout_s,
+        op_deadline_s=options.op_deadline_s,
+    )
+    workload = Workload(config, lambda index: lab.make_client(index, options.window), progress=options.progress)
+    seeder = lab.make_client(-1, 1)
+    await workload.seed_accounts(seeder)
+    await seeder.close()
+    await _wait_quiet(lab, timeout_s=10.0)
+    applied_start = await _applied_counts(lab)
+    injector = FaultInjector(lab, schedule, options.duration_s, workload.now_s)
+    run_started = workload.now_s()
+    workload.progress_note = lambda: ("faults=" + ",".join(
+        f"{r['action']}:{r['target']}" for r in injector.records if "until_s" not in r)) if injector._open else ""
+    fault_task = asyncio.create_task(injector.run(run_started))
+    history = await workload.run()
+    run_ended = workload.now_s()
+    applied_end = await _applied_counts(lab)
+    if not fault_task.done():
+        fault_task.cancel()
+        await asyncio.gather(fault_task, return_exceptions=True)
+    elif fault_task.exception() is not None:
+        raise fault_task.exception()
+    await injector.heal_all()
+    for name in lab.replicas + [n.name for n in lab.nodes]:
+        if not lab.cluster.is_running(name):
+            lab.cluster.spawn(name)
+            await asyncio.to_thread(lab.cluster.wait_ready, name)
+    quiet_counts = await _wait_quiet(lab)
+    window_s = max(1e-9, run_ended - run_started)
+    deltas = [
+        (applied_end[n] or 0) - (applied_start[n] or 0) for n in lab.replicas
+    ]
+    applied = {"start": applied_start, "end": applied_end, "quiet": quiet_counts,
+               "applied_ops_s": max(0.0, min(deltas) / window_s) if deltas else 0.0}
+    return workload, injector.records, applied, {"run_started_s": run_started, "run_ended_s": run_ended}, window_s
+
+
+async def _echo_reference(options: RunOptions, run_dir: Path) -> dict:
+    """The same clients and pipelining against a bare newline-JSON echo server."""
+    host = archs.ORCHESTRATOR_HOST
+    port = free_port(host)
+    node = Node("echo", "-m common.lab.echo", host, port, role="echo")
+    from common.bankclient import DirectClient
+
+    cluster = Cluster(run_dir / "echo", [node], name="echo")
+    try:
+        cluster.start()
+        config = WorkloadConfig(clients=options.clients, window=options.window, accounts=options.accounts,
+                                duration_s=options.reference_duration_s, seed=options.seed)
+        workload = Workload(
+            config, lambda _i: DirectClient((host, port), max_in_flight=options.window), progress=False
+        )
+        history = await workload.run()
+        acknowledged = sum(1 for r in history if r.outcome != "unknown")
+        window_s = max(1e-9, workload.run_ended_s - workload.run_started_s)
+        return {"echo_ops_s": round(acknowledged / window_s, 1), "echo_latency_ms": report.latency_summary(history),
+                "duration_s": round(window_s, 3)}
+    finally:
+        cluster.close()
+
+
+def run_lab(options: RunOptions) -> RunResult:
+    schedule = _schedule(options)
+    run_name = options.run_name or f"{options.architecture}-{options.clients}c-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = options.run_root / run_name
+    needs_proxies = any(f.kind in ("partition", "delay", "drop") for f in schedule)
+    layout = archs.LayoutOptions(
+        run_dir=run_dir,
+        ports=options.ports,
+        proxies=needs_proxies if options.proxies is None else options.proxies,
+        store=options.store,
+        request_timeout_s=options.attempt_timeout_s,
+        extra=options.extra,
+    )
+    lab = archs.build(options.architecture, layout)
+    started_at = time.time()
+    with Cluster(run_dir, lab.nodes, name=run_name) as cluster:
+        lab.cluster = cluster
+        cluster.start()
+        workload, faults, applied, window, window_s = asyncio.run(_drive(options, lab, schedule))
+        peak_rss = {node.name: _peak_rss_mb(cluster.pid(node.name)) for node in lab.nodes}
+        cluster.close()  # a clean stop: every replica's last group commit reaches its store
+    states = {name: _load_state(url) for name, url in lab.stores().items()}
+    history = workload.history
+    result = checker.check(history, states, total_order=lab.total_order)
+    reference = asyncio.run(_echo_reference(options, run_dir)) if options.reference else {}
+    run_history = [r for r in history if r.client >= 0]
+    ops = {
+        "ok": sum(1 for r in run_history if r.outcome == "ok"),
+        "failed": sum(1 for r in run_history if r.outcome == "failed"),
+        "unknown": sum(1 for r in run_history if r.outcome == "unknown"),
+    }
+    acknowledged = ops["ok"] + ops["failed"]
+    throughput = acknowledged / window_s
+    if reference:
+        reference["ratio"] = round(throughput / reference["echo_ops_s"], 3) if reference["echo_ops_s"] else None
+    body = {
+        "run": run_name,
+        "architecture": lab.architecture,
+        "variant": lab.variant,
+        "clients": options.clients,
+        "window": options.window,
+        "accounts": options.accounts,
+        "duration_s": round(window_s, 3),
+        "ops": ops,
+        "ops_by_kind": {kind: sum(1 for r in run_history if r.kind == kind) for kind in ("TRANSFER", "DEPOSIT", "WITHDRAW", "BALANCE")},
+        "throughput_ops_s": round(throughput, 1),
+        "applied_ops_s": round(applied["applied_ops_s"], 1),
+        "applied_counts": applied,
+        "latency_ms": report.latency_summary(run_history),
+        "faults": faults,
+        **result.to_json(),
+        "reference": reference,
+        "peak_rss_mb": peak_rss,
+        "store": options.store.split("@")[-1] if options.store != "sqlite" else "sqlite",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "run_window_s": [round(window["run_started_s"], 3), round(window["run_ended_s"], 3)],
+        "run_dir": str(run_dir),
+    }
+    points = report.timeline(run_history, window["run_ended_s"])
+    options.results_dir.mkdir(parents=True, exist_ok=True)
+    svg_path = options.results_dir / f"{run_name}.svg"
+    svg_path.write_text(report.timeline_svg(body, points))
+    body["timeline_svg"] = str(svg_path)
+    if options.keep_history or not result.valid:
+        history_path = options.results_dir / f"{run_name}.history.jsonl"
+        import json
+
+        with history_path.open("w") as out:
+            for record in history:
+                out.write(json.dumps(record.to_json()) + "\n")
+        body["history"] = str(history_path)
+    path = report.write_report(body, options.results_dir)
+    return RunResult(body, history, states, result, path, lab)
+
+
+def _load_state(url: str) -> StoreImage:
+    store = open_store(url)
+    try:
+        return store.load()
+    finally:
+        store.close()

@@ -1,0 +1,243 @@
+"""The bank workload and its history.
+
+Owns what the lab's clients do and what they write down. `Workload.run()` drives `clients`
+concurrent clients, each with its own connection(s) and up to `window` operations in flight (a
+pipelining client), against a set of accounts seeded by deposits: random transfers, some deposits
+and withdrawals, and balance reads. Every operation becomes an `OpRecord` in the history: client,
+id, what it was, invoke and complete times (seconds since the run started), and its outcome:
+
+- ok: the bank applied it and said so;
+- failed: the bank said no (INSUFFICIENT_FUNDS, ...) or it certainly did not happen;
+- unknown: no conclusive answer (timeouts, lost connections) before its deadline.
+
+An operation whose outcome is unknown is retried with the same id until its deadline: exactly-once
+apply makes the retry safe, and resolves most unknowns into ok or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from common.bankclient import FAILED, OK, UNKNOWN, balance_line, execute_with_retries, new_op_id, operation_line
+
+KINDS = ("TRANSFER", "DEPOSIT", "WITHDRAW", "BALANCE")
+
+
+@dataclass(slots=True)
+class OpRecord:
+    client: int
+    op_id: str
+    kind: str  # TRANSFER | DEPOSIT | WITHDRAW | BALANCE
+    account: str
+    to_account: str | None
+    amount_cents: int | None
+    invoke_s: float
+    complete_s: float
+    outcome: str  # ok | failed | unknown
+    error: str | None = None
+    balance_cents: int | None = None  # a read's balance; an operation's reply balance
+    seq: int | None = None
+    attempts: int = 1
+    applied_replicas: int | None = None  # multicast: how many replicas applied it
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.complete_s - self.invoke_s) * 1000.0
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass
+class WorkloadConfig:
+    clients: int = 8
+    window: int = 16  # operations in flight per client
+    accounts: int = 8
+    initial_balance_cents: int = 100_000  # each account is seeded with a deposit of this much
+    duration_s: float = 10.0
+    # Share of each kind, in KINDS order: transfers, deposits, withdrawals, reads.
+    mix: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)
+    max_amount_cents: int = 5_000
+    op_deadline_s: float = 30.0  # an operation is retried until this long after its invocation
+    attempt_timeout_s: float = 2.0
+    drain_s: float = 10.0  # after the run, in-flight operations get this long to resolve
+    read_your_writes: bool = False  # send MIN_SEQ = the highest SEQ this client has seen
+    seed: int = 1
+
+    def account_names(self) -> list[str]:
+        return [f"acct-{i}" for i in range(self.accounts)]
+
+
+def _cents_from_reply(text: object) -> int | None:
+    if type(text) is not str:
+        return None
+    negative = text.startswith("-")
+    whole, _, fraction = text.lstrip("-").partition(".")
+    try:
+        cents = int(whole) * 100 + int((fraction + "00")[:2])
+    except ValueError:
+        return None
+    return -cents if negative else cents
+
+
+@dataclass
+class Progress:
+    ok: int = 0
+    failed: int = 0
+    unknown: int = 0
+    in_flight: int = 0
+    latencies_ms: list[float] = field(default_factory=list)  # since the last progress line
+
+
+class Workload:
+    """Runs the clients. `make_client(index)` returns an object with `async execute(id, line,
+    timeout_s)` and `async close()` (see common/bankclient.py)."""
+
+    def __init__(self, config: WorkloadConfig, make_client: Callable[[int], object], *, progress: bool = True) -> None:
+        assert config.clients > 0 and config.window > 0 and config.accounts >= 2
+        self.config = config
+        self.make_client = make_client
+        self.history: list[OpRecord] = []
+        self.progress = Progress()
+        self.show_progress = progress
+        self.t0 = time.monotonic()
+        self._stop = asyncio.Event()
+        self.run_started_s = 0.0
+        self.run_ended_s = 0.0
+        self.progress_note: Callable[[], str] | None = None
+
+    def now_s(self) -> float:
+        return time.monotonic() - self.t0
+
+    async def seed_accounts(self, client) -> None:
+        """Deposit the initial balance into every account (recorded in the history, client -1)."""
+        config = self.config
+        rng = random.Random(config.seed ^ 0x5EED)
+        for account in config.account_names():
+            op_id = new_op_id(rng)
+            invoke = self.now_s()
+            reply, attempts, outcome = await execute_with_retries(
+                client, op_id, operation_line(op_id, "DEPOSIT", account, None, config.initial_balance_cents),
+                deadline_s=time.monotonic() + config.op_deadline_s, attempt_timeout_s=config.attempt_timeout_s,
+            )
+            self._record(-1, op_id, "DEPOSIT", account, None, config.initial_balance_cents, invoke, reply, attempts, outcome)
+            if outcome != OK:
+                raise RuntimeError(f"seeding {account} failed: {reply}")
+
+    async def run(self, duration_s: float | None = None) -> list[OpRecord]:
+        config = self.config
+        duration_s = config.duration_s if duration_s is None else duration_s
+        clients = [self.make_client(index) for index in range(config.clients)]
+        self.run_started_s = self.now_s()
+        stop_at = time.monotonic() + duration_s
+        hard_deadline = stop_at + config.drain_s
+        reporter = asyncio.create_task(self._report_progress()) if self.show_progress else None
+        slots = [
+            self._slot(index, clients[index], random.Random(config.seed * 1_000_003 + index * 131 + slot), stop_at, hard_deadline)
+            for index in range(config.clients)
+            for slot in range(config.window)
+        ]
+        try:
+            await asyncio.gather(*slots)
+        finally:
+            self.run_ended_s = self.now_s()
+            if reporter is not None:
+                reporter.cancel()
+                await asyncio.gather(reporter, return_exceptions=True)
+                self._print_progress(final=True)
+            for client in clients:
+                await client.close()
+        return self.history
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _slot(self, client_index: int, client, rng: random.Random, stop_at: float, hard_deadline: float) -> None:
+        config = self.config
+        accounts = config.account_names()
+        cumulative = []
+        total = 0.0
+        for share in config.mix:
+            total += share
+            cumulative.append(total)
+        progress = self.progress
+        while time.monotonic() < stop_at and not self._stop.is_set():
+            pick = rng.random() * total
+            kind = KINDS[next(i for i, edge in enumerate(cumulative) if pick < edge)]
+            account = rng.choice(accounts)
+            to_account = None
+            amount = None
+            op_id = new_op_id(rng)
+            if kind == "BALANCE":
+                min_seq = getattr(client, "max_seq_seen", None) if config.read_your_writes else None
+                line = balance_line(op_id, account, min_seq)
+            else:
+                amount = rng.randint(1, config.max_amount_cents)
+                if kind == "TRANSFER":
+                    to_account = rng.choice(accounts)
+                    while to_account == account:
+                        to_account = rng.choice(accounts)
+                line = operation_line(op_id, kind, account, to_account, amount)
+            invoke = self.now_s()
+            progress.in_flight += 1
+            deadline = min(time.monotonic() + config.op_deadline_s, hard_deadline)
+            reply, attempts, outcome = await execute_with_retries(
+                client, op_id, line, deadline_s=deadline, attempt_timeout_s=config.attempt_timeout_s
+            )
+            progress.in_flight -= 1
+            self._record(client_index, op_id, kind, account, to_account, amount, invoke, reply, attempts, outcome)
+
+    def _record(self, client_index, op_id, kind, account, to_account, amount, invoke, reply, attempts, outcome) -> None:
+        complete = self.now_s()
+        seq = reply.get("SEQ")
+        record = OpRecord(
+            client=client_index,
+            op_id=op_id,
+            kind=kind,
+            account=account,
+            to_account=to_account,
+            amount_cents=amount,
+            invoke_s=invoke,
+            complete_s=complete,
+            outcome=outcome,
+            error=reply.get("ERROR"),
+            balance_cents=_cents_from_reply(reply.get("BALANCE")),
+            seq=seq if type(seq) is int else None,
+            attempts=attempts,
+            applied_replicas=reply.get("APPLIED") if type(reply.get("APPLIED")) is int else None,
+        )
+        self.history.append(record)
+        progress = self.progress
+        if outcome == OK:
+            progress.ok += 1
+        elif outcome == FAILED:
+            progress.failed += 1
+        else:
+            assert outcome == UNKNOWN
+            progress.unknown += 1
+        if len(progress.latencies_ms) < 100_000:
+            progress.latencies_ms.append((complete - invoke) * 1000.0)
+
+    async def _report_progress(self, period_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self._print_progress()
+
+    def _print_progress(self, final: bool = False) -> None:
+        progress = self.progress
+        latencies = sorted(progress.latencies_ms)
+        progress.latencies_ms = []
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0
+        elapsed = self.now_s() - self.run_started_s
+        note = self.progress_note() if self.progress_note is not None else ""
+        line = (
+            f"\r  t={elapsed:6.1f}s ok={progress.ok} failed={progress.failed} unknown={progress.unknown} "
+            f"in_flight={progress.in_flight} last_s_ops={len(latencies)} p99={p99:.2f}ms {note}"
+        )
+        sys.stderr.write(line.ljust(110) + ("\n" if final else ""))
+        sys.stderr.flush()

@@ -1,0 +1,41 @@
+"""How a saldo process starts and stops: logging, signals, the event loop.
+
+Owns the life cycle every top-level script shares: `run(main)` configures key=value logging with
+the node's name, runs `main(stop)` on a fresh event loop, and turns SIGTERM / SIGINT into `stop`
+being set, so the process closes its listeners, lets its last group commit reach the disk, and
+exits 0. SIGKILL is the lab's business: nothing here is needed for a killed process to recover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Awaitable, Callable
+
+from common import log as saldo_log
+
+log = saldo_log.get_logger("process")
+
+
+def add_common_flags(parser) -> None:
+    parser.add_argument("--name", help="this node's name (logs, status, topology entry)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[int | None]], *, node_name: str, log_level: str = "info") -> int:
+    saldo_log.configure(node_name, log_level)
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        code = await main(stop)
+        return 0 if code is None else code
+
+    try:
+        code = asyncio.run(runner())
+    except KeyboardInterrupt:
+        code = 130
+    log.info("exited", code=code)
+    return code

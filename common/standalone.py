@@ -1,0 +1,136 @@
+"""The standalone architecture: one process serves the bank, no replication.
+
+Owns the request loop of a process that applies client operations directly: the standalone
+baseline that every replicated architecture is compared with, and also what each replica of the
+multicast architecture runs (multicast puts the replication in the client: every replica applies
+what it receives, independently).
+
+Per connection: read every request that has arrived, apply the operations to the in-memory Bank
+in arrival order, wait until the group commit that holds them is on disk, then answer them all in
+one write. Reads are answered at their place in that order, after the same wait. Replies carry the
+request's "ID", so a client may pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from common import wire
+from common.aio import MessageStream
+from common.bank import Operation, Query, balance_reply, outcome_reply, parse_request
+from common.durable import DurableBank
+from common.errors import ERROR_CODES, SaldoError, error_reply
+from common.log import get_logger
+from common.money import render_cents
+
+log = get_logger("standalone")
+
+# Tasks that belong to other roles of saldo: answered WRONG_ROLE rather than UNKNOWN_MESSAGE.
+OTHER_ROLE_TASKS = frozenset(
+    {"ORDERED", "REPLICATE", "HELLO", "ACK", "APPLIED", "RESEND", "SUBSCRIBE", "WORKER_REQUEST", "WORKER_RESPONSE",
+     "HEARTBEAT", "COMMAND_RELEASE", "REDIRECT", "RETURN", "NO_TASK", "LEASE", "VOTE", "ENQUEUE", "SNAPSHOT"}
+)
+
+_ERROR_DETAIL_JSON = {code: json.dumps(meaning) for code, (_definite, meaning) in ERROR_CODES.items()}
+
+
+def fast_outcome_line(op_id: str, outcome, suffix: str = "") -> bytes:
+    """The reply line for an applied operation whose request ID is its op id (a plain string, see
+    bank.check_op_id), formatted without the JSON encoder: this is the hot path of every replica.
+    `suffix` is extra members, already encoded, each starting with a comma."""
+    if outcome.error is None:
+        return f'{{"ID":"{op_id}","STATUS":"OK","BALANCE":"{render_cents(outcome.balance_cents)}"{suffix}}}\n'.encode()
+    code = outcome.error
+    return (
+        f'{{"ID":"{op_id}","STATUS":"NOK","ERROR":"{code}","DETAIL":{_ERROR_DETAIL_JSON[code]},'
+        f'"DEFINITE":true{suffix}}}\n'
+    ).encode()
+
+
+def reply_for_operation(message: dict, request_id: object, op: Operation, outcome, extra: dict | None = None) -> bytes:
+    """Fast path for saldo's own format; the generic encoder for the seeds' formats."""
+    if request_id == op.op_id and not extra:
+        return fast_outcome_line(op.op_id, outcome)
+    reply = outcome_reply(outcome, request_id, **(extra or {}))
+    if "id_msg" in message:
+        reply["id_msg"] = op.op_id
+    return wire.encode(reply)
+
+
+def classify_unknown(message: dict) -> SaldoError:
+    """The error for a message this port does not serve: WRONG_ROLE if another role would."""
+    task = message.get("TASK")
+    if (type(task) is str and task in OTHER_ROLE_TASKS) or "WORKER" in message or "SERVER" in message:
+        return SaldoError("WRONG_ROLE", "this port serves bank operations (DEPOSIT, WITHDRAW, TRANSFER, BALANCE)")
+    return SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY, STATUS) or an Operacao")
+
+
+class BankService:
+    """Serves bank requests on a connection against a DurableBank (see the module docstring)."""
+
+    def __init__(self, dbank: DurableBank, *, node_name: str, mode: str) -> None:
+        self.dbank = dbank
+        self.node_name = node_name
+        self.mode = mode
+        self.started_at = time.monotonic()
+        self.requests_total = 0
+
+    def status(self) -> dict:
+        bank = self.dbank.bank
+        return {
+            "STATUS": "OK",
+            "NODE": self.node_name,
+            "ROLE": "replica",
+            "MODE": self.mode,
+            "PID": os.getpid(),
+            "UPTIME_S": round(time.monotonic() - self.started_at, 3),
+            "OPS_APPLIED_TOTAL": bank.counters.ops_applied_total,
+            "ACCOUNTS": len(bank.balances),
+            "COMMITS_TOTAL": self.dbank.commits_total,
+            "LARGEST_COMMIT_OPS": self.dbank.largest_commit_ops,
+            "REQUESTS_TOTAL": self.requests_total,
+        }
+
+    async def handle(self, stream: MessageStream) -> None:
+        dbank = self.dbank
+        while True:
+            batch = await stream.read_batch()
+            if batch is None:
+                return
+            self.requests_total += len(batch)
+            lines: list[bytes] = []
+            for item in batch:
+                lines.append(self._answer(item))
+            await dbank.durable()
+            stream.send_bytes(b"".join(lines))
+            if not await stream.drain():
+                return
+
+    def _answer(self, item: dict | SaldoError) -> bytes:
+        """Apply or read one request now (in arrival order); its reply line, sent once durable."""
+        if isinstance(item, SaldoError):
+            return wire.encode(error_reply(item.code, item.detail))
+        try:
+            request_id = wire.request_id_of(item)
+        except SaldoError as error:
+            return wire.encode(error_reply(error.code, error.detail))
+        try:
+            if item.get("TASK") == "STATUS":
+                reply = self.status()
+                if request_id is not None:
+                    reply["ID"] = request_id
+                return wire.encode(reply)
+            try:
+                request = parse_request(item)
+            except SaldoError as error:
+                if error.code == "UNKNOWN_MESSAGE":
+                    raise classify_unknown(item) from None
+                raise
+            if isinstance(request, Query):
+                return wire.encode(balance_reply(request, self.dbank.bank.balance(request.account), request_id))
+            outcome, _duplicate = self.dbank.apply(request)
+            return reply_for_operation(item, request_id, request, outcome)
+        except SaldoError as error:
+            return wire.encode(error_reply(error.code, error.detail, request_id))

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""The saldo lab: run a bank workload against a live local cluster, break it, check it, report.
+
+    python lab.py run --arch standalone --clients 8 --duration 10
+    python lab.py run --arch sequencer --faults kill-replica
+    python lab.py bench --arch all --clients 1,8 --repeat 3     (what `make bench` runs)
+    python lab.py chaos --arch standalone --faults kill-replica  (what `make chaos` runs)
+
+Each run writes results/<run>.json (and results/latest.json), a timeline picture
+results/<run>.svg, and prints a table. Exit code: 0 when every verdict is valid (or, for runs
+whose architecture does not promise what the checker found, as documented), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from common.lab import archs
+from common.lab.faults import SCHEDULES
+from common.lab.report import format_table
+from common.lab.runner import RunOptions, run_lab
+from common.log import configure
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str) -> None:
+    parser.add_argument("--arch", default="standalone", help=f"architecture, or 'all': {', '.join(archs.BUILDERS)}")
+    parser.add_argument("--clients", default="8", help="client count, or a comma list for bench (e.g. 1,8)")
+    parser.add_argument("--window", type=int, default=16, help="operations in flight per client (1 for one client: one at a time)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of workload per run")
+    parser.add_argument("--accounts", type=int, default=8)
+    parser.add_argument("--faults", default=default_faults, help=f"fault schedule: {', '.join(SCHEDULES)}")
+    parser.add_argument("--ports", choices=["seed", "free"], default="seed", help="the seed's port numbers, or free ones")
+    parser.add_argument("--store", default="sqlite", help="sqlite, or a MySQL base URL mysql://user:pass@host:port/prefix")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="architecture option (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per combination; the summary shows medians")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure the echo reference in the same run (default: on for bench)")
+    parser.add_argument("--keep-history", action="store_true", help="write the history even when the verdict is valid")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def _options(args: argparse.Namespace, architecture: str, clients: int, repeat_index: int, reference: bool) -> RunOptions:
+    extra = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        extra[key] = value
+    window = 1 if clients == 1 and args.window_for_one else args.window
+    return RunOptions(
+        architecture=architecture,
+        clients=clients,
+        window=window,
+        duration_s=args.duration,
+        accounts=args.accounts,
+        faults=args.faults,
+        ports=args.ports,
+        store=args.store,
+        reference=reference,
+        reference_duration_s=min(5.0, args.duration),
+        seed=args.seed + repeat_index,
+        progress=not args.quiet,
+        extra=extra,
+        keep_history=args.keep_history,
+        run_name=f"{architecture}-{clients}c-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
+    )
+
+
+def _run_all(args: argparse.Namespace, *, reference_default: bool) -> int:
+    architectures = list(archs.BUILDERS) if args.arch == "all" else args.arch.split(",")
+    client_counts = [int(c) for c in str(args.clients).split(",")]
+    reference = reference_default if args.reference is None else args.reference
+    summary = []
+    all_valid = True
+    for architecture in architectures:
+        for clients in client_counts:
+            runs = []
+            for repeat_index in range(args.repeat):
+                options = _options(args, architecture, clients, repeat_index, reference)
+                print(f"\n== {architecture}, {clients} client(s) x window {options.window}, "
+                      f"{options.duration_s:g} s, faults {options.faults} (run {repeat_index + 1}/{args.repeat})", flush=True)
+                result = run_lab(options)
+                print(format_table(result.report))
+                print(f"  report   {result.report_path}\n  timeline {result.report['timeline_svg']}")
+                runs.append(result.report)
+                all_valid = all_valid and result.report["verdict"] == "valid"
+            summary.append(_summarize(architecture, clients, runs))
+    if len(summary) > 1 or args.repeat > 1:
+        _print_summary(summary)
+    return 0 if all_valid else 1
+
+
+def _summarize(architecture: str, clients: int, runs: list[dict]) -> dict:
+    def median(path: str) -> float | None:
+        values = []
+        for run in runs:
+            value = run
+            for key in path.split("."):
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, (int, float)):
+                values.append(value)
+        return statistics.median(values) if values else None
+
+    return {
+        "architecture": architecture,
+        "clients": clients,
+        "window": runs[0].get("window"),
+        "runs": len(runs),
+        "throughput_ops_s": median("throughput_ops_s"),
+        "applied_ops_s": median("applied_ops_s"),
+        "p50_ms": median("latency_ms.p50"),
+        "p99_ms": median("latency_ms.p99"),
+        "echo_ops_s": median("reference.echo_ops_s"),
+        "ratio": median("reference.ratio"),
+        "verdicts": [run["verdict"] for run in runs],
+    }
+
+
+def _print_summary(summary: list[dict]) -> None:
+    print("\n== summary (medians)")
+    header = f"  {'architecture':<16}{'clients':>8}{'acked ops/s':>13}{'applied/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'echo ops/s':>12}{'ratio':>7}  verdicts"
+    print(header)
+    for row in summary:
+        def fmt(value, spec):
+            return format(value, spec) if value is not None else "-"
+        print(f"  {row['architecture']:<16}{row['clients']:>8}{fmt(row['throughput_ops_s'], ',.0f'):>13}"
+              f"{fmt(row['applied_ops_s'], ',.0f'):>11}{fmt(row['p50_ms'], '.3f'):>9}{fmt(row['p99_ms'], '.3f'):>9}"
+              f"{fmt(row['echo_ops_s'], ',.0f'):>12}{fmt(row['ratio'], '.2f'):>7}  {','.join(row['verdicts'])}")
+    print(json.dumps({"summary": summary}), file=sys.stderr) if False else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="one or more runs, no echo reference unless asked")
+    _add_run_flags(run_parser, default_faults="none")
+    bench_parser = commands.add_parser("bench", help="runs without faults, with the echo reference")
+    _add_run_flags(bench_parser, default_faults="none")
+    chaos_parser = commands.add_parser("chaos", help="runs with a fault schedule")
+    _add_run_flags(chaos_parser, default_faults="kill-replica")
+    for sub in (run_parser, bench_parser, chaos_parser):
+        sub.add_argument("--log-level", default="warning")
+        sub.set_defaults(window_for_one=True)
+    args = parser.parse_args(argv)
+    configure("lab", args.log_level)
+    if args.command == "bench" and args.faults != "none":
+        parser.error("bench runs without faults; use chaos")
+    return _run_all(args, reference_default=args.command == "bench")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,672 @@
+"""The wire codec, on real sockets, through both transports (asyncio and selectors), and its clients.
+
+Every scenario runs against a real listening socket on 127.0.0.1 (ephemeral port), once per server
+implementation; the client side is a plain blocking socket so the bytes on the wire are exactly
+the ones the test writes. The documented outcomes (common/wire.py, common/aio.py,
+common/blocking.py):
+
+- a line arriving in pieces is answered once, when its newline arrives;
+- lines arriving together are answered in order;
+- an oversize line: the good lines before it are answered, then LINE_TOO_LONG, then the close;
+- INVALID_UTF8 / INVALID_JSON / NOT_OBJECT: answered, and the connection stays usable;
+- a peer stalled mid-line is dropped after the partial-line timeout (and not before);
+- blank lines are ignored, "\\r\\n" works, an ID is echoed, an ID that cannot be echoed is ID_INVALID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common import aio, wire
+from common.blocking import BlockingConnection, SelectorServer, serve_in_thread
+from common.errors import SaldoError, error_reply
+
+HOST = "127.0.0.1"
+SMALL_LIMIT = 1024
+
+
+# --- Servers under test -------------------------------------------------------------------------
+
+
+def ok_reply(message: dict) -> dict:
+    """What the test servers answer to a decodable line: its ID (checked) and its N."""
+    request_id = wire.request_id_of(message)  # raises ID_INVALID
+    reply: dict = {} if request_id is None else {"ID": request_id}
+    reply["STATUS"] = "OK"
+    reply["N"] = message.get("N")
+    return reply
+
+
+def answer(item: dict | SaldoError) -> dict:
+    if isinstance(item, SaldoError):
+        return error_reply(item.code, item.detail)
+    try:
+        return ok_reply(item)
+    except SaldoError as error:
+        return error_reply(error.code, error.detail)
+
+
+async def echo_handler(stream: aio.MessageStream) -> None:
+    while (batch := await stream.read_batch()) is not None:
+        for item in batch:
+            stream.send(answer(item))
+
+
+class LoopThread:
+    """An asyncio event loop in a background thread, for servers the blocking tests talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+        self._servers: list[aio.Server] = []
+
+    def run(self, coroutine, timeout_s: float = 10.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def start_server(self, handler, **options) -> tuple[str, int]:
+        server = self.run(aio.start_server(handler, HOST, 0, name="test-aio", **options))
+        self._servers.append(server)
+        assert server.address is not None
+        return server.address
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            for server in self._servers:
+                await server.stop()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(params=["asyncio", "selectors"])
+def start_server(request, loop_thread):
+    """start_server(**options) -> (host, port) of an echo server of the parametrized kind."""
+    selector_servers: list[tuple[SelectorServer, threading.Thread]] = []
+
+    def start(**options) -> tuple[str, int]:
+        if request.param == "asyncio":
+            return loop_thread.start_server(echo_handler, **options)
+        server = SelectorServer(ok_reply, name="test-selectors", **options)
+        address = server.bind(HOST, 0)
+        selector_servers.append((server, serve_in_thread(server)))
+        return address
+
+    yield start
+    for server, thread in selector_servers:
+        stop_selector_server(server, thread)
+
+
+def stop_selector_server(server: SelectorServer, thread: threading.Thread) -> None:
+    server.stop()
+    try:  # wake its select() at once instead of waiting for the poll interval
+        socket.create_connection(server.address, timeout=1).close()
+    except OSError:
+        pass
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+class Peer:
+    """A raw client socket: writes exactly the given bytes, reads reply lines."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=5)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_in_pieces(self, data: bytes, piece_bytes: int = 1, pause_s: float = 0.001) -> None:
+        for start in range(0, len(data), piece_bytes):
+            self.sock.sendall(data[start : start + piece_bytes])
+            time.sleep(pause_s)
+
+    def reply(self, timeout_s: float = 5.0) -> dict:
+        self.sock.settimeout(timeout_s)
+        while b"\n" not in self._buffer:
+            data = self.sock.recv(65536)
+            assert data, f"connection closed while a reply was expected (buffered {self._buffer!r})"
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        assert type(message) is dict
+        return message
+
+    def replies(self, count: int) -> list[dict]:
+        return [self.reply() for _ in range(count)]
+
+    def wait_closed(self, timeout_s: float = 5.0) -> float:
+        """Seconds until the server closes the connection; fails if more replies arrive first."""
+        started = time.monotonic()
+        self.sock.settimeout(timeout_s)
+        data = self.sock.recv(65536)
+        elapsed = time.monotonic() - started
+        assert self._buffer == b"" and data == b"", f"expected the close, got {self._buffer + data!r}"
+        return elapsed
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connect():
+    peers: list[Peer] = []
+
+    def opener(address: tuple[str, int]) -> Peer:
+        peer = Peer(address)
+        peers.append(peer)
+        return peer
+
+    yield opener
+    for peer in peers:
+        peer.close()
+
+
+def line(message: dict) -> bytes:
+    return wire.encode(message)
+
+
+def assert_error(reply: dict, code: str) -> None:
+    """Every error reply: STATUS NOK, the code, a detail, and DEFINITE true for these codes."""
+    assert reply["STATUS"] == "NOK", reply
+    assert reply["ERROR"] == code, reply
+    assert type(reply["DETAIL"]) is str and reply["DETAIL"], reply
+    assert reply["DEFINITE"] is True, reply
+
+
+def assert_ok(reply: dict, n: object, request_id: object = None) -> None:
+    assert reply["STATUS"] == "OK", reply
+    assert reply["N"] == n, reply
+    assert reply.get("ID") == request_id, reply
+
+
+# --- Framing on a real socket, both servers -----------------------------------------------------
+
+
+def test_a_line_split_across_many_small_writes_is_answered_once(start_server, connect):
+    peer = connect(start_server())
+    peer.send_in_pieces(line({"ID": "split", "N": 1}), piece_bytes=1)
+    peer.send_in_pieces(line({"ID": "pieces", "N": 2}), piece_bytes=5)
+    peer.send(line({"ID": "after", "N": 3}))
+    # Exactly one reply per line: the reply after the two split lines is the third line's.
+    assert_ok(peer.reply(), 1, "split")
+    assert_ok(peer.reply(), 2, "pieces")
+    assert_ok(peer.reply(), 3, "after")
+
+
+def test_a_newline_arriving_alone_completes_the_line(start_server, connect):
+    peer = connect(start_server())
+    peer.send(b'{"N": 7}')
+    time.sleep(0.02)
+    peer.send(b"\n")
+    assert_ok(peer.reply(), 7)
+
+
+def test_several_lines_in_one_write_are_each_answered_in_order(start_server, connect):
+    peer = connect(start_server())
+    peer.send(b"".join(line({"ID": f"r{n}", "N": n}) for n in range(200)))
+    for n, reply in enumerate(peer.replies(200)):
+        assert_ok(reply, n, f"r{n}")
+
+
+def test_an_oversize_line_is_refused_and_the_connection_closed(start_server, connect):
+    peer = connect(start_server(max_line_bytes=SMALL_LIMIT))
+    peer.send(b'{"P": "' + b"x" * (2 * SMALL_LIMIT) + b'"}\n')
+    assert_error(peer.reply(), "LINE_TOO_LONG")
+    peer.wait_closed()
+
+
+def test_an_oversize_line_still_arriving_is_refused_before_its_end(start_server, connect):
+    peer = connect(start_server(max_line_bytes=SMALL_LIMIT))
+    peer.send(b"x" * (SMALL_LIMIT + 1))  # no newline yet: already too long
+    assert_error(peer.reply(), "LINE_TOO_LONG")
+    peer.wait_closed()
+
+
+def test_good_lines_before_an_oversize_one_are_answered_first(start_server, connect):
+    peer = connect(start_server(max_line_bytes=SMALL_LIMIT))
+    peer.send(line({"N": 1}) + line({"N": 2}) + b'{"N": 3, "P": "' + b"x" * SMALL_LIMIT + b'"}\n' + line({"N": 4}))
+    assert_ok(peer.reply(), 1)
+    assert_ok(peer.reply(), 2)
+    assert_error(peer.reply(), "LINE_TOO_LONG")  # and nothing for N=4: the stream is abandoned
+    peer.wait_closed()
+
+
+def test_the_default_limit_is_64_kib(start_server, connect):
+    assert wire.MAX_LINE_BYTES == 64 * 1024
+    peer = connect(start_server())
+
+    def line_of(size: int, n: int) -> bytes:
+        head = b'{"N": %d, "P": "' % n
+        body = head + b"x" * (size - len(head) - 2) + b'"}'
+        assert len(body) == size
+        return body + b"\n"
+
+    peer.send(line_of(wire.MAX_LINE_BYTES, 1))  # exactly at the limit: fine
+    assert_ok(peer.reply(), 1)
+    peer.send(line_of(wire.MAX_LINE_BYTES + 1, 2))
+    assert_error(peer.reply(), "LINE_TOO_LONG")
+    peer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "bad_line, code",
+    [
+        (b'{"N": "\xff\xfe"}', "INVALID_UTF8"),
+        (b"\xc3\x28", "INVALID_UTF8"),
+        (b'{"N": 1', "INVALID_JSON"),
+        (b"{'N': 1}", "INVALID_JSON"),
+        (b'{"N": 1} {"N": 2}', "INVALID_JSON"),
+        (b"[1]", "NOT_OBJECT"),
+        (b"3", "NOT_OBJECT"),
+        (b'"text"', "NOT_OBJECT"),
+        (b"null", "NOT_OBJECT"),
+    ],
+)
+def test_an_undecodable_line_is_answered_and_the_connection_stays_usable(start_server, connect, bad_line, code):
+    peer = connect(start_server())
+    peer.send(bad_line + b"\n")
+    assert_error(peer.reply(), code)
+    peer.send(line({"ID": "next", "N": 2}))
+    assert_ok(peer.reply(), 2, "next")
+
+
+def test_a_stalled_half_line_is_dropped_after_the_partial_line_timeout(start_server, connect):
+    timeout_s = 0.3
+    peer = connect(start_server(partial_line_timeout_s=timeout_s))
+    peer.send(b'{"ID": "half", "N"')
+    elapsed = peer.wait_closed(timeout_s=5)
+    assert timeout_s * 0.8 <= elapsed <= timeout_s + 1.5, elapsed
+
+
+def test_an_idle_connection_between_lines_is_not_dropped_by_the_partial_line_timeout(start_server, connect):
+    peer = connect(start_server(partial_line_timeout_s=0.15))
+    peer.send(line({"N": 1}))
+    assert_ok(peer.reply(), 1)
+    time.sleep(0.4)  # well past the partial-line timeout, but no line is half sent
+    peer.send(line({"N": 2}))
+    assert_ok(peer.reply(), 2)
+
+
+def test_blank_lines_are_ignored(start_server, connect):
+    peer = connect(start_server())
+    peer.send(b"\n\n   \n\t\r\n\r\n")
+    peer.send(line({"N": 1}))
+    assert_ok(peer.reply(), 1)  # the first reply is the first real line's
+
+
+def test_crlf_line_endings(start_server, connect):
+    peer = connect(start_server())
+    peer.send(b'{"ID": "crlf", "N": 1}\r\n{"N": 2}\r\n')
+    assert_ok(peer.reply(), 1, "crlf")
+    assert_ok(peer.reply(), 2)
+
+
+@pytest.mark.parametrize("request_id", ["abc-123", "", "x" * wire.MAX_REQUEST_ID_CHARS, 42, -7, 2**53 - 1])
+def test_an_id_is_echoed(start_server, connect, request_id):
+    peer = connect(start_server())
+    peer.send(line({"ID": request_id, "N": 5}))
+    assert_ok(peer.reply(), 5, request_id)
+
+
+@pytest.mark.parametrize(
+    "raw_id",
+    [b"1.5", b"1e3", b'"' + b"x" * 100 + b'"', b"9007199254740992", b"true", b"[1]", b'{"a": 1}'],
+)
+def test_an_id_that_cannot_be_echoed_is_refused(start_server, connect, raw_id):
+    peer = connect(start_server())
+    peer.send(b'{"ID": ' + raw_id + b', "N": 1}\n')
+    reply = peer.reply()
+    assert_error(reply, "ID_INVALID")
+    assert "ID" not in reply
+    peer.send(line({"ID": "ok", "N": 2}))
+    assert_ok(peer.reply(), 2, "ok")
+
+
+# --- The asyncio client: common.aio.Connection ---------------------------------------------------
+
+
+def reversing_handler(batch_sizes: list[int]):
+    """A server that answers each batch it reads in reverse order."""
+
+    async def handler(stream: aio.MessageStream) -> None:
+        while (batch := await stream.read_batch()) is not None:
+            batch_sizes.append(len(batch))
+            for item in reversed(batch):
+                stream.send(answer(item))
+
+    return handler
+
+
+async def silent_handler(stream: aio.MessageStream) -> None:
+    while await stream.read_batch() is not None:
+        pass
+
+
+async def closing_handler(stream: aio.MessageStream) -> None:
+    await stream.read_batch()  # the request arrived; the server goes away without answering
+    stream.abort()
+
+
+def assert_indefinite(reply: dict, code: str, request_id: object) -> None:
+    assert reply["STATUS"] == "NOK", reply
+    assert reply["ERROR"] == code, reply
+    assert reply["DEFINITE"] is False, reply
+    assert reply["ID"] == request_id, reply
+    assert reply["DETAIL"]
+
+
+def test_aio_connection_pipelines_and_matches_replies_answered_out_of_order(loop_thread):
+    batch_sizes: list[int] = []
+    host, port = loop_thread.start_server(reversing_handler(batch_sizes))
+
+    async def scenario() -> None:
+        connection = await aio.Connection.open(host, port, request_timeout_s=10, max_in_flight=1000)
+        try:
+            replies = await asyncio.gather(*(connection.request({"N": n}) for n in range(500)))
+            for n, reply in enumerate(replies):
+                assert reply["STATUS"] == "OK" and reply["N"] == n, (n, reply)
+            assert len({reply["ID"] for reply in replies}) == 500
+            assert connection.unmatched_replies == 0
+        finally:
+            await connection.close()
+
+    asyncio.run(scenario())
+    assert sum(batch_sizes) == 500
+    assert max(batch_sizes) > 1, "the server never saw two requests at once: nothing was out of order"
+
+
+def test_aio_connection_request_that_gets_no_reply_times_out_indefinite(loop_thread):
+    host, port = loop_thread.start_server(silent_handler)
+
+    async def scenario() -> tuple[dict, float]:
+        connection = await aio.Connection.open(host, port, request_timeout_s=0.3)
+        try:
+            started = time.monotonic()
+            reply = await connection.request({"ID": "t-1", "N": 1})
+            return reply, time.monotonic() - started
+        finally:
+            await connection.close()
+
+    reply, elapsed = asyncio.run(scenario())
+    assert_indefinite(reply, "TIMEOUT", "t-1")
+    assert 0.25 <= elapsed <= 2.0, elapsed
+
+
+def test_aio_connection_lost_mid_request_is_indefinite(loop_thread):
+    host, port = loop_thread.start_server(closing_handler)
+
+    async def scenario() -> tuple[dict, dict, float]:
+        connection = await aio.Connection.open(host, port, request_timeout_s=5)
+        try:
+            started = time.monotonic()
+            first = await connection.request({"ID": "c-1", "N": 1})
+            elapsed = time.monotonic() - started
+            second = await connection.request({"ID": "c-2", "N": 2})  # on the closed connection
+            return first, second, elapsed
+        finally:
+            await connection.close()
+
+    first, second, elapsed = asyncio.run(scenario())
+    assert_indefinite(first, "CONNECTION_LOST", "c-1")
+    assert elapsed < 2.0, "the loss must be noticed at once, not at the request timeout"
+    assert_indefinite(second, "CONNECTION_LOST", "c-2")
+
+
+def test_aio_connection_talks_to_the_selectors_server():
+    server = SelectorServer(ok_reply, name="test-selectors")
+    host, port = server.bind(HOST, 0)
+    thread = serve_in_thread(server)
+
+    async def scenario() -> list[dict]:
+        connection = await aio.Connection.open(host, port)
+        try:
+            return await asyncio.gather(*(connection.request({"N": n}) for n in range(100)))
+        finally:
+            await connection.close()
+
+    try:
+        replies = asyncio.run(scenario())
+    finally:
+        stop_selector_server(server, thread)
+    assert [reply["N"] for reply in replies] == list(range(100))
+
+
+# --- The blocking client: common.blocking.BlockingConnection -------------------------------------
+
+
+def test_blocking_connection_matches_replies_answered_out_of_order(loop_thread):
+    batch_sizes: list[int] = []
+    host, port = loop_thread.start_server(reversing_handler(batch_sizes))
+    with BlockingConnection(host, port) as connection:
+        connection.send_bytes(wire.encode_many([{"ID": f"o{n}", "N": n} for n in range(3)]))
+        # The server answers o2, o1, o0; each wait gets its own reply, the others are kept.
+        assert_ok(connection.wait_reply("o0", 5), 0, "o0")
+        assert_ok(connection.wait_reply("o1", 5), 1, "o1")
+        assert_ok(connection.wait_reply("o2", 5), 2, "o2")
+        assert batch_sizes == [3], "the three requests must reach the server together"
+        for n in range(3, 50):
+            message = {"N": n}
+            reply = connection.request(message)  # assigns the message a fresh ID
+            assert_ok(reply, n, message["ID"])
+
+
+def test_blocking_connection_request_times_out_indefinite(loop_thread):
+    host, port = loop_thread.start_server(silent_handler)
+    with BlockingConnection(host, port) as connection:
+        started = time.monotonic()
+        reply = connection.request({"ID": "t-1", "N": 1}, timeout_s=0.3)
+        elapsed = time.monotonic() - started
+    assert_indefinite(reply, "TIMEOUT", "t-1")
+    assert 0.25 <= elapsed <= 2.0, elapsed
+
+
+def test_blocking_connection_lost_mid_request_is_indefinite(loop_thread):
+    host, port = loop_thread.start_server(closing_handler)
+    with BlockingConnection(host, port) as connection:
+        started = time.monotonic()
+        reply = connection.request({"ID": "c-1", "N": 1}, timeout_s=5)
+        elapsed = time.monotonic() - started
+        assert connection.closed
+        again = connection.request({"ID": "c-2", "N": 2}, timeout_s=5)
+    assert_indefinite(reply, "CONNECTION_LOST", "c-1")
+    assert elapsed < 2.0
+    assert_indefinite(again, "CONNECTION_LOST", "c-2")
+
+
+def test_blocking_connection_talks_to_both_servers(start_server):
+    host, port = start_server()
+    with BlockingConnection(host, port) as connection:
+        for n in range(20):
+            assert_ok(connection.request({"ID": n, "N": n}), n, n)
+
+
+# --- LineSplitter, directly ---------------------------------------------------------------------
+
+LIMIT = 16
+short_lines = st.lists(st.binary(max_size=LIMIT).map(lambda b: b.replace(b"\n", b"")), max_size=15)
+
+
+def chop(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(short_lines, st.binary(max_size=LIMIT).map(lambda b: b.replace(b"\n", b"")), st.data())
+def test_any_chopping_of_a_stream_yields_the_same_lines(lines, tail, data):
+    stream = b"".join(item + b"\n" for item in lines) + tail
+    cuts = data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=20))
+    splitter = wire.LineSplitter(LIMIT)
+    seen: list[bytes] = []
+    for chunk in chop(stream, cuts):
+        seen.extend(splitter.feed(chunk))
+        assert splitter.partial_bytes <= LIMIT
+    assert seen == lines
+    assert not splitter.overflowed
+    assert splitter.partial_bytes == len(tail)  # the unfinished line is held, not returned
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    short_lines,
+    st.integers(min_value=LIMIT + 1, max_value=4 * LIMIT),
+    st.booleans(),
+    short_lines,
+    st.data(),
+)
+def test_an_overlong_line_overflows_after_the_lines_before_it(before, long_length, finished, after, data):
+    long_line = b"y" * long_length + (b"\n" if finished else b"")
+    stream = b"".join(item + b"\n" for item in before) + long_line + b"".join(item + b"\n" for item in after)
+    cuts = data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=20))
+    splitter = wire.LineSplitter(LIMIT)
+    seen: list[bytes] = []
+    for chunk in chop(stream, cuts):
+        seen.extend(splitter.feed(chunk))
+        assert splitter.partial_bytes <= LIMIT
+        if splitter.overflowed:
+            break
+    assert splitter.overflowed
+    assert seen == before
+    assert splitter.partial_bytes == 0
+
+
+def test_a_line_exactly_at_the_limit_is_fine_and_one_more_byte_is_not():
+    splitter = wire.LineSplitter(LIMIT)
+    assert splitter.feed(b"a" * LIMIT) == []
+    assert splitter.feed(b"\n") == [b"a" * LIMIT]
+    assert splitter.feed(b"b" * (LIMIT + 1)) == []
+    assert splitter.overflowed
+    with pytest.raises(AssertionError):
+        splitter.feed(b"more")  # a transport must stop feeding after an overflow
+
+
+# --- decode_line / encode -----------------------------------------------------------------------
+
+
+def decode_error(data: bytes) -> str:
+    with pytest.raises(SaldoError) as caught:
+        wire.decode_line(data)
+    return caught.value.code
+
+
+def test_decode_line_skips_surrounding_whitespace_and_blank_lines():
+    assert wire.decode_line(b' \t{"a": 1}\t \r') == {"a": 1}
+    assert wire.decode_line(b"") is None
+    assert wire.decode_line(b" \t\r") is None
+    decoded = wire.decode_lines([b"", b'{"a": 1}', b"  ", b"[", b'{"b": 2}'])
+    assert len(decoded) == 3  # the blank lines vanish; the bad line keeps its place
+    assert decoded[0] == {"a": 1} and decoded[2] == {"b": 2}
+    assert isinstance(decoded[1], SaldoError) and decoded[1].code == "INVALID_JSON"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a": 1} {"b": 2}',
+        b'{"a": 1}x',
+        b'{"a": 1}\x0c',
+        b'{"a": 1',
+        b"}",
+        b'{"a": "\x01"}',  # a raw control character inside a string
+        b"{'a': 1}",
+        b'{"a": 1,}',
+        b'{"a": ' + b"9" * 5000 + b"}",  # beyond the interpreter's integer-digit limit
+        b"[" * 100_000 + b"]" * 100_000,  # nesting past the recursion limit
+        b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+    ],
+)
+def test_decode_line_refuses_what_is_not_one_json_value_without_crashing(data):
+    assert decode_error(data) == "INVALID_JSON"
+
+
+def test_decode_line_other_refusals():
+    assert decode_error(b'{"a": "\xff"}') == "INVALID_UTF8"
+    assert decode_error(b"\xed\xa0\x80") == "INVALID_UTF8"  # an encoded surrogate is not UTF-8
+    assert decode_error(b"[1]") == "NOT_OBJECT"
+    assert decode_error(b"3") == "NOT_OBJECT"
+
+
+def test_decode_line_reads_fractions_as_decimal_and_integers_as_int():
+    message = wire.decode_line(b'{"a": 10.5, "b": 1e2, "c": 7, "d": -0.10, "e": 12.345678901234567890123}')
+    assert type(message["a"]) is Decimal and message["a"] == Decimal("10.5")
+    assert type(message["b"]) is Decimal and message["b"] == 100
+    assert type(message["c"]) is int and message["c"] == 7
+    assert str(message["d"]) == "-0.10"
+    assert str(message["e"]) == "12.345678901234567890123"  # every digit kept: no float in between
+
+
+def test_decode_line_reads_utf8_text():
+    assert wire.decode_line('{"name": "José ✓"}'.encode()) == {"name": "José ✓"}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), json_values, max_size=5))
+def test_encode_is_one_ascii_line_that_decodes_back(message):
+    encoded = wire.encode(message)
+    assert encoded.endswith(b"\n") and encoded.count(b"\n") == 1
+    assert encoded.isascii()
+    assert wire.decode_line(encoded[:-1]) == message
+    splitter = wire.LineSplitter(max(len(encoded), 16))
+    assert splitter.feed(wire.encode_many([message, {"x": 1}, message])) == [encoded[:-1], b'{"x":1}', encoded[:-1]]
+
+
+def test_encode_many_of_nothing_is_nothing():
+    assert wire.encode_many([]) == b""
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ({}, None),
+        ({"ID": None}, None),
+        ({"ID": "abc"}, "abc"),
+        ({"ID": "x" * wire.MAX_REQUEST_ID_CHARS}, "x" * wire.MAX_REQUEST_ID_CHARS),
+        ({"ID": 0}, 0),
+        ({"ID": -(2**53) + 1}, -(2**53) + 1),
+        ({"ID": 2**53 - 1}, 2**53 - 1),
+    ],
+)
+def test_request_id_of_accepts_echoable_ids(message, expected):
+    assert wire.request_id_of(message) == expected
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["x" * (wire.MAX_REQUEST_ID_CHARS + 1), 2**53, -(2**53), Decimal("1.5"), 1.5, True, [1], {"a": 1}],
+)
+def test_request_id_of_refuses_ids_that_cannot_be_echoed(request_id):
+    with pytest.raises(SaldoError) as caught:
+        wire.request_id_of({"ID": request_id})
+    assert caught.value.code == "ID_INVALID"
