@@ -16,7 +16,6 @@ The codec itself is common/wire.py, shared with the blocking transport.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import os
 import socket
@@ -241,11 +240,27 @@ def indefinite_reply(code: str, detail: str, request_id: object) -> dict:
     return error_reply(code, detail, request_id)
 
 
+ReplyCallback = Callable[[dict], None]
+
+
+def future_resolver(future: asyncio.Future) -> ReplyCallback:
+    """A reply callback that resolves `future`, unless its waiter gave up (cancelled) meanwhile."""
+
+    def resolve(reply: dict) -> None:
+        if not future.done():
+            future.set_result(reply)
+
+    return resolve
+
+
 class Connection:
     """A client connection with many requests in flight, replies matched by "ID".
 
-    `request()` never raises for a network failure: a timeout or a lost connection becomes an
-    indefinite error reply (DEFINITE false), which tells the caller to retry with the same id.
+    Two ways to use it. `submit(id, line, on_reply)` is the lean one: no future, no task; the
+    callback runs from the reader when the reply arrives (the lab's workload drives tens of
+    thousands of operations per second this way). `request(message)` is the convenient one: it
+    awaits the reply. Neither raises for a network failure: a timeout or a lost connection becomes
+    an indefinite error reply (DEFINITE false), which tells the caller to retry with the same id.
     """
 
     _ids = itertools.count(1)
@@ -254,9 +269,11 @@ class Connection:
         assert request_timeout_s > 0 and max_in_flight > 0
         self.stream = stream
         self.request_timeout_s = request_timeout_s
-        self._pending: dict[object, list[asyncio.Future]] = {}
-        # (deadline, id, future) in send order; equal timeouts make it deadline order too.
-        self._deadlines: collections.deque = collections.deque()
+        self.max_in_flight = max_in_flight
+        # id -> [(deadline, callback), ...] in send order (the same id may be in flight twice when
+        # a caller retries before the first attempt timed out).
+        self._pending: dict[object, list[tuple[float, ReplyCallback]]] = {}
+        self._in_flight = 0
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tag = f"c{os.getpid()}.{next(self._ids)}."
         self._next_request = itertools.count(1)
@@ -291,8 +308,29 @@ class Connection:
     def closed(self) -> bool:
         return self.stream.closed
 
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
     def new_request_id(self) -> str:
         return f"{self._tag}{next(self._next_request)}"
+
+    def submit(self, request_id: object, line: bytes, on_reply: ReplyCallback, timeout_s: float | None = None) -> None:
+        """Send a line (a request with this "ID") now; `on_reply(reply)` runs exactly once."""
+        if self.stream.closed:
+            on_reply(indefinite_reply("CONNECTION_LOST", "the connection is closed", request_id))
+            return
+        if self._in_flight >= self.max_in_flight:
+            on_reply(error_reply("OVERLOADED", f"{self._in_flight} requests in flight on this connection", request_id))
+            return
+        deadline = time.monotonic() + (self.request_timeout_s if timeout_s is None else timeout_s)
+        waiters = self._pending.get(request_id)
+        if waiters is None:
+            self._pending[request_id] = [(deadline, on_reply)]
+        else:
+            waiters.append((deadline, on_reply))
+        self._in_flight += 1
+        self.stream.send_bytes(line)
 
     async def request(self, message: dict, *, timeout_s: float | None = None) -> dict:
         """Send one request and wait for its reply (or a synthesized indefinite error)."""
@@ -303,18 +341,9 @@ class Connection:
 
     async def request_bytes(self, request_id: object, line: bytes, *, timeout_s: float | None = None) -> dict:
         """Like request(), for a line the caller encoded itself with this request id."""
-        if self.stream.closed:
-            return indefinite_reply("CONNECTION_LOST", "the connection is closed", request_id)
         async with self._slots:
             future = asyncio.get_running_loop().create_future()
-            waiters = self._pending.get(request_id)
-            if waiters is None:
-                self._pending[request_id] = [future]
-            else:
-                waiters.append(future)
-            deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.request_timeout_s)
-            self._deadlines.append((deadline, request_id, future))
-            self.stream.send_bytes(line)
+            self.submit(request_id, line, future_resolver(future), timeout_s)
             return await future
 
     def send(self, message: dict) -> None:
@@ -322,6 +351,7 @@ class Connection:
         self.stream.send(message)
 
     async def _read_replies(self) -> None:
+        pending = self._pending
         try:
             while True:
                 batch = await self.stream.read_batch()
@@ -331,40 +361,44 @@ class Connection:
                     if isinstance(reply, SaldoError):
                         self.unmatched_replies += 1
                         continue
-                    waiters = self._pending.pop(reply.get("ID"), None)
+                    waiters = pending.pop(reply.get("ID"), None)
                     if waiters is None:
                         self.unmatched_replies += 1
                         continue
-                    for future in waiters:
-                        if not future.done():
-                            future.set_result(reply)
+                    self._in_flight -= len(waiters)
+                    for _deadline, on_reply in waiters:
+                        on_reply(reply)
         finally:
             self._fail_all("CONNECTION_LOST", "the connection closed before the reply")
 
     async def _sweep_timeouts(self) -> None:
         period_s = min(0.05, self.request_timeout_s / 4)
-        deadlines = self._deadlines
+        pending = self._pending
         while not self.stream.closed:
             await asyncio.sleep(period_s)
             now = time.monotonic()
-            while deadlines and (deadlines[0][2].done() or deadlines[0][0] <= now):
-                _deadline, request_id, future = deadlines.popleft()
-                if future.done():
-                    continue
-                future.set_result(indefinite_reply("TIMEOUT", "no reply in time", request_id))
-                waiters = self._pending.get(request_id)
-                if waiters is not None:
-                    waiters.remove(future)
-                    if not waiters:
-                        del self._pending[request_id]
+            expired = []
+            # Oldest first (dicts keep insertion order): stop at the first one still in time.
+            for request_id, waiters in pending.items():
+                if waiters[0][0] > now:
+                    break
+                expired.append(request_id)
+            for request_id in expired:
+                waiters = pending.pop(request_id)
+                in_time = [w for w in waiters if w[0] > now]
+                if in_time:
+                    pending[request_id] = in_time  # a later retry of the same id is still waiting
+                for _deadline, on_reply in waiters:
+                    if _deadline <= now:
+                        self._in_flight -= 1
+                        on_reply(indefinite_reply("TIMEOUT", "no reply in time", request_id))
 
     def _fail_all(self, code: str, detail: str) -> None:
         pending, self._pending = self._pending, {}
         for request_id, waiters in pending.items():
-            for future in waiters:
-                if not future.done():
-                    future.set_result(indefinite_reply(code, detail, request_id))
-        self._deadlines.clear()
+            for _deadline, on_reply in waiters:
+                on_reply(indefinite_reply(code, detail, request_id))
+        self._in_flight = 0
 
     async def close(self) -> None:
         await self.stream.close()

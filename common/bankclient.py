@@ -25,7 +25,7 @@ import random
 import time
 
 from common import wire
-from common.aio import Connection
+from common.aio import Connection, future_resolver
 from common.errors import error_reply, is_definite
 from common.log import get_logger
 from common.money import render_cents
@@ -59,7 +59,14 @@ def balance_line(request_id: str, account: str, min_seq: int | None = None) -> b
 
 
 class DirectClient:
-    """A client of an architecture where one address answers everything."""
+    """A client of an architecture where one address answers everything.
+
+    `submit(id, line, on_reply)` sends at once when connected; otherwise the request waits (a
+    bounded number of them) while one connection attempt runs. A failed attempt answers the waiting
+    requests NOT_READY (definite: nothing was sent) and the next attempt waits a backoff.
+    """
+
+    MAX_WAITING_REQUESTS = 4096
 
     def __init__(
         self,
@@ -74,41 +81,55 @@ class DirectClient:
         self.max_in_flight = max_in_flight
         self.source_host = source_host
         self._connection: Connection | None = None
-        self._connecting: asyncio.Future | None = None
+        self._waiting: list[tuple[str, bytes, object, float | None]] = []
+        self._connect_task: asyncio.Task | None = None
         self._next_attempt_at = 0.0
         self._backoff_s = RECONNECT_BACKOFF_S[0]
 
-    async def _connect(self) -> Connection | None:
+    def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None) -> None:
         connection = self._connection
         if connection is not None and not connection.closed:
-            return connection
-        if self._connecting is not None:  # another request is connecting: share its result
-            return await asyncio.shield(self._connecting)
-        if time.monotonic() < self._next_attempt_at:
-            return None
-        self._connecting = asyncio.get_running_loop().create_future()
+            connection.submit(request_id, line, on_reply, timeout_s)
+            return
+        if len(self._waiting) >= self.MAX_WAITING_REQUESTS:
+            on_reply(error_reply("OVERLOADED", "too many requests waiting for a connection", request_id))
+            return
+        self._waiting.append((request_id, line, on_reply, timeout_s))
+        if self._connect_task is None:
+            self._connect_task = asyncio.get_running_loop().create_task(self._connect_and_send())
+
+    async def _connect_and_send(self) -> None:
         try:
+            wait_s = self._next_attempt_at - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
             host, port = self.address
-            connection = await Connection.open(
-                host, port, connect_timeout_s=CONNECT_TIMEOUT_S, request_timeout_s=self.request_timeout_s,
-                max_in_flight=self.max_in_flight, source_host=self.source_host,
-            )
-            self._connection = connection
-            self._backoff_s = RECONNECT_BACKOFF_S[0]
-        except (OSError, TimeoutError):
-            connection = None
-            self._next_attempt_at = time.monotonic() + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2, RECONNECT_BACKOFF_S[1])
-        self._connecting.set_result(connection)
-        self._connecting = None
-        return connection
+            try:
+                self._connection = await Connection.open(
+                    host, port, connect_timeout_s=CONNECT_TIMEOUT_S, request_timeout_s=self.request_timeout_s,
+                    max_in_flight=self.max_in_flight, source_host=self.source_host,
+                )
+                self._backoff_s = RECONNECT_BACKOFF_S[0]
+            except (OSError, TimeoutError) as error:
+                self._connection = None
+                self._next_attempt_at = time.monotonic() + self._backoff_s
+                self._backoff_s = min(self._backoff_s * 2, RECONNECT_BACKOFF_S[1])
+                failure = f"cannot connect to {host}:{port}: {error.__class__.__name__}"
+                waiting, self._waiting = self._waiting, []
+                for request_id, _line, on_reply, _timeout_s in waiting:
+                    on_reply(error_reply("NOT_READY", failure, request_id))
+                return
+        finally:
+            self._connect_task = None
+        waiting, self._waiting = self._waiting, []
+        for request_id, line, on_reply, timeout_s in waiting:
+            self._connection.submit(request_id, line, on_reply, timeout_s)
 
     async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None) -> dict:
-        """One attempt. Never raises; a failure to connect is definite (nothing was sent)."""
-        connection = await self._connect()
-        if connection is None:
-            return error_reply("NOT_READY", f"cannot connect to {self.address[0]}:{self.address[1]}", request_id)
-        return await connection.request_bytes(request_id, line, timeout_s=timeout_s)
+        """One attempt, awaited. Never raises."""
+        future = asyncio.get_running_loop().create_future()
+        self.submit(request_id, line, future_resolver(future), timeout_s)
+        return await future
 
     async def request(self, message: dict, timeout_s: float | None = None) -> dict:
         """Send any message (STATUS, ...) as one attempt."""
@@ -117,6 +138,9 @@ class DirectClient:
         return await self.execute(request_id, wire.encode(message), timeout_s)
 
     async def close(self) -> None:
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            await asyncio.gather(self._connect_task, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -169,3 +193,71 @@ async def execute_with_retries(
             return reply, attempts, outcome
         await asyncio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, 0.25)
+
+
+# --- Choosing a client per architecture ---------------------------------------------------------
+
+# Where each architecture is reached on one machine when no address is given: the seed's ports.
+DEFAULT_ADDRESSES: dict[str, dict[str, list[str]]] = {
+    "standalone": {"write": ["127.0.0.1:7000"]},
+    "queue": {"write": ["127.0.0.1:50051"]},
+    "sequencer": {"write": ["127.0.0.1:6002"], "read": ["127.0.0.1:6007"]},
+    "multicast": {"write": ["127.0.0.1:5555"]},
+}
+
+# Which topology nodes a client of each architecture talks to: (script, mode or None, purpose).
+_TOPOLOGY_ROLES: dict[str, list[tuple[str, str | None, str]]] = {
+    "standalone": [("replica.py", "standalone", "write")],
+    "queue": [("server.py", "queue", "write")],
+    "sequencer": [("sequencer.py", None, "write"), ("replica.py", "sequencer", "read")],
+    "multicast": [("replica.py", "multicast", "write")],
+}
+
+# Architecture -> factory(addresses, request_timeout_s) -> client with submit/execute/close.
+ARCHITECTURES: dict[str, object] = {}
+
+
+def register(name: str, factory, default_addresses: dict[str, list[str]], topology_roles: list[tuple[str, str | None, str]]) -> None:
+    """Add an architecture's client (each architecture's module registers its own)."""
+    ARCHITECTURES[name] = factory
+    DEFAULT_ADDRESSES[name] = default_addresses
+    _TOPOLOGY_ROLES[name] = topology_roles
+
+
+def _parse_all(addresses: list[str]) -> list[tuple[str, int]]:
+    from common.topology import parse_address
+
+    return [parse_address(address) for address in addresses]
+
+
+def resolve_addresses(arch: str, topo: dict | None, write: list[str], read: list[str]) -> dict[str, list[tuple[str, int]]]:
+    """Addresses for `arch`: the flags if given, else the topology's nodes, else the defaults."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    found: dict[str, list[str]] = {"write": [], "read": []}
+    if topo is not None:
+        for node in topo["nodes"].values():
+            for script, mode, purpose in _TOPOLOGY_ROLES.get(arch, []):
+                if node.get("script") == script and (mode is None or node.get("mode") == mode):
+                    found[purpose].append(f"{node['host']}:{node['port']}")
+    defaults = DEFAULT_ADDRESSES.get(arch, {})
+    chosen = {
+        "write": write or found["write"] or defaults.get("write", []),
+        "read": read or found["read"] or defaults.get("read", []),
+    }
+    if not chosen["write"]:
+        raise ValueError(f"{arch} needs --address (or --topology)")
+    return {purpose: _parse_all(addresses) for purpose, addresses in chosen.items()}
+
+
+def make_client(arch: str, addresses: dict[str, list[tuple[str, int]]], *, request_timeout_s: float = 2.0, max_in_flight: int = 1024):
+    factory = ARCHITECTURES[arch]
+    return factory(addresses, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
+
+
+def _direct(addresses, *, request_timeout_s: float, max_in_flight: int) -> DirectClient:
+    return DirectClient(addresses["write"][0], request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
+
+
+ARCHITECTURES["standalone"] = _direct
+ARCHITECTURES["queue"] = _direct

@@ -13,9 +13,11 @@ request's "ID", so a client may pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
+from collections import deque
 
 from common import wire
 from common.aio import MessageStream
@@ -26,6 +28,10 @@ from common.log import get_logger
 from common.money import render_cents
 
 log = get_logger("standalone")
+
+# Per connection: batches applied in memory whose commit is still in flight. Beyond this the
+# connection stops reading until the disk catches up (TCP then slows the client down).
+MAX_BATCHES_AWAITING_DISK = 64
 
 # Tasks that belong to other roles of saldo: answered WRONG_ROLE rather than UNKNOWN_MESSAGE.
 OTHER_ROLE_TASKS = frozenset(
@@ -94,17 +100,29 @@ class BankService:
         }
 
     async def handle(self, stream: MessageStream) -> None:
-        dbank = self.dbank
+        """Apply as requests arrive; send each batch's replies once the commit holding it is on
+        disk. Reading goes on while a commit is in flight, so the next commit is already filling."""
+        awaiting: deque[tuple[asyncio.Future, bytes]] = deque()  # replies in request order
+
+        def send_durable_replies(_done: object = None) -> None:
+            while awaiting and awaiting[0][0].done():
+                stream.send_bytes(awaiting.popleft()[1])
+
         while True:
             batch = await stream.read_batch()
             if batch is None:
                 return
             self.requests_total += len(batch)
-            lines: list[bytes] = []
-            for item in batch:
-                lines.append(self._answer(item))
-            await dbank.durable()
-            stream.send_bytes(b"".join(lines))
+            replies = b"".join([self._answer(item) for item in batch])
+            durable = self.dbank.durable()
+            awaiting.append((durable, replies))
+            if durable.done():
+                send_durable_replies()
+            else:
+                durable.add_done_callback(send_durable_replies)
+            while len(awaiting) > MAX_BATCHES_AWAITING_DISK:  # bound memory: wait for the disk
+                await awaiting[0][0]
+                send_durable_replies()
             if not await stream.drain():
                 return
 

@@ -9,6 +9,7 @@ fault ("replica", "primary", ...) and how to start and end each kind of fault on
 from __future__ import annotations
 
 import asyncio
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -160,12 +161,16 @@ def build_standalone(options: LayoutOptions) -> LabCluster:
     )
 
 
-BUILDERS: dict[str, Callable[[LayoutOptions], LabCluster]] = {
-    "standalone": build_standalone,
+# Architecture -> "module:function" building its LabCluster; loaded on first use, so each
+# architecture's layout lives beside the others without this file knowing their details.
+BUILDERS: dict[str, str] = {
+    "standalone": "common.lab.archs:build_standalone",
 }
 
 
 def build(architecture: str, options: LayoutOptions) -> LabCluster:
     if architecture not in BUILDERS:
         raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(BUILDERS)}")
-    return BUILDERS[architecture](options)
+    module_name, _, function_name = BUILDERS[architecture].partition(":")
+    builder = getattr(importlib.import_module(module_name), function_name)
+    return builder(options)

@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from common.bankclient import FAILED, OK, UNKNOWN, balance_line, execute_with_retries, new_op_id, operation_line
+from common.bankclient import (
+    FAILED, NOT_NOW_ERRORS, OK, UNKNOWN, balance_line, classify, execute_with_retries, new_op_id, operation_line,
+)
+from common.errors import is_definite
 
 KINDS = ("TRANSFER", "DEPOSIT", "WITHDRAW", "BALANCE")
 
@@ -137,13 +140,14 @@ class Workload:
         stop_at = time.monotonic() + duration_s
         hard_deadline = stop_at + config.drain_s
         reporter = asyncio.create_task(self._report_progress()) if self.show_progress else None
-        slots = [
-            self._slot(index, clients[index], random.Random(config.seed * 1_000_003 + index * 131 + slot), stop_at, hard_deadline)
+        drivers = [
+            _ClientDriver(self, index, clients[index], random.Random(config.seed * 1_000_003 + index), stop_at, hard_deadline)
             for index in range(config.clients)
-            for slot in range(config.window)
         ]
         try:
-            await asyncio.gather(*slots)
+            for driver in drivers:
+                driver.start()
+            await asyncio.gather(*(driver.finished for driver in drivers))
         finally:
             self.run_ended_s = self.now_s()
             if reporter is not None:
@@ -157,59 +161,14 @@ class Workload:
     def stop(self) -> None:
         self._stop.set()
 
-    async def _slot(self, client_index: int, client, rng: random.Random, stop_at: float, hard_deadline: float) -> None:
-        config = self.config
-        accounts = config.account_names()
-        cumulative = []
-        total = 0.0
-        for share in config.mix:
-            total += share
-            cumulative.append(total)
-        progress = self.progress
-        while time.monotonic() < stop_at and not self._stop.is_set():
-            pick = rng.random() * total
-            kind = KINDS[next(i for i, edge in enumerate(cumulative) if pick < edge)]
-            account = rng.choice(accounts)
-            to_account = None
-            amount = None
-            op_id = new_op_id(rng)
-            if kind == "BALANCE":
-                min_seq = getattr(client, "max_seq_seen", None) if config.read_your_writes else None
-                line = balance_line(op_id, account, min_seq)
-            else:
-                amount = rng.randint(1, config.max_amount_cents)
-                if kind == "TRANSFER":
-                    to_account = rng.choice(accounts)
-                    while to_account == account:
-                        to_account = rng.choice(accounts)
-                line = operation_line(op_id, kind, account, to_account, amount)
-            invoke = self.now_s()
-            progress.in_flight += 1
-            deadline = min(time.monotonic() + config.op_deadline_s, hard_deadline)
-            reply, attempts, outcome = await execute_with_retries(
-                client, op_id, line, deadline_s=deadline, attempt_timeout_s=config.attempt_timeout_s
-            )
-            progress.in_flight -= 1
-            self._record(client_index, op_id, kind, account, to_account, amount, invoke, reply, attempts, outcome)
-
     def _record(self, client_index, op_id, kind, account, to_account, amount, invoke, reply, attempts, outcome) -> None:
         complete = self.now_s()
         seq = reply.get("SEQ")
+        applied = reply.get("APPLIED")
         record = OpRecord(
-            client=client_index,
-            op_id=op_id,
-            kind=kind,
-            account=account,
-            to_account=to_account,
-            amount_cents=amount,
-            invoke_s=invoke,
-            complete_s=complete,
-            outcome=outcome,
-            error=reply.get("ERROR"),
-            balance_cents=_cents_from_reply(reply.get("BALANCE")),
-            seq=seq if type(seq) is int else None,
-            attempts=attempts,
-            applied_replicas=reply.get("APPLIED") if type(reply.get("APPLIED")) is int else None,
+            client_index, op_id, kind, account, to_account, amount, invoke, complete, outcome,
+            reply.get("ERROR"), _cents_from_reply(reply.get("BALANCE")), seq if type(seq) is int else None,
+            attempts, applied if type(applied) is int else None,
         )
         self.history.append(record)
         progress = self.progress
@@ -241,3 +200,116 @@ class Workload:
         )
         sys.stderr.write(line.ljust(110) + ("\n" if final else ""))
         sys.stderr.flush()
+
+
+class _PendingOp:
+    __slots__ = ("op_id", "kind", "account", "to_account", "amount", "line", "invoke_s", "deadline", "attempts",
+                 "indefinite_seen", "backoff_s")
+
+    def __init__(self, op_id, kind, account, to_account, amount, line, invoke_s, deadline) -> None:
+        self.op_id = op_id
+        self.kind = kind
+        self.account = account
+        self.to_account = to_account
+        self.amount = amount
+        self.line = line
+        self.invoke_s = invoke_s
+        self.deadline = deadline
+        self.attempts = 0
+        self.indefinite_seen = False
+        self.backoff_s = 0.01
+
+
+class _ClientDriver:
+    """One lab client: keeps `window` operations in flight on its bank client, by callbacks.
+
+    No task or future per operation: a reply's callback records the operation and issues the next
+    one (or schedules a retry), so the client's own CPU cost stays small next to the cluster's.
+    """
+
+    def __init__(self, workload: Workload, index: int, client, rng: random.Random, stop_at: float, hard_deadline: float) -> None:
+        self.workload = workload
+        self.index = index
+        self.client = client
+        self.rng = rng
+        self.stop_at = stop_at
+        self.hard_deadline = hard_deadline
+        self.loop = asyncio.get_running_loop()
+        self.finished = self.loop.create_future()
+        self.active_slots = 0
+        config = workload.config
+        self.accounts = config.account_names()
+        total = sum(config.mix)
+        edges = []
+        running = 0.0
+        for share in config.mix:
+            running += share / total
+            edges.append(running)
+        self.edges = edges
+        self.max_amount = config.max_amount_cents
+        self.read_your_writes = config.read_your_writes
+        self.op_deadline_s = config.op_deadline_s
+        self.attempt_timeout_s = config.attempt_timeout_s
+
+    def start(self) -> None:
+        self.active_slots = self.workload.config.window
+        for _ in range(self.active_slots):
+            self._issue()
+
+    def _issue(self) -> None:
+        now = time.monotonic()
+        if now >= self.stop_at or self.workload._stop.is_set():
+            self.active_slots -= 1
+            if self.active_slots == 0 and not self.finished.done():
+                self.finished.set_result(None)
+            return
+        rng = self.rng
+        pick = rng.random()
+        edges = self.edges
+        account = self.accounts[int(rng.random() * len(self.accounts))]
+        op_id = new_op_id(rng)
+        to_account = None
+        amount = None
+        if pick < edges[0]:
+            kind = "TRANSFER"
+            to_account = account
+            while to_account == account:
+                to_account = self.accounts[int(rng.random() * len(self.accounts))]
+            amount = 1 + int(rng.random() * self.max_amount)
+            line = operation_line(op_id, kind, account, to_account, amount)
+        elif pick < edges[2]:
+            kind = "DEPOSIT" if pick < edges[1] else "WITHDRAW"
+            amount = 1 + int(rng.random() * self.max_amount)
+            line = operation_line(op_id, kind, account, None, amount)
+        else:
+            kind = "BALANCE"
+            min_seq = getattr(self.client, "max_seq_seen", None) if self.read_your_writes else None
+            line = balance_line(op_id, account, min_seq)
+        op = _PendingOp(op_id, kind, account, to_account, amount, line, self.workload.now_s(),
+                        min(now + self.op_deadline_s, self.hard_deadline))
+        self.workload.progress.in_flight += 1
+        self._send(op)
+
+    def _send(self, op: _PendingOp) -> None:
+        op.attempts += 1
+        self.client.submit(op.op_id, op.line, lambda reply: self._on_reply(op, reply), self.attempt_timeout_s)
+
+    def _on_reply(self, op: _PendingOp, reply: dict) -> None:
+        if reply.get("STATUS") == "OK":
+            return self._finish(op, reply, OK)
+        code = reply.get("ERROR")
+        definite = is_definite(code)
+        if definite and code not in NOT_NOW_ERRORS:
+            return self._finish(op, reply, FAILED)
+        outcome = classify(reply, op.indefinite_seen)
+        op.indefinite_seen = op.indefinite_seen or not definite
+        if time.monotonic() + op.backoff_s >= op.deadline:
+            return self._finish(op, reply, outcome)
+        self.loop.call_later(op.backoff_s, self._send, op)
+        op.backoff_s = min(op.backoff_s * 2, 0.25)
+
+    def _finish(self, op: _PendingOp, reply: dict, outcome: str) -> None:
+        self.workload.progress.in_flight -= 1
+        self.workload._record(self.index, op.op_id, op.kind, op.account, op.to_account, op.amount, op.invoke_s,
+                              reply, op.attempts, outcome)
+        self._issue()

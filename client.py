@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""The saldo client: bank operations against any architecture, and a status view of any process.
+
+    python client.py deposit alice 120.50                       (standalone on 127.0.0.1:7000)
+    python client.py --arch sequencer transfer alice bob 10
+    python client.py --topology var/demo/topology.json balance alice
+    python client.py status 127.0.0.12:7000
+
+Prints what a person wants to read: `OK balance=120.50`, `NOK INSUFFICIENT_FUNDS`. Exit code 0 on OK,
+1 when the bank said no, 2 when the outcome is unknown (no conclusive answer before --timeout; a
+retry with the same --id is safe), 64 on bad usage.
+
+Each operation gets a fresh UUID unless --id names one; an unknown outcome is retried with the same
+id until --timeout, so running the same command again with that --id never applies it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from common import bankclient, topology, wire
+from common.bank import check_account, check_op_id
+from common.blocking import BlockingConnection
+from common.errors import SaldoError
+from common.money import parse_amount_cents
+
+EXIT_OK, EXIT_NOK, EXIT_UNKNOWN, EXIT_USAGE = 0, 1, 2, 64
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(bankclient.ARCHITECTURES), help="architecture (default: from --topology, else standalone)")
+    parser.add_argument("--topology", help="topology file of a running cluster: addresses come from it")
+    parser.add_argument("--address", action="append", default=[], metavar="HOST:PORT",
+                        help="where to send (repeat for several: replicas of multicast / primary-backup)")
+    parser.add_argument("--read-address", action="append", default=[], metavar="HOST:PORT",
+                        help="replicas to read from (sequencer architecture)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to retry before giving up (default 10)")
+    parser.add_argument("--id", help="operation id (default: a new UUID); reuse it to retry safely")
+    parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for kind in ("deposit", "withdraw"):
+        sub = commands.add_parser(kind, help=f"{kind} AMOUNT into/from ACCOUNT")
+        sub.add_argument("account")
+        sub.add_argument("amount")
+    sub = commands.add_parser("transfer", help="move AMOUNT from SOURCE to TARGET")
+    sub.add_argument("source")
+    sub.add_argument("target")
+    sub.add_argument("amount")
+    sub = commands.add_parser("balance", help="the balance of ACCOUNT")
+    sub.add_argument("account")
+    sub.add_argument("--min-seq", type=int, help="the read must reflect at least this sequence number")
+    sub = commands.add_parser("status", help="the STATUS of any saldo process, as a table")
+    sub.add_argument("target", nargs="?", help="HOST:PORT (default: every node of --topology)")
+    return parser
+
+
+def build_request(args: argparse.Namespace) -> tuple[str, bytes]:
+    """(request id, line), validated here so a typo is refused before anything is sent."""
+    op_id = check_op_id(args.id) if args.id else bankclient.new_op_id()
+    if args.command == "balance":
+        return op_id, bankclient.balance_line(op_id, check_account(args.account), args.min_seq)
+    amount_cents = parse_amount_cents(args.amount)
+    if args.command == "transfer":
+        source, target = check_account(args.source, "FROM"), check_account(args.target, "TO")
+        if source == target:
+            raise SaldoError("SAME_ACCOUNT", "SOURCE and TARGET are the same account")
+        return op_id, bankclient.operation_line(op_id, "TRANSFER", source, target, amount_cents)
+    return op_id, bankclient.operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents)
+
+
+def describe_reply(reply: dict, outcome: str) -> str:
+    if reply.get("STATUS") == "OK":
+        parts = ["OK"]
+        for key, label in (("BALANCE", "balance"), ("SEQ", "seq"), ("APPLIED", "applied"), ("BEHIND", "behind")):
+            if key in reply:
+                value = reply[key]
+                if key == "APPLIED" and "REPLICAS" in reply:
+                    value = f"{value}/{reply['REPLICAS']}"
+                parts.append(f"{label}={value}")
+        return " ".join(parts)
+    text = f"NOK {reply.get('ERROR')}"
+    if reply.get("DETAIL"):
+        text += f": {reply['DETAIL']}"
+    if outcome == bankclient.UNKNOWN:
+        text += " (outcome unknown: retry with --id " + str(reply.get("ID")) + ")"
+    return text
+
+
+async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) -> int:
+    request_id, line = build_request(args)
+    client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
+    try:
+        reply, _attempts, outcome = await bankclient.execute_with_retries(
+            client, request_id, line, deadline_s=time.monotonic() + args.timeout
+        )
+    finally:
+        await client.close()
+    print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome))
+    return {bankclient.OK: EXIT_OK, bankclient.FAILED: EXIT_NOK}.get(outcome, EXIT_UNKNOWN)
+
+
+def run_status(args: argparse.Namespace, targets: list[tuple[str, str]]) -> int:
+    rows = []
+    code = EXIT_OK
+    for name, address in targets:
+        host, port = topology.parse_address(address)
+        try:
+            with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
+                reply = connection.request({"TASK": "STATUS"}, timeout_s=2.0)
+        except OSError as error:
+            reply = {"STATUS": "NOK", "ERROR": "UNREACHABLE", "DETAIL": str(error)}
+        if reply.get("STATUS") != "OK":
+            code = EXIT_NOK
+        rows.append((name, address, reply))
+    if args.json:
+        for name, address, reply in rows:
+            print(wire.encode({"NODE": name, "ADDRESS": address, **reply}).decode().strip())
+        return code
+    for name, address, reply in rows:
+        print(f"{name} ({address})")
+        for key, value in reply.items():
+            if key not in ("ID",):
+                print(f"  {key.lower():<24} {value}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    topo = topology.load(args.topology) if args.topology else None
+    if args.command == "status":
+        if args.target:
+            targets = [(args.target, args.target)]
+        elif topo:
+            targets = [(name, f"{node['host']}:{node['port']}") for name, node in topo["nodes"].items()]
+        else:
+            parser.error("status needs HOST:PORT or --topology")
+        return run_status(args, targets)
+    arch = args.arch or (topo or {}).get("architecture") or "standalone"
+    try:
+        addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
+        return asyncio.run(run_operation(args, arch, addresses))
+    except SaldoError as error:
+        print(f"NOK {error.code}: {error.detail}")
+        return EXIT_NOK
+    except ValueError as error:
+        print(f"usage: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

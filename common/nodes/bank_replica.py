@@ -1,0 +1,70 @@
+"""A replica that applies client operations directly: `replica.py --mode standalone|multicast`.
+
+Wires common/standalone.py's BankService to a listening port and a durable store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from common import aio, topology
+from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS
+from common.durable import DurableBank
+from common.log import get_logger
+from common.standalone import BankService
+from common.store import open_store, redact
+
+log = get_logger("replica")
+
+DEFAULT_PORT = {
+    "standalone": topology.DEFAULT_PORTS["standalone"],
+    "multicast": topology.DEFAULT_PORTS["multicast_replica"],
+}
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="sqlite:///path or mysql://user:pass@host:port/db (default sqlite:///var/<name>.db)")
+    parser.add_argument("--max-accounts", type=int, default=DEFAULT_MAX_ACCOUNTS)
+    parser.add_argument(
+        "--dedup-window", type=int, default=DEFAULT_DEDUP_WINDOW_OPS,
+        help="how many applied operation ids are remembered for exactly-once retries",
+    )
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="client port (default: the seed's port for the mode)")
+    add_store_flags(parser)
+    parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    if args.port is None:
+        args.port = DEFAULT_PORT[args.mode]
+    if args.name is None:
+        args.name = f"{args.mode}-{args.port}"
+    if args.store is None:
+        args.store = f"sqlite:///var/{args.name}.db"
+
+
+async def open_durable_bank(args: argparse.Namespace) -> DurableBank:
+    store = await asyncio.to_thread(open_store, args.store)
+    dbank = await DurableBank.open(store, max_accounts=args.max_accounts, dedup_window_ops=args.dedup_window)
+    bank = dbank.bank
+    log.info("store_loaded", store=redact(args.store), accounts=len(bank.balances),
+             ops_applied_total=bank.counters.ops_applied_total, meta=dbank.meta)
+    return dbank
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    dbank = await open_durable_bank(args)
+    service = BankService(dbank, node_name=args.name, mode=args.mode)
+    server = await aio.start_server(
+        service.handle, args.host, args.port, name=f"{args.mode}-clients", max_connections=args.max_connections
+    )
+    await stop.wait()
+    log.info("stopping", ops_applied_total=dbank.bank.counters.ops_applied_total)
+    await server.stop()
+    await dbank.close()
+    return 0

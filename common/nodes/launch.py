@@ -1,0 +1,33 @@
+"""How a top-level script picks its role module by --mode and runs it (see common/nodes/__init__)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from common import topology
+from common.process import add_common_flags, run
+
+
+def main(description: str, modes: dict[str, str], default_mode: str, argv: list[str] | None) -> int:
+    """Parse --mode first (from the flags or the topology entry), then the chosen module's flags."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--mode")
+    early.add_argument("--topology")
+    early.add_argument("--name")
+    known, _rest = early.parse_known_args(argv)
+    mode = known.mode
+    if mode is None and known.topology and known.name:
+        mode = topology.load(known.topology)["nodes"].get(known.name, {}).get("mode")
+    mode = mode or default_mode
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(parser)
+    parser.add_argument("--mode", choices=sorted(modes), default=default_mode, help=f"role (default {default_mode})")
+    if mode not in modes:
+        parser.error(f"--mode must be one of {', '.join(sorted(modes))}")
+    module = importlib.import_module(modes[mode])
+    module.add_flags(parser)
+    args = topology.parse_args(parser, argv)
+    args.mode = mode
+    module.prepare(args)
+    return run(lambda stop: module.serve(args, stop), node_name=args.name, log_level=args.log_level)
