@@ -382,6 +382,11 @@ class MySQLStore(Store):
         with self._connection.cursor() as cursor:
             for statement in _split_sql((SCHEMA_DIR / "schema.sql").read_text()):
                 cursor.execute(statement)
+            # apply_batch serialises writers by locking the counter rows (FOR UPDATE): they must
+            # exist, or two first batches on a fresh store take gap locks and deadlock.
+            cursor.executemany(
+                "INSERT IGNORE INTO replica_meta (name, value) VALUES (%s, 0)", [(name,) for name in COUNTER_NAMES]
+            )
         self._cursor_obj = self._connection.cursor()
 
     def _cursor(self):

@@ -126,11 +126,6 @@ def store_url(request, tmp_path) -> str:
 
 
 @pytest.fixture
-def backend(store_url) -> str:
-    return store_url.split(":", 1)[0]
-
-
-@pytest.fixture
 def open_store(store_url):
     """open_store() opens (another) Store on this test's database; all are closed at teardown."""
     from common.store import open_store as _open
