@@ -13,6 +13,8 @@ This module owns the table of codes; nothing else invents a code.
 
 from __future__ import annotations
 
+import json
+
 # code -> (definite, one-line meaning). The meaning is what README/PROTOCOL documentation shows.
 ERROR_CODES: dict[str, tuple[bool, str]] = {
     # Framing and decoding (common/wire.py).
@@ -57,6 +59,10 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "UNAVAILABLE": (False, "the request was accepted but could not be completed now; it may be applied later"),
     "INTERNAL": (False, "an internal failure; the operation may have been applied"),
 }
+
+
+# Each code's meaning as a JSON string, for replies formatted without the encoder (hot paths).
+DETAIL_JSON: dict[str, str] = {code: json.dumps(meaning) for code, (_definite, meaning) in ERROR_CODES.items()}
 
 
 def is_definite(code: str) -> bool:

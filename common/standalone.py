@@ -14,7 +14,6 @@ request's "ID", so a client may pipeline.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections import deque
@@ -23,7 +22,7 @@ from common import wire
 from common.aio import MessageStream
 from common.bank import Operation, Query, balance_reply, outcome_reply, parse_request
 from common.durable import DurableBank
-from common.errors import ERROR_CODES, SaldoError, error_reply
+from common.errors import DETAIL_JSON, SaldoError, error_reply
 from common.log import get_logger
 from common.money import render_cents
 
@@ -39,7 +38,6 @@ OTHER_ROLE_TASKS = frozenset(
      "HEARTBEAT", "COMMAND_RELEASE", "REDIRECT", "RETURN", "NO_TASK", "LEASE", "VOTE", "ENQUEUE", "SNAPSHOT"}
 )
 
-_ERROR_DETAIL_JSON = {code: json.dumps(meaning) for code, (_definite, meaning) in ERROR_CODES.items()}
 
 
 def fast_outcome_line(op_id: str, outcome, suffix: str = "") -> bytes:
@@ -50,7 +48,7 @@ def fast_outcome_line(op_id: str, outcome, suffix: str = "") -> bytes:
         return f'{{"ID":"{op_id}","STATUS":"OK","BALANCE":"{render_cents(outcome.balance_cents)}"{suffix}}}\n'.encode()
     code = outcome.error
     return (
-        f'{{"ID":"{op_id}","STATUS":"NOK","ERROR":"{code}","DETAIL":{_ERROR_DETAIL_JSON[code]},'
+        f'{{"ID":"{op_id}","STATUS":"NOK","ERROR":"{code}","DETAIL":{DETAIL_JSON[code]},'
         f'"DEFINITE":true{suffix}}}\n'
     ).encode()
 
