@@ -95,7 +95,7 @@ async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) ->
     client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
     try:
         reply, _attempts, outcome = await bankclient.execute_with_retries(
-            client, request_id, line, deadline_s=time.monotonic() + args.timeout
+            client, request_id, line, deadline_s=time.monotonic() + args.timeout, is_read=args.command == "balance"
         )
     finally:
         await client.close()

@@ -7,6 +7,7 @@
 Modes (one per architecture of seed 002, plus the baseline):
   standalone       one process, no replication: the baseline every architecture is compared with
   multicast        applies every operation a client sends it, on receipt (seed part 1)
+  sequencer        applies the sequencer's numbered operations in order (seed part 3)
 
 `python replica.py --mode MODE --help` lists the flags of a mode. This script wires flags, sockets
 and the store; each architecture's protocol lives in common/.
@@ -21,6 +22,7 @@ from common.nodes.launch import main as launch
 MODES = {
     "standalone": "common.nodes.bank_replica",
     "multicast": "common.nodes.bank_replica",
+    "sequencer": "common.nodes.sequenced_replica",
 }
 
 

@@ -34,6 +34,25 @@ MAX_CONNECTIONS = 1024
 WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
 
 
+class IOCounters:
+    """Process-wide transport counters (messages per read and per write show how well batching
+    works); every process's STATUS reports them."""
+
+    reads = 0
+    messages_read = 0
+    writes = 0
+    bytes_written = 0
+
+    @classmethod
+    def snapshot(cls) -> dict:
+        return {
+            "READS": cls.reads,
+            "MESSAGES_READ": cls.messages_read,
+            "WRITES": cls.writes,
+            "BYTES_WRITTEN": cls.bytes_written,
+        }
+
+
 class MessageStream:
     """One TCP connection carrying newline-delimited JSON messages both ways."""
 
@@ -105,9 +124,11 @@ class MessageStream:
                 await self.close()
                 return None
             lines = splitter.feed(data)
+            IOCounters.reads += 1
             if lines:
                 batch = wire.decode_lines(lines)
                 if batch:
+                    IOCounters.messages_read += len(batch)
                     return batch
 
     def send(self, message: dict) -> None:
@@ -129,7 +150,13 @@ class MessageStream:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
+        IOCounters.writes += 1
+        IOCounters.bytes_written += len(data)
         self._writer.write(data)
+
+    def unsent_bytes(self) -> int:
+        """Bytes queued or in the transport's buffer, not yet taken by the kernel."""
+        return sum(len(chunk) for chunk in self._out) + self._writer.transport.get_write_buffer_size()
 
     async def drain(self) -> bool:
         """Send what is queued and wait while the peer is slow to read. False if the peer is gone."""

@@ -55,8 +55,8 @@ BALANCE = "BALANCE"
 OPERATION_KINDS = (DEPOSIT, WITHDRAW, TRANSFER)
 
 # A plain character set: names and ids never need escaping in a log line or a JSON template.
-_ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.@-]+")
-_OP_ID_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.@-]{1,%d}" % MAX_ACCOUNT_CHARS)
+OP_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,%d}" % MAX_OP_ID_CHARS)
 
 _SEED_002_KINDS = {"DEPOSITO": DEPOSIT, "SAQUE": WITHDRAW, "TRANSFERENCIA": TRANSFER}
 
@@ -114,7 +114,7 @@ def check_account(name: object, field: str = "ACCOUNT") -> str:
         raise SaldoError("ACCOUNT_EMPTY", f"{field} is empty")
     if len(name) > MAX_ACCOUNT_CHARS:
         raise SaldoError("ACCOUNT_TOO_LONG", f"{field} is longer than {MAX_ACCOUNT_CHARS} characters")
-    if _ACCOUNT_RE.fullmatch(name) is None:
+    if ACCOUNT_RE.fullmatch(name) is None:
         raise SaldoError("ACCOUNT_INVALID", f"{field} may use only A-Z a-z 0-9 _ . @ -")
     return name
 
@@ -126,7 +126,7 @@ def check_op_id(op_id: object, field: str = "ID") -> str:
         raise SaldoError("ID_INVALID", f"{field} must be a string, such as a UUID")
     if not op_id or len(op_id) > MAX_OP_ID_CHARS:
         raise SaldoError("ID_INVALID", f"{field} must have 1 to {MAX_OP_ID_CHARS} characters")
-    if _OP_ID_RE.fullmatch(op_id) is None:
+    if OP_ID_RE.fullmatch(op_id) is None:
         raise SaldoError("ID_INVALID", f"{field} may use only A-Z a-z 0-9 _ . : -")
     return op_id
 

@@ -134,6 +134,22 @@ class DurableBank:
         self._executor.shutdown(wait=True)
         self.store.close()
 
+    async def replace(self, image: StoreImage) -> None:
+        """Install a whole new state (a state transfer): on disk in one transaction, then in
+        memory. The caller stops applying while this runs."""
+        await self.flush()
+        await self.run_in_store_thread(self.store.install, image)
+        bank = Bank(max_accounts=self.bank.max_accounts, dedup_window_ops=self.bank.dedup_window_ops)
+        image.to_bank(bank)
+        self.bank = bank
+        self.meta = dict(image.meta)
+        self._meta_changes = {}
+
+    def snapshot(self) -> StoreImage:
+        """The in-memory state now, as an image (durable once `durable()` at this moment resolves)."""
+        bank = self.bank
+        return StoreImage(dict(bank.balances), list(bank.recent.values()), bank.counters.copy(), dict(self.meta))
+
     async def run_in_store_thread(self, function, *args):
         """Run a store call on the commit thread, in order with the commits (e.g. install)."""
         return await self._loop.run_in_executor(self._executor, function, *args)

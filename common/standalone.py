@@ -18,7 +18,7 @@ import os
 import time
 from collections import deque
 
-from common import wire
+from common import aio, wire
 from common.aio import MessageStream
 from common.bank import Operation, Query, balance_reply, outcome_reply, parse_request
 from common.durable import DurableBank
@@ -95,6 +95,7 @@ class BankService:
             "COMMITS_TOTAL": self.dbank.commits_total,
             "LARGEST_COMMIT_OPS": self.dbank.largest_commit_ops,
             "REQUESTS_TOTAL": self.requests_total,
+            "IO": aio.IOCounters.snapshot(),
         }
 
     async def handle(self, stream: MessageStream) -> None:

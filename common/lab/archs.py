@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import topology
-from common.bankclient import DirectClient
+from common.bankclient import DirectClient, SequencerClient
 from common.lab.cluster import Cluster, Node, free_port
 from common.lab.faults import Fault
 from common.log import get_logger
@@ -116,7 +116,9 @@ class _Ports:
 
 def _store_url(options: LayoutOptions, name: str) -> str:
     if options.store == "sqlite":
-        return f"sqlite:///{(options.run_dir / f'{name}.db').resolve()}"
+        synchronous = options.extra.get("synchronous")  # e.g. normal: survives a process crash, not a power loss
+        query = f"?synchronous={synchronous}" if synchronous else ""
+        return f"sqlite:///{(options.run_dir / f'{name}.db').resolve()}{query}"
     assert options.store.startswith("mysql://"), options.store
     return f"{options.store}_{name.replace('-', '_')}"
 
@@ -161,10 +163,59 @@ def build_standalone(options: LayoutOptions) -> LabCluster:
     )
 
 
+def build_sequencer(options: LayoutOptions) -> LabCluster:
+    """The sequencer on the orchestrator host, two replicas (three with extra replicas=3)."""
+    ports = _Ports(options.ports)
+    replica_count = int(options.extra.get("replicas", 2))
+    seq_host = ORCHESTRATOR_HOST
+    client_port = ports.get(seq_host, topology.DEFAULT_PORTS["sequencer_client"])
+    replica_port = ports.get(seq_host, topology.DEFAULT_PORTS["sequencer_replica"])
+    names = [f"replica{i + 1}" for i in range(replica_count)]
+    read_ports = {name: ports.get(REPLICA_HOSTS[i], topology.DEFAULT_PORTS["sequencer_replica_client"]) for i, name in enumerate(names)}
+    nodes: list[Node] = []
+    proxies_of: dict[str, list[str]] = {name: [] for name in names}
+    sequencer_settings = {"replica_port": replica_port, "replicas": ",".join(names), "log_dir": str(options.run_dir / "sequencer-log")}
+    for key in ("max_log_entries", "segment_entries"):
+        if key in options.extra:
+            sequencer_settings[key] = int(options.extra[key])
+    nodes.append(Node("sequencer", "sequencer.py", seq_host, client_port, sequencer_settings, role="sequencer"))
+    for index, name in enumerate(names):
+        host = REPLICA_HOSTS[index]
+        sequencer_address = (seq_host, replica_port)
+        if options.proxies:  # this replica reaches the sequencer through a proxy on its own host
+            listen = (host, free_port(host))
+            proxy_name = f"proxy-{name}-sequencer"
+            nodes.append(_proxy(proxy_name, listen, sequencer_address, free_port("127.0.0.1")))
+            proxies_of[name].append(proxy_name)
+            sequencer_address = listen
+        peers = ",".join(f"{REPLICA_HOSTS[j]}:{read_ports[other]}" for j, other in enumerate(names) if other != name)
+        settings = {"mode": "sequencer", "sequencer": topology.format_address(sequencer_address), "peers": peers}
+        if "dedup_window" in options.extra:
+            settings["dedup_window"] = int(options.extra["dedup_window"])
+        nodes.append(Node(name, "replica.py", host, read_ports[name], settings, store=_store_url(options, name)))
+    read_addresses = [(REPLICA_HOSTS[i], read_ports[name]) for i, name in enumerate(names)]
+
+    def make_client(index: int, window: int) -> SequencerClient:
+        return SequencerClient((seq_host, client_port), read_addresses, request_timeout_s=options.request_timeout_s,
+                               max_in_flight=max(1, window), read_index=max(0, index))
+
+    return LabCluster(
+        architecture="sequencer",
+        nodes=nodes,
+        replicas=names,
+        make_client=make_client,
+        total_order=True,
+        read_your_writes=True,
+        roles={"replica": names, "sequencer": ["sequencer"]},
+        proxies_of=proxies_of,
+    )
+
+
 # Architecture -> "module:function" building its LabCluster; loaded on first use, so each
 # architecture's layout lives beside the others without this file knowing their details.
 BUILDERS: dict[str, str] = {
     "standalone": "common.lab.archs:build_standalone",
+    "sequencer": "common.lab.archs:build_sequencer",
 }
 
 

@@ -10,6 +10,7 @@ state, check, measure the echo reference when asked, and write the report.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,26 @@ def _schedule(options: RunOptions) -> list[Fault]:
     if options.faults not in SCHEDULES:
         raise ValueError(f"unknown fault schedule {options.faults!r}; known: {', '.join(SCHEDULES)}")
     return SCHEDULES[options.faults]
+
+
+_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far (from /proc)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S
+
+
+def _cpu_snapshot(cluster: Cluster) -> dict[str, float | None]:
+    snapshot = {name: _cpu_s(cluster.pid(name)) for name in cluster.nodes}
+    snapshot["lab"] = time.process_time()
+    return snapshot
 
 
 def _peak_rss_mb(pid: int | None) -> float | None:
@@ -129,6 +150,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     await seeder.close()
     await _wait_quiet(lab, timeout_s=10.0)
     applied_start = await _applied_counts(lab)
+    cpu_start = _cpu_snapshot(lab.cluster)
     injector = FaultInjector(lab, schedule, options.duration_s, workload.now_s)
     run_started = workload.now_s()
     workload.progress_note = lambda: ("faults=" + ",".join(
@@ -136,6 +158,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     fault_task = asyncio.create_task(injector.run(run_started))
     history = await workload.run()
     run_ended = workload.now_s()
+    cpu_end = _cpu_snapshot(lab.cluster)
     applied_end = await _applied_counts(lab)
     if not fault_task.done():
         fault_task.cancel()
@@ -152,8 +175,10 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     deltas = [
         (applied_end[n] or 0) - (applied_start[n] or 0) for n in lab.replicas
     ]
+    cpu_s = {name: round(cpu_end[name] - cpu_start[name], 3) for name in cpu_end
+             if cpu_end[name] is not None and cpu_start.get(name) is not None}
     applied = {"start": applied_start, "end": applied_end, "quiet": quiet_counts,
-               "applied_ops_s": max(0.0, min(deltas) / window_s) if deltas else 0.0}
+               "applied_ops_s": max(0.0, min(deltas) / window_s) if deltas else 0.0, "cpu_s": cpu_s}
     return workload, injector.records, applied, {"run_started_s": run_started, "run_ended_s": run_ended}, window_s
 
 
@@ -207,6 +232,7 @@ def run_lab(options: RunOptions) -> RunResult:
     result = checker.check(history, states, total_order=lab.total_order)
     reference = asyncio.run(_echo_reference(options, run_dir)) if options.reference else {}
     run_history = [r for r in history if r.client >= 0]
+    _add_recovery_times(faults, run_history)
     ops = {
         "ok": sum(1 for r in run_history if r.outcome == "ok"),
         "failed": sum(1 for r in run_history if r.outcome == "failed"),
@@ -234,6 +260,7 @@ def run_lab(options: RunOptions) -> RunResult:
         **result.to_json(),
         "reference": reference,
         "peak_rss_mb": peak_rss,
+        "cpu_us_per_op": {name: round(cpu / max(1, acknowledged) * 1e6, 1) for name, cpu in applied["cpu_s"].items()},
         "store": options.store.split("@")[-1] if options.store != "sqlite" else "sqlite",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "run_window_s": [round(window["run_started_s"], 3), round(window["run_ended_s"], 3)],
@@ -254,6 +281,21 @@ def run_lab(options: RunOptions) -> RunResult:
         body["history"] = str(history_path)
     path = report.write_report(body, options.results_dir)
     return RunResult(body, history, states, result, path, lab)
+
+
+def _add_recovery_times(faults: list[dict], history: list[OpRecord]) -> None:
+    """For each fault, how long after it started the first write was acknowledged (for a kill of
+    the primary: the failover time as the clients saw it), and the longest stretch without any
+    acknowledged write while it lasted."""
+    write_completions = sorted(r.complete_s for r in history if r.outcome == "ok" and r.kind != "BALANCE")
+    for fault in faults:
+        start = fault["at_s"]
+        later = [t for t in write_completions if t > start]
+        fault["first_ok_write_after_s"] = round(later[0] - start, 3) if later else None
+        end = fault.get("until_s", start)
+        window = [start] + [t for t in write_completions if start < t <= max(end, start)] + ([later[0]] if later else [])
+        gaps = [b - a for a, b in zip(window, window[1:])]
+        fault["longest_write_gap_s"] = round(max(gaps), 3) if gaps else None
 
 
 def _load_state(url: str) -> StoreImage:

@@ -292,7 +292,8 @@ class _ClientDriver:
 
     def _send(self, op: _PendingOp) -> None:
         op.attempts += 1
-        self.client.submit(op.op_id, op.line, lambda reply: self._on_reply(op, reply), self.attempt_timeout_s)
+        self.client.submit(op.op_id, op.line, lambda reply: self._on_reply(op, reply), self.attempt_timeout_s,
+                           op.kind == "BALANCE")
 
     def _on_reply(self, op: _PendingOp, reply: dict) -> None:
         if reply.get("STATUS") == "OK":

@@ -1,0 +1,321 @@
+"""A replica of the sequencer architecture (`replica.py --mode sequencer`).
+
+Owns the replica's I/O: a long-lived connection to the sequencer's replica port (SUBSCRIBE, then
+ORDERED entries in, APPLIED acknowledgements out), a client port for reads that name the sequence
+number they must see (MIN_SEQ), STATUS, and SNAPSHOT for a peer that needs a state transfer.
+
+Entries are delivered in order by SequencedReplicaCore and applied to a DurableBank in batches; the
+last applied sequence number is written in the same transaction as the balances, and APPLIED (with
+the results the sequencer relays to clients) is sent only once that transaction is on disk. When the
+sequencer says SNAPSHOT_NEEDED, the replica copies a peer's state (common/snapshot.py) and
+subscribes again from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections import deque
+
+from common import aio, topology, wire
+from common.bank import Query, balance_reply, parse_request
+from common.bankclient import RECONNECT_BACKOFF_S
+from common.durable import DurableBank
+from common.errors import SaldoError, error_reply
+from common.log import get_logger
+from common.nodes.bank_replica import add_store_flags, open_durable_bank
+from common.sequencing import MAX_RESULTS_PER_ACK, SequencedReplicaCore, applied_line, parse_entry
+from common.snapshot import SnapshotReader, image_to_lines
+from common.standalone import classify_unknown
+
+log = get_logger("seqreplica")
+
+MAX_WAITING_READS = 10_000
+READ_WAIT_TIMEOUT_S = 2.0
+TICK_S = 0.25
+SNAPSHOT_TIMEOUT_S = 60.0
+SEQUENCER_LINE_BYTES = 1024 * 1024
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["sequencer_replica_client"],
+                        help="port for reads, STATUS and SNAPSHOT (default 6007)")
+    parser.add_argument("--sequencer", default="127.0.0.1:6003", help="the sequencer's replica port, host:port")
+    parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer")
+    add_store_flags(parser)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    if args.name is None:
+        args.name = f"replica-{args.port}"
+    if args.store is None:
+        args.store = f"sqlite:///var/{args.name}.db"
+
+
+class SequencedReplica:
+    def __init__(self, args: argparse.Namespace, dbank: DurableBank) -> None:
+        self.args = args
+        self.dbank = dbank
+        last = dbank.meta.get("last_applied_seq", 0)
+        self.core = SequencedReplicaCore(last_delivered_seq=last)
+        self.durable_seq = last  # applied and on disk
+        self.sequencer_stream: aio.MessageStream | None = None
+        self.read_waiters: deque = deque()  # (min_seq, deadline, stream, request_id, query)
+        self.started_at = time.monotonic()
+        self.snapshots_installed = 0
+        self.entries_received = 0
+        self.peers = [topology.parse_address(p) for p in args.peers.split(",") if p.strip()]
+        self.sequencer_address = topology.parse_address(args.sequencer)
+
+    # --- The sequencer link ---------------------------------------------------------------------
+    async def follow_sequencer(self, stop: asyncio.Event) -> None:
+        backoff_s = RECONNECT_BACKOFF_S[0]
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.sequencer_address), 2.0)
+            except (OSError, asyncio.TimeoutError) as error:
+                log.debug("sequencer_unreachable", error=repr(error))
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
+                continue
+            backoff_s = RECONNECT_BACKOFF_S[0]
+            stream = aio.MessageStream(reader, writer, max_line_bytes=SEQUENCER_LINE_BYTES)
+            self.sequencer_stream = stream
+            try:
+                needs_snapshot = await self._run_subscription(stream)
+            finally:
+                self.sequencer_stream = None
+                await stream.close()
+            if needs_snapshot:
+                await self._state_transfer(stop)
+
+    async def _run_subscription(self, stream: aio.MessageStream) -> bool:
+        """Until the connection ends; True if the sequencer said SNAPSHOT_NEEDED."""
+        await self.dbank.flush()  # subscribe from what is on disk
+        stream.send({"TASK": "SUBSCRIBE", "REPLICA": self.args.name, "LAST_APPLIED_SEQ": self.core.last_delivered_seq})
+        log.info("subscribed", sequencer=self.args.sequencer, last_applied_seq=self.core.last_delivered_seq)
+        while True:
+            batch = await stream.read_batch()
+            if batch is None:
+                log.info("sequencer_connection_lost", last_applied_seq=self.core.last_delivered_seq)
+                return False
+            entries = []
+            for message in batch:
+                if isinstance(message, SaldoError):
+                    log.warning("bad_line_from_sequencer", error=message.code, detail=message.detail)
+                    continue
+                task = message.get("TASK")
+                if task == "ORDERED":
+                    try:
+                        entries.append(parse_entry(message))
+                    except SaldoError as error:
+                        log.warning("bad_entry_from_sequencer", error=error.code, detail=error.detail)
+                elif task == "SNAPSHOT_NEEDED":
+                    log.warning("snapshot_needed", last_applied_seq=self.core.last_delivered_seq,
+                                log_start_seq=message.get("LOG_START_SEQ"))
+                    return True
+                elif message.get("STATUS") == "NOK":
+                    log.warning("sequencer_refused", error=message.get("ERROR"), detail=message.get("DETAIL"))
+            if entries:
+                self.entries_received += len(entries)
+                self._deliver(entries)
+
+    def _deliver(self, entries) -> None:
+        deliver, resend = self.core.on_entries(entries, time.monotonic())
+        if resend is not None:
+            self._ask_resend(resend)
+        if not deliver:
+            return
+        dbank = self.dbank
+        results = []
+        for seq, op in deliver:
+            outcome, _duplicate = dbank.apply(op, seq)
+            results.append((seq, outcome.error, outcome.balance_cents))
+        upto = deliver[-1][0]
+        dbank.set_meta("last_applied_seq", upto)
+        dbank.durable().add_done_callback(lambda _done: self._on_durable(upto, results))
+
+    def _on_durable(self, upto: int, results) -> None:
+        self.durable_seq = max(self.durable_seq, upto)
+        stream = self.sequencer_stream
+        if stream is not None:
+            for start in range(0, len(results), MAX_RESULTS_PER_ACK):
+                chunk = results[start : start + MAX_RESULTS_PER_ACK]
+                stream.send_bytes(applied_line(chunk[-1][0], chunk))
+        self._answer_reads()
+
+    def _ask_resend(self, seq_range: tuple[int, int]) -> None:
+        stream = self.sequencer_stream
+        if stream is not None:
+            log.info("gap_detected_asking_resend", from_seq=seq_range[0], to_seq=seq_range[1])
+            stream.send({"TASK": "RESEND", "FROM": seq_range[0], "TO": seq_range[1]})
+
+    async def tick(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(TICK_S)
+            resend = self.core.on_tick(time.monotonic())
+            if resend is not None:
+                self._ask_resend(resend)
+            self._expire_reads()
+
+    # --- State transfer -------------------------------------------------------------------------
+    async def _state_transfer(self, stop: asyncio.Event) -> None:
+        for host, port in self.peers:
+            if stop.is_set():
+                return
+            try:
+                image = await asyncio.wait_for(self._fetch_snapshot(host, port), SNAPSHOT_TIMEOUT_S)
+            except (OSError, asyncio.TimeoutError, SaldoError) as error:
+                log.warning("snapshot_from_peer_failed", peer=f"{host}:{port}", error=repr(error))
+                continue
+            seq = image.meta.get("last_applied_seq", 0)
+            if seq <= self.core.last_delivered_seq:
+                log.info("snapshot_not_newer", peer=f"{host}:{port}", peer_seq=seq, own_seq=self.core.last_delivered_seq)
+                continue
+            await self.dbank.replace(image)
+            self.core.reset(seq)
+            self.durable_seq = seq
+            self.snapshots_installed += 1
+            log.info("snapshot_installed", peer=f"{host}:{port}", last_applied_seq=seq,
+                     accounts=len(image.balances), applied_ops=len(image.recent))
+            self._answer_reads()
+            return
+        log.warning("no_peer_gave_a_snapshot", peers=len(self.peers))
+        await asyncio.sleep(1.0)
+
+    async def _fetch_snapshot(self, host: str, port: int):
+        reader_stream, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+        stream = aio.MessageStream(reader_stream, writer)
+        try:
+            stream.send({"TASK": "SNAPSHOT", "ID": f"snapshot-{self.args.name}"})
+            reader = SnapshotReader()
+            while not reader.done:
+                batch = await stream.read_batch()
+                if batch is None:
+                    raise SaldoError("CONNECTION_LOST", "the peer closed during the snapshot")
+                for message in batch:
+                    if isinstance(message, SaldoError):
+                        raise message
+                    if message.get("STATUS") == "NOK":
+                        raise SaldoError("UNAVAILABLE", f"peer refused: {message.get('ERROR')}")
+                    reader.feed(message)
+            bank = self.dbank.bank
+            return reader.image(max_accounts=bank.max_accounts, dedup_window_ops=bank.dedup_window_ops)
+        finally:
+            await stream.close()
+
+    async def _serve_snapshot(self, stream: aio.MessageStream, request_id: object) -> None:
+        image = self.dbank.snapshot()
+        await self.dbank.durable()  # send only what is on disk here
+        log.info("snapshot_serving", last_applied_seq=image.meta.get("last_applied_seq", 0),
+                 accounts=len(image.balances), applied_ops=len(image.recent))
+        for line in image_to_lines(image, request_id):
+            stream.send_bytes(line)
+            if not await stream.drain():
+                return
+
+    # --- Clients: reads, STATUS, SNAPSHOT -------------------------------------------------------
+    async def handle_client(self, stream: aio.MessageStream) -> None:
+        while True:
+            batch = await stream.read_batch()
+            if batch is None:
+                return
+            for message in batch:
+                if isinstance(message, SaldoError):
+                    stream.send(error_reply(message.code, message.detail))
+                    continue
+                request_id = None
+                try:
+                    request_id = wire.request_id_of(message)
+                    task = message.get("TASK")
+                    if task == "STATUS":
+                        stream.send(self.status(request_id))
+                    elif task == "SNAPSHOT":
+                        await self._serve_snapshot(stream, request_id)
+                    else:
+                        try:
+                            request = parse_request(message)
+                        except SaldoError as error:
+                            raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
+                        if not isinstance(request, Query):
+                            raise SaldoError("WRONG_ROLE", "writes go to the sequencer; a replica serves reads")
+                        self._read(stream, request_id, request)
+                except SaldoError as error:
+                    stream.send(error_reply(error.code, error.detail, request_id))
+            if not await stream.drain():
+                return
+
+    def _read(self, stream: aio.MessageStream, request_id: object, query: Query) -> None:
+        min_seq = query.min_seq or 0
+        if self.durable_seq >= min_seq:
+            stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.durable_seq))
+            return
+        if len(self.read_waiters) >= MAX_WAITING_READS:
+            raise SaldoError("OVERLOADED", f"{len(self.read_waiters)} reads are waiting for sequence numbers")
+        self.read_waiters.append((min_seq, time.monotonic() + READ_WAIT_TIMEOUT_S, stream, request_id, query))
+
+    def _answer_reads(self) -> None:
+        if not self.read_waiters:
+            return
+        keep = deque()
+        for waiter in self.read_waiters:
+            min_seq, _deadline, stream, request_id, query = waiter
+            if self.durable_seq >= min_seq:
+                stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.durable_seq))
+            else:
+                keep.append(waiter)
+        self.read_waiters = keep
+
+    def _expire_reads(self) -> None:
+        now = time.monotonic()
+        keep = deque()
+        for waiter in self.read_waiters:
+            min_seq, deadline, stream, request_id, _query = waiter
+            if deadline <= now:
+                stream.send(error_reply("TOO_STALE", f"not yet at seq {min_seq} (at {self.durable_seq})", request_id))
+            else:
+                keep.append(waiter)
+        self.read_waiters = keep
+
+    def status(self, request_id: object = None) -> dict:
+        bank = self.dbank.bank
+        reply = {"ID": request_id} if request_id is not None else {}
+        reply.update({
+            "STATUS": "OK",
+            "NODE": self.args.name,
+            "ROLE": "replica",
+            "MODE": "sequencer",
+            "PID": os.getpid(),
+            "UPTIME_S": round(time.monotonic() - self.started_at, 3),
+            "LAST_APPLIED_SEQ": self.durable_seq,
+            "OPS_APPLIED_TOTAL": bank.counters.ops_applied_total,
+            "ACCOUNTS": len(bank.balances),
+            "CONNECTED_TO_SEQUENCER": self.sequencer_stream is not None,
+            "ENTRIES_RECEIVED": self.entries_received,
+            "GAPS_SEEN": self.core.gaps_seen,
+            "HELD_ENTRIES": self.core.held_count,
+            "SNAPSHOTS_INSTALLED": self.snapshots_installed,
+            "COMMITS_TOTAL": self.dbank.commits_total,
+            "LARGEST_COMMIT_OPS": self.dbank.largest_commit_ops,
+            "IO": aio.IOCounters.snapshot(),
+        })
+        return reply
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    dbank = await open_durable_bank(args)
+    replica = SequencedReplica(args, dbank)
+    server = await aio.start_server(replica.handle_client, args.host, args.port, name="replica-clients")
+    follower = asyncio.create_task(replica.follow_sequencer(stop))
+    ticker = asyncio.create_task(replica.tick(stop))
+    await stop.wait()
+    log.info("stopping", last_applied_seq=replica.durable_seq)
+    for task in (follower, ticker):
+        task.cancel()
+    await asyncio.gather(follower, ticker, return_exceptions=True)
+    await server.stop()
+    await dbank.close()
+    return 0

@@ -1,0 +1,354 @@
+"""The sequencer process (`sequencer.py`): SequencerCore on sockets, with its log on disk.
+
+Owns the sequencer's I/O. Clients connect to the client port (6002) and send bank operations;
+replicas connect to the replica port (6003), SUBSCRIBE, receive ORDERED entries and acknowledge
+with APPLIED. The log is written by group commit on one thread: while one write (and its fsync) is
+in flight, new operations are numbered and wait for the next write; only entries already durable
+are broadcast. A replica that falls behind (its socket buffer fills) is switched from the live
+stream to a catch-up sender that feeds it from the log at its own pace, so one slow replica never
+holds the others back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from common import aio, topology, wire
+from common.bank import Operation, Query, parse_request
+from common.durable import EXIT_STORE_FAILURE
+from common.errors import SaldoError, error_reply
+from common.log import get_logger
+from common.seqlog import DEFAULT_SEGMENT_ENTRIES, SequencerLog
+from common.sequencing import (
+    DEFAULT_MAX_LOG_ENTRIES,
+    DEFAULT_MAX_WAITING_REQUESTS,
+    WAIT_APPLIED,
+    WAIT_MODES,
+    SequencerCore,
+    parse_applied,
+)
+from common.standalone import classify_unknown
+
+log = get_logger("sequencer")
+
+# A live replica whose unsent bytes exceed this is moved to catch-up (fed from the log).
+MAX_LIVE_BUFFER_BYTES = 16 * 1024 * 1024
+CATCHUP_CHUNK_ENTRIES = 2_000
+TRUNCATE_INTERVAL_S = 1.0
+REPLICA_LINE_BYTES = 1024 * 1024  # APPLIED lines carry up to 4096 results
+BANK_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER", "BALANCE", "QUERY"})
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["sequencer_client"], help="client port (default 6002)")
+    parser.add_argument("--replica-port", type=int, default=topology.DEFAULT_PORTS["sequencer_replica"], help="replica port (default 6003)")
+    parser.add_argument("--replicas", required=False, help="names of the replicas, comma-separated (e.g. replica1,replica2)")
+    parser.add_argument("--log-dir", help="directory of the log (default var/<name>-log)")
+    parser.add_argument("--max-log-entries", type=int, default=DEFAULT_MAX_LOG_ENTRIES,
+                        help="entries kept for replicas that lag; one further behind recovers by state transfer")
+    parser.add_argument("--segment-entries", type=int, default=DEFAULT_SEGMENT_ENTRIES)
+    parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS)
+    parser.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True,
+                        help="fsync each log write (default on; off survives a process crash, not a power loss)")
+    parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    if not args.replicas:
+        raise SystemExit("sequencer.py: --replicas NAME[,NAME...] is required (the replicas that will subscribe)")
+    if args.name is None:
+        args.name = "sequencer"
+    if args.log_dir is None:
+        args.log_dir = f"var/{args.name}-log"
+
+
+class ClientRef:
+    """A waiting client whose request was not in saldo's own format (seed 002's Operacao, or an
+    ID other than the operation id): its reply is re-encoded with what it expects."""
+
+    __slots__ = ("stream", "request_id", "id_msg")
+
+    def __init__(self, stream: aio.MessageStream, request_id: object, id_msg: str | None) -> None:
+        self.stream = stream
+        self.request_id = request_id
+        self.id_msg = id_msg
+
+
+class ReplicaLink:
+    """The sequencer's side of one replica's connection."""
+
+    def __init__(self, name: str, stream: aio.MessageStream, sent_upto: int) -> None:
+        self.name = name
+        self.stream = stream
+        self.sent_upto = sent_upto
+        self.live = False
+        self.catchup_task: asyncio.Task | None = None
+
+
+class SequencerNode:
+    def __init__(self, args: argparse.Namespace, core: SequencerCore, seqlog: SequencerLog) -> None:
+        self.args = args
+        self.core = core
+        self.seqlog = seqlog
+        self.loop = asyncio.get_running_loop()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqlog")
+        self.writing = False
+        self.links: dict[str, ReplicaLink] = {}
+        self.started_at = time.monotonic()
+        self.log_writes = 0
+
+    # --- The log: group commit ------------------------------------------------------------------
+    def schedule_log_write(self) -> None:
+        if self.writing or not self.core.has_unlogged:
+            return
+        self.writing = True
+        entries = self.core.take_unlogged()
+        upto = entries[-1][0]
+        work = self.loop.run_in_executor(self.executor, self.seqlog.append, entries)
+        work.add_done_callback(lambda done: self._on_log_written(done, upto))
+
+    def _on_log_written(self, work: asyncio.Future, upto: int) -> None:
+        error = work.exception()
+        if error is not None:
+            log.error("log_write_failed_stopping", error=repr(error), upto_seq=upto)
+            os._exit(EXIT_STORE_FAILURE)
+        self.log_writes += 1
+        data, replies = self.core.on_logged(upto)
+        for link in self.links.values():
+            self._send_live(link, data, upto)
+        self._send_replies(replies)
+        self.writing = False
+        self.schedule_log_write()
+
+    # --- Replicas -------------------------------------------------------------------------------
+    def _send_live(self, link: ReplicaLink, data: bytes, upto: int) -> None:
+        if not link.live:
+            return
+        if link.stream.unsent_bytes() > MAX_LIVE_BUFFER_BYTES:
+            log.warning("replica_slow_switching_to_catchup", replica=link.name, sent_upto=link.sent_upto)
+            link.live = False
+            self._start_catchup(link)
+            return
+        link.stream.send_bytes(data)
+        link.sent_upto = upto
+
+    def _start_catchup(self, link: ReplicaLink) -> None:
+        if link.catchup_task is None or link.catchup_task.done():
+            link.catchup_task = asyncio.create_task(self._catch_up(link))
+
+    async def _catch_up(self, link: ReplicaLink) -> None:
+        """Feed a replica from the log, at the pace it reads, until it is level; then go live."""
+        core = self.core
+        while link.sent_upto < core.durable_seq:
+            if link.sent_upto + 1 < core.log_start_seq:
+                link.stream.send({"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": core.log_start_seq})
+                log.warning("replica_behind_log_start", replica=link.name, sent_upto=link.sent_upto,
+                            log_start_seq=core.log_start_seq)
+                await link.stream.drain()
+                await link.stream.close()
+                return
+            upto = min(core.durable_seq, link.sent_upto + CATCHUP_CHUNK_ENTRIES)
+            link.stream.send_bytes(core.entries_between(link.sent_upto + 1, upto))
+            link.sent_upto = upto
+            if not await link.stream.drain():
+                return
+        link.live = True
+        log.info("replica_live", replica=link.name, sent_upto=link.sent_upto)
+
+    async def handle_replica(self, stream: aio.MessageStream) -> None:
+        link: ReplicaLink | None = None
+        try:
+            while True:
+                batch = await stream.read_batch()
+                if batch is None:
+                    return
+                for message in batch:
+                    link = self._on_replica_message(stream, link, message)
+                    if stream.closed:
+                        return
+        finally:
+            if link is not None and self.links.get(link.name) is link:
+                del self.links[link.name]
+                self.core.on_disconnect(link.name)
+                if link.catchup_task is not None:
+                    link.catchup_task.cancel()
+                log.info("replica_disconnected", replica=link.name, applied_seq=self.core.replicas[link.name].applied_seq)
+
+    def _on_replica_message(self, stream: aio.MessageStream, link: ReplicaLink | None, message) -> ReplicaLink | None:
+        if isinstance(message, SaldoError):
+            stream.send(error_reply(message.code, message.detail))
+            return link
+        task = message.get("TASK")
+        try:
+            if task == "STATUS":
+                stream.send(self.status(message.get("ID")))
+            elif task == "SUBSCRIBE":
+                return self._subscribe(stream, message)
+            elif link is None:
+                raise SaldoError("FIELD_INVALID", "SUBSCRIBE first")
+            elif task == "APPLIED":
+                upto, results = parse_applied(message)
+                self._send_replies(self.core.on_applied(link.name, upto, results))
+            elif task == "RESEND":
+                first, last = message.get("FROM"), message.get("TO")
+                if type(first) is not int or type(last) is not int or not 0 < first <= last:
+                    raise SaldoError("FIELD_INVALID", "RESEND needs integers 0 < FROM <= TO")
+                kind, data = self.core.on_resend(link.name, first, last)
+                if kind == "snapshot":
+                    stream.send({"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": self.core.log_start_seq})
+                else:
+                    log.info("resend", replica=link.name, from_seq=first, to_seq=last)
+                    stream.send_bytes(data)
+            elif task in BANK_TASKS or "tipo" in message:
+                raise SaldoError("WRONG_ROLE", "this is the replica port; send bank operations to the client port")
+            else:
+                raise classify_unknown(message)
+        except SaldoError as error:
+            stream.send(error_reply(error.code, error.detail, message.get("ID") if type(message.get("ID")) in (str, int) else None))
+        return link
+
+    def _subscribe(self, stream: aio.MessageStream, message: dict) -> ReplicaLink:
+        name = message.get("REPLICA")
+        last = message.get("LAST_APPLIED_SEQ")
+        if type(name) is not str or type(last) is not int or last < 0:
+            raise SaldoError("FIELD_TYPE", "SUBSCRIBE needs REPLICA (a name) and LAST_APPLIED_SEQ (an integer)")
+        kind, _data = self.core.on_subscribe(name, last)
+        previous = self.links.get(name)
+        if previous is not None and previous.stream is not stream:
+            log.info("replica_reconnected_closing_old", replica=name)
+            previous.stream.abort()
+            if previous.catchup_task is not None:
+                previous.catchup_task.cancel()
+        link = ReplicaLink(name, stream, last)
+        self.links[name] = link
+        log.info("replica_subscribed", replica=name, last_applied_seq=last, durable_seq=self.core.durable_seq,
+                 log_start_seq=self.core.log_start_seq, needs_snapshot=kind == "snapshot")
+        if kind == "snapshot":
+            stream.send({"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": self.core.log_start_seq})
+        else:
+            self._start_catchup(link)
+        return link
+
+    async def truncate_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(TRUNCATE_INTERVAL_S)
+            point = self.core.truncation_point()
+            if point <= self.core.log_start_seq:
+                continue
+            start = await self.loop.run_in_executor(self.executor, self.seqlog.truncate_before, point)
+            if start > self.core.log_start_seq:
+                dropped = self.core.truncate(start)
+                log.info("log_prefix_dropped", entries=dropped, log_start_seq=start)
+
+    # --- Clients --------------------------------------------------------------------------------
+    async def handle_client(self, stream: aio.MessageStream) -> None:
+        core = self.core
+        while True:
+            batch = await stream.read_batch()
+            if batch is None:
+                return
+            for message in batch:
+                if isinstance(message, SaldoError):
+                    stream.send(error_reply(message.code, message.detail))
+                    continue
+                try:
+                    request_id = wire.request_id_of(message)
+                except SaldoError as error:
+                    stream.send(error_reply(error.code, error.detail))
+                    continue
+                try:
+                    if message.get("TASK") == "STATUS":
+                        stream.send(self.status(request_id))
+                        continue
+                    try:
+                        request = parse_request(message)
+                    except SaldoError as error:
+                        raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
+                    if isinstance(request, Query):
+                        raise SaldoError("WRONG_ROLE", "the sequencer orders writes; read balances from a replica")
+                    wait = message.get("WAIT", WAIT_APPLIED)
+                    if wait not in WAIT_MODES:
+                        raise SaldoError("FIELD_INVALID", "WAIT must be SEQUENCED, APPLIED or ALL")
+                    client = self._client_ref(stream, message, request_id, request)
+                    self._send_replies(core.submit(request, client, request.op_id, wait))
+                except SaldoError as error:
+                    reply = error_reply(error.code, error.detail, request_id)
+                    if "id_msg" in message and type(message["id_msg"]) is str:
+                        reply["id_msg"] = message["id_msg"]
+                    stream.send(reply)
+            self.schedule_log_write()
+            if not await stream.drain():
+                return
+
+    @staticmethod
+    def _client_ref(stream: aio.MessageStream, message: dict, request_id: object, op: Operation):
+        if request_id == op.op_id and "id_msg" not in message:
+            return stream
+        return ClientRef(stream, request_id, op.op_id if "id_msg" in message else None)
+
+    def _send_replies(self, replies) -> None:
+        for reply in replies:
+            client = reply.client
+            if type(client) is ClientRef:
+                message = json.loads(reply.line)
+                message.pop("ID", None)
+                if client.request_id is not None:
+                    message = {"ID": client.request_id, **message}
+                if client.id_msg is not None:
+                    message["id_msg"] = client.id_msg
+                client.stream.send(message)
+            else:
+                client.send_bytes(reply.line)
+
+    def status(self, request_id: object = None) -> dict:
+        reply = {"ID": request_id} if request_id is not None else {}
+        reply.update({
+            "STATUS": "OK",
+            "NODE": self.args.name,
+            "ROLE": "sequencer",
+            "PID": os.getpid(),
+            "UPTIME_S": round(time.monotonic() - self.started_at, 3),
+            "LOG_WRITES": self.log_writes,
+            "LOG_BYTES_ON_DISK": self.seqlog.disk_bytes(),
+            "LIVE_REPLICAS": sorted(n for n, link in self.links.items() if link.live),
+            **self.core.status(),
+            "IO": aio.IOCounters.snapshot(),
+        })
+        return reply
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    seqlog = SequencerLog(args.log_dir, segment_entries=args.segment_entries, fsync=args.fsync)
+    entries, log_start_seq = await asyncio.to_thread(seqlog.load)
+    core = SequencerCore(
+        replica_names=[name.strip() for name in args.replicas.split(",") if name.strip()],
+        next_seq=seqlog.last_seq + 1,
+        log_start_seq=log_start_seq,
+        max_log_entries=args.max_log_entries,
+        max_waiting_requests=args.max_waiting_requests,
+        log=deque(entries),
+    )
+    log.info("log_loaded", log_dir=args.log_dir, entries=len(entries), log_start_seq=log_start_seq, next_seq=core.next_seq)
+    node = SequencerNode(args, core, seqlog)
+    clients = await aio.start_server(node.handle_client, args.host, args.port, name="sequencer-clients",
+                                     max_connections=args.max_connections)
+    replicas = await aio.start_server(node.handle_replica, args.host, args.replica_port, name="sequencer-replicas",
+                                      max_line_bytes=REPLICA_LINE_BYTES)
+    truncator = asyncio.create_task(node.truncate_periodically())
+    await stop.wait()
+    log.info("stopping", next_seq=core.next_seq, durable_seq=core.durable_seq)
+    truncator.cancel()
+    await clients.stop()
+    await replicas.stop()
+    while node.writing:  # let the write in flight land
+        await asyncio.sleep(0.01)
+    node.executor.shutdown(wait=True)
+    seqlog.close()
+    return 0

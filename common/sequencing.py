@@ -1,0 +1,491 @@
+"""Total order through a central sequencer (seed 002, part 3): the protocol, without I/O.
+
+Owns the two state machines of the architecture and the messages between them. The I/O drivers
+(common/nodes/sequencer.py and common/nodes/sequenced_replica.py) feed them what arrives and carry
+out what they return; a test can drive them with scripted message orders and no sockets.
+
+The sequencer (`SequencerCore`):
+1. gives each client operation the next sequence number (1, 2, 3, ... with no gap and no reuse,
+   across restarts: the numbering continues from the durable log);
+2. appends the numbered entry to its log; only once the log write is durable does it broadcast the
+   entry to the replicas (a crash can then never hand out a number twice);
+3. answers the client, by the client's choice ("WAIT"): once the entry is durable in the log
+   (SEQUENCED), once a replica has applied it, with the result (APPLIED, the default), or once
+   every replica has (ALL);
+4. keeps the log from the oldest entry some replica may still need; once every replica has
+   applied a prefix, that prefix is dropped (a lagging replica past the bound is dropped too, and
+   must recover by state transfer). Memory and disk stay bounded.
+
+A replica (`SequencedReplicaCore`) delivers entries strictly in sequence order. An entry beyond
+the next expected number means a gap: it is held (a bounded number of them) and the missing range
+is asked for again (RESEND). An entry already delivered is ignored. A restarted replica subscribes
+with the last sequence number it applied (stored in the same transaction as the balances) and the
+sequencer resends from there, or, if the log no longer holds it, says SNAPSHOT_NEEDED: the replica
+then copies a peer replica's state (balances, applied ids, last sequence number) and subscribes
+again from that point.
+
+Messages (one JSON object per line, like every saldo port):
+  replica -> sequencer  {"TASK": "SUBSCRIBE", "REPLICA": "replica1", "LAST_APPLIED_SEQ": 41}
+  sequencer -> replica  {"TASK": "ORDERED", "SEQ": 42, "ID": "<op id>", "OP": "TRANSFER",
+                         "FROM": "alice", "TO": "bob", "AMOUNT_CENTS": 150}
+                        {"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 9001}
+  replica -> sequencer  {"TASK": "APPLIED", "UPTO": 42, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
+                        {"TASK": "RESEND", "FROM": 43, "TO": 45}
+  client -> sequencer   a bank operation (common/bank.py), optionally "WAIT": "SEQUENCED" | "APPLIED" | "ALL"
+  sequencer -> client   {"ID": ..., "STATUS": "OK", "BALANCE": "120.50", "SEQ": 42} (or NOK with the error)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.bank import ACCOUNT_RE, OP_ID_RE, OPERATION_KINDS, TRANSFER, Operation, Outcome
+from common.errors import DETAIL_JSON, ERROR_CODES, SaldoError
+from common.money import MAX_AMOUNT_CENTS, render_cents
+
+WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL = "SEQUENCED", "APPLIED", "ALL"
+WAIT_MODES = (WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL)
+
+DEFAULT_MAX_LOG_ENTRIES = 200_000
+DEFAULT_MAX_WAITING_REQUESTS = 100_000
+DEFAULT_RESULT_CACHE_ENTRIES = 100_000
+DEFAULT_MAX_HELD_ENTRIES = 100_000
+MAX_RESULTS_PER_ACK = 4096  # bounds one APPLIED line well under the 64 KiB line limit
+
+_RECORDED_ERRORS = frozenset({"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND", "BALANCE_LIMIT", "TOO_MANY_ACCOUNTS"})
+
+
+# --- Entries: the log's lines and the broadcast's lines are the same bytes ----------------------
+
+
+def entry_line(seq: int, op: Operation) -> bytes:
+    """An ORDERED entry as one line. Names and ids are of a plain character set (validated by
+    common/bank.py before an operation is sequenced), so formatting needs no escaping."""
+    if op.kind == TRANSFER:
+        return (
+            f'{{"TASK":"ORDERED","SEQ":{seq},"ID":"{op.op_id}","OP":"TRANSFER","FROM":"{op.account}",'
+            f'"TO":"{op.to_account}","AMOUNT_CENTS":{op.amount_cents}}}\n'
+        ).encode()
+    return (
+        f'{{"TASK":"ORDERED","SEQ":{seq},"ID":"{op.op_id}","OP":"{op.kind}","ACCOUNT":"{op.account}",'
+        f'"AMOUNT_CENTS":{op.amount_cents}}}\n'
+    ).encode()
+
+
+def parse_entry(message: dict) -> tuple[int, Operation]:
+    """Validate an ORDERED entry from the network (or the log); raise SaldoError if it is not one."""
+    seq = message.get("SEQ")
+    op_id = message.get("ID")
+    kind = message.get("OP")
+    amount = message.get("AMOUNT_CENTS")
+    if type(seq) is not int or seq < 1:
+        raise SaldoError("FIELD_TYPE", "SEQ must be a positive integer")
+    if type(op_id) is not str or OP_ID_RE.fullmatch(op_id) is None:
+        raise SaldoError("ID_INVALID", "ID must be an operation id")
+    if kind not in OPERATION_KINDS:
+        raise SaldoError("FIELD_INVALID", "OP must be DEPOSIT, WITHDRAW or TRANSFER")
+    if type(amount) is not int or not 0 < amount <= MAX_AMOUNT_CENTS:
+        raise SaldoError("FIELD_INVALID", "AMOUNT_CENTS must be an integer in (0, max]")
+    if kind == TRANSFER:
+        source, target = message.get("FROM"), message.get("TO")
+        if type(source) is not str or type(target) is not str or source == target:
+            raise SaldoError("FIELD_INVALID", "FROM and TO must be two different accounts")
+        if ACCOUNT_RE.fullmatch(source) is None or ACCOUNT_RE.fullmatch(target) is None:
+            raise SaldoError("ACCOUNT_INVALID", "FROM and TO must be account names")
+        return seq, Operation(op_id, kind, source, target, amount)
+    account = message.get("ACCOUNT")
+    if type(account) is not str or ACCOUNT_RE.fullmatch(account) is None:
+        raise SaldoError("ACCOUNT_INVALID", "ACCOUNT must be an account name")
+    return seq, Operation(op_id, kind, account, None, amount)
+
+
+def applied_line(upto_seq: int, results: list[tuple[int, str | None, int | None]]) -> bytes:
+    """A replica's acknowledgement: everything up to `upto_seq` is applied and durable here."""
+    parts = ",".join(
+        f'[{seq},{"null" if error is None else chr(34) + error + chr(34)},{"null" if balance is None else balance}]'
+        for seq, error, balance in results
+    )
+    return f'{{"TASK":"APPLIED","UPTO":{upto_seq},"RESULTS":[{parts}]}}\n'.encode()
+
+
+def parse_applied(message: dict) -> tuple[int, list[tuple[int, str | None, int | None]]]:
+    upto = message.get("UPTO")
+    results = message.get("RESULTS", [])
+    if type(upto) is not int or upto < 0:
+        raise SaldoError("FIELD_TYPE", "UPTO must be a non-negative integer")
+    if type(results) is not list or len(results) > MAX_RESULTS_PER_ACK:
+        raise SaldoError("FIELD_TYPE", f"RESULTS must be a list of at most {MAX_RESULTS_PER_ACK}")
+    parsed = []
+    for item in results:
+        if type(item) is not list or len(item) != 3:
+            raise SaldoError("FIELD_TYPE", "each result is [seq, error or null, balance_cents or null]")
+        seq, error, balance = item
+        if type(seq) is not int or not 0 < seq <= upto:
+            raise SaldoError("FIELD_INVALID", "a result's seq must be in (0, UPTO]")
+        if error is not None and (type(error) is not str or error not in ERROR_CODES):
+            raise SaldoError("FIELD_INVALID", "a result's error must be an error code or null")
+        if balance is not None and type(balance) is not int:
+            raise SaldoError("FIELD_TYPE", "a result's balance must be integer cents or null")
+        parsed.append((seq, error, balance))
+    return upto, parsed
+
+
+def result_reply_line(request_id: str, seq: int, error: str | None, balance_cents: int | None) -> bytes:
+    """The reply to a client whose operation was applied, with its sequence number."""
+    if error is None:
+        return f'{{"ID":"{request_id}","STATUS":"OK","BALANCE":"{render_cents(balance_cents)}","SEQ":{seq}}}\n'.encode()
+    return (
+        f'{{"ID":"{request_id}","STATUS":"NOK","ERROR":"{error}","DETAIL":{DETAIL_JSON[error]},'
+        f'"DEFINITE":true,"SEQ":{seq}}}\n'
+    ).encode()
+
+
+def sequenced_reply_line(request_id: str, seq: int) -> bytes:
+    return f'{{"ID":"{request_id}","STATUS":"OK","SEQ":{seq}}}\n'.encode()
+
+
+# --- The sequencer ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Waiter:
+    """A client waiting for an operation's answer: `client` is whatever the driver uses to reply
+    (a stream); the core only hands it back."""
+
+    client: Any
+    request_id: str
+    wait: str
+
+
+@dataclass(slots=True)
+class ReplicaProgress:
+    name: str
+    applied_seq: int = 0  # durable at the replica (from its APPLIED), or what it said at SUBSCRIBE
+    connected: bool = False
+
+
+@dataclass
+class Reply:
+    client: Any
+    line: bytes
+
+
+@dataclass
+class SequencerStats:
+    sequenced_total: int = 0
+    retries_attached: int = 0
+    retries_answered_from_cache: int = 0
+    truncated_to_seq: int = 0
+    replicas_dropped_from_log: int = 0
+
+
+@dataclass
+class SequencerCore:
+    """See the module docstring. `next_seq` and the log come from the durable log at start."""
+
+    replica_names: list[str]
+    next_seq: int = 1
+    log_start_seq: int = 1  # the first seq the log still holds
+    max_log_entries: int = DEFAULT_MAX_LOG_ENTRIES
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+    result_cache_entries: int = DEFAULT_RESULT_CACHE_ENTRIES
+    # (seq, op id, line) from log_start_seq up to the last durable entry, oldest first.
+    log: deque = field(default_factory=deque)
+    durable_seq: int = 0  # the log is durable up to here
+    stats: SequencerStats = field(default_factory=SequencerStats)
+
+    def __post_init__(self) -> None:
+        assert self.replica_names, "a sequencer needs at least one replica name"
+        self.replicas = {name: ReplicaProgress(name) for name in self.replica_names}
+        self._unlogged: list[bytes] = []  # entries numbered but not yet handed to the log writer
+        self._in_log_write: list[tuple[int, str, bytes]] = []
+        self._pending_entries: list[tuple[int, str, bytes]] = []
+        self._waiters: dict[int, list[Waiter]] = {}
+        self._waiting_count = 0
+        self._seq_of_op: dict[str, int] = {}  # op id -> seq, for ops in the log
+        self._results: dict[int, tuple[str | None, int | None]] = {}  # seq -> result, recent
+        self._results_order: deque[int] = deque()
+        self._highest_applied_seq = 0  # by any replica
+        if self.durable_seq == 0:
+            self.durable_seq = self.next_seq - 1
+        for seq, op_id, _line in self.log:
+            self._seq_of_op[op_id] = seq
+
+    # Client operations ------------------------------------------------------------------------
+    def submit(self, op: Operation, client: Any, request_id: str, wait: str = WAIT_APPLIED) -> list[Reply]:
+        """Sequence `op` for a client (or attach the client to its earlier number). Returns replies
+        that can be sent at once (a retry answered from the cache). Raises SaldoError(OVERLOADED)."""
+        assert wait in WAIT_MODES, wait
+        earlier_seq = self._seq_of_op.get(op.op_id)
+        if earlier_seq is not None:
+            cached = self._results.get(earlier_seq)
+            if cached is not None and wait != WAIT_ALL:
+                self.stats.retries_answered_from_cache += 1
+                return [Reply(client, result_reply_line(request_id, earlier_seq, *cached))]
+            if earlier_seq > self._highest_applied_seq or wait == WAIT_ALL:
+                # Not applied anywhere yet (or the client wants every replica): its answer is coming.
+                if wait == WAIT_SEQUENCED and earlier_seq <= self.durable_seq:
+                    return [Reply(client, sequenced_reply_line(request_id, earlier_seq))]
+                self._add_waiter(earlier_seq, Waiter(client, request_id, wait))
+                self.stats.retries_attached += 1
+                return []
+            # Applied somewhere, but its result is no longer cached here: number it again. The
+            # replicas recognise the id and answer with the first outcome, changing nothing.
+        if self._waiting_count >= self.max_waiting_requests:
+            raise SaldoError("OVERLOADED", f"{self._waiting_count} requests are waiting")
+        seq = self.next_seq
+        self.next_seq += 1
+        line = entry_line(seq, op)
+        self._pending_entries.append((seq, op.op_id, line))
+        self._seq_of_op[op.op_id] = seq
+        self._add_waiter(seq, Waiter(client, request_id, wait))
+        self.stats.sequenced_total += 1
+        return []
+
+    def _add_waiter(self, seq: int, waiter: Waiter) -> None:
+        waiters = self._waiters.get(seq)
+        if waiters is None:
+            self._waiters[seq] = [waiter]
+        else:
+            waiters.append(waiter)
+        self._waiting_count += 1
+
+    # The log -----------------------------------------------------------------------------------
+    def take_unlogged(self) -> list[tuple[int, str, bytes]]:
+        """Entries to write to the log now (the driver writes them all, durably, then calls
+        on_logged with the last seq). Only one write is in flight at a time."""
+        assert not self._in_log_write, "one log write at a time"
+        entries, self._pending_entries = self._pending_entries, []
+        self._in_log_write = entries
+        return entries
+
+    def on_logged(self, upto_seq: int) -> tuple[bytes, list[Reply]]:
+        """The log is durable up to `upto_seq`: the bytes to broadcast, and SEQUENCED replies."""
+        entries, self._in_log_write = self._in_log_write, []
+        assert entries and entries[-1][0] == upto_seq, (upto_seq, entries[-1:])
+        assert entries[0][0] == self.durable_seq + 1, "the log has no gap"
+        self.durable_seq = upto_seq
+        self.log.extend(entries)
+        replies: list[Reply] = []
+        for seq, _op_id, _line in entries:
+            waiters = self._waiters.get(seq)
+            if waiters:
+                keep = []
+                for waiter in waiters:
+                    if waiter.wait == WAIT_SEQUENCED:
+                        replies.append(Reply(waiter.client, sequenced_reply_line(waiter.request_id, seq)))
+                        self._waiting_count -= 1
+                    else:
+                        keep.append(waiter)
+                if keep:
+                    self._waiters[seq] = keep
+                else:
+                    del self._waiters[seq]
+        return b"".join(line for _seq, _op_id, line in entries), replies
+
+    @property
+    def has_unlogged(self) -> bool:
+        return bool(self._pending_entries)
+
+    # Replicas ----------------------------------------------------------------------------------
+    def on_subscribe(self, replica: str, last_applied_seq: int) -> tuple[str, bytes]:
+        """A replica (re)connects. ("entries", bytes from its next seq) or ("snapshot", b"")."""
+        progress = self._replica(replica)
+        if last_applied_seq > self.durable_seq:
+            # It applied entries this log no longer has (the log lost its tail): refuse rather
+            # than number those seqs again with other operations.
+            raise SaldoError("FIELD_INVALID", f"LAST_APPLIED_SEQ {last_applied_seq} is beyond the log ({self.durable_seq})")
+        progress.connected = True
+        progress.applied_seq = max(progress.applied_seq, last_applied_seq)
+        if last_applied_seq + 1 < self.log_start_seq:
+            return "snapshot", b""
+        return "entries", self.entries_between(last_applied_seq + 1, self.durable_seq)
+
+    def on_disconnect(self, replica: str) -> None:
+        if replica in self.replicas:
+            self.replicas[replica].connected = False
+
+    def on_resend(self, replica: str, from_seq: int, to_seq: int) -> tuple[str, bytes]:
+        self._replica(replica)
+        if from_seq < self.log_start_seq:
+            return "snapshot", b""
+        return "entries", self.entries_between(from_seq, min(to_seq, self.durable_seq))
+
+    def entries_between(self, from_seq: int, to_seq: int) -> bytes:
+        if to_seq < from_seq:
+            return b""
+        assert from_seq >= self.log_start_seq
+        offset = from_seq - self.log_start_seq
+        count = to_seq - from_seq + 1
+        return b"".join(self.log[i][2] for i in range(offset, min(offset + count, len(self.log))))
+
+    def on_applied(self, replica: str, upto_seq: int, results: list[tuple[int, str | None, int | None]]) -> list[Reply]:
+        """A replica applied (durably) everything up to `upto_seq`: answer waiting clients."""
+        progress = self._replica(replica)
+        if upto_seq > self.durable_seq:
+            raise SaldoError("FIELD_INVALID", f"UPTO {upto_seq} is beyond the log ({self.durable_seq})")
+        previous = progress.applied_seq
+        progress.applied_seq = max(previous, upto_seq)
+        replies: list[Reply] = []
+        for seq, error, balance in results:
+            self._remember_result(seq, error, balance)
+            waiters = self._waiters.get(seq)
+            if not waiters:
+                continue
+            keep = []
+            for waiter in waiters:
+                if waiter.wait == WAIT_APPLIED:
+                    replies.append(Reply(waiter.client, result_reply_line(waiter.request_id, seq, error, balance)))
+                    self._waiting_count -= 1
+                else:
+                    keep.append(waiter)
+            if keep:
+                self._waiters[seq] = keep
+            else:
+                del self._waiters[seq]
+        if upto_seq > self._highest_applied_seq:
+            self._highest_applied_seq = upto_seq
+        replies.extend(self._answer_all_applied())
+        return replies
+
+    def _answer_all_applied(self) -> list[Reply]:
+        """WAIT=ALL clients whose operation every replica has now applied."""
+        everywhere = min(p.applied_seq for p in self.replicas.values())
+        replies = []
+        for seq in [s for s in self._waiters if s <= everywhere]:
+            cached = self._results.get(seq)
+            if cached is None:
+                continue  # no result known here (applied before this sequencer restarted): wait for a re-ack
+            for waiter in self._waiters.pop(seq):
+                replies.append(Reply(waiter.client, result_reply_line(waiter.request_id, seq, *cached)))
+                self._waiting_count -= 1
+        return replies
+
+    def _remember_result(self, seq: int, error: str | None, balance: int | None) -> None:
+        if seq in self._results:
+            return
+        self._results[seq] = (error, balance)
+        self._results_order.append(seq)
+        while len(self._results_order) > self.result_cache_entries:
+            del self._results[self._results_order.popleft()]
+
+    def _replica(self, name: str) -> ReplicaProgress:
+        progress = self.replicas.get(name)
+        if progress is None:
+            raise SaldoError("FIELD_INVALID", f"unknown replica {name[:64]!r}; expected one of {', '.join(self.replicas)}")
+        return progress
+
+    # Truncation --------------------------------------------------------------------------------
+    def truncation_point(self) -> int:
+        """The first seq the log must still hold: every replica applied everything before it,
+        except that the log never holds more than max_log_entries (a replica further behind
+        recovers by state transfer)."""
+        everyone = min(p.applied_seq for p in self.replicas.values()) + 1
+        bounded = self.durable_seq + 1 - self.max_log_entries
+        return max(self.log_start_seq, min(everyone, self.durable_seq + 1), bounded)
+
+    def truncate(self, new_start_seq: int) -> int:
+        """Drop entries before `new_start_seq` (the driver deleted them on disk). Returns how many."""
+        assert self.log_start_seq <= new_start_seq <= self.durable_seq + 1
+        dropped = 0
+        while self.log and self.log[0][0] < new_start_seq:
+            _seq, op_id, _line = self.log.popleft()
+            if self._seq_of_op.get(op_id) == _seq:
+                del self._seq_of_op[op_id]
+            dropped += 1
+        lagging = [p.name for p in self.replicas.values() if p.applied_seq + 1 < new_start_seq]
+        self.stats.replicas_dropped_from_log += len(lagging)
+        self.log_start_seq = new_start_seq
+        self.stats.truncated_to_seq = new_start_seq - 1
+        return dropped
+
+    def status(self) -> dict:
+        return {
+            "NEXT_SEQ": self.next_seq,
+            "DURABLE_SEQ": self.durable_seq,
+            "LOG_START_SEQ": self.log_start_seq,
+            "LOG_ENTRIES": len(self.log),
+            "WAITING_REQUESTS": self._waiting_count,
+            "REPLICAS": {
+                p.name: {"APPLIED_SEQ": p.applied_seq, "CONNECTED": p.connected} for p in self.replicas.values()
+            },
+            "SEQUENCED_TOTAL": self.stats.sequenced_total,
+        }
+
+
+# --- A replica ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SequencedReplicaCore:
+    """Delivers ORDERED entries in sequence order (see the module docstring)."""
+
+    last_delivered_seq: int
+    max_held_entries: int = DEFAULT_MAX_HELD_ENTRIES
+    resend_timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._held: dict[int, Operation] = {}  # entries beyond a gap
+        self._resend_asked_at: float | None = None
+        self._resend_asked_upto = 0
+        self.gaps_seen = 0
+        self.duplicates_ignored = 0
+
+    def on_entries(self, entries: list[tuple[int, Operation]], now_s: float) -> tuple[list[tuple[int, Operation]], tuple[int, int] | None]:
+        """(entries to apply now, in order; a (from, to) range to ask again, or None)."""
+        deliver: list[tuple[int, Operation]] = []
+        expected = self.last_delivered_seq + 1
+        held = self._held
+        for seq, op in entries:
+            if seq == expected:
+                deliver.append((seq, op))
+                expected += 1
+                while expected in held:  # the gap closed: what was held follows
+                    deliver.append((expected, held.pop(expected)))
+                    expected += 1
+            elif seq < expected:
+                self.duplicates_ignored += 1
+            elif seq not in held and len(held) < self.max_held_entries:
+                held[seq] = op
+        self.last_delivered_seq = expected - 1
+        resend = None
+        if held:
+            first_held = min(held)
+            needs_asking = self._resend_asked_at is None or now_s - self._resend_asked_at >= self.resend_timeout_s \
+                or self._resend_asked_upto < first_held - 1
+            if needs_asking:
+                self.gaps_seen += 1
+                resend = (expected, first_held - 1)
+                self._resend_asked_at = now_s
+                self._resend_asked_upto = first_held - 1
+        else:
+            self._resend_asked_at = None
+        return deliver, resend
+
+    def on_tick(self, now_s: float) -> tuple[int, int] | None:
+        """Ask again for a gap whose resend did not arrive in time."""
+        if self._held and self._resend_asked_at is not None and now_s - self._resend_asked_at >= self.resend_timeout_s:
+            first_held = min(self._held)
+            self._resend_asked_at = now_s
+            return (self.last_delivered_seq + 1, first_held - 1)
+        return None
+
+    def reset(self, last_delivered_seq: int) -> None:
+        """After a state transfer: continue from the snapshot's sequence number."""
+        self.last_delivered_seq = last_delivered_seq
+        self._held = {seq: op for seq, op in self._held.items() if seq > last_delivered_seq}
+        self._resend_asked_at = None
+
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
+
+def outcome_result(seq: int, outcome: Outcome) -> tuple[int, str | None, int | None]:
+    return (seq, outcome.error, outcome.balance_cents)
+
+
+def is_recorded_error(code: str | None) -> bool:
+    return code in _RECORDED_ERRORS
