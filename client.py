@@ -21,7 +21,7 @@ import asyncio
 import sys
 import time
 
-from common import bankclient, topology, wire
+from common import bankclient, farmclient, topology, wire
 from common.bank import check_account, check_op_id
 from common.blocking import BlockingConnection
 from common.errors import SaldoError
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("balance", help="the balance of ACCOUNT")
     sub.add_argument("account")
     sub.add_argument("--min-seq", type=int, help="the read must reflect at least this sequence number")
+    sub = commands.add_parser("worker", help="run a worker of the worker farm (client.py worker --help)",
+                              add_help=False, prefix_chars="+")  # every flag belongs to the worker's own parser
+    sub.add_argument("worker_args", nargs=argparse.REMAINDER)
     sub = commands.add_parser("status", help="the STATUS of any saldo process, as a table")
     sub.add_argument("target", nargs="?", help="HOST:PORT (default: every node of --topology)")
     return parser
@@ -122,6 +125,9 @@ def run_status(args: argparse.Namespace, targets: list[tuple[str, str]]) -> int:
         return code
     for name, address, reply in rows:
         print(f"{name} ({address})")
+        if reply.get("ROLE") == "farm-server":
+            print(farmclient.format_status(reply))
+            continue
         for key, value in reply.items():
             if key not in ("ID",):
                 print(f"  {key.lower():<24} {value}")
@@ -131,6 +137,10 @@ def run_status(args: argparse.Namespace, targets: list[tuple[str, str]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        from common.nodes import farm_worker
+
+        return farm_worker.main(args.worker_args)
     topo = topology.load(args.topology) if args.topology else None
     if args.command == "status":
         if args.target:

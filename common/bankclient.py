@@ -315,3 +315,6 @@ def _sequencer(addresses, *, request_timeout_s: float, max_in_flight: int) -> Se
 ARCHITECTURES["standalone"] = _direct
 ARCHITECTURES["queue"] = _direct
 ARCHITECTURES["sequencer"] = _sequencer
+
+# Architectures whose client lives in a module of its own register themselves on import.
+from common import farmclient  # noqa: E402,F401  (registers "farm")

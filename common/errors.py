@@ -53,6 +53,10 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "OVERLOADED": (True, "too many requests are pending; the request was not accepted"),
     "NOT_READY": (True, "the process is starting or catching up; the request was not accepted"),
     "TOO_STALE": (True, "the replica has not yet applied the sequence number the read requires"),
+    # Worker farm (common/farm.py).
+    "NOT_PEER": (True, "the sender is not a configured peer server; server-to-server messages are refused"),
+    "WORKER_ID_IN_USE": (True, "another open connection already serves as this WORKER_UUID"),
+    "TASK_FAILED": (True, "the worker reported that the task failed; DETAIL has its words (nothing changed)"),
     # Outcome unknown: the client must retry with the same id to learn it.
     "TIMEOUT": (False, "no answer in time; the operation may have been applied"),
     "CONNECTION_LOST": (False, "the connection closed before the answer; the operation may have been applied"),

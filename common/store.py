@@ -142,6 +142,18 @@ class Store:
         self._end_read()
         return default if row is None else int(row[0])
 
+    def balances_of(self, names: list[str]) -> dict[str, int]:
+        """The balances of these accounts (an absent account is absent from the result), read
+        outside any write transaction: the worker farm's QUERY tasks."""
+        p = self._placeholder
+        cursor = self._cursor()
+        balances: dict[str, int] = {}
+        for chunk in _chunks(sorted(set(names))):
+            cursor.execute(f"SELECT name, balance_cents FROM accounts WHERE name IN ({', '.join([p] * len(chunk))})", chunk)
+            balances.update({name: int(cents) for name, cents in cursor.fetchall()})
+        self._end_read()
+        return balances
+
     # --- Writing --------------------------------------------------------------------------------
     def persist(
         self,

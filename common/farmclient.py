@@ -1,0 +1,106 @@
+"""The worker farm's client side: architecture "farm" for client.py and the lab, and its STATUS table.
+
+Owns how a client reaches a farm: it sends every task to one server and moves to the next server
+of its list when that one cannot be reached, does not answer in time or says its queue is full.
+The caller retries with the same operation id (common/bankclient.execute_with_retries, the lab's
+workload), so the retry lands on the next server; exactly-once holds across servers because the
+workers record each operation id in the one shared store, and a server recognizes an id it already
+queued, handed out or finished.
+
+    python client.py --arch farm deposit alice 10 --address 127.0.0.1:8765 --address 127.0.0.1:8766
+    python client.py status 127.0.0.1:8765          (printed by format_status)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from common import bankclient, wire
+from common.aio import future_resolver
+from common.bankclient import DirectClient, new_op_id
+from common.topology import DEFAULT_PORTS
+
+# Replies after which the next task goes to the next server.
+FAILOVER_ERRORS = frozenset({"NOT_READY", "CONNECTION_LOST", "TIMEOUT", "QUEUE_FULL", "OVERLOADED"})
+
+
+class FarmClient:
+    """Tasks to one farm server at a time, failing over along `addresses`."""
+
+    def __init__(self, addresses: list[tuple[str, int]], *, request_timeout_s: float = 5.0, max_in_flight: int = 1024,
+                 start_index: int = 0) -> None:
+        assert addresses
+        self.servers = [DirectClient(a, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight) for a in addresses]
+        self.current = start_index % len(self.servers)
+        self.failovers_total = 0
+
+    def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
+        index = self.current
+
+        def on_server_reply(reply: dict) -> None:
+            if reply.get("STATUS") != "OK" and reply.get("ERROR") in FAILOVER_ERRORS and self.current == index:
+                self.current = (index + 1) % len(self.servers)
+                self.failovers_total += 1
+            on_reply(reply)
+
+        self.servers[index].submit(request_id, line, on_server_reply, timeout_s)
+
+    async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None, is_read: bool = False) -> dict:
+        """One attempt, awaited. Never raises."""
+        future = asyncio.get_running_loop().create_future()
+        self.submit(request_id, line, future_resolver(future), timeout_s, is_read)
+        return await future
+
+    async def request(self, message: dict, timeout_s: float | None = None) -> dict:
+        request_id = message.get("ID") or new_op_id()
+        message["ID"] = request_id
+        return await self.execute(request_id, wire.encode(message), timeout_s)
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.close()
+
+
+def _factory(addresses, *, request_timeout_s: float, max_in_flight: int) -> FarmClient:
+    return FarmClient(addresses["write"], request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
+
+
+bankclient.register(
+    "farm",
+    _factory,
+    {"write": [f"127.0.0.1:{DEFAULT_PORTS['farm_server']}", f"127.0.0.1:{DEFAULT_PORTS['farm_server'] + 1}"]},
+    [("server.py", "farm", "write")],
+)
+
+
+def format_status(reply: dict) -> str:
+    """A farm server's STATUS as tables: the figures, its workers, its peers."""
+    workers = reply.get("WORKERS") or {}
+    lines = [
+        f"  {'queue':<22}{reply.get('QUEUE_LENGTH')} of {reply.get('MAX_QUEUE')} (in flight {reply.get('IN_FLIGHT')})",
+        f"  {'tasks/s':<22}{reply.get('TASKS_PER_S')} (completed {reply.get('TASKS_COMPLETED_TOTAL')}, "
+        f"by borrowed workers {reply.get('TASKS_BY_BORROWED_TOTAL')}, requeued {reply.get('TASKS_REQUEUED_TOTAL')})",
+        f"  {'workers':<22}own {workers.get('OWN')}  home {workers.get('HOME')}  lent out {workers.get('LENT_OUT')}  "
+        f"borrowed {workers.get('BORROWED')}  idle {workers.get('IDLE')}  busy {workers.get('BUSY')}",
+        f"  {'server':<22}{reply.get('SERVER_UUID')}  pid {reply.get('PID')}  up {reply.get('UPTIME_S')} s",
+    ]
+    if "OPS_APPLIED_TOTAL" in reply:
+        lines.append(f"  {'store ops applied':<22}{reply['OPS_APPLIED_TOTAL']}")
+    rows = reply.get("WORKER_LIST") or []
+    if rows:
+        lines.append(f"  {'WORKER':<38}{'OWNER':<22}{'PLACEMENT':<10}{'HELD':>5}{'DONE':>9}  STATE")
+        for row in rows:
+            place = str(row.get("PLACEMENT"))
+            state = "idle" if row.get("IDLE") else "busy" if row.get("HELD") else "away" if not row.get("CONNECTED") else "-"
+            lent_to = f" -> {row['LENT_TO']}" if row.get("LENT_TO") else ""
+            lines.append(f"  {str(row.get('WORKER_UUID')):<38}{str(row.get('OWNER')):<22}{place:<10}{row.get('HELD'):>5}"
+                         f"{row.get('TASKS_DONE'):>9}  {state}{lent_to}")
+    peers = reply.get("PEERS") or []
+    if peers:
+        lines.append(f"  {'PEER':<24}{'STATE':<9}{'LAST HEARTBEAT':>16}{'FAILURES':>10}{'QUEUE':>8}")
+        for peer in peers:
+            ago = peer.get("LAST_HEARTBEAT_S_AGO")
+            ago_text = "never" if ago is None else f"{ago:.2f} s ago"
+            lines.append(f"  {str(peer.get('ADDRESS')):<24}{str(peer.get('STATE')):<9}{ago_text:>16}"
+                         f"{peer.get('FAILURES'):>10}{str(peer.get('QUEUE_LENGTH')):>8}")
+    return "\n".join(lines)
