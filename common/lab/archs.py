@@ -216,6 +216,7 @@ def build_sequencer(options: LayoutOptions) -> LabCluster:
 BUILDERS: dict[str, str] = {
     "standalone": "common.lab.archs:build_standalone",
     "sequencer": "common.lab.archs:build_sequencer",
+    "farm": "common.lab.arch_farm:build",
 }
 
 
