@@ -7,6 +7,7 @@
 Modes (one per architecture of seed 002, plus the baseline):
   standalone       one process, no replication: the baseline every architecture is compared with
   multicast        applies every operation a client sends it, on receipt (seed part 1)
+  queue            applies the RPC server's queue in order, acknowledging as it goes (seed part 2)
   sequencer        applies the sequencer's numbered operations in order (seed part 3)
 
 `python replica.py --mode MODE --help` lists the flags of a mode. This script wires flags, sockets
@@ -22,6 +23,7 @@ from common.nodes.launch import main as launch
 MODES = {
     "standalone": "common.nodes.bank_replica",
     "multicast": "common.nodes.bank_replica",
+    "queue": "common.nodes.sequenced_replica",
     "sequencer": "common.nodes.sequenced_replica",
 }
 

@@ -243,12 +243,64 @@ class SequencerClient:
             await reader.close()
 
 
+class MulticastClient:
+    """Sends every write to every replica (seed 002 part 1: no coordination). The reply is the
+    first replica's, plus APPLIED (how many replicas answered OK), REPLICAS, and AGREE (whether
+    every replica that answered decided the same). A replica that does not answer in time simply
+    did not count: nothing makes the replicas converge, which is the point the lab shows."""
+
+    def __init__(self, addresses: list[tuple[str, int]], *, request_timeout_s: float = 5.0, max_in_flight: int = 1024,
+                 read_index: int = 0) -> None:
+        assert addresses
+        self.replicas = [DirectClient(a, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight) for a in addresses]
+        self._read_index = read_index % len(self.replicas)
+
+    def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
+        if is_read:  # a read asks one replica: what that replica has applied
+            self.replicas[self._read_index].submit(request_id, line, on_reply, timeout_s)
+            return
+        count = len(self.replicas)
+        replies: list[dict | None] = [None] * count
+        remaining = [count]
+
+        def collect(index: int):
+            def on_replica_reply(reply: dict) -> None:
+                replies[index] = reply
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    on_reply(_merge_multicast(replies))
+            return on_replica_reply
+
+        for index, replica in enumerate(self.replicas):
+            replica.submit(request_id, line, collect(index), timeout_s)
+
+    async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None, is_read: bool = False) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        self.submit(request_id, line, future_resolver(future), timeout_s, is_read)
+        return await future
+
+    async def close(self) -> None:
+        for replica in self.replicas:
+            await replica.close()
+
+
+def _merge_multicast(replies: list[dict]) -> dict:
+    """One reply from every replica's: a decided one if any replica decided, else the first."""
+    decided = [r for r in replies if r.get("STATUS") == "OK" or is_definite(r.get("ERROR"))]
+    merged = dict(decided[0] if decided else replies[0])
+    merged["APPLIED"] = sum(1 for r in replies if r.get("STATUS") == "OK")
+    merged["REPLICAS"] = len(replies)
+    outcomes = {(r.get("STATUS"), r.get("ERROR")) for r in decided}
+    merged["AGREE"] = len(outcomes) <= 1 and len(decided) == len(replies)
+    return merged
+
+
 # --- Choosing a client per architecture ---------------------------------------------------------
 
 # Where each architecture is reached on one machine when no address is given: the seed's ports.
 DEFAULT_ADDRESSES: dict[str, dict[str, list[str]]] = {
     "standalone": {"write": ["127.0.0.1:7000"]},
-    "queue": {"write": ["127.0.0.1:50051"]},
+    "queue": {"write": ["127.0.0.1:50051"], "read": ["127.0.0.1:6001"]},
     "sequencer": {"write": ["127.0.0.1:6002"], "read": ["127.0.0.1:6007"]},
     "multicast": {"write": ["127.0.0.1:5555"]},
 }
@@ -256,7 +308,7 @@ DEFAULT_ADDRESSES: dict[str, dict[str, list[str]]] = {
 # Which topology nodes a client of each architecture talks to: (script, mode or None, purpose).
 _TOPOLOGY_ROLES: dict[str, list[tuple[str, str | None, str]]] = {
     "standalone": [("replica.py", "standalone", "write")],
-    "queue": [("server.py", "queue", "write")],
+    "queue": [("server.py", "queue", "write"), ("replica.py", "queue", "read")],
     "sequencer": [("sequencer.py", None, "write"), ("replica.py", "sequencer", "read")],
     "multicast": [("replica.py", "multicast", "write")],
 }
@@ -312,9 +364,14 @@ def _sequencer(addresses, *, request_timeout_s: float, max_in_flight: int) -> Se
                            max_in_flight=max_in_flight)
 
 
+def _multicast(addresses, *, request_timeout_s: float, max_in_flight: int) -> MulticastClient:
+    return MulticastClient(addresses["write"], request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
+
+
 ARCHITECTURES["standalone"] = _direct
-ARCHITECTURES["queue"] = _direct
+ARCHITECTURES["queue"] = _sequencer  # writes to the RPC server, reads from a replica, like the sequencer
 ARCHITECTURES["sequencer"] = _sequencer
+ARCHITECTURES["multicast"] = _multicast
 
 # Architectures whose client lives in a module of its own register themselves on import.
 from common import farmclient  # noqa: E402,F401  (registers "farm")

@@ -48,6 +48,11 @@ from common.money import MAX_AMOUNT_CENTS, render_cents
 WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL = "SEQUENCED", "APPLIED", "ALL"
 WAIT_MODES = (WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL)
 
+
+def replicas_needed(wait: str, replica_count: int) -> int:
+    """A client's WAIT as the number of replicas that must have applied the operation."""
+    return {WAIT_SEQUENCED: 0, WAIT_APPLIED: 1, WAIT_ALL: replica_count}[wait]
+
 DEFAULT_MAX_LOG_ENTRIES = 200_000
 DEFAULT_MAX_WAITING_REQUESTS = 100_000
 DEFAULT_RESULT_CACHE_ENTRIES = 100_000
@@ -143,7 +148,9 @@ def result_reply_line(request_id: str, seq: int, error: str | None, balance_cent
 
 
 def sequenced_reply_line(request_id: str, seq: int) -> bytes:
-    return f'{{"ID":"{request_id}","STATUS":"OK","SEQ":{seq}}}\n'.encode()
+    """The reply once the operation is durably in the log/queue: accepted, its outcome not yet
+    known (a WITHDRAW may still fail for INSUFFICIENT_FUNDS when a replica applies it)."""
+    return f'{{"ID":"{request_id}","STATUS":"OK","ACCEPTED":true,"SEQ":{seq}}}\n'.encode()
 
 
 # --- The sequencer ------------------------------------------------------------------------------
@@ -152,11 +159,12 @@ def sequenced_reply_line(request_id: str, seq: int) -> bytes:
 @dataclass(slots=True)
 class Waiter:
     """A client waiting for an operation's answer: `client` is whatever the driver uses to reply
-    (a stream); the core only hands it back."""
+    (a stream); the core only hands it back. `replicas_needed`: 0 = answer once the entry is
+    durable in the log; k = once k replicas applied it (with the result)."""
 
     client: Any
     request_id: str
-    wait: str
+    replicas_needed: int
 
 
 @dataclass(slots=True)
@@ -204,6 +212,7 @@ class SequencerCore:
         self._pending_entries: list[tuple[int, str, bytes]] = []
         self._waiters: dict[int, list[Waiter]] = {}
         self._waiting_count = 0
+        self._waiting_for_several = 0  # waiters with replicas_needed > 1 (scanned on each APPLIED)
         self._seq_of_op: dict[str, int] = {}  # op id -> seq, for ops in the log
         self._results: dict[int, tuple[str | None, int | None]] = {}  # seq -> result, recent
         self._results_order: deque[int] = deque()
@@ -214,21 +223,22 @@ class SequencerCore:
             self._seq_of_op[op_id] = seq
 
     # Client operations ------------------------------------------------------------------------
-    def submit(self, op: Operation, client: Any, request_id: str, wait: str = WAIT_APPLIED) -> list[Reply]:
-        """Sequence `op` for a client (or attach the client to its earlier number). Returns replies
+    def submit(self, op: Operation, client: Any, request_id: str, needed: int = 1) -> list[Reply]:
+        """Sequence `op` for a client that wants an answer once `needed` replicas applied it (0:
+        once it is in the log), or attach the client to the op's earlier number. Returns replies
         that can be sent at once (a retry answered from the cache). Raises SaldoError(OVERLOADED)."""
-        assert wait in WAIT_MODES, wait
+        assert 0 <= needed <= len(self.replicas), needed
         earlier_seq = self._seq_of_op.get(op.op_id)
         if earlier_seq is not None:
+            if needed == 0 and earlier_seq <= self.durable_seq:
+                return [Reply(client, sequenced_reply_line(request_id, earlier_seq))]
             cached = self._results.get(earlier_seq)
-            if cached is not None and wait != WAIT_ALL:
+            if cached is not None and self._applied_count(earlier_seq) >= needed:
                 self.stats.retries_answered_from_cache += 1
                 return [Reply(client, result_reply_line(request_id, earlier_seq, *cached))]
-            if earlier_seq > self._highest_applied_seq or wait == WAIT_ALL:
-                # Not applied anywhere yet (or the client wants every replica): its answer is coming.
-                if wait == WAIT_SEQUENCED and earlier_seq <= self.durable_seq:
-                    return [Reply(client, sequenced_reply_line(request_id, earlier_seq))]
-                self._add_waiter(earlier_seq, Waiter(client, request_id, wait))
+            if earlier_seq > self._highest_applied_seq or cached is not None:
+                # Its answer is still coming (not applied anywhere yet, or not yet by enough replicas).
+                self._add_waiter(earlier_seq, Waiter(client, request_id, needed))
                 self.stats.retries_attached += 1
                 return []
             # Applied somewhere, but its result is no longer cached here: number it again. The
@@ -240,9 +250,12 @@ class SequencerCore:
         line = entry_line(seq, op)
         self._pending_entries.append((seq, op.op_id, line))
         self._seq_of_op[op.op_id] = seq
-        self._add_waiter(seq, Waiter(client, request_id, wait))
+        self._add_waiter(seq, Waiter(client, request_id, needed))
         self.stats.sequenced_total += 1
         return []
+
+    def _applied_count(self, seq: int) -> int:
+        return sum(1 for progress in self.replicas.values() if progress.applied_seq >= seq)
 
     def _add_waiter(self, seq: int, waiter: Waiter) -> None:
         waiters = self._waiters.get(seq)
@@ -251,6 +264,8 @@ class SequencerCore:
         else:
             waiters.append(waiter)
         self._waiting_count += 1
+        if waiter.replicas_needed > 1:
+            self._waiting_for_several += 1
 
     # The log -----------------------------------------------------------------------------------
     def take_unlogged(self) -> list[tuple[int, str, bytes]]:
@@ -274,7 +289,7 @@ class SequencerCore:
             if waiters:
                 keep = []
                 for waiter in waiters:
-                    if waiter.wait == WAIT_SEQUENCED:
+                    if waiter.replicas_needed == 0:
                         replies.append(Reply(waiter.client, sequenced_reply_line(waiter.request_id, seq)))
                         self._waiting_count -= 1
                     else:
@@ -336,7 +351,7 @@ class SequencerCore:
                 continue
             keep = []
             for waiter in waiters:
-                if waiter.wait == WAIT_APPLIED:
+                if waiter.replicas_needed == 1:
                     replies.append(Reply(waiter.client, result_reply_line(waiter.request_id, seq, error, balance)))
                     self._waiting_count -= 1
                 else:
@@ -347,20 +362,30 @@ class SequencerCore:
                 del self._waiters[seq]
         if upto_seq > self._highest_applied_seq:
             self._highest_applied_seq = upto_seq
-        replies.extend(self._answer_all_applied())
+        if self._waiting_for_several and upto_seq > previous:
+            replies.extend(self._answer_counted(previous + 1, upto_seq))
         return replies
 
-    def _answer_all_applied(self) -> list[Reply]:
-        """WAIT=ALL clients whose operation every replica has now applied."""
-        everywhere = min(p.applied_seq for p in self.replicas.values())
+    def _answer_counted(self, from_seq: int, to_seq: int) -> list[Reply]:
+        """Clients waiting for k > 1 replicas, for seqs this acknowledgement just covered."""
         replies = []
-        for seq in [s for s in self._waiters if s <= everywhere]:
+        for seq in [s for s in self._waiters if from_seq <= s <= to_seq]:
             cached = self._results.get(seq)
             if cached is None:
-                continue  # no result known here (applied before this sequencer restarted): wait for a re-ack
-            for waiter in self._waiters.pop(seq):
-                replies.append(Reply(waiter.client, result_reply_line(waiter.request_id, seq, *cached)))
-                self._waiting_count -= 1
+                continue  # no result known here (applied before this process restarted): wait for a retry
+            applied_count = self._applied_count(seq)
+            keep = []
+            for waiter in self._waiters[seq]:
+                if 1 < waiter.replicas_needed <= applied_count:
+                    replies.append(Reply(waiter.client, result_reply_line(waiter.request_id, seq, *cached)))
+                    self._waiting_count -= 1
+                    self._waiting_for_several -= 1
+                else:
+                    keep.append(waiter)
+            if keep:
+                self._waiters[seq] = keep
+            else:
+                del self._waiters[seq]
         return replies
 
     def _remember_result(self, seq: int, error: str | None, balance: int | None) -> None:

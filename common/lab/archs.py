@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import topology
-from common.bankclient import DirectClient, SequencerClient
+from common.bankclient import DirectClient, MulticastClient, SequencerClient
 from common.lab.cluster import Cluster, Node, free_port
 from common.lab.faults import Fault
 from common.log import get_logger
@@ -211,11 +211,100 @@ def build_sequencer(options: LayoutOptions) -> LabCluster:
     )
 
 
+def build_multicast(options: LayoutOptions) -> LabCluster:
+    """Two replicas (or extra replicas=N), each applying whatever clients send it."""
+    ports = _Ports(options.ports)
+    replica_count = int(options.extra.get("replicas", 2))
+    names = [f"replica{i + 1}" for i in range(replica_count)]
+    nodes: list[Node] = []
+    proxies_of: dict[str, list[str]] = {name: [] for name in names}
+    client_addresses = []
+    for index, name in enumerate(names):
+        host = REPLICA_HOSTS[index]
+        port = ports.get(host, topology.DEFAULT_PORTS["multicast_replica"])
+        nodes.append(Node(name, "replica.py", host, port, {"mode": "multicast"}, store=_store_url(options, name)))
+        address = (host, port)
+        if options.proxies:  # the clients' link to this replica goes through a proxy on the orchestrator host
+            listen = (ORCHESTRATOR_HOST, free_port(ORCHESTRATOR_HOST))
+            proxy_name = f"proxy-clients-{name}"
+            nodes.append(_proxy(proxy_name, listen, address, free_port("127.0.0.1")))
+            proxies_of[name].append(proxy_name)
+            address = listen
+        client_addresses.append(address)
+
+    def make_client(index: int, window: int) -> MulticastClient:
+        return MulticastClient(client_addresses, request_timeout_s=options.request_timeout_s,
+                               max_in_flight=max(1, window), read_index=max(0, index))
+
+    return LabCluster(
+        architecture="multicast",
+        nodes=nodes,
+        replicas=names,
+        make_client=make_client,
+        total_order=False,
+        roles={"replica": names[-1:]},  # faults hit the last replica, so reads keep a reference one
+        proxies_of=proxies_of,
+    )
+
+
+def build_queue(options: LayoutOptions) -> LabCluster:
+    """The RPC server on the orchestrator host pushing to two replicas' queue ports."""
+    ports = _Ports(options.ports)
+    replica_count = int(options.extra.get("replicas", 2))
+    server_host = ORCHESTRATOR_HOST
+    rpc_port = ports.get(server_host, topology.DEFAULT_PORTS["queue_rpc"])
+    names = [f"replica{i + 1}" for i in range(replica_count)]
+    queue_ports = {name: ports.get(REPLICA_HOSTS[i], topology.DEFAULT_PORTS["queue_replica"]) for i, name in enumerate(names)}
+    nodes: list[Node] = []
+    proxies_of: dict[str, list[str]] = {name: [] for name in names}
+    feeds = []
+    for index, name in enumerate(names):
+        host = REPLICA_HOSTS[index]
+        address = (host, queue_ports[name])
+        if options.proxies:  # the server's link to this replica goes through a proxy
+            listen = (server_host, free_port(server_host))
+            proxy_name = f"proxy-server-{name}"
+            nodes.append(_proxy(proxy_name, listen, address, free_port("127.0.0.1")))
+            proxies_of[name].append(proxy_name)
+            address = listen
+        feeds.append(f"{name}={topology.format_address(address)}")
+        peers = ",".join(f"{REPLICA_HOSTS[j]}:{queue_ports[other]}" for j, other in enumerate(names) if other != name)
+        settings = {"mode": "queue", "peers": peers}
+        if "dedup_window" in options.extra:
+            settings["dedup_window"] = int(options.extra["dedup_window"])
+        nodes.append(Node(name, "replica.py", host, queue_ports[name], settings, store=_store_url(options, name)))
+    server_settings = {"mode": "queue", "replicas": ",".join(feeds), "log_dir": str(options.run_dir / "queue-server-log"),
+                       "ack_replicas": int(options.extra.get("ack_replicas", 0))}
+    for key in ("max_log_entries", "segment_entries"):
+        if key in options.extra:
+            server_settings[key] = int(options.extra[key])
+    nodes.insert(0, Node("server", "server.py", server_host, rpc_port, server_settings, role="server"))
+    read_addresses = [(REPLICA_HOSTS[i], queue_ports[name]) for i, name in enumerate(names)]
+
+    def make_client(index: int, window: int) -> SequencerClient:
+        return SequencerClient((server_host, rpc_port), read_addresses, request_timeout_s=options.request_timeout_s,
+                               max_in_flight=max(1, window), read_index=max(0, index))
+
+    return LabCluster(
+        architecture="queue",
+        nodes=nodes,
+        replicas=names,
+        make_client=make_client,
+        total_order=True,
+        read_your_writes=True,
+        variant=f"ack after {server_settings['ack_replicas']} replica(s)" if server_settings["ack_replicas"] else "ack when queued",
+        roles={"replica": names, "server": ["server"]},
+        proxies_of=proxies_of,
+    )
+
+
 # Architecture -> "module:function" building its LabCluster; loaded on first use, so each
 # architecture's layout lives beside the others without this file knowing their details.
 BUILDERS: dict[str, str] = {
     "standalone": "common.lab.archs:build_standalone",
     "sequencer": "common.lab.archs:build_sequencer",
+    "multicast": "common.lab.archs:build_multicast",
+    "queue": "common.lab.archs:build_queue",
     "farm": "common.lab.arch_farm:build",
 }
 

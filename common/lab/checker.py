@@ -82,7 +82,8 @@ def _is_write(record: OpRecord) -> bool:
 
 
 def _acknowledged(record: OpRecord) -> bool:
-    """The client was told the bank decided this operation (applied, or recorded as a failure)."""
+    """The client was told the bank took this operation: applied, recorded as a failure, or
+    accepted (durably queued; its outcome is decided when the replicas apply it)."""
     return record.outcome == "ok" or (record.outcome == "failed" and record.error in RECORDED_ERRORS)
 
 
@@ -175,9 +176,9 @@ def _check_replica(name: str, image: StoreImage, writes: list[OpRecord], by_id: 
     unknown_down = 0
     for record in writes:
         delta = _money_delta(record.kind, record.amount_cents)
-        if record.outcome == "ok":
+        if record.outcome == "ok" and not record.accepted:
             base += delta
-        elif record.outcome == "unknown":
+        elif record.outcome == "unknown" or record.accepted:  # decided at the replica: count what it recorded
             row = applied.get(record.op_id)
             if complete:
                 if row is not None and row.outcome.error is None:
@@ -204,6 +205,8 @@ def _check_replica(name: str, image: StoreImage, writes: list[OpRecord], by_id: 
                                           "client_outcome": record.outcome, "error": record.error})
             continue
         recorded_error = row.outcome.error
+        if record.accepted:
+            continue  # the client was told "queued", not the outcome
         if record.outcome == "failed" and record.error not in RECORDED_ERRORS:
             if recorded_error is None:
                 result.add("phantom_write", {"replica": name, "op_id": record.op_id, "client_error": record.error})

@@ -47,6 +47,7 @@ class OpRecord:
     seq: int | None = None
     attempts: int = 1
     applied_replicas: int | None = None  # multicast: how many replicas applied it
+    accepted: bool = False  # the reply said ACCEPTED: durably queued, outcome decided later
 
     @property
     def latency_ms(self) -> float:
@@ -168,7 +169,7 @@ class Workload:
         record = OpRecord(
             client_index, op_id, kind, account, to_account, amount, invoke, complete, outcome,
             reply.get("ERROR"), _cents_from_reply(reply.get("BALANCE")), seq if type(seq) is int else None,
-            attempts, applied if type(applied) is int else None,
+            attempts, applied if type(applied) is int else None, reply.get("ACCEPTED") is True,
         )
         self.history.append(record)
         progress = self.progress

@@ -1,8 +1,11 @@
-"""A replica of the sequencer architecture (`replica.py --mode sequencer`).
+"""A replica fed numbered operations in order: `replica.py --mode sequencer` and `--mode queue`.
 
-Owns the replica's I/O: a long-lived connection to the sequencer's replica port (SUBSCRIBE, then
-ORDERED entries in, APPLIED acknowledgements out), a client port for reads that name the sequence
-number they must see (MIN_SEQ), STATUS, and SNAPSHOT for a peer that needs a state transfer.
+Owns the replica's I/O in the two architectures whose replicas apply a central, numbered stream:
+- sequencer: the replica connects to the sequencer's replica port (6003);
+- queue: the RPC server connects to the replica's queue port (6001) and says FEED.
+Either way the replica SUBSCRIBEs with its last applied number, takes ORDERED entries in and sends
+APPLIED acknowledgements out. Its own port also serves reads that name the sequence number they must
+see (MIN_SEQ), STATUS, and SNAPSHOT for a peer that needs a state transfer.
 
 Entries are delivered in order by SequencedReplicaCore and applied to a DurableBank in batches; the
 last applied sequence number is written in the same transaction as the balances, and APPLIED (with
@@ -41,14 +44,16 @@ SEQUENCER_LINE_BYTES = 1024 * 1024
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["sequencer_replica_client"],
-                        help="port for reads, STATUS and SNAPSHOT (default 6007)")
-    parser.add_argument("--sequencer", default="127.0.0.1:6003", help="the sequencer's replica port, host:port")
+    parser.add_argument("--port", type=int,
+                        help="port for reads, STATUS, SNAPSHOT and (queue mode) the server's FEED (default 6007; queue 6001)")
+    parser.add_argument("--sequencer", default="127.0.0.1:6003", help="sequencer mode: the sequencer's replica port")
     parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer")
     add_store_flags(parser)
 
 
 def prepare(args: argparse.Namespace) -> None:
+    if args.port is None:
+        args.port = topology.DEFAULT_PORTS["queue_replica" if args.mode == "queue" else "sequencer_replica_client"]
     if args.name is None:
         args.name = f"replica-{args.port}"
     if args.store is None:
@@ -96,7 +101,7 @@ class SequencedReplica:
         """Until the connection ends; True if the sequencer said SNAPSHOT_NEEDED."""
         await self.dbank.flush()  # subscribe from what is on disk
         stream.send({"TASK": "SUBSCRIBE", "REPLICA": self.args.name, "LAST_APPLIED_SEQ": self.core.last_delivered_seq})
-        log.info("subscribed", sequencer=self.args.sequencer, last_applied_seq=self.core.last_delivered_seq)
+        log.info("subscribed", mode=self.args.mode, last_applied_seq=self.core.last_delivered_seq)
         while True:
             batch = await stream.read_batch()
             if batch is None:
@@ -160,6 +165,22 @@ class SequencedReplica:
             if resend is not None:
                 self._ask_resend(resend)
             self._expire_reads()
+
+    async def _be_fed(self, stream: aio.MessageStream) -> None:
+        """Queue mode: the server connected and said FEED; this connection carries the queue."""
+        previous = self.sequencer_stream
+        if previous is not None:
+            log.info("feed_replaced")
+            previous.abort()
+        self.sequencer_stream = stream
+        try:
+            needs_snapshot = await self._run_subscription(stream)
+        finally:
+            if self.sequencer_stream is stream:
+                self.sequencer_stream = None
+        if needs_snapshot:
+            await stream.close()  # the server reconnects once the state transfer is done
+            await self._state_transfer(asyncio.Event())
 
     # --- State transfer -------------------------------------------------------------------------
     async def _state_transfer(self, stop: asyncio.Event) -> None:
@@ -233,6 +254,9 @@ class SequencedReplica:
                     task = message.get("TASK")
                     if task == "STATUS":
                         stream.send(self.status(request_id))
+                    elif task == "FEED" and self.args.mode == "queue":
+                        await self._be_fed(stream)
+                        return
                     elif task == "SNAPSHOT":
                         await self._serve_snapshot(stream, request_id)
                     else:
@@ -241,7 +265,8 @@ class SequencedReplica:
                         except SaldoError as error:
                             raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
                         if not isinstance(request, Query):
-                            raise SaldoError("WRONG_ROLE", "writes go to the sequencer; a replica serves reads")
+                            orderer = "sequencer" if self.args.mode == "sequencer" else "RPC server"
+                            raise SaldoError("WRONG_ROLE", f"writes go to the {orderer}; a replica serves reads")
                         self._read(stream, request_id, request)
                 except SaldoError as error:
                     stream.send(error_reply(error.code, error.detail, request_id))
@@ -287,7 +312,7 @@ class SequencedReplica:
             "STATUS": "OK",
             "NODE": self.args.name,
             "ROLE": "replica",
-            "MODE": "sequencer",
+            "MODE": self.args.mode,
             "PID": os.getpid(),
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
             "LAST_APPLIED_SEQ": self.durable_seq,
@@ -309,13 +334,14 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     dbank = await open_durable_bank(args)
     replica = SequencedReplica(args, dbank)
     server = await aio.start_server(replica.handle_client, args.host, args.port, name="replica-clients")
-    follower = asyncio.create_task(replica.follow_sequencer(stop))
-    ticker = asyncio.create_task(replica.tick(stop))
+    tasks = [asyncio.create_task(replica.tick(stop))]
+    if args.mode == "sequencer":
+        tasks.append(asyncio.create_task(replica.follow_sequencer(stop)))
     await stop.wait()
     log.info("stopping", last_applied_seq=replica.durable_seq)
-    for task in (follower, ticker):
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(follower, ticker, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     await server.stop()
     await dbank.close()
     return 0

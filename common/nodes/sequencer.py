@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from common import aio, topology, wire
 from common.bank import Operation, Query, parse_request
+from common.bankclient import RECONNECT_BACKOFF_S
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
@@ -32,6 +33,7 @@ from common.sequencing import (
     WAIT_MODES,
     SequencerCore,
     parse_applied,
+    replicas_needed,
 )
 from common.standalone import classify_unknown
 
@@ -93,8 +95,11 @@ class ReplicaLink:
 
 
 class SequencerNode:
-    def __init__(self, args: argparse.Namespace, core: SequencerCore, seqlog: SequencerLog) -> None:
+    def __init__(self, args: argparse.Namespace, core: SequencerCore, seqlog: SequencerLog, *,
+                 default_wait: str = WAIT_APPLIED, role: str = "sequencer") -> None:
         self.args = args
+        self.default_wait = default_wait
+        self.role = role
         self.core = core
         self.seqlog = seqlog
         self.loop = asyncio.get_running_loop()
@@ -162,7 +167,7 @@ class SequencerNode:
         link.live = True
         log.info("replica_live", replica=link.name, sent_upto=link.sent_upto)
 
-    async def handle_replica(self, stream: aio.MessageStream) -> None:
+    async def handle_replica(self, stream: aio.MessageStream, expected_name: str | None = None) -> None:
         link: ReplicaLink | None = None
         try:
             while True:
@@ -170,7 +175,7 @@ class SequencerNode:
                 if batch is None:
                     return
                 for message in batch:
-                    link = self._on_replica_message(stream, link, message)
+                    link = self._on_replica_message(stream, link, message, expected_name)
                     if stream.closed:
                         return
         finally:
@@ -181,7 +186,8 @@ class SequencerNode:
                     link.catchup_task.cancel()
                 log.info("replica_disconnected", replica=link.name, applied_seq=self.core.replicas[link.name].applied_seq)
 
-    def _on_replica_message(self, stream: aio.MessageStream, link: ReplicaLink | None, message) -> ReplicaLink | None:
+    def _on_replica_message(self, stream: aio.MessageStream, link: ReplicaLink | None, message,
+                            expected_name: str | None = None) -> ReplicaLink | None:
         if isinstance(message, SaldoError):
             stream.send(error_reply(message.code, message.detail))
             return link
@@ -190,6 +196,8 @@ class SequencerNode:
             if task == "STATUS":
                 stream.send(self.status(message.get("ID")))
             elif task == "SUBSCRIBE":
+                if expected_name is not None and message.get("REPLICA") != expected_name:
+                    raise SaldoError("FIELD_INVALID", f"this connection feeds {expected_name}")
                 return self._subscribe(stream, message)
             elif link is None:
                 raise SaldoError("FIELD_INVALID", "SUBSCRIBE first")
@@ -236,6 +244,24 @@ class SequencerNode:
             self._start_catchup(link)
         return link
 
+    async def push_to_replica(self, name: str, address: tuple[str, int], stop: asyncio.Event) -> None:
+        """The queue server's side: connect to the replica's queue port, say FEED, and serve the
+        replica's SUBSCRIBE / APPLIED / RESEND on that connection; reconnect when it ends."""
+        backoff_s = RECONNECT_BACKOFF_S[0]
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 2.0)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
+                continue
+            backoff_s = RECONNECT_BACKOFF_S[0]
+            stream = aio.MessageStream(reader, writer, max_line_bytes=REPLICA_LINE_BYTES)
+            stream.send({"TASK": "FEED", "SERVER": self.args.name, "REPLICA": name})
+            log.info("feeding_replica", replica=name, address=topology.format_address(address))
+            await self.handle_replica(stream, expected_name=name)
+            await stream.close()
+
     async def truncate_periodically(self) -> None:
         while True:
             await asyncio.sleep(TRUNCATE_INTERVAL_S)
@@ -272,12 +298,13 @@ class SequencerNode:
                     except SaldoError as error:
                         raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
                     if isinstance(request, Query):
-                        raise SaldoError("WRONG_ROLE", "the sequencer orders writes; read balances from a replica")
-                    wait = message.get("WAIT", WAIT_APPLIED)
+                        raise SaldoError("WRONG_ROLE", f"the {self.role} orders writes; read balances from a replica")
+                    wait = message.get("WAIT", self.default_wait)
                     if wait not in WAIT_MODES:
                         raise SaldoError("FIELD_INVALID", "WAIT must be SEQUENCED, APPLIED or ALL")
                     client = self._client_ref(stream, message, request_id, request)
-                    self._send_replies(core.submit(request, client, request.op_id, wait))
+                    needed = replicas_needed(wait, len(core.replicas))
+                    self._send_replies(core.submit(request, client, request.op_id, needed))
                 except SaldoError as error:
                     reply = error_reply(error.code, error.detail, request_id)
                     if "id_msg" in message and type(message["id_msg"]) is str:
@@ -312,7 +339,7 @@ class SequencerNode:
         reply.update({
             "STATUS": "OK",
             "NODE": self.args.name,
-            "ROLE": "sequencer",
+            "ROLE": self.role,
             "PID": os.getpid(),
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
             "LOG_WRITES": self.log_writes,
@@ -325,10 +352,18 @@ class SequencerNode:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    names = [name.strip() for name in args.replicas.split(",") if name.strip()]
+    return await run_orderer(args, stop, names, default_wait=WAIT_APPLIED, role="sequencer", outbound={})
+
+
+async def run_orderer(args: argparse.Namespace, stop: asyncio.Event, replica_names: list[str], *, default_wait: str,
+                      role: str, outbound: dict[str, tuple[str, int]]) -> int:
+    """Run a SequencerCore with its log: the sequencer (replicas connect in) or the queue server
+    (`outbound`: it connects to each replica's queue port and pushes)."""
     seqlog = SequencerLog(args.log_dir, segment_entries=args.segment_entries, fsync=args.fsync)
     entries, log_start_seq = await asyncio.to_thread(seqlog.load)
     core = SequencerCore(
-        replica_names=[name.strip() for name in args.replicas.split(",") if name.strip()],
+        replica_names=replica_names,
         next_seq=seqlog.last_seq + 1,
         log_start_seq=log_start_seq,
         max_log_entries=args.max_log_entries,
@@ -336,17 +371,24 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         log=deque(entries),
     )
     log.info("log_loaded", log_dir=args.log_dir, entries=len(entries), log_start_seq=log_start_seq, next_seq=core.next_seq)
-    node = SequencerNode(args, core, seqlog)
-    clients = await aio.start_server(node.handle_client, args.host, args.port, name="sequencer-clients",
+    node = SequencerNode(args, core, seqlog, default_wait=default_wait, role=role)
+    clients = await aio.start_server(node.handle_client, args.host, args.port, name=f"{role}-clients",
                                      max_connections=args.max_connections)
-    replicas = await aio.start_server(node.handle_replica, args.host, args.replica_port, name="sequencer-replicas",
-                                      max_line_bytes=REPLICA_LINE_BYTES)
-    truncator = asyncio.create_task(node.truncate_periodically())
+    tasks = [asyncio.create_task(node.truncate_periodically())]
+    replicas = None
+    if outbound:
+        tasks += [asyncio.create_task(node.push_to_replica(name, address, stop)) for name, address in outbound.items()]
+    else:
+        replicas = await aio.start_server(node.handle_replica, args.host, args.replica_port, name=f"{role}-replicas",
+                                          max_line_bytes=REPLICA_LINE_BYTES)
     await stop.wait()
     log.info("stopping", next_seq=core.next_seq, durable_seq=core.durable_seq)
-    truncator.cancel()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await clients.stop()
-    await replicas.stop()
+    if replicas is not None:
+        await replicas.stop()
     while node.writing:  # let the write in flight land
         await asyncio.sleep(0.01)
     node.executor.shutdown(wait=True)
