@@ -288,6 +288,7 @@ class FarmCore:
         self.by_conn: dict[int, str] = {}  # connection -> worker id
         self.parked: OrderedDict[str, None] = OrderedDict()  # idle workers waiting, oldest first
         self.peers: dict[str, Peer] = {address_key(a): Peer(a) for a in config.peers}
+        self._key = address_key(config.address)
         self._next_seq = 0
         self._overloaded_since: float | None = None
         self._underloaded_since: float | None = None
@@ -693,12 +694,24 @@ class FarmCore:
 
     # --- Peers: identification and incoming messages ------------------------------------------
     def _identify_peer(self, message: dict, source_host: str) -> Peer:
+        """Which configured peer sent this: by its SERVER_UUID; or, for an id not yet learned (a
+        peer started with its own --server-id, or restarted with a new one), by the SERVER_ADDRESS
+        it names when that is a peer's address on the host the message came from; or, for a seed v1
+        message without ids, by the sending host alone. This identifies, it does not authenticate."""
         uuid = message.get("SERVER_UUID")
         if uuid is not None:
             check_id(uuid, "SERVER_UUID")
             for peer in self.peers.values():
                 if uuid == peer.uuid or uuid == peer.key:
                     return peer
+        claimed = message.get("SERVER_ADDRESS")
+        if type(claimed) is str and claimed in self.peers and self.peers[claimed].address[0] == source_host:
+            peer = self.peers[claimed]
+            if uuid is not None:
+                log.info("peer_id_learned", peer=peer.key, uuid=uuid, was=peer.uuid)
+                peer.uuid = uuid
+            return peer
+        if uuid is not None:
             raise SaldoError("NOT_PEER", f"{uuid} is not one of this server's peers")
         # Seed v1 messages carry no id: the sending host must be the host of exactly one peer.
         matches = [peer for peer in self.peers.values() if peer.address[0] == source_host]
@@ -817,7 +830,7 @@ class FarmCore:
 
     def _release_completed(self, peer: Peer) -> None:
         self.outbox.append(PeerRequest(peer.key, {"SERVER_UUID": self.config.server_id, "RESPONSE": "RELEASE_COMPLETED",
-                                                  "WORKERS_UUID": []}))
+                                                  "SERVER_ADDRESS": self._key, "WORKERS_UUID": []}))
         log.info("release_complete", borrower=peer.key)
 
     def _expire_pending_releases(self, now: float) -> None:
@@ -849,6 +862,7 @@ class FarmCore:
             peer.request_outstanding = True
             self.outbox.append(PeerRequest(peer.key, {
                 "TASK": "WORKER_REQUEST", "WORKERS_NEEDED": wanted, "SERVER_UUID": self.config.server_id,
+                "SERVER_ADDRESS": self._key,
                 "REQUESTOR_INFO": {"ip": self.config.address[0], "port": self.config.address[1]},
             }))
             log.info("workers_requested", peer=peer.key, needed=wanted, queue=self.queue_length)
@@ -878,7 +892,7 @@ class FarmCore:
             peer.request_outstanding = True
             ids = [w.worker_id for w in workers]
             self.outbox.append(PeerRequest(peer.key, {"TASK": "COMMAND_RELEASE", "SERVER_UUID": self.config.server_id,
-                                                      "WORKERS_UUID": ids}))
+                                                      "SERVER_ADDRESS": self._key, "WORKERS_UUID": ids}))
             log.info("release_requested", owner=peer.key, workers=",".join(ids), queue=self.queue_length)
 
     def _on_release_reply(self, peer: Peer, request: dict, reply: dict | None, now: float) -> None:
@@ -915,7 +929,7 @@ class FarmCore:
                 continue
             peer.heartbeat_outstanding = True
             self.outbox.append(PeerRequest(peer.key, {
-                "TASK": "HEARTBEAT", "SERVER": "ALIVE", "SERVER_UUID": self.config.server_id,
+                "TASK": "HEARTBEAT", "SERVER": "ALIVE", "SERVER_UUID": self.config.server_id, "SERVER_ADDRESS": self._key,
                 "QUEUE_LENGTH": self.queue_length, "WORKERS_HELD": self._held_for(peer),
             }))
 

@@ -1,0 +1,480 @@
+"""common/farm.py without I/O: scripted message orders against a fake clock.
+
+Each test is a scenario: clients, workers and peer servers are connection numbers and the messages
+they would send; `Net` plays the network between two servers' cores, delivering each PeerRequest to
+the other core and its reply back (or no reply, for a server that is down).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from common.errors import SaldoError
+from common.farm import BORROWED, DOWN, HOME, LENT, UP, Close, FarmConfig, FarmCore, PeerRequest, Send
+
+A_ADDR = ("127.0.0.11", 8765)
+B_ADDR = ("127.0.0.12", 8766)
+A_KEY, B_KEY = "127.0.0.11:8765", "127.0.0.12:8766"
+PEER_CONN = 9000  # the connection a peer's requests arrive on
+
+
+def make_core(server_id: str = "srv-a", address=A_ADDR, peers=(B_ADDR,), now: float = 0.0, **overrides) -> FarmCore:
+    return FarmCore(FarmConfig(server_id=server_id, address=address, peers=peers, **overrides), random.Random(7), now)
+
+
+def sends(core: FarmCore, conn: int | None = None) -> list[dict]:
+    """Messages the core sent (on `conn`, or on any connection), taking its outbox."""
+    return [e.message for e in core.take_outbox() if type(e) is Send and (conn is None or e.conn == conn)]
+
+
+def deposit(op_id: str, account: str = "alice", amount: str = "10.00") -> dict:
+    return {"TASK": "DEPOSIT", "ID": op_id, "ACCOUNT": account, "AMOUNT": amount}
+
+
+def alive(worker_id: str | None = "w1", *, results=None, max_tasks: int | None = 8, owner: str | None = None) -> dict:
+    message: dict = {"WORKER": "ALIVE"}
+    if worker_id is not None:
+        message["WORKER_UUID"] = worker_id
+    if max_tasks is not None:
+        message["MAX_TASKS"] = max_tasks
+        message["ACCEPTS"] = ["QUERY", "UPDATE"]
+    if owner is not None:
+        message["SERVER_UUID"] = owner
+    if results is not None:
+        message["RESULTS"] = results
+    return message
+
+
+def ok(task_id: str, balance: str = "10.00") -> dict:
+    return {"ID": task_id, "STATUS": "OK", "BALANCE": balance}
+
+
+# --- Tasks ------------------------------------------------------------------------------------
+
+
+def test_an_update_goes_to_a_waiting_worker_and_its_result_to_the_client():
+    core = make_core()
+    core.on_message(1, alive("w1"), 0.0)
+    core.on_message(2, deposit("op-1"), 0.1)
+    core.pump(0.1)
+    (batch,) = sends(core, 1)
+    assert batch["TASK"] == "BATCH" and batch["TASKS"] == [{"ID": "op-1", "TASK": "DEPOSIT", "ACCOUNT": "alice", "AMOUNT": "10.00"}]
+    core.on_message(1, alive("w1", results=[ok("op-1", "10.00")]), 0.2)
+    assert sends(core, 2) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
+    assert core.status(0.2)["WORKERS"] == {"OWN": 1, "HOME": 1, "LENT_OUT": 0, "BORROWED": 0, "IDLE": 1, "BUSY": 0}
+
+
+def test_a_retry_joins_the_task_in_flight_and_a_late_retry_gets_the_recorded_answer():
+    core = make_core()
+    core.on_message(2, deposit("op-1"), 0.0)
+    core.on_message(3, deposit("op-1"), 0.5)  # the client timed out and retried on a new connection
+    core.on_message(1, alive("w1"), 0.6)
+    core.pump(0.6)
+    (batch,) = sends(core, 1)
+    assert [t["ID"] for t in batch["TASKS"]] == ["op-1"]  # one task, not two
+    core.on_message(1, alive("w1", results=[ok("op-1")]), 0.7)
+    out = core.take_outbox()
+    assert {e.conn for e in out if type(e) is Send and e.message.get("ID") == "op-1"} == {2, 3}
+    core.on_message(4, deposit("op-1"), 9.0)
+    core.pump(9.0)
+    assert sends(core, 4) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
+    assert core.queue_length == 0 and not core.tasks
+
+
+def test_a_full_queue_refuses_with_queue_full_and_holds_no_more():
+    core = make_core(max_queue=2)
+    for index in range(3):
+        core.on_message(2, deposit(f"op-{index}"), 0.0)
+    replies = sends(core, 2)
+    assert [r["ERROR"] for r in replies] == ["QUEUE_FULL"] and replies[0]["ID"] == "op-2" and replies[0]["DEFINITE"] is True
+    assert core.queue_length == 2
+
+
+def test_a_lease_that_runs_out_puts_the_task_back_and_the_late_result_changes_nothing():
+    core = make_core(visibility_timeout_s=2.0)
+    core.on_message(1, alive("w1"), 0.0)
+    core.on_message(2, deposit("op-1"), 0.0)
+    core.pump(0.0)
+    sends(core)
+    core.tick(1.9)
+    assert core.queue_length == 0
+    core.tick(2.1)  # w1 stopped answering: the task is queued again and w1's connection dropped
+    assert core.queue_length == 1
+    assert Close(1) in core.take_outbox()
+    core.on_disconnect(1, 2.1)
+    core.on_message(5, alive("w2"), 2.2)
+    core.pump(2.2)
+    (batch,) = sends(core, 5)
+    assert batch["TASKS"][0]["ID"] == "op-1"
+    core.on_message(6, alive("w1", results=[ok("op-1", "10.00")]), 2.3)  # w1 comes back late
+    assert sends(core, 2) == []  # the client is answered by w2's result only
+    assert core.late_results_total == 1
+    core.on_message(5, alive("w2", results=[ok("op-1", "10.00")]), 2.4)
+    assert sends(core, 2) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
+
+
+def test_a_saldo_worker_that_disconnects_gives_its_tasks_back_at_once_but_a_v2_worker_keeps_them_until_its_lease():
+    core = make_core(visibility_timeout_s=3.0)
+    core.on_message(1, alive("w-saldo"), 0.0)
+    core.on_message(2, deposit("op-1"), 0.0)
+    core.pump(0.0)
+    core.on_disconnect(1, 0.5)
+    assert core.queue_length == 1
+    core.take_outbox()
+    core.on_message(3, {"WORKER": "ALIVE", "WORKER_UUID": "w-v2"}, 0.6)  # v2: queries only
+    core.on_message(2, {"TASK": "QUERY", "USER": "alice", "ID": "q1"}, 0.6)
+    core.pump(0.6)
+    (task,) = sends(core, 3)
+    assert task["TASK"] == "QUERY" and task["USER"] == "alice"
+    core.on_disconnect(3, 0.7)  # v2 opens a connection per message: a close says nothing
+    assert core.queue_length == 1  # only the deposit, which no v2 worker may take
+    core.on_message(4, {"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "w-v2", "SALDO": 12.5}, 1.0)
+    out = core.take_outbox()
+    assert [(e.conn, e.message) for e in out] == [
+        (2, {"ID": "q1", "STATUS": "OK", "BALANCE": "12.50", "SALDO": "12.50", "USER": "alice"}),
+        (4, {"STATUS": "ACK", "SERVER_UUID": "srv-a"}),
+    ]
+    core.on_message(2, {"TASK": "QUERY", "USER": "alice", "ID": "q2"}, 1.1)
+    core.on_message(4, {"WORKER": "ALIVE", "WORKER_UUID": "w-v2"}, 1.1)
+    core.pump(1.1)
+    assert [m["TASK"] for m in sends(core, 4)] == ["QUERY"]
+
+
+def test_a_seed_v1_worker_gets_one_query_at_a_time_and_no_answer_to_its_status():
+    core = make_core()
+    core.on_message(1, {"WORKER": "ALIVE"}, 0.0)
+    core.tick(30.0)  # a v1 worker's ALIVE is held as long as needed: it knows no NO_TASK
+    assert sends(core, 1) == []
+    core.on_message(2, deposit("op-1"), 30.0)
+    core.on_message(2, {"TASK": "QUERY", "USER": "alice", "ID": "r1"}, 30.0)
+    core.pump(30.0)
+    (task,) = sends(core, 1)
+    assert task["TASK"] == "QUERY" and task["USER"] == "alice"
+    core.on_message(1, {"STATUS": "OK", "SALDO": 99.99}, 30.1)
+    out = core.take_outbox()
+    assert [e.conn for e in out] == [2]  # the client's answer; nothing to the worker
+    assert out[0].message == {"ID": "r1", "STATUS": "OK", "BALANCE": "99.99", "SALDO": "99.99", "USER": "alice"}
+    core.on_message(1, {"STATUS": "NOK", "TASK": "QUERY", "ERROR": "User not found"}, 30.2)
+    assert sends(core) == []  # it holds nothing: ignored, and v1 expects no answer
+    assert core.queue_length == 1  # the deposit waits for a worker that accepts updates
+
+
+def test_a_seed_worker_that_cannot_find_the_account_gives_the_client_its_words():
+    core = make_core()
+    core.on_message(1, {"WORKER": "ALIVE"}, 0.0)
+    core.on_message(2, {"TASK": "QUERY", "USER": "nobody", "ID": "r1"}, 0.0)
+    core.pump(0.0)
+    sends(core)
+    core.on_message(1, {"STATUS": "NOK", "TASK": "QUERY", "ERROR": "User not found"}, 0.1)
+    (reply,) = sends(core, 2)
+    assert reply["ERROR"] == "TASK_FAILED" and reply["DETAIL"] == "User not found" and reply["TASK"] == "QUERY"
+
+
+def test_a_v2_worker_hears_no_task_after_the_long_poll():
+    core = make_core(no_task_wait_s=1.0)
+    core.on_message(1, {"WORKER": "ALIVE", "WORKER_UUID": "w-v2"}, 0.0)
+    core.tick(0.9)
+    assert sends(core, 1) == []
+    core.tick(1.05)
+    (reply,) = sends(core, 1)
+    assert reply["TASK"] == "NO_TASK" and reply["FAILOVER_LIST"][0]["PORT"] == 8765
+
+
+def test_a_worker_cannot_claim_the_id_of_another_connected_worker_and_nothing_changes():
+    core = make_core()
+    core.on_message(1, alive("w1"), 0.0)
+    before = core.status(0.0)
+    core.on_message(7, alive("w1"), 0.1)
+    (reply,) = sends(core, 7)
+    assert reply["ERROR"] == "WORKER_ID_IN_USE" and reply["DEFINITE"] is True
+    core.on_message(7, {"STATUS": "OK", "WORKER_UUID": "w1", "ID": "op-x", "BALANCE": "1.00"}, 0.1)
+    assert sends(core, 7)[0]["ERROR"] == "WORKER_ID_IN_USE"
+    assert core.status(0.1)["WORKER_LIST"] == before["WORKER_LIST"]
+
+
+@pytest.mark.parametrize("message, code", [
+    ({"TASK": "FLY", "ID": "x"}, "UNKNOWN_MESSAGE"),
+    ({"TASK": "DEPOSIT", "ID": "x", "ACCOUNT": "alice", "AMOUNT": "-1"}, "AMOUNT_NEGATIVE"),
+    ({"TASK": "UPDATE", "ID": "x", "USER": "alice", "OPERATION": "STEAL", "AMOUNT": "1"}, "FIELD_INVALID"),
+    ({"WORKER": "DEAD"}, "UNKNOWN_MESSAGE"),
+    ({"WORKER": "ALIVE", "MAX_TASKS": 10_000}, "FIELD_INVALID"),
+    ({"STATUS": "OK", "SALDO": 1}, "WRONG_ROLE"),
+    ({"TASK": "WORKER_REQUEST", "WORKERS_NEEDED": 2, "SERVER_UUID": "intruder"}, "NOT_PEER"),
+    ({"TASK": "COMMAND_RELEASE", "WORKERS_UUID": ["w1"]}, "NOT_PEER"),
+])
+def test_bad_input_gets_a_clear_error_and_changes_nothing(message, code):
+    core = make_core()
+    core.on_message(1, alive("w1"), 0.0)
+    before = core.status(0.0)
+    core.on_message(5, message, 0.1, source_host="127.0.0.99")
+    (reply,) = sends(core, 5)
+    assert reply["STATUS"] == "NOK" and reply["ERROR"] == code and isinstance(reply["DEFINITE"], bool)
+    after = core.status(0.1)
+    for key in ("QUEUE_LENGTH", "WORKERS", "WORKER_LIST", "LOANS_GIVEN_TOTAL"):
+        assert after[key] == before[key]
+
+
+def test_an_update_the_worker_could_not_finish_is_redelivered_and_given_up_after_max_attempts():
+    core = make_core(max_task_attempts=2)
+    core.on_message(2, deposit("op-1"), 0.0)
+    for attempt in range(2):
+        core.on_message(1, alive("w1", results=[] if attempt == 0 else [
+            {"ID": "op-1", "STATUS": "NOK", "ERROR": "UNAVAILABLE"}]), 0.1 * attempt)
+        core.pump(0.1 * attempt)
+        assert any(m.get("TASK") == "BATCH" for m in sends(core, 1))
+    core.on_message(1, alive("w1", results=[{"ID": "op-1", "STATUS": "NOK", "ERROR": "UNAVAILABLE"}]), 0.5)
+    (reply,) = sends(core, 2)
+    assert reply["ERROR"] == "UNAVAILABLE" and reply["DEFINITE"] is False
+
+
+# --- Heartbeats -------------------------------------------------------------------------------
+
+
+def heartbeat_requests(core: FarmCore) -> list[PeerRequest]:
+    return [e for e in core.take_outbox() if type(e) is PeerRequest and e.message["TASK"] == "HEARTBEAT"]
+
+
+def test_a_peer_that_misses_heartbeats_is_marked_down_after_the_limit_and_up_at_its_first_answer():
+    core = make_core(heartbeat_interval_s=0.5, heartbeat_miss_limit=3, retry_initial_s=0.1, retry_max_s=2.0,
+                     jitter_fraction=0.2)
+    peer = core.peers[B_KEY]
+    now = 0.0
+    core.tick(now)
+    (probe,) = heartbeat_requests(core)
+    core.on_peer_result(B_KEY, probe.message, {"RESPONSE": "ALIVE", "SERVER_UUID": "srv-b"}, now)
+    assert peer.state == UP and peer.uuid == "srv-b"
+    waits = []
+    for failure in range(1, 7):
+        now = peer.next_probe_at
+        core.tick(now)
+        (probe,) = heartbeat_requests(core)
+        core.on_peer_result(B_KEY, probe.message, None, now)
+        waits.append(peer.next_probe_at - now)
+        assert peer.state == (DOWN if failure >= 3 else UP)
+    # Exponential backoff within the jitter band, capped.
+    for failure, wait in enumerate(waits, start=1):
+        base = min(2.0, 0.1 * 2 ** (failure - 1))
+        assert base * 0.8 <= wait <= base * 1.2
+    assert len(set(waits)) == len(waits)  # jitter: no two waits alike
+    now = peer.next_probe_at
+    core.tick(now)
+    (probe,) = heartbeat_requests(core)
+    core.on_peer_result(B_KEY, probe.message, {"RESPONSE": "ALIVE", "SERVER_UUID": "srv-b"}, now)
+    assert peer.state == UP and peer.failures == 0
+    assert core.status(now)["PEERS"][0]["STATE"] == "up"
+
+
+# --- Lending and returning: two cores on a scripted network ------------------------------------
+
+
+class Net:
+    """Delivers each server's PeerRequests to the other server and the reply back; a server in
+    `down` answers nothing. Messages to workers and clients are kept per (server, connection)."""
+
+    def __init__(self, cores: dict[str, FarmCore], hosts: dict[str, str]) -> None:
+        self.cores = cores
+        self.hosts = hosts
+        self.down: set[str] = set()
+        self.inbox: dict[tuple[str, int], list[dict]] = {}
+        self.closed: set[tuple[str, int]] = set()
+
+    def run(self, now: float) -> None:
+        for _round in range(20):
+            moved = False
+            for key, core in self.cores.items():
+                for effect in core.take_outbox():
+                    moved = True
+                    if type(effect) is Send:
+                        self.inbox.setdefault((key, effect.conn), []).append(effect.message)
+                    elif type(effect) is Close:
+                        self.closed.add((key, effect.conn))
+                    else:
+                        self._deliver(key, effect, now)
+            if not moved:
+                return
+        raise AssertionError("the servers keep talking")
+
+    def _deliver(self, sender: str, request: PeerRequest, now: float) -> None:
+        target = self.cores.get(request.peer)
+        if target is None or request.peer in self.down or sender in self.down:
+            self.cores[sender].on_peer_result(request.peer, request.message, None, now)
+            return
+        target.on_message(PEER_CONN, dict(request.message, ID="p1"), now, self.hosts[sender])
+        reply = None
+        for effect in target.take_outbox():
+            if type(effect) is Send and effect.conn == PEER_CONN:
+                reply = effect.message
+            else:
+                target.outbox.append(effect)
+        self.cores[sender].on_peer_result(request.peer, request.message, reply, now)
+
+    def take(self, server: str, conn: int) -> list[dict]:
+        return self.inbox.pop((server, conn), [])
+
+    def tick(self, now: float) -> None:
+        for key, core in self.cores.items():
+            if key not in self.down:
+                core.tick(now)
+        self.run(now)
+
+
+def two_servers(**overrides) -> tuple[Net, FarmCore, FarmCore]:
+    settings = dict(lend_queue_threshold=5, overload_s=0.5, return_queue_threshold=2, underload_s=1.0,
+                    min_own_workers=1, heartbeat_interval_s=0.5, no_task_wait_s=1.0)
+    settings.update(overrides)
+    a = make_core("srv-a", A_ADDR, (B_ADDR,), **settings)
+    b = make_core("srv-b", B_ADDR, (A_ADDR,), **settings)
+    net = Net({A_KEY: a, B_KEY: b}, {A_KEY: A_ADDR[0], B_KEY: B_ADDR[0]})
+    net.tick(0.0)  # first heartbeats: each learns the other's id
+    return net, a, b
+
+
+def test_an_overloaded_server_borrows_idle_workers_and_gives_them_back_when_its_queue_is_short():
+    net, a, b = two_servers()
+    net.tick(0.0)
+    # A has one worker; B has three, idle and waiting.
+    a.on_message(1, alive("a1"), 0.0)
+    for index, conn in enumerate((11, 12, 13), start=1):
+        b.on_message(conn, alive(f"b{index}"), 0.0)
+    for index in range(20):
+        a.on_message(2, deposit(f"op-{index}"), 0.0)
+    a.pump(0.0)
+    net.run(0.0)
+    net.tick(0.3)  # the queue is long: overloaded from now on
+    net.tick(0.7)
+    assert not a.peers[B_KEY].request_outstanding and not net.take(B_KEY, 11)  # not yet: it must last overload_s
+    net.tick(0.85)
+    # B lent two idle workers (keeping its minimum of one at home) and sent each a REDIRECT.
+    redirects = {conn: net.take(B_KEY, conn) for conn in (11, 12, 13)}
+    lent_conns = [conn for conn, messages in redirects.items() if messages and messages[-1]["TASK"] == "REDIRECT"]
+    assert len(lent_conns) == 2
+    for conn in lent_conns:
+        redirect = redirects[conn][-1]
+        assert redirect["TARGET_MASTER"] == {"IP": "127.0.0.11", "PORT": 8765, "ip": "127.0.0.11", "port": 8765}
+        assert redirect["HOME_MASTER"]["PORT"] == 8766 and len(redirect["FAILOVER_LIST"]) == 2
+        assert (B_KEY, conn) in net.closed
+    status_b = b.status(0.85)
+    assert status_b["WORKERS"]["LENT_OUT"] == 2 and status_b["WORKERS"]["HOME"] == 1
+    # The lent workers connect to A, naming their owner.
+    lent_ids = [w.worker_id for w in b.workers.values() if w.placement == LENT]
+    for conn, worker_id in zip((21, 22), lent_ids):
+        a.on_message(conn, alive(worker_id, owner="srv-b"), 0.9)
+    a.pump(0.9)
+    net.run(0.9)
+    assert a.status(0.9)["WORKERS"]["BORROWED"] == 2
+    # Everything is served; the borrowed workers' results count as theirs.
+    for _round in range(10):
+        for conn, worker_id in ((1, "a1"), (21, lent_ids[0]), (22, lent_ids[1])):
+            batches = [m for m in net.take(A_KEY, conn) if m.get("TASK") == "BATCH"]
+            for batch in batches:
+                a.on_message(conn, alive(worker_id, owner=None if worker_id == "a1" else "srv-b",
+                                         results=[ok(t["ID"]) for t in batch["TASKS"]]), 1.0)
+        a.pump(1.0)
+        net.run(1.0)
+    assert a.tasks_completed_total == 20 and a.tasks_by_borrowed_total > 0
+    # The queue stays short for underload_s: A asks B to take them back, B agrees, A says RETURN.
+    net.tick(1.1)
+    net.tick(2.2)
+    returns: dict[int, list[dict]] = {21: [], 22: []}
+    for conn, worker_id in zip((21, 22), lent_ids):
+        for message in net.take(A_KEY, conn):
+            if message["TASK"] == "NO_TASK":  # its long poll ended first: it asks again, as workers do
+                a.on_message(conn, alive(worker_id, owner="srv-b"), 2.2)
+                net.run(2.2)
+                message = net.take(A_KEY, conn)[-1]
+            returns[conn].append(message)
+    assert all(m["TASK"] == "RETURN" for messages in returns.values() for m in messages)
+    assert all(len(messages) == 1 for messages in returns.values())
+    assert returns[21][0]["SERVER_RETURN"] == {"ip": "127.0.0.12", "port": 8766}
+    assert a.status(2.2)["WORKERS"]["BORROWED"] == 0
+    # They say ALIVE at home: B has all three at home again and tells A the release is complete.
+    for conn, worker_id in zip((31, 32), lent_ids):
+        b.on_message(conn, alive(worker_id, owner="srv-b"), 2.3)
+    net.run(2.3)
+    status_b = b.status(2.3)
+    assert status_b["WORKERS"]["HOME"] == 3 and status_b["WORKERS"]["LENT_OUT"] == 0
+    assert all(w.placement == HOME for w in b.workers.values())
+    assert not b.peers[A_KEY].pending_release
+
+
+def test_a_server_never_lends_below_its_minimum_nor_the_same_worker_twice():
+    net, a, b = two_servers(min_own_workers=2)
+    b.on_message(11, alive("b1"), 0.0)
+    b.on_message(12, alive("b2"), 0.0)
+    b.on_message(13, alive("b3"), 0.0)
+    request = {"TASK": "WORKER_REQUEST", "WORKERS_NEEDED": 5, "SERVER_UUID": "srv-a", "ID": "r1"}
+    b.on_message(PEER_CONN, dict(request), 0.1, A_ADDR[0])
+    reply = [m for m in sends(b, PEER_CONN)]
+    assert reply[0]["STATUS"] == "ACK" and len(reply[0]["WORKERS_UUID"]) == 1
+    b.on_message(PEER_CONN, dict(request, ID="r2"), 0.2, A_ADDR[0])
+    (second,) = sends(b, PEER_CONN)
+    assert second["STATUS"] == "NACK" and second["WORKERS_UUID"] == []
+    assert b.status(0.2)["WORKERS"]["HOME"] == 2
+
+
+def test_a_borrower_that_dies_loses_nothing_its_workers_go_home_and_its_owner_keeps_them():
+    net, a, b = two_servers()
+    b.on_message(11, alive("b1"), 0.0)
+    b.on_message(12, alive("b2"), 0.0)
+    request = {"TASK": "WORKER_REQUEST", "WORKERS_NEEDED": 1, "SERVER_UUID": "srv-a", "ID": "r1"}
+    b.on_message(PEER_CONN, request, 0.1, A_ADDR[0])
+    (lent_id,) = sends(b, PEER_CONN)[0]["WORKERS_UUID"]
+    net.down.add(A_KEY)  # A is killed
+    now = 0.1
+    for _ in range(10):
+        now += 0.5
+        net.tick(now)
+    assert b.peers[A_KEY].state == DOWN
+    b.on_message(14, alive(lent_id, owner="srv-b"), now)  # its connection to A broke: it came home
+    assert b.workers[lent_id].placement == HOME
+    assert b.status(now)["WORKERS"] == {"OWN": 2, "HOME": 2, "LENT_OUT": 0, "BORROWED": 0, "IDLE": 2, "BUSY": 0}
+
+
+def test_a_failed_over_worker_serves_the_peer_while_its_owner_is_down_and_goes_home_when_it_is_up():
+    net, a, b = two_servers()
+    net.down.add(A_KEY)
+    now = 0.0
+    for _ in range(10):
+        now += 0.5
+        net.tick(now)
+    assert b.peers[A_KEY].state == DOWN
+    b.on_message(15, alive("a1", owner="srv-a"), now)  # A's worker, through its failover list
+    assert b.workers["a1"].placement == BORROWED
+
+    def directives_to_a1(at: float) -> list[dict]:
+        """What B tells a1 by `at`; a1 asks again after each NO_TASK, as workers do."""
+        net.tick(at)
+        told = []
+        for message in net.take(B_KEY, 15):
+            if message["TASK"] == "NO_TASK":
+                b.on_message(15, alive("a1", owner="srv-a"), at)
+                net.run(at)
+            else:
+                told.append(message)
+        return told
+
+    assert directives_to_a1(now + 2.0) == []  # kept: its owner cannot take it back
+    net.down.discard(A_KEY)
+    now += 10.0
+    told = directives_to_a1(now) + directives_to_a1(now + 0.1)
+    assert b.peers[A_KEY].state == UP
+    told += directives_to_a1(now + 1.2) + directives_to_a1(now + 2.4)
+    (message,) = told
+    assert message["TASK"] == "RETURN" and message["SERVER_RETURN"] == {"ip": "127.0.0.11", "port": 8765}
+
+
+def test_classify_keeps_client_queries_and_worker_statuses_apart():
+    from common.farm import classify
+
+    assert classify({"TASK": "QUERY", "USER": "alice"}) == "client"
+    assert classify({"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "w"}) == "result"
+    assert classify({"WORKER": "ALIVE", "WORKER_UUID": "w", "SERVER_UUID": "s"}) == "worker"
+    assert classify({"SERVER": "ALIVE", "TASK": "REQUEST"}) == "peer"
+    assert classify({"SERVER_UUID": "s", "RESPONSE": "RELEASE_COMPLETED"}) == "peer"
+    assert classify({"TASK": "STATUS"}) == "status"
+    with pytest.raises(SaldoError):
+        from common.farm import check_id
+
+        check_id("has space", "WORKER_UUID")
