@@ -3,8 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Lab parameters: make bench ARCH=sequencer CLIENTS=8 DURATION=10 REPEAT=3; make chaos FAULTS=kill-replica
+ARCH ?= all
+CLIENTS ?= 1,8
+DURATION ?= 10
+REPEAT ?= 3
+FAULTS ?= kill-replica
+PORTS ?= seed
 
-.PHONY: test venv clean
+.PHONY: test venv clean demo up bench chaos
 
 # The virtual environment is rebuilt when a requirements file changes.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -21,6 +28,23 @@ test: venv
 	echo "make test: MariaDB at $${base_url%%@*}@..., throw-away databases saldo_test_$$$$*"; \
 	SALDO_TEST_MYSQL_URL="$$base_url/saldo_test_$$$$" SALDO_REQUIRE_MYSQL=1 \
 		$(PY) -m pytest $(PYTEST_ARGS)
+
+# The first command of the README: needs nothing but python3 (SQLite is in the standard library).
+demo:
+	$(PYTHON) lab.py demo --ports $(PORTS)
+
+# A cluster that stays up until Ctrl-C, for client.py: make up ARCH=sequencer
+up:
+	$(PYTHON) lab.py up --arch $(if $(filter all,$(ARCH)),sequencer,$(ARCH)) --ports $(PORTS)
+
+# Workloads without faults, each with the echo reference measured in the same run; medians of REPEAT.
+bench:
+	$(PYTHON) lab.py bench --arch $(ARCH) --clients $(CLIENTS) --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
+
+# Workloads with a fault schedule (FAULTS=kill-replica, partition-replica, kill-sequencer, ...).
+chaos:
+	$(PYTHON) lab.py chaos --arch $(if $(filter all,$(ARCH)),sequencer,$(ARCH)) --clients $(lastword $(subst ,, ,$(CLIENTS))) \
+		--duration $(DURATION) --faults $(FAULTS) --ports $(PORTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis results var

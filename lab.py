@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The saldo lab: run a bank workload against a live local cluster, break it, check it, report.
 
+    python lab.py demo                                           (what `make demo` runs)
+    python lab.py up --arch sequencer                            a cluster that stays up until Ctrl-C
     python lab.py run --arch standalone --clients 8 --duration 10
     python lab.py run --arch sequencer --faults kill-replica
     python lab.py bench --arch all --clients 1,8 --repeat 3     (what `make bench` runs)
@@ -14,12 +16,12 @@ whose architecture does not promise what the checker found, as documented), 1 ot
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 from common.lab import archs
+from common.lab.cluster import REPO_ROOT, Cluster
 from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
 from common.lab.runner import RunOptions, run_lab
@@ -129,12 +131,66 @@ def _print_summary(summary: list[dict]) -> None:
         print(f"  {row['architecture']:<16}{row['clients']:>8}{fmt(row['throughput_ops_s'], ',.0f'):>13}"
               f"{fmt(row['applied_ops_s'], ',.0f'):>11}{fmt(row['p50_ms'], '.3f'):>9}{fmt(row['p99_ms'], '.3f'):>9}"
               f"{fmt(row['echo_ops_s'], ',.0f'):>12}{fmt(row['ratio'], '.2f'):>7}  {','.join(row['verdicts'])}")
-    print(json.dumps({"summary": summary}), file=sys.stderr) if False else None
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts, a short workload
+    with a replica killed and restarted half-way, the report, and everything stopped."""
+    print("saldo demo: the sequencer architecture on three local hosts\n"
+          "  127.0.0.11  sequencer (clients on :6002, replicas on :6003)\n"
+          "  127.0.0.12  replica1 (reads on :6007)      127.0.0.13  replica2 (reads on :6007)\n"
+          f"  8 clients for {args.duration:g} s; replica1 is SIGKILLed at 30% of the run and restarted at 60%\n", flush=True)
+    options = RunOptions(
+        architecture="sequencer", clients=8, window=16, duration_s=args.duration, faults="kill-replica",
+        ports=args.ports, progress=not args.quiet, run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+    )
+    result = run_lab(options)
+    print(format_table(result.report))
+    print(f"  report   {result.report_path}\n  timeline {result.report['timeline_svg']}\n"
+          f"  logs     {result.report['run_dir']}/*.log")
+    print("\nEvery process was stopped. Next: `python3 lab.py up --arch sequencer` keeps a cluster running for client.py.")
+    return 0 if result.report["verdict"] == "valid" else 1
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start a cluster and keep it up until Ctrl-C, for client.py and for poking at it by hand."""
+    run_dir = REPO_ROOT / "var" / "up" / args.arch
+    lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store))
+    with Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch) as cluster:
+        cluster.start()
+        print(f"saldo {args.arch} cluster is up (topology: {cluster.topology_path})")
+        for node in lab.nodes:
+            print(f"  {node.name:<28} {node.host}:{node.port:<6} pid {cluster.pid(node.name)}  log {cluster.log_path(node.name)}")
+        topo = cluster.topology_path.relative_to(REPO_ROOT)
+        print(f"\nTry, in another terminal:\n"
+              f"  python3 client.py --topology {topo} deposit alice 100\n"
+              f"  python3 client.py --topology {topo} transfer alice bob 25.50\n"
+              f"  python3 client.py --topology {topo} balance bob\n"
+              f"  python3 client.py --topology {topo} status\n"
+              f"Ctrl-C stops every process.", flush=True)
+        try:
+            while all(cluster.is_running(node.name) for node in lab.nodes):
+                time.sleep(0.5)
+            print("a process exited; stopping the cluster", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\nstopping")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser("demo", help="a short sequencer run with a replica crash, then everything stops")
+    demo_parser.add_argument("--duration", type=float, default=8.0)
+    demo_parser.add_argument("--ports", choices=["seed", "free"], default="seed")
+    demo_parser.add_argument("--quiet", action="store_true")
+    demo_parser.add_argument("--log-level", default="warning")
+    up_parser = commands.add_parser("up", help="start a cluster and keep it up until Ctrl-C")
+    up_parser.add_argument("--arch", default="sequencer", help=f"one of {', '.join(archs.BUILDERS)}")
+    up_parser.add_argument("--ports", choices=["seed", "free"], default="seed")
+    up_parser.add_argument("--proxies", action="store_true", help="route replica links through fault proxies")
+    up_parser.add_argument("--store", default="sqlite")
+    up_parser.add_argument("--log-level", default="warning")
     run_parser = commands.add_parser("run", help="one or more runs, no echo reference unless asked")
     _add_run_flags(run_parser, default_faults="none")
     bench_parser = commands.add_parser("bench", help="runs without faults, with the echo reference")
@@ -146,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.set_defaults(window_for_one=True)
     args = parser.parse_args(argv)
     configure("lab", args.log_level)
+    if args.command == "demo":
+        return run_demo(args)
+    if args.command == "up":
+        return run_up(args)
     if args.command == "bench" and args.faults != "none":
         parser.error("bench runs without faults; use chaos")
     return _run_all(args, reference_default=args.command == "bench")

@@ -70,15 +70,16 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, run_dir: str | Path, nodes: list[Node], *, name: str = "lab") -> None:
+    def __init__(self, run_dir: str | Path, nodes: list[Node], *, name: str = "lab", architecture: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.nodes = {node.name: node for node in nodes}
         assert len(self.nodes) == len(nodes), "node names must be unique"
         self.topology_path = self.run_dir / "topology.json"
-        topology_file.write(
-            self.topology_path, {"name": name, "nodes": {n.name: n.entry() for n in nodes}}
-        )
+        document = {"name": name, "nodes": {n.name: n.entry() for n in nodes}}
+        if architecture is not None:
+            document["architecture"] = architecture
+        topology_file.write(self.topology_path, document)
         self._processes: dict[str, subprocess.Popen] = {}
         self._paused: set[str] = set()
         self._log_files: dict[str, object] = {}

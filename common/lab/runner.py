@@ -221,7 +221,7 @@ def run_lab(options: RunOptions) -> RunResult:
     )
     lab = archs.build(options.architecture, layout)
     started_at = time.time()
-    with Cluster(run_dir, lab.nodes, name=run_name) as cluster:
+    with Cluster(run_dir, lab.nodes, name=run_name, architecture=lab.architecture) as cluster:
         lab.cluster = cluster
         cluster.start()
         workload, faults, applied, window, window_s = asyncio.run(_drive(options, lab, schedule))

@@ -196,10 +196,13 @@ class Workload:
         elapsed = self.now_s() - self.run_started_s
         note = self.progress_note() if self.progress_note is not None else ""
         line = (
-            f"\r  t={elapsed:6.1f}s ok={progress.ok} failed={progress.failed} unknown={progress.unknown} "
+            f"  t={elapsed:6.1f}s ok={progress.ok} failed={progress.failed} unknown={progress.unknown} "
             f"in_flight={progress.in_flight} last_s_ops={len(latencies)} p99={p99:.2f}ms {note}"
         )
-        sys.stderr.write(line.ljust(110) + ("\n" if final else ""))
+        if sys.stderr.isatty():  # one line, rewritten in place
+            sys.stderr.write("\r" + line.ljust(110) + ("\n" if final else ""))
+        else:
+            sys.stderr.write(line.rstrip() + "\n")
         sys.stderr.flush()
 
 
