@@ -489,7 +489,8 @@ class FarmCore:
         worker = self.workers.get(worker_uuid)
         if worker is not None and worker.conn is not None and worker.conn != conn:
             raise SaldoError("WORKER_ID_IN_USE", f"{worker_uuid} is served by another open connection")
-        owner = owner or self.config.server_id
+        if owner is None or owner == self._key:  # naming no owner, or our address, means us
+            owner = self.config.server_id
         if worker is None:
             if len(self.workers) >= MAX_WORKERS:
                 raise SaldoError("OVERLOADED", f"this server tracks {MAX_WORKERS} workers")

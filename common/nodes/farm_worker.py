@@ -159,8 +159,9 @@ class FarmWorker:
         while not self.stop.is_set():
             alive = {"WORKER": "ALIVE", "WORKER_UUID": self.worker_id, "MAX_TASKS": self.args.max_tasks,
                      "ACCEPTS": ["QUERY", "UPDATE"]}
-            if self.owner is not None:
-                alive["SERVER_UUID"] = self.owner
+            # Our owner: its SERVER_UUID once it said it, its address until then (a saldo server's
+            # default id, and one it recognizes as itself), so no other server takes us for its own.
+            alive["SERVER_UUID"] = self.owner or topology.format_address(self.home)
             if results:
                 alive["RESULTS"] = results
             try:

@@ -1,0 +1,331 @@
+"""The worker farm as processes on MariaDB: lending, worker and server crashes, a seed-000 worker,
+bad input. Each test starts real servers and workers (common/lab/arch_farm.py's layout: farm1 and
+farm2, workers owned alternately by them) on loopback addresses, does one thing, and checks what
+the servers say (STATUS) and what the shared store holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+
+import pytest
+
+from common import wire
+from common.bank import DEPOSIT, Operation
+from common.blocking import BlockingConnection
+from common.lab import checker
+from common.lab.arch_farm import build
+from common.lab.archs import LayoutOptions
+from common.lab.cluster import Cluster
+from common.lab.workload import Workload, WorkloadConfig
+from common.store import open_store
+
+pytestmark = pytest.mark.slow
+
+
+def start_farm(tmp_path, store_url: str, **options) -> tuple[Cluster, object]:
+    lab = build(LayoutOptions(run_dir=tmp_path, ports="free", store=store_url, request_timeout_s=2.0,
+                              extra={key: str(value) for key, value in options.items()}))
+    cluster = Cluster(tmp_path, lab.nodes, name="farm-test")
+    lab.cluster = cluster
+    cluster.start()
+    # A worker that starts before its home server listens serves the other one until it is given
+    # back: begin each scenario once every worker is at home, idle.
+    workers = int(options.get("workers", 4))
+    homes = {"farm1": (workers + 1) // 2, "farm2": workers // 2}
+    for name, count in homes.items():
+        wait_for(lambda: (w := cluster.status(name)["WORKERS"])["HOME"] == count and w["BORROWED"] == 0 and w["IDLE"] == count,
+                 15, f"{name} has its {count} workers at home")
+    return cluster, lab
+
+
+def address(cluster: Cluster, name: str) -> tuple[str, int]:
+    node = cluster.nodes[name]
+    return node.host, node.port
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def run_tasks(server: tuple[str, int], messages: list[dict], timeout_s: float = 30.0) -> dict[str, dict]:
+    """Send every message at once on one connection (pipelined); the reply to each, by ID."""
+    deadline = time.monotonic() + timeout_s
+    with BlockingConnection(*server) as connection:
+        connection.send_bytes(b"".join(wire.encode(m) for m in messages), timeout_s)
+        return {m["ID"]: connection.wait_reply(m["ID"], max(0.0, deadline - time.monotonic())) for m in messages}
+
+
+def deposit(account: str, amount: str = "1.00") -> dict:
+    return {"TASK": "DEPOSIT", "ID": str(uuid.uuid4()), "ACCOUNT": account, "AMOUNT": amount}
+
+
+def store_url_of(lab) -> str:
+    return lab.stores()["farm1"]
+
+
+def applied_rows(store_url: str, op_id: str) -> int:
+    store = open_store(store_url)
+    try:
+        return sum(1 for row in store.load().recent if row.op.op_id == op_id)
+    finally:
+        store.close()
+
+
+class StatusWatch:
+    """Polls a server's STATUS in a thread and keeps the largest figures seen."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.max_borrowed = 0
+        self.first_borrowed_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status = self.cluster.status(self.name, timeout_s=1.0)
+            except OSError:
+                status = {}
+            borrowed = (status.get("WORKERS") or {}).get("BORROWED", 0)
+            if borrowed and self.first_borrowed_at is None:
+                self.first_borrowed_at = time.monotonic()
+            self.max_borrowed = max(self.max_borrowed, borrowed)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "StatusWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# Small thresholds and slow workers (4 tasks per batch, 50 ms between commit and report), so that
+# a burst of a few hundred tasks overloads one server for a few seconds.
+LENDING = dict(workers=4, max_tasks=4, pause_after_commit_s=0.05, lend_queue_threshold=20, overload_s=0.2,
+               return_queue_threshold=5, underload_s=0.5, min_own_workers=1, heartbeat_interval_s=0.2)
+
+
+def test_a_burst_on_one_server_borrows_workers_completes_every_task_and_returns_them(tmp_path, mysql_url):
+    cluster, lab = start_farm(tmp_path, mysql_url, **LENDING)
+    with cluster:
+        accounts = [f"acct-{i}" for i in range(10)]
+        burst = [deposit(accounts[i % 10]) for i in range(600)]
+        with StatusWatch(cluster, "farm1") as watch:
+            replies = run_tasks(address(cluster, "farm1"), burst)
+        assert all(reply["STATUS"] == "OK" for reply in replies.values()), [r for r in replies.values() if r["STATUS"] != "OK"][:3]
+        assert watch.max_borrowed >= 1  # farm2 lent a worker while farm1's queue was long
+        farm1 = cluster.status("farm1")
+        assert farm1["TASKS_BY_BORROWED_TOTAL"] > 0 and farm1["LOANS_RECEIVED_TOTAL"] >= 1
+        # The right balances: 60 deposits of 1.00 into each account, read through the farm too.
+        store = open_store(store_url_of(lab))
+        try:
+            assert store.balances_of(accounts) == {account: 6000 for account in accounts}
+        finally:
+            store.close()
+        read = run_tasks(address(cluster, "farm1"), [{"TASK": "QUERY", "USER": "acct-3", "ID": "q-1"}])["q-1"]
+        assert read["STATUS"] == "OK" and read["SALDO"] == "60.00"
+        # The load is over: the borrowed worker goes home and farm2 has both of its own again.
+        wait_for(lambda: cluster.status("farm1")["WORKERS"]["BORROWED"] == 0, 10, "farm1 gives its borrowed workers back")
+        wait_for(lambda: cluster.status("farm2")["WORKERS"]["HOME"] == 2 and cluster.status("farm2")["WORKERS"]["LENT_OUT"] == 0,
+                 10, "farm2's workers are home")
+
+
+def test_a_worker_killed_between_commit_and_report_is_replaced_and_the_task_applied_once(tmp_path, mysql_url):
+    # worker1 and worker3 belong to farm1; each holds its results 1.5 s after committing.
+    cluster, lab = start_farm(tmp_path, mysql_url, workers=3, pause_after_commit_s=1.5)
+    with cluster:
+        task = deposit("alice", "12.34")
+        result: dict = {}
+        sender = threading.Thread(target=lambda: result.update(run_tasks(address(cluster, "farm1"), [task], 20.0)))
+        sender.start()
+        holder = wait_for(lambda: next((w["WORKER_UUID"] for w in cluster.status("farm1")["WORKER_LIST"] if w["HELD"]), None),
+                          10, "a worker holds the task")
+        wait_for(lambda: applied_rows(store_url_of(lab), task["ID"]) == 1, 10, "the task is committed")
+        cluster.kill(holder)  # before it could report
+        sender.join(25)
+        reply = result[task["ID"]]
+        assert reply["STATUS"] == "OK" and reply["BALANCE"] == "12.34"
+        assert applied_rows(store_url_of(lab), task["ID"]) == 1
+        store = open_store(store_url_of(lab))
+        try:
+            image = store.load()
+        finally:
+            store.close()
+        assert image.balances == {"alice": 1234} and image.counters.deposited_cents_total == 1234
+        farm1 = cluster.status("farm1")
+        assert farm1["TASKS_REQUEUED_TOTAL"] >= 1
+        assert next(w for w in farm1["WORKER_LIST"] if w["WORKER_UUID"] != holder)["TASKS_DONE"] == 1
+
+
+def test_when_the_borrowing_server_is_killed_its_borrowed_workers_go_home_and_serve_their_owner(tmp_path, mysql_url):
+    cluster, lab = start_farm(tmp_path, mysql_url, **LENDING)
+    with cluster:
+        burst = [deposit(f"acct-{i % 10}") for i in range(1500)]
+        sender = threading.Thread(target=lambda: run_tasks(address(cluster, "farm1"), burst, 20.0), daemon=True)
+        sender.start()
+        wait_for(lambda: cluster.status("farm1")["WORKERS"]["BORROWED"] >= 1, 10, "farm1 borrows from farm2")
+        lent = [w["WORKER_UUID"] for w in cluster.status("farm2")["WORKER_LIST"] if w["PLACEMENT"] == "lent"]
+        assert lent
+        cluster.kill("farm1")
+        wait_for(lambda: all(w["PLACEMENT"] == "home" and w["CONNECTED"]
+                             for w in cluster.status("farm2")["WORKER_LIST"] if w["WORKER_UUID"] in lent)
+                 and all(any(w["WORKER_UUID"] == name for w in cluster.status("farm2")["WORKER_LIST"]) for name in lent),
+                 10, "the lent workers are home at farm2")
+        before = {w["WORKER_UUID"]: w["TASKS_DONE"] for w in cluster.status("farm2")["WORKER_LIST"]}
+        replies = run_tasks(address(cluster, "farm2"), [deposit("bob") for _ in range(200)], 20.0)
+        assert all(reply["STATUS"] == "OK" for reply in replies.values())
+        after = {w["WORKER_UUID"]: w["TASKS_DONE"] for w in cluster.status("farm2")["WORKER_LIST"]}
+        assert sum(after[name] - before.get(name, 0) for name in lent) > 0  # the returned ones serve their owner
+        sender.join(25)
+
+
+def test_when_a_server_is_killed_its_workers_fail_over_and_no_acknowledged_task_is_lost(tmp_path, mysql_url):
+    cluster, lab = start_farm(tmp_path, mysql_url, workers=4, entry="first", heartbeat_interval_s=0.2)
+    with cluster:
+        config = WorkloadConfig(clients=4, window=8, accounts=6, duration_s=4.0, attempt_timeout_s=1.0, op_deadline_s=20.0)
+
+        async def drive() -> list:
+            workload = Workload(config, lambda index: lab.make_client(index, config.window), progress=False)
+            seeder = lab.make_client(-1, 1)
+            await workload.seed_accounts(seeder)
+            await seeder.close()
+            loop = asyncio.get_running_loop()
+            loop.call_later(1.5, cluster.kill, "farm1")
+            return await workload.run()
+
+        history = asyncio.run(drive())
+        # farm1's own workers are at farm2 now, still naming farm1 as their owner.
+        farm2 = wait_for(lambda: (s := cluster.status("farm2"))["WORKERS"]["BORROWED"] == 2 and s, 10,
+                         "farm1's workers serve farm2")
+        assert {w["OWNER"] for w in farm2["WORKER_LIST"] if w["PLACEMENT"] == "borrowed"} == {cluster.nodes["farm1"].host + ":" + str(cluster.nodes["farm1"].port)}
+        outcomes = [record.outcome for record in history]
+        assert outcomes.count("unknown") == 0 and outcomes.count("ok") > 100
+        cluster.close()
+        store = open_store(store_url_of(lab))
+        try:
+            image = store.load()
+        finally:
+            store.close()
+        result = checker.check(history, {"farm": image}, total_order=True)
+        assert result.valid, result.to_json()
+
+
+def _seed_000_worker(server: tuple[str, int], mysql_url: str, stop: threading.Event, served: list) -> None:
+    """A worker written from seed 000's tables only: ALIVE, then a QUERY, then STATUS OK with SALDO
+    (or NOK with an ERROR text); it reads the balance from MySQL itself."""
+    import pymysql
+
+    parsed = urllib.parse.urlsplit(mysql_url)
+    database = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=parsed.username or "root",
+                               password=parsed.password or "", database=parsed.path.lstrip("/"), autocommit=True)
+    with socket.create_connection(server, timeout=1.0) as sock, database:
+        reader = sock.makefile("rb")
+        for _ in range(100):
+            if stop.is_set():
+                return
+            sock.sendall(b'{"WORKER": "ALIVE"}\n')
+            line = b""
+            while not stop.is_set() and not line:
+                try:
+                    line = reader.readline()
+                except (TimeoutError, socket.timeout):
+                    continue
+                if line == b"":
+                    return
+            if not line:
+                return
+            task = json.loads(line)
+            if task.get("TASK") != "QUERY":
+                continue
+            with database.cursor() as cursor:
+                cursor.execute("SELECT balance_cents FROM accounts WHERE name = %s", (task["USER"],))
+                row = cursor.fetchone()
+            if row is None:
+                answer = {"STATUS": "NOK", "TASK": "QUERY", "ERROR": "User not found"}
+            else:
+                answer = {"STATUS": "OK", "SALDO": row[0] / 100}
+            sock.sendall((json.dumps(answer) + "\n").encode())
+            served.append(task["USER"])
+
+
+def test_a_worker_that_speaks_only_seed_000s_tables_completes_tasks(tmp_path, mysql_url):
+    cluster, lab = start_farm(tmp_path, mysql_url, workers=0)
+    with cluster:
+        store = open_store(store_url_of(lab))
+        try:
+            store.apply_batch([(Operation("seed-alice", DEPOSIT, "alice", None, 9999), None)], max_accounts=100,
+                              dedup_window_ops=100)
+        finally:
+            store.close()
+        stop = threading.Event()
+        served: list[str] = []
+        worker = threading.Thread(target=_seed_000_worker,
+                                  args=(address(cluster, "farm1"), store_url_of(lab), stop, served), daemon=True)
+        worker.start()
+        try:
+            wait_for(lambda: cluster.status("farm1")["WORKERS"]["IDLE"] == 1, 10, "the seed worker waits for work")
+            replies = run_tasks(address(cluster, "farm1"), [
+                {"TASK": "QUERY", "USER": "alice", "ID": "q-alice"},
+                {"TASK": "QUERY", "USER": "nobody", "ID": "q-nobody"},
+                {"TASK": "BALANCE", "ACCOUNT": "alice", "ID": "b-alice"},
+            ], 10.0)
+        finally:
+            stop.set()
+        assert replies["q-alice"] == {"ID": "q-alice", "STATUS": "OK", "BALANCE": "99.99", "SALDO": "99.99", "USER": "alice"}
+        assert replies["q-nobody"]["STATUS"] == "NOK" and replies["q-nobody"]["ERROR"] == "TASK_FAILED"
+        assert replies["q-nobody"]["DETAIL"] == "User not found"
+        assert replies["b-alice"]["BALANCE"] == "99.99"
+        assert served == ["alice", "nobody", "alice"]
+        worker.join(5)
+
+
+def test_bad_input_on_the_server_port_gets_a_clear_error_and_changes_nothing(tmp_path, mysql_url):
+    cluster, lab = start_farm(tmp_path, mysql_url, workers=1)
+    with cluster:
+        farm1 = address(cluster, "farm1")
+        before = cluster.status("farm1")
+        cases = [
+            (b"this is not json\n", "INVALID_JSON"),
+            (b'["a", "list"]\n', "NOT_OBJECT"),
+            (b'{"TASK": "LAUNCH", "ID": "t1"}\n', "UNKNOWN_MESSAGE"),
+            (b'{"TASK": "DEPOSIT", "ID": "t2", "ACCOUNT": "a b", "AMOUNT": "1"}\n', "ACCOUNT_INVALID"),
+            (b'{"WORKER": "ALIVE", "WORKER_UUID": "worker1", "MAX_TASKS": 4, "ACCEPTS": ["UPDATE"]}\n', "WORKER_ID_IN_USE"),
+            (b'{"TASK": "WORKER_REQUEST", "WORKERS_NEEDED": 2, "SERVER_UUID": "intruder"}\n', "NOT_PEER"),
+            (b'{"TASK": "COMMAND_RELEASE", "WORKERS_UUID": ["worker1"]}\n', "NOT_PEER"),
+            (b'{"SERVER": "ALIVE", "TASK": "REQUEST"}\n', "NOT_PEER"),
+        ]
+        for line, code in cases:
+            with BlockingConnection(*farm1) as connection:
+                connection.send_bytes(line)
+                reply = connection.receive(5.0)
+            assert reply["STATUS"] == "NOK" and reply["ERROR"] == code and isinstance(reply["DEFINITE"], bool), (line, reply)
+            assert reply["DETAIL"]
+        with BlockingConnection(*farm1) as connection:  # an oversize line: LINE_TOO_LONG, then closed
+            connection.send_bytes(b'{"TASK": "QUERY", "USER": "' + b"x" * (wire.MAX_LINE_BYTES + 10) + b'"}\n', 5.0)
+            reply = connection.receive(5.0)
+            assert reply["ERROR"] == "LINE_TOO_LONG"
+            assert connection.receive(5.0) is None
+        after = cluster.status("farm1")
+        for key in ("QUEUE_LENGTH", "WORKERS", "LOANS_GIVEN_TOTAL", "TASKS_COMPLETED_TOTAL"):
+            assert after[key] == before[key], key
+        assert [(w["WORKER_UUID"], w["PLACEMENT"], w["CONNECTED"]) for w in after["WORKER_LIST"]] == [("worker1", "home", True)]
+        # Still serving.
+        task = deposit("carol", "5.00")
+        assert run_tasks(farm1, [task], 10.0)[task["ID"]]["BALANCE"] == "5.00"
