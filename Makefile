@@ -11,7 +11,7 @@ REPEAT ?= 3
 FAULTS ?= kill-replica
 PORTS ?= seed
 
-.PHONY: test venv clean demo up bench chaos
+.PHONY: test venv clean demo up bench bench-farm chaos
 
 # The virtual environment is rebuilt when a requirements file changes.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -38,8 +38,17 @@ up:
 	$(PYTHON) lab.py up --arch $(if $(filter all,$(ARCH)),sequencer,$(ARCH)) --ports $(PORTS)
 
 # Workloads without faults, each with the echo reference measured in the same run; medians of REPEAT.
-bench:
+bench: bench-farm
 	$(PYTHON) lab.py bench --arch $(ARCH) --clients $(CLIENTS) --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
+
+# The worker farm on MariaDB: tasks/s with 1, 2 and 4 workers, then how fast workers are lent and returned.
+bench-farm: venv
+	@base_url=$$(PYTHON=$(PY) scripts/ensure-mariadb.sh) || exit 1; \
+	for workers in 1 2 4; do \
+		$(PY) lab.py bench --arch farm --option workers=$$workers --clients 8 --duration $(DURATION) --repeat $(REPEAT) \
+			--ports $(PORTS) --store "$$base_url/saldo_bench" --no-reference --quiet || exit 1; \
+	done; \
+	$(PY) lab.py farm-lending --store "$$base_url/saldo_bench" --repeat $(REPEAT)
 
 # Workloads with a fault schedule (FAULTS=kill-replica, partition-replica, kill-sequencer, ...).
 chaos:

@@ -200,7 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (run_parser, bench_parser, chaos_parser):
         sub.add_argument("--log-level", default="warning")
         sub.set_defaults(window_for_one=True)
+    lending_parser = commands.add_parser("farm-lending", help="the worker farm: overload -> borrowed workers serving, underload -> returned")
+    lending_parser.add_argument("--store", default="sqlite", help="sqlite, or a MySQL base URL mysql://user:pass@host:port/prefix")
+    lending_parser.add_argument("--repeat", type=int, default=3, help="runs; the summary shows medians")
+    lending_parser.add_argument("--load-s", type=float, default=5.0, help="seconds of overload on farm1")
+    lending_parser.add_argument("--clients", type=int, default=8)
+    lending_parser.add_argument("--window", type=int, default=256, help="tasks in flight per client (far above what 2 workers finish)")
+    lending_parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
+    if args.command == "farm-lending":
+        from common.lab import farm_lending
+
+        configure("lab", args.log_level)
+        summary = farm_lending.run(args.store, repeat=args.repeat, load_s=args.load_s, clients=args.clients, window=args.window)
+        return 0 if all(verdict == "valid" for verdict in summary["verdicts"]) else 1
     configure("lab", args.log_level)
     if args.command == "demo":
         return run_demo(args)

@@ -1026,6 +1026,9 @@ class FarmCore:
             "LOANS_GIVEN_TOTAL": self.loans_given_total,
             "LOANS_RECEIVED_TOTAL": self.loans_received_total,
             "OVERLOADED_FOR_S": round(now - self._overloaded_since, 3) if self._overloaded_since is not None else 0.0,
+            "LEND_QUEUE_THRESHOLD": config.lend_queue_threshold,
+            "RETURN_QUEUE_THRESHOLD": config.return_queue_threshold,
+            "MIN_OWN_WORKERS": config.min_own_workers,
             "WORKERS": self.worker_counts(now),
             "WORKER_LIST": [
                 {"WORKER_UUID": w.worker_id, "OWNER": w.owner, "PLACEMENT": w.placement, "LENT_TO": w.lent_to,

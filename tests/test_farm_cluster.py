@@ -235,21 +235,29 @@ def _seed_000_worker(server: tuple[str, int], mysql_url: str, stop: threading.Ev
     parsed = urllib.parse.urlsplit(mysql_url)
     database = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=parsed.username or "root",
                                password=parsed.password or "", database=parsed.path.lstrip("/"), autocommit=True)
-    with socket.create_connection(server, timeout=1.0) as sock, database:
-        reader = sock.makefile("rb")
-        for _ in range(100):
-            if stop.is_set():
-                return
-            sock.sendall(b'{"WORKER": "ALIVE"}\n')
-            line = b""
-            while not stop.is_set() and not line:
+    with socket.create_connection(server, timeout=0.2) as sock, database:
+        pending = b""
+
+        def read_line() -> bytes | None:
+            """One line from the server, waiting as long as it takes (None once stopped or closed)."""
+            nonlocal pending
+            while b"\n" not in pending:
+                if stop.is_set():
+                    return None
                 try:
-                    line = reader.readline()
+                    data = sock.recv(65536)
                 except (TimeoutError, socket.timeout):
                     continue
-                if line == b"":
-                    return
-            if not line:
+                if not data:
+                    return None
+                pending += data
+            line, _, pending = pending.partition(b"\n")
+            return line
+
+        for _ in range(100):
+            sock.sendall(b'{"WORKER": "ALIVE"}\n')
+            line = read_line()
+            if line is None:
                 return
             task = json.loads(line)
             if task.get("TASK") != "QUERY":

@@ -10,7 +10,8 @@ name the same store: for the checker that store is the farm's one replica, read 
 Options (`lab.py ... --option KEY=VALUE`):
     workers=4            how many workers
     max_tasks=64         tasks a worker asks for at once (one transaction)
-    entry=spread|first   lab clients start at farm1 and farm2 in turn, or all at farm1
+    entry=spread|first   lab clients start at farm1 and farm2 in turn (default), or all at farm1
+                         (the default with one worker)
     pause_after_commit_s=0  (fault injection) a worker's wait between commit and report
     and any farm server flag by its name, e.g. lend_queue_threshold=50 overload_s=0.2
 """
@@ -44,7 +45,8 @@ def empty_store(url: str) -> None:
 def build(options: LayoutOptions) -> LabCluster:
     extra = dict(options.extra)
     worker_count = int(extra.pop("workers", 4))
-    entry = extra.pop("entry", "spread")
+    # With one worker there is one server with a worker: every client starts there.
+    entry = extra.pop("entry", "spread" if worker_count >= 2 else "first")
     if entry not in ("spread", "first"):
         raise ValueError("option entry must be spread or first")
     unknown = set(extra) - SERVER_OPTIONS - WORKER_OPTIONS
