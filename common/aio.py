@@ -93,6 +93,17 @@ class MessageStream:
         LINE_TOO_LONG first), and when the peer stalls mid-line past the partial-line timeout.
         An undecodable line is returned as a SaldoError in its place; the stream stays usable.
         """
+        while True:
+            lines = await self.read_lines()
+            if lines is None:
+                return None
+            batch = wire.decode_lines(lines)
+            if batch:
+                return batch
+
+    async def read_lines(self) -> list[bytes] | None:
+        """Like read_batch, but the complete lines undecoded (for parsers with a fast path for the
+        canonical form of their hot messages: see bank.parse_request_line)."""
         splitter = self._splitter
         while True:
             if self._closed:
@@ -126,10 +137,8 @@ class MessageStream:
             lines = splitter.feed(data)
             IOCounters.reads += 1
             if lines:
-                batch = wire.decode_lines(lines)
-                if batch:
-                    IOCounters.messages_read += len(batch)
-                    return batch
+                IOCounters.messages_read += len(lines)
+                return lines
 
     def send(self, message: dict) -> None:
         self.send_bytes(wire.encode(message))

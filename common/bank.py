@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from common.errors import SaldoError, error_reply
-from common.money import MAX_BALANCE_CENTS, parse_amount_cents, render_cents
+from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, parse_amount_cents, render_cents
 
 MAX_ACCOUNT_CHARS = 64
 MAX_OP_ID_CHARS = 64
@@ -184,6 +184,41 @@ def parse_request(message: dict) -> Operation | Query:
     raise SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY) or an Operacao")
 
 
+# The canonical form of saldo's own requests, as common/bankclient.operation_line writes them: one
+# regular expression recognises and validates a whole line without building a dict (a replica's hot
+# path). Anything else, including every other spelling of the same request, goes through the JSON
+# decoder and parse_request; both give the same Operation for the same request (a test checks it).
+_ID = rb"([A-Za-z0-9_.:-]{1,%d})" % MAX_OP_ID_CHARS
+_NAME = rb"([A-Za-z0-9_.@-]{1,%d})" % MAX_ACCOUNT_CHARS
+_AMOUNT = rb'"AMOUNT":"([0-9]{1,13})\.([0-9]{2})"'
+_CANONICAL_TRANSFER = re.compile(
+    rb'\{"TASK":"TRANSFER","ID":"' + _ID + rb'","FROM":"' + _NAME + rb'","TO":"' + _NAME + rb'",' + _AMOUNT + rb"\}[ \t\r]*"
+)
+_CANONICAL_SINGLE = re.compile(
+    rb'\{"TASK":"(DEPOSIT|WITHDRAW)","ID":"' + _ID + rb'","ACCOUNT":"' + _NAME + rb'",' + _AMOUNT + rb"\}[ \t\r]*"
+)
+
+
+def parse_request_line(line: bytes) -> Operation | None:
+    """The Operation of a line in saldo's canonical request form, or None: then decode the line and
+    use parse_request (which also produces every error reply)."""
+    match = _CANONICAL_TRANSFER.fullmatch(line)
+    if match is not None:
+        op_id, source, target, whole, fraction = match.groups()
+        cents = int(whole) * 100 + int(fraction)
+        if source == target or not 0 < cents <= MAX_AMOUNT_CENTS:
+            return None
+        return Operation(op_id.decode(), TRANSFER, source.decode(), target.decode(), cents)
+    match = _CANONICAL_SINGLE.fullmatch(line)
+    if match is not None:
+        kind, op_id, account, whole, fraction = match.groups()
+        cents = int(whole) * 100 + int(fraction)
+        if not 0 < cents <= MAX_AMOUNT_CENTS:
+            return None
+        return Operation(op_id.decode(), DEPOSIT if kind == b"DEPOSIT" else WITHDRAW, account.decode(), None, cents)
+    return None
+
+
 # --- Rendering outcomes -------------------------------------------------------------------------
 
 
@@ -315,8 +350,7 @@ class Bank:
         earlier = self.recent.get(op.op_id)
         if earlier is not None:
             return earlier.outcome, True
-        if __debug__:
-            check_operation(op)
+        assert op.amount_cents > 0 and (op.to_account is None) == (op.kind != TRANSFER), op
         outcome = self._decide_and_change(op)
         counters = self.counters
         counters.ops_applied_total += 1

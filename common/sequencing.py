@@ -37,6 +37,7 @@ Messages (one JSON object per line, like every saldo port):
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,40 @@ def parse_entry(message: dict) -> tuple[int, Operation]:
     if type(account) is not str or ACCOUNT_RE.fullmatch(account) is None:
         raise SaldoError("ACCOUNT_INVALID", "ACCOUNT must be an account name")
     return seq, Operation(op_id, kind, account, None, amount)
+
+
+_SEQ = rb"([1-9][0-9]{0,17})"
+_ID = rb"([A-Za-z0-9_.:-]{1,64})"
+_NAME = rb"([A-Za-z0-9_.@-]{1,64})"
+_CENTS = rb"([1-9][0-9]{0,14})"
+_CANONICAL_TRANSFER_ENTRY = re.compile(
+    rb'\{"TASK":"ORDERED","SEQ":' + _SEQ + rb',"ID":"' + _ID + rb'","OP":"TRANSFER","FROM":"' + _NAME
+    + rb'","TO":"' + _NAME + rb'","AMOUNT_CENTS":' + _CENTS + rb"\}"
+)
+_CANONICAL_SINGLE_ENTRY = re.compile(
+    rb'\{"TASK":"ORDERED","SEQ":' + _SEQ + rb',"ID":"' + _ID + rb'","OP":"(DEPOSIT|WITHDRAW)","ACCOUNT":"' + _NAME
+    + rb'","AMOUNT_CENTS":' + _CENTS + rb"\}"
+)
+
+
+def parse_entry_line(line: bytes) -> tuple[int, Operation] | None:
+    """An ORDERED line exactly as entry_line writes it, parsed and validated by one regular
+    expression; None for anything else (decode it and use parse_entry, which gives the errors)."""
+    match = _CANONICAL_TRANSFER_ENTRY.fullmatch(line)
+    if match is not None:
+        seq, op_id, source, target, cents = match.groups()
+        amount = int(cents)
+        if source == target or amount > MAX_AMOUNT_CENTS:
+            return None
+        return int(seq), Operation(op_id.decode(), TRANSFER, source.decode(), target.decode(), amount)
+    match = _CANONICAL_SINGLE_ENTRY.fullmatch(line)
+    if match is not None:
+        seq, op_id, kind, account, cents = match.groups()
+        amount = int(cents)
+        if amount > MAX_AMOUNT_CENTS:
+            return None
+        return int(seq), Operation(op_id.decode(), kind.decode(), account.decode(), None, amount)
+    return None
 
 
 def applied_line(upto_seq: int, results: list[tuple[int, str | None, int | None]]) -> bytes:

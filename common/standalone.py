@@ -20,7 +20,7 @@ from collections import deque
 
 from common import aio, wire
 from common.aio import MessageStream
-from common.bank import Operation, Query, balance_reply, outcome_reply, parse_request
+from common.bank import Operation, Query, balance_reply, outcome_reply, parse_request, parse_request_line
 from common.durable import DurableBank
 from common.errors import DETAIL_JSON, SaldoError, error_reply
 from common.log import get_logger
@@ -108,11 +108,11 @@ class BankService:
                 stream.send_bytes(awaiting.popleft()[1])
 
         while True:
-            batch = await stream.read_batch()
-            if batch is None:
+            lines = await stream.read_lines()
+            if lines is None:
                 return
-            self.requests_total += len(batch)
-            replies = b"".join([self._answer(item) for item in batch])
+            self.requests_total += len(lines)
+            replies = b"".join([self._answer_line(line) for line in lines])
             durable = self.dbank.durable()
             awaiting.append((durable, replies))
             if durable.done():
@@ -124,6 +124,19 @@ class BankService:
                 send_durable_replies()
             if not await stream.drain():
                 return
+
+    def _answer_line(self, line: bytes) -> bytes:
+        """A line in saldo's canonical request form is parsed by one regular expression; any other
+        line is decoded and parsed in full (see bank.parse_request_line)."""
+        op = parse_request_line(line)
+        if op is not None:
+            outcome, _duplicate = self.dbank.apply(op)
+            return fast_outcome_line(op.op_id, outcome)
+        try:
+            message = wire.decode_line(line)
+        except SaldoError as error:
+            return wire.encode(error_reply(error.code, error.detail))
+        return b"" if message is None else self._answer(message)
 
     def _answer(self, item: dict | SaldoError) -> bytes:
         """Apply or read one request now (in arrival order); its reply line, sent once durable."""

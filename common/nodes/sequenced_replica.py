@@ -29,7 +29,7 @@ from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank
-from common.sequencing import MAX_RESULTS_PER_ACK, SequencedReplicaCore, applied_line, parse_entry
+from common.sequencing import MAX_RESULTS_PER_ACK, SequencedReplicaCore, applied_line, parse_entry, parse_entry_line
 from common.snapshot import SnapshotReader, image_to_lines
 from common.standalone import classify_unknown
 
@@ -103,14 +103,22 @@ class SequencedReplica:
         stream.send({"TASK": "SUBSCRIBE", "REPLICA": self.args.name, "LAST_APPLIED_SEQ": self.core.last_delivered_seq})
         log.info("subscribed", mode=self.args.mode, last_applied_seq=self.core.last_delivered_seq)
         while True:
-            batch = await stream.read_batch()
-            if batch is None:
+            lines = await stream.read_lines()
+            if lines is None:
                 log.info("sequencer_connection_lost", last_applied_seq=self.core.last_delivered_seq)
                 return False
             entries = []
-            for message in batch:
-                if isinstance(message, SaldoError):
-                    log.warning("bad_line_from_sequencer", error=message.code, detail=message.detail)
+            for line in lines:
+                entry = parse_entry_line(line)  # the canonical form: one regular expression
+                if entry is not None:
+                    entries.append(entry)
+                    continue
+                try:
+                    message = wire.decode_line(line)
+                except SaldoError as error:
+                    log.warning("bad_line_from_sequencer", error=error.code, detail=error.detail)
+                    continue
+                if message is None:
                     continue
                 task = message.get("TASK")
                 if task == "ORDERED":
@@ -121,6 +129,8 @@ class SequencedReplica:
                 elif task == "SNAPSHOT_NEEDED":
                     log.warning("snapshot_needed", last_applied_seq=self.core.last_delivered_seq,
                                 log_start_seq=message.get("LOG_START_SEQ"))
+                    if entries:
+                        self._deliver(entries)
                     return True
                 elif message.get("STATUS") == "NOK":
                     log.warning("sequencer_refused", error=message.get("ERROR"), detail=message.get("DETAIL"))

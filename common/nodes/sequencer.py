@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from common import aio, topology, wire
-from common.bank import Operation, Query, parse_request
+from common.bank import Operation, Query, parse_request, parse_request_line
 from common.bankclient import RECONNECT_BACKOFF_S
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply
@@ -276,43 +276,58 @@ class SequencerNode:
     # --- Clients --------------------------------------------------------------------------------
     async def handle_client(self, stream: aio.MessageStream) -> None:
         core = self.core
+        default_needed = replicas_needed(self.default_wait, len(core.replicas))
         while True:
-            batch = await stream.read_batch()
-            if batch is None:
+            lines = await stream.read_lines()
+            if lines is None:
                 return
-            for message in batch:
-                if isinstance(message, SaldoError):
-                    stream.send(error_reply(message.code, message.detail))
+            for line in lines:
+                op = parse_request_line(line)  # saldo's canonical form: no dict, no second parse
+                if op is not None:
+                    try:
+                        self._send_replies(core.submit(op, stream, op.op_id, default_needed))
+                    except SaldoError as error:
+                        stream.send(error_reply(error.code, error.detail, op.op_id))
                     continue
                 try:
-                    request_id = wire.request_id_of(message)
+                    message = wire.decode_line(line)
                 except SaldoError as error:
                     stream.send(error_reply(error.code, error.detail))
                     continue
-                try:
-                    if message.get("TASK") == "STATUS":
-                        stream.send(self.status(request_id))
-                        continue
-                    try:
-                        request = parse_request(message)
-                    except SaldoError as error:
-                        raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
-                    if isinstance(request, Query):
-                        raise SaldoError("WRONG_ROLE", f"the {self.role} orders writes; read balances from a replica")
-                    wait = message.get("WAIT", self.default_wait)
-                    if wait not in WAIT_MODES:
-                        raise SaldoError("FIELD_INVALID", "WAIT must be SEQUENCED, APPLIED or ALL")
-                    client = self._client_ref(stream, message, request_id, request)
-                    needed = replicas_needed(wait, len(core.replicas))
-                    self._send_replies(core.submit(request, client, request.op_id, needed))
-                except SaldoError as error:
-                    reply = error_reply(error.code, error.detail, request_id)
-                    if "id_msg" in message and type(message["id_msg"]) is str:
-                        reply["id_msg"] = message["id_msg"]
-                    stream.send(reply)
+                if message is not None:
+                    self._handle_client_message(stream, message)
             self.schedule_log_write()
             if not await stream.drain():
                 return
+
+    def _handle_client_message(self, stream: aio.MessageStream, message: dict) -> None:
+        core = self.core
+        try:
+            request_id = wire.request_id_of(message)
+        except SaldoError as error:
+            stream.send(error_reply(error.code, error.detail))
+            return
+        try:
+            if message.get("TASK") == "STATUS":
+                stream.send(self.status(request_id))
+                return
+            try:
+                request = parse_request(message)
+            except SaldoError as error:
+                raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
+            if isinstance(request, Query):
+                raise SaldoError("WRONG_ROLE", f"the {self.role} orders writes; read balances from a replica")
+            wait = message.get("WAIT", self.default_wait)
+            if wait not in WAIT_MODES:
+                raise SaldoError("FIELD_INVALID", "WAIT must be SEQUENCED, APPLIED or ALL")
+            client = self._client_ref(stream, message, request_id, request)
+            needed = replicas_needed(wait, len(core.replicas))
+            self._send_replies(core.submit(request, client, request.op_id, needed))
+        except SaldoError as error:
+            reply = error_reply(error.code, error.detail, request_id)
+            if "id_msg" in message and type(message["id_msg"]) is str:
+                reply["id_msg"] = message["id_msg"]
+            stream.send(reply)
 
     @staticmethod
     def _client_ref(stream: aio.MessageStream, message: dict, request_id: object, op: Operation):
