@@ -1022,6 +1022,7 @@ class FarmCore:
             "TASKS_COMPLETED_TOTAL": self.tasks_completed_total,
             "TASKS_BY_BORROWED_TOTAL": self.tasks_by_borrowed_total,
             "TASKS_REQUEUED_TOTAL": self.tasks_requeued_total,
+            "LATE_RESULTS_TOTAL": self.late_results_total,
             "QUEUE_FULL_TOTAL": self.rejected_full_total,
             "LOANS_GIVEN_TOTAL": self.loans_given_total,
             "LOANS_RECEIVED_TOTAL": self.loans_received_total,
