@@ -18,7 +18,10 @@ The sequencer (`SequencerCore`):
 
 A replica (`SequencedReplicaCore`) delivers entries strictly in sequence order. An entry beyond
 the next expected number means a gap: it is held (a bounded number of them) and the missing range
-is asked for again (RESEND). An entry already delivered is ignored. A restarted replica subscribes
+is asked for again (RESEND). An entry already delivered is ignored. Every replica acknowledges what it applied; one of them, the
+results source, also sends each operation's outcome, which the sequencer relays to the client (the
+replicas are deterministic, so any one will do, and one is enough). When the results source goes
+away, another replica is asked to send the outcomes of everything still awaited. A restarted replica subscribes
 with the last sequence number it applied (stored in the same transaction as the balances) and the
 sequencer resends from there, or, if the log no longer holds it, says SNAPSHOT_NEEDED: the replica
 then copies a peer replica's state (balances, applied ids, last sequence number) and subscribes
@@ -29,6 +32,8 @@ Messages (one JSON object per line, like every saldo port):
   sequencer -> replica  {"TASK": "ORDERED", "SEQ": 42, "ID": "<op id>", "OP": "TRANSFER",
                          "FROM": "alice", "TO": "bob", "AMOUNT_CENTS": 150}
                         {"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 9001}
+                        {"TASK": "SUBSCRIBED", "SEND_RESULTS": true}
+                        {"TASK": "SEND_RESULTS", "FROM_SEQ": 40}
   replica -> sequencer  {"TASK": "APPLIED", "UPTO": 42, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
                         {"TASK": "RESEND", "FROM": 43, "TO": 45}
   client -> sequencer   a bank operation (common/bank.py), optionally "WAIT": "SEQUENCED" | "APPLIED" | "ALL"
@@ -252,6 +257,7 @@ class SequencerCore:
         self._results: dict[int, tuple[str | None, int | None]] = {}  # seq -> result, recent
         self._results_order: deque[int] = deque()
         self._highest_applied_seq = 0  # by any replica
+        self.results_source: str | None = None  # the replica that sends outcomes with its acks
         if self.durable_seq == 0:
             self.durable_seq = self.next_seq - 1
         for seq, op_id, _line in self.log:
@@ -353,9 +359,30 @@ class SequencerCore:
             return "snapshot", b""
         return "entries", self.entries_between(last_applied_seq + 1, self.durable_seq)
 
-    def on_disconnect(self, replica: str) -> None:
-        if replica in self.replicas:
-            self.replicas[replica].connected = False
+    def choose_results_source(self, replica: str) -> bool:
+        """Called once a replica subscribed: whether it is to send outcomes (it is, if no connected
+        replica does)."""
+        current = self.results_source
+        if current is None or current == replica or not self.replicas[current].connected:
+            self.results_source = replica
+            return True
+        return False
+
+    def on_disconnect(self, replica: str) -> tuple[str, int] | None:
+        """A replica's connection ended. If it was the results source, another connected replica
+        takes over: (its name, the first seq whose outcome it must send); None otherwise."""
+        if replica not in self.replicas:
+            return None
+        self.replicas[replica].connected = False
+        if self.results_source != replica:
+            return None
+        self.results_source = None
+        for progress in self.replicas.values():
+            if progress.connected:
+                self.results_source = progress.name
+                from_seq = min(self._waiters) if self._waiters else self.durable_seq + 1
+                return progress.name, from_seq
+        return None
 
     def on_resend(self, replica: str, from_seq: int, to_seq: int) -> tuple[str, bytes]:
         self._replica(replica)

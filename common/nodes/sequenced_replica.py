@@ -68,6 +68,7 @@ class SequencedReplica:
         self.core = SequencedReplicaCore(last_delivered_seq=last)
         self.durable_seq = last  # applied and on disk
         self.sequencer_stream: aio.MessageStream | None = None
+        self.send_results = False  # the sequencer chose this replica to send outcomes
         self.read_waiters: deque = deque()  # (min_seq, deadline, stream, request_id, query)
         self.started_at = time.monotonic()
         self.snapshots_installed = 0
@@ -126,6 +127,13 @@ class SequencedReplica:
                         entries.append(parse_entry(message))
                     except SaldoError as error:
                         log.warning("bad_entry_from_sequencer", error=error.code, detail=error.detail)
+                elif task == "SUBSCRIBED":
+                    self.send_results = message.get("SEND_RESULTS") is True
+                elif task == "SEND_RESULTS":
+                    if entries:  # what arrived before this message is applied first
+                        self._deliver(entries)
+                        entries = []
+                    self._become_results_source(stream, message.get("FROM_SEQ"))
                 elif task == "SNAPSHOT_NEEDED":
                     log.warning("snapshot_needed", last_applied_seq=self.core.last_delivered_seq,
                                 log_start_seq=message.get("LOG_START_SEQ"))
@@ -157,10 +165,32 @@ class SequencedReplica:
         self.durable_seq = max(self.durable_seq, upto)
         stream = self.sequencer_stream
         if stream is not None:
-            for start in range(0, len(results), MAX_RESULTS_PER_ACK):
-                chunk = results[start : start + MAX_RESULTS_PER_ACK]
-                stream.send_bytes(applied_line(chunk[-1][0], chunk))
+            if self.send_results:
+                for start in range(0, len(results), MAX_RESULTS_PER_ACK):
+                    chunk = results[start : start + MAX_RESULTS_PER_ACK]
+                    stream.send_bytes(applied_line(chunk[-1][0], chunk))
+            else:
+                stream.send_bytes(applied_line(upto, []))
         self._answer_reads()
+
+    def _become_results_source(self, stream: aio.MessageStream, from_seq: object) -> None:
+        """The results source went away: send the outcomes of what this replica already applied
+        from `from_seq` on (they are in the dedup window), then send outcomes with every ack."""
+        self.send_results = True
+        if type(from_seq) is not int or from_seq < 1:
+            return
+        durable_seq = self.durable_seq
+        results = []
+        for applied in reversed(self.dbank.bank.recent.values()):
+            if applied.seq is None or applied.seq < from_seq:
+                break
+            if applied.seq <= durable_seq:
+                results.append((applied.seq, applied.outcome.error, applied.outcome.balance_cents))
+        results.reverse()
+        log.info("became_results_source", from_seq=from_seq, outcomes_resent=len(results))
+        for start in range(0, len(results), MAX_RESULTS_PER_ACK):
+            chunk = results[start : start + MAX_RESULTS_PER_ACK]
+            stream.send_bytes(applied_line(durable_seq, chunk))
 
     def _ask_resend(self, seq_range: tuple[int, int]) -> None:
         stream = self.sequencer_stream

@@ -181,10 +181,14 @@ class SequencerNode:
         finally:
             if link is not None and self.links.get(link.name) is link:
                 del self.links[link.name]
-                self.core.on_disconnect(link.name)
+                handover = self.core.on_disconnect(link.name)
                 if link.catchup_task is not None:
                     link.catchup_task.cancel()
                 log.info("replica_disconnected", replica=link.name, applied_seq=self.core.replicas[link.name].applied_seq)
+                if handover is not None and handover[0] in self.links:
+                    new_source, from_seq = handover
+                    self.links[new_source].stream.send({"TASK": "SEND_RESULTS", "FROM_SEQ": from_seq})
+                    log.info("results_source_changed", replica=new_source, from_seq=from_seq)
 
     def _on_replica_message(self, stream: aio.MessageStream, link: ReplicaLink | None, message,
                             expected_name: str | None = None) -> ReplicaLink | None:
@@ -241,6 +245,7 @@ class SequencerNode:
         if kind == "snapshot":
             stream.send({"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": self.core.log_start_seq})
         else:
+            stream.send({"TASK": "SUBSCRIBED", "SEND_RESULTS": self.core.choose_results_source(name)})
             self._start_catchup(link)
         return link
 
