@@ -146,7 +146,7 @@ class SequencerLog:
         """Delete segments whose every entry is below `seq`; the first seq still held."""
         segments = self.segments()
         deleted = 0
-        for index, (first_seq, path) in enumerate(segments[:-1]):  # never the active one
+        for index, (_first_seq, path) in enumerate(segments[:-1]):  # never the active one
             next_first = segments[index + 1][0]
             if next_first <= seq:
                 path.unlink()

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from common.bank import AppliedOp, Bank, Counters, Operation
+from common.bank import Bank, Operation
 from common.lab.workload import OpRecord
 from common.money import render_cents
 from common.store import StoreImage

@@ -93,6 +93,12 @@ class FaultInjector:
         record["end_took_s"] = round(time.monotonic() - started, 3)
         self._open = [entry for entry in self._open if entry[2] is not record]
 
+    def describe_open(self) -> str:
+        """The faults in force now, for the progress line."""
+        if not self._open:
+            return ""
+        return "faults=" + ",".join(f"{record['action']}:{target}" for _fault, target, record in self._open)
+
     async def heal_all(self) -> None:
         """End every fault still open (the run ended first)."""
         for fault, target, record in list(self._open):

@@ -153,10 +153,9 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     cpu_start = _cpu_snapshot(lab.cluster)
     injector = FaultInjector(lab, schedule, options.duration_s, workload.now_s)
     run_started = workload.now_s()
-    workload.progress_note = lambda: ("faults=" + ",".join(
-        f"{r['action']}:{r['target']}" for r in injector.records if "until_s" not in r)) if injector._open else ""
+    workload.progress_note = injector.describe_open
     fault_task = asyncio.create_task(injector.run(run_started))
-    history = await workload.run()
+    await workload.run()
     run_ended = workload.now_s()
     cpu_end = _cpu_snapshot(lab.cluster)
     applied_end = await _applied_counts(lab)
