@@ -50,7 +50,7 @@ class RunOptions:
     extra: dict = field(default_factory=dict)  # architecture options (e.g. replication mode)
     keep_history: bool = False  # write results/<run>.history.jsonl even when the verdict is valid
     attempt_timeout_s: float = 2.0
-    op_deadline_s: float = 30.0
+    op_deadline_s: float = 20.0
 
 
 @dataclass

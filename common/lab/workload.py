@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from common.bankclient import (
-    FAILED, NOT_NOW_ERRORS, OK, UNKNOWN, balance_line, classify, execute_with_retries, new_op_id, operation_line,
+    FAILED, NOT_NOW_ERRORS, OK, UNKNOWN, OpIdSource, balance_line, classify, execute_with_retries, new_op_id,
+    operation_line,
 )
 from common.errors import is_definite
 
@@ -67,7 +68,10 @@ class WorkloadConfig:
     # Share of each kind, in KINDS order: transfers, deposits, withdrawals, reads.
     mix: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)
     max_amount_cents: int = 5_000
-    op_deadline_s: float = 30.0  # an operation is retried until this long after its invocation
+    # An operation is retried (same id) until this long after its invocation. It must stay well
+    # inside the replicas' dedup horizon (--dedup-window operations applied since it), or a late
+    # retry could be taken for a new operation.
+    op_deadline_s: float = 20.0
     attempt_timeout_s: float = 2.0
     drain_s: float = 10.0  # after the run, in-flight operations get this long to resolve
     read_your_writes: bool = False  # send MIN_SEQ = the highest SEQ this client has seen
@@ -78,15 +82,13 @@ class WorkloadConfig:
 
 
 def _cents_from_reply(text: object) -> int | None:
-    if type(text) is not str:
+    """Cents from a reply's two-decimal amount ("120.50" -> 12050); None if it is not one."""
+    if type(text) is not str or len(text) < 4 or text[-3] != ".":
         return None
-    negative = text.startswith("-")
-    whole, _, fraction = text.lstrip("-").partition(".")
     try:
-        cents = int(whole) * 100 + int((fraction + "00")[:2])
+        return int(text[:-3] + text[-2:])
     except ValueError:
         return None
-    return -cents if negative else cents
 
 
 @dataclass
@@ -254,6 +256,7 @@ class _ClientDriver:
         self.read_your_writes = config.read_your_writes
         self.op_deadline_s = config.op_deadline_s
         self.attempt_timeout_s = config.attempt_timeout_s
+        self.op_ids = OpIdSource(rng)
 
     def start(self) -> None:
         self.active_slots = self.workload.config.window
@@ -271,7 +274,7 @@ class _ClientDriver:
         pick = rng.random()
         edges = self.edges
         account = self.accounts[int(rng.random() * len(self.accounts))]
-        op_id = new_op_id(rng)
+        op_id = self.op_ids.next()
         to_account = None
         amount = None
         if pick < edges[0]:
