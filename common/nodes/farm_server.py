@@ -190,7 +190,10 @@ class FarmServer:
 
     async def _call_peer(self, effect: PeerRequest) -> None:
         reply = await self.links[effect.peer].request(effect.message)
-        self.core.on_peer_result(effect.peer, effect.message, reply, time.monotonic())
+        try:
+            self.core.on_peer_result(effect.peer, effect.message, reply, time.monotonic())
+        except Exception as error:  # a bug must not stop the server; the next heartbeat starts afresh
+            log.exception("peer_result_failed", peer=effect.peer, task=effect.message.get("TASK"), error=repr(error))
         self.flush()
 
     def _spawn(self, coroutine) -> None:
@@ -202,7 +205,10 @@ class FarmServer:
     async def run_ticker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(self.args.tick_s)
-            self.core.tick(time.monotonic())
+            try:
+                self.core.tick(time.monotonic())
+            except Exception as error:  # a bug must not stop the timers for good
+                log.exception("tick_failed", error=repr(error))
             self.flush()
 
     async def watch_store_counter(self, stop: asyncio.Event) -> None:
