@@ -478,3 +478,23 @@ def test_classify_keeps_client_queries_and_worker_statuses_apart():
         from common.farm import check_id
 
         check_id("has space", "WORKER_UUID")
+
+
+def test_a_worker_naming_this_servers_address_as_owner_is_its_own_even_under_a_custom_id():
+    core = make_core("srv-a")  # its id is not its address
+    core.on_message(1, alive("w1", owner=A_KEY), 0.0)  # a worker that has not yet heard the id
+    core.on_message(2, alive("w2", owner="127.0.0.99:1"), 0.0)  # someone else's
+    placements = {w.worker_id: w.placement for w in core.workers.values()}
+    assert placements == {"w1": HOME, "w2": BORROWED}
+
+
+def test_the_supervisor_report_has_the_seed_v2_shape():
+    core = make_core()
+    core.on_message(1, alive("w1"), 0.0)
+    core.on_message(2, deposit("op-1"), 0.0)
+    core.pump(0.0)
+    report = core.performance_report(1.0, {"uptime_s": 1.0}, "2026-01-01T00:00:00Z", "m-1")
+    assert report["task"] == "performance_report" and report["server_uuid"] == "srv-a" and report["mensage_id"] == "m-1"
+    assert report["performance"]["farm_state"]["tasks"]["tasks_running"] == 1
+    assert report["performance"]["farm_state"]["workers"]["workers_utilization"] == 1
+    assert report["neighbors"] == [{"server_uuid": B_KEY, "status": "unavailable", "last_heartbeat": None}]
