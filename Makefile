@@ -38,8 +38,16 @@ up:
 	$(PYTHON) lab.py up --arch $(if $(filter all,$(ARCH)),sequencer,$(ARCH)) --ports $(PORTS)
 
 # Workloads without faults, each with the echo reference measured in the same run; medians of REPEAT.
-bench: bench-farm
+# ARCH=all: every bank architecture on SQLite, then the worker farm on MariaDB (bench-farm).
+bench:
+ifeq ($(ARCH),farm)
+	$(MAKE) bench-farm
+else
 	$(PYTHON) lab.py bench --arch $(ARCH) --clients $(CLIENTS) --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
+ifeq ($(ARCH),all)
+	$(MAKE) bench-farm
+endif
+endif
 
 # The worker farm on MariaDB: tasks/s with 1, 2 and 4 workers, then how fast workers are lent and returned.
 bench-farm: venv
