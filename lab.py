@@ -16,6 +16,7 @@ whose architecture does not promise what the checker found, as documented), 1 ot
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import time
@@ -155,6 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_up(args: argparse.Namespace) -> int:
     """Start a cluster and keep it up until Ctrl-C, for client.py and for poking at it by hand."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the cluster like Ctrl-C
     run_dir = REPO_ROOT / "var" / "up" / args.arch
     lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store))
     with Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch) as cluster:
