@@ -86,7 +86,30 @@ def balance_line(request_id: str, account: str, min_seq: int | None = None) -> b
     return f'{{"TASK":"BALANCE","ID":"{request_id}","ACCOUNT":"{account}"{extra}}}\n'.encode()
 
 
-class DirectClient:
+class BankClient:
+    """What every architecture's client offers. A subclass implements `submit` (one attempt, the
+    reply through a callback, never an exception) and `close`; the awaitable forms come from it."""
+
+    def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
+        raise NotImplementedError
+
+    async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None, is_read: bool = False) -> dict:
+        """One attempt, awaited. Never raises."""
+        future = asyncio.get_running_loop().create_future()
+        self.submit(request_id, line, future_resolver(future), timeout_s, is_read)
+        return await future
+
+    async def request(self, message: dict, timeout_s: float | None = None) -> dict:
+        """Send any message (STATUS, ...) as one attempt."""
+        request_id = message.get("ID") or new_op_id()
+        message["ID"] = request_id
+        return await self.execute(request_id, wire.encode(message), timeout_s)
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class DirectClient(BankClient):
     """A client of an architecture where one address answers everything.
 
     `submit(id, line, on_reply)` sends at once when connected; otherwise the request waits (a
@@ -153,18 +176,6 @@ class DirectClient:
         for request_id, line, on_reply, timeout_s in waiting:
             self._connection.submit(request_id, line, on_reply, timeout_s)
 
-    async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None, is_read: bool = False) -> dict:
-        """One attempt, awaited. Never raises."""
-        future = asyncio.get_running_loop().create_future()
-        self.submit(request_id, line, future_resolver(future), timeout_s, is_read)
-        return await future
-
-    async def request(self, message: dict, timeout_s: float | None = None) -> dict:
-        """Send any message (STATUS, ...) as one attempt."""
-        request_id = message.get("ID") or new_op_id()
-        message["ID"] = request_id
-        return await self.execute(request_id, wire.encode(message), timeout_s)
-
     async def close(self) -> None:
         if self._connect_task is not None:
             self._connect_task.cancel()
@@ -224,7 +235,7 @@ async def execute_with_retries(
         backoff_s = min(backoff_s * 2, 0.25)
 
 
-class SequencerClient:
+class SequencerClient(BankClient):
     """Writes go to the sequencer; reads go to a replica and name the highest sequence number this
     client has been told of (`max_seq_seen`), so a client always reads its own writes."""
 
@@ -255,18 +266,13 @@ class SequencerClient:
 
         self.writer.submit(request_id, line, on_write_reply, timeout_s)
 
-    async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None, is_read: bool = False) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        self.submit(request_id, line, future_resolver(future), timeout_s, is_read)
-        return await future
-
     async def close(self) -> None:
         await self.writer.close()
         for reader in self.readers:
             await reader.close()
 
 
-class MulticastClient:
+class MulticastClient(BankClient):
     """Sends every write to every replica (seed 002 part 1: no coordination). The reply is the
     first replica's, plus APPLIED (how many replicas answered OK), REPLICAS, and AGREE (whether
     every replica that answered decided the same). A replica that does not answer in time simply
@@ -296,11 +302,6 @@ class MulticastClient:
 
         for index, replica in enumerate(self.replicas):
             replica.submit(request_id, line, collect(index), timeout_s)
-
-    async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None, is_read: bool = False) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        self.submit(request_id, line, future_resolver(future), timeout_s, is_read)
-        return await future
 
     async def close(self) -> None:
         for replica in self.replicas:

@@ -13,18 +13,15 @@ queued, handed out or finished.
 
 from __future__ import annotations
 
-import asyncio
-
-from common import bankclient, wire
-from common.aio import future_resolver
-from common.bankclient import DirectClient, new_op_id
+from common import bankclient
+from common.bankclient import BankClient, DirectClient
 from common.topology import DEFAULT_PORTS
 
 # Replies after which the next task goes to the next server.
 FAILOVER_ERRORS = frozenset({"NOT_READY", "CONNECTION_LOST", "TIMEOUT", "QUEUE_FULL", "OVERLOADED"})
 
 
-class FarmClient:
+class FarmClient(BankClient):
     """Tasks to one farm server at a time, failing over along `addresses`."""
 
     def __init__(self, addresses: list[tuple[str, int]], *, request_timeout_s: float = 5.0, max_in_flight: int = 1024,
@@ -44,17 +41,6 @@ class FarmClient:
             on_reply(reply)
 
         self.servers[index].submit(request_id, line, on_server_reply, timeout_s)
-
-    async def execute(self, request_id: str, line: bytes, timeout_s: float | None = None, is_read: bool = False) -> dict:
-        """One attempt, awaited. Never raises."""
-        future = asyncio.get_running_loop().create_future()
-        self.submit(request_id, line, future_resolver(future), timeout_s, is_read)
-        return await future
-
-    async def request(self, message: dict, timeout_s: float | None = None) -> dict:
-        request_id = message.get("ID") or new_op_id()
-        message["ID"] = request_id
-        return await self.execute(request_id, wire.encode(message), timeout_s)
 
     async def close(self) -> None:
         for server in self.servers:

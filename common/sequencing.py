@@ -325,20 +325,10 @@ class SequencerCore:
         self.durable_seq = upto_seq
         self.log.extend(entries)
         replies: list[Reply] = []
+        waiters = self._waiters
         for seq, _op_id, _line in entries:
-            waiters = self._waiters.get(seq)
-            if waiters:
-                keep = []
-                for waiter in waiters:
-                    if waiter.replicas_needed == 0:
-                        replies.append(Reply(waiter.client, sequenced_reply_line(waiter.request_id, seq)))
-                        self._waiting_count -= 1
-                    else:
-                        keep.append(waiter)
-                if keep:
-                    self._waiters[seq] = keep
-                else:
-                    del self._waiters[seq]
+            if seq in waiters:
+                self._release(seq, 0, None, replies)
         return b"".join(line for _seq, _op_id, line in entries), replies
 
     @property
@@ -355,6 +345,9 @@ class SequencerCore:
             raise SaldoError("FIELD_INVALID", f"LAST_APPLIED_SEQ {last_applied_seq} is beyond the log ({self.durable_seq})")
         progress.connected = True
         progress.applied_seq = max(progress.applied_seq, last_applied_seq)
+        # Applied there already (e.g. before this process restarted): a retry of an op at or below
+        # this seq will get no result from the replicas, so submit() must number it again.
+        self._highest_applied_seq = max(self._highest_applied_seq, last_applied_seq)
         if last_applied_seq + 1 < self.log_start_seq:
             return "snapshot", b""
         return "entries", self.entries_between(last_applied_seq + 1, self.durable_seq)
@@ -406,49 +399,37 @@ class SequencerCore:
         previous = progress.applied_seq
         progress.applied_seq = max(previous, upto_seq)
         replies: list[Reply] = []
+        waiters = self._waiters
         for seq, error, balance in results:
             self._remember_result(seq, error, balance)
-            waiters = self._waiters.get(seq)
-            if not waiters:
-                continue
-            keep = []
-            for waiter in waiters:
-                if waiter.replicas_needed == 1:
-                    replies.append(Reply(waiter.client, result_reply_line(waiter.request_id, seq, error, balance)))
-                    self._waiting_count -= 1
-                else:
-                    keep.append(waiter)
-            if keep:
-                self._waiters[seq] = keep
-            else:
-                del self._waiters[seq]
+            if seq in waiters:
+                self._release(seq, 1, (error, balance), replies)
         if upto_seq > self._highest_applied_seq:
             self._highest_applied_seq = upto_seq
         if self._waiting_for_several and upto_seq > previous:
-            replies.extend(self._answer_counted(previous + 1, upto_seq))
+            for seq in [s for s in waiters if previous < s <= upto_seq]:
+                cached = self._results.get(seq)
+                if cached is not None:  # else: applied before this process restarted; a retry renumbers it
+                    self._release(seq, self._applied_count(seq), cached, replies)
         return replies
 
-    def _answer_counted(self, from_seq: int, to_seq: int) -> list[Reply]:
-        """Clients waiting for k > 1 replicas, for seqs this acknowledgement just covered."""
-        replies = []
-        for seq in [s for s in self._waiters if from_seq <= s <= to_seq]:
-            cached = self._results.get(seq)
-            if cached is None:
-                continue  # no result known here (applied before this process restarted): wait for a retry
-            applied_count = self._applied_count(seq)
-            keep = []
-            for waiter in self._waiters[seq]:
-                if 1 < waiter.replicas_needed <= applied_count:
-                    replies.append(Reply(waiter.client, result_reply_line(waiter.request_id, seq, *cached)))
-                    self._waiting_count -= 1
-                    self._waiting_for_several -= 1
-                else:
-                    keep.append(waiter)
-            if keep:
-                self._waiters[seq] = keep
-            else:
-                del self._waiters[seq]
-        return replies
+    def _release(self, seq: int, applied_count: int, result: tuple[str | None, int | None] | None, replies: list[Reply]) -> None:
+        """Answer the clients waiting on `seq` that need at most `applied_count` replicas (with the
+        result, or with "accepted" when there is none yet); the others keep waiting."""
+        keep = []
+        for waiter in self._waiters[seq]:
+            if waiter.replicas_needed > applied_count:
+                keep.append(waiter)
+                continue
+            line = sequenced_reply_line(waiter.request_id, seq) if result is None else result_reply_line(waiter.request_id, seq, *result)
+            replies.append(Reply(waiter.client, line))
+            self._waiting_count -= 1
+            if waiter.replicas_needed > 1:
+                self._waiting_for_several -= 1
+        if keep:
+            self._waiters[seq] = keep
+        else:
+            del self._waiters[seq]
 
     def _remember_result(self, seq: int, error: str | None, balance: int | None) -> None:
         if seq in self._results:

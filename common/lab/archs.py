@@ -86,7 +86,10 @@ class LabCluster:
         cluster = self.cluster
         assert cluster is not None
         if fault.kind == "kill":
-            cluster.spawn(target)  # on the loop's thread: see Cluster (PR_SET_PDEATHSIG)
+            # Already started when a restart was cut short (the run ended while it waited for the
+            # node) and the fault is ended again by heal_all: wait for it, do not start it twice.
+            if not cluster.is_running(target):
+                cluster.spawn(target)  # on the loop's thread: see Cluster (PR_SET_PDEATHSIG)
             await asyncio.to_thread(cluster.wait_ready, target)
         elif fault.kind == "pause":
             cluster.resume(target)
@@ -134,20 +137,33 @@ def _proxy(name: str, listen: tuple[str, int], target: tuple[str, int], control_
     )
 
 
+def _through_proxy(options: LayoutOptions, nodes: list[Node], proxies_of: dict[str, list[str]], owner: str,
+                   proxy_name: str, listen_host: str, target: tuple[str, int]) -> tuple[str, int]:
+    """Where the connecting side of a link connects: `target` itself, or, when the layout asks for
+    proxies, a fault proxy listening on `listen_host` in front of it, counted among `owner`'s links."""
+    if not options.proxies:
+        return target
+    listen = (listen_host, free_port(listen_host))
+    nodes.append(_proxy(proxy_name, listen, target, free_port("127.0.0.1")))
+    proxies_of.setdefault(owner, []).append(proxy_name)
+    return listen
+
+
+def _int_extras(options: LayoutOptions, *keys: str) -> dict[str, int]:
+    """The architecture options among `keys` that were given, as integers (node settings)."""
+    return {key: int(options.extra[key]) for key in keys if key in options.extra}
+
+
 def build_standalone(options: LayoutOptions) -> LabCluster:
     ports = _Ports(options.ports)
     host = REPLICA_HOSTS[0]
     port = ports.get(host, topology.DEFAULT_PORTS["standalone"])
     node = Node("standalone", "replica.py", host, port, {"mode": "standalone"}, store=_store_url(options, "standalone"))
     nodes = [node]
-    client_address = (host, port)
     proxies_of: dict[str, list[str]] = {}
-    if options.proxies:
-        # Clients reach the standalone process through a proxy on the orchestrator host.
-        listen = (ORCHESTRATOR_HOST, free_port(ORCHESTRATOR_HOST))
-        nodes.append(_proxy("proxy-clients-standalone", listen, (host, port), free_port("127.0.0.1")))
-        proxies_of["standalone"] = ["proxy-clients-standalone"]
-        client_address = listen
+    # With proxies, clients reach the standalone process through one on the orchestrator host.
+    client_address = _through_proxy(options, nodes, proxies_of, "standalone", "proxy-clients-standalone",
+                                    ORCHESTRATOR_HOST, (host, port))
 
     def make_client(_index: int, window: int) -> DirectClient:
         return DirectClient(client_address, request_timeout_s=options.request_timeout_s, max_in_flight=max(1, window))
@@ -174,24 +190,18 @@ def build_sequencer(options: LayoutOptions) -> LabCluster:
     read_ports = {name: ports.get(REPLICA_HOSTS[i], topology.DEFAULT_PORTS["sequencer_replica_client"]) for i, name in enumerate(names)}
     nodes: list[Node] = []
     proxies_of: dict[str, list[str]] = {name: [] for name in names}
-    sequencer_settings = {"replica_port": replica_port, "replicas": ",".join(names), "log_dir": str(options.run_dir / "sequencer-log")}
-    for key in ("max_log_entries", "segment_entries"):
-        if key in options.extra:
-            sequencer_settings[key] = int(options.extra[key])
+    sequencer_settings = {"replica_port": replica_port, "replicas": ",".join(names),
+                          "log_dir": str(options.run_dir / "sequencer-log"),
+                          **_int_extras(options, "max_log_entries", "segment_entries")}
     nodes.append(Node("sequencer", "sequencer.py", seq_host, client_port, sequencer_settings, role="sequencer"))
     for index, name in enumerate(names):
         host = REPLICA_HOSTS[index]
-        sequencer_address = (seq_host, replica_port)
-        if options.proxies:  # this replica reaches the sequencer through a proxy on its own host
-            listen = (host, free_port(host))
-            proxy_name = f"proxy-{name}-sequencer"
-            nodes.append(_proxy(proxy_name, listen, sequencer_address, free_port("127.0.0.1")))
-            proxies_of[name].append(proxy_name)
-            sequencer_address = listen
+        # With proxies, this replica reaches the sequencer through one on its own host.
+        sequencer_address = _through_proxy(options, nodes, proxies_of, name, f"proxy-{name}-sequencer", host,
+                                           (seq_host, replica_port))
         peers = ",".join(f"{REPLICA_HOSTS[j]}:{read_ports[other]}" for j, other in enumerate(names) if other != name)
-        settings = {"mode": "sequencer", "sequencer": topology.format_address(sequencer_address), "peers": peers}
-        if "dedup_window" in options.extra:
-            settings["dedup_window"] = int(options.extra["dedup_window"])
+        settings = {"mode": "sequencer", "sequencer": topology.format_address(sequencer_address), "peers": peers,
+                    **_int_extras(options, "dedup_window")}
         nodes.append(Node(name, "replica.py", host, read_ports[name], settings, store=_store_url(options, name)))
     read_addresses = [(REPLICA_HOSTS[i], read_ports[name]) for i, name in enumerate(names)]
 
@@ -223,14 +233,9 @@ def build_multicast(options: LayoutOptions) -> LabCluster:
         host = REPLICA_HOSTS[index]
         port = ports.get(host, topology.DEFAULT_PORTS["multicast_replica"])
         nodes.append(Node(name, "replica.py", host, port, {"mode": "multicast"}, store=_store_url(options, name)))
-        address = (host, port)
-        if options.proxies:  # the clients' link to this replica goes through a proxy on the orchestrator host
-            listen = (ORCHESTRATOR_HOST, free_port(ORCHESTRATOR_HOST))
-            proxy_name = f"proxy-clients-{name}"
-            nodes.append(_proxy(proxy_name, listen, address, free_port("127.0.0.1")))
-            proxies_of[name].append(proxy_name)
-            address = listen
-        client_addresses.append(address)
+        # With proxies, the clients' link to this replica goes through one on the orchestrator host.
+        client_addresses.append(_through_proxy(options, nodes, proxies_of, name, f"proxy-clients-{name}",
+                                               ORCHESTRATOR_HOST, (host, port)))
 
     def make_client(index: int, window: int) -> MulticastClient:
         return MulticastClient(client_addresses, request_timeout_s=options.request_timeout_s,
@@ -260,24 +265,16 @@ def build_queue(options: LayoutOptions) -> LabCluster:
     feeds = []
     for index, name in enumerate(names):
         host = REPLICA_HOSTS[index]
-        address = (host, queue_ports[name])
-        if options.proxies:  # the server's link to this replica goes through a proxy
-            listen = (server_host, free_port(server_host))
-            proxy_name = f"proxy-server-{name}"
-            nodes.append(_proxy(proxy_name, listen, address, free_port("127.0.0.1")))
-            proxies_of[name].append(proxy_name)
-            address = listen
+        # With proxies, the server's link to this replica goes through one on the orchestrator host.
+        address = _through_proxy(options, nodes, proxies_of, name, f"proxy-server-{name}", server_host,
+                                 (host, queue_ports[name]))
         feeds.append(f"{name}={topology.format_address(address)}")
         peers = ",".join(f"{REPLICA_HOSTS[j]}:{queue_ports[other]}" for j, other in enumerate(names) if other != name)
-        settings = {"mode": "queue", "peers": peers}
-        if "dedup_window" in options.extra:
-            settings["dedup_window"] = int(options.extra["dedup_window"])
+        settings = {"mode": "queue", "peers": peers, **_int_extras(options, "dedup_window")}
         nodes.append(Node(name, "replica.py", host, queue_ports[name], settings, store=_store_url(options, name)))
     server_settings = {"mode": "queue", "replicas": ",".join(feeds), "log_dir": str(options.run_dir / "queue-server-log"),
-                       "ack_replicas": int(options.extra.get("ack_replicas", 0))}
-    for key in ("max_log_entries", "segment_entries"):
-        if key in options.extra:
-            server_settings[key] = int(options.extra[key])
+                       "ack_replicas": int(options.extra.get("ack_replicas", 0)),
+                       **_int_extras(options, "max_log_entries", "segment_entries")}
     nodes.insert(0, Node("server", "server.py", server_host, rpc_port, server_settings, role="server"))
     read_addresses = [(REPLICA_HOSTS[i], queue_ports[name]) for i, name in enumerate(names)]
 
