@@ -53,6 +53,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "OVERLOADED": (True, "too many requests are pending; the request was not accepted"),
     "NOT_READY": (True, "the process is starting or catching up; the request was not accepted"),
     "TOO_STALE": (True, "the replica has not yet applied the sequence number the read requires"),
+    "STALE_EPOCH": (True, "the message comes from an epoch older than one this node has promised; see PROMISED_EPOCH"),
     # Worker farm (common/farm.py).
     "NOT_PEER": (True, "the sender is not a configured peer server; server-to-server messages are refused"),
     "WORKER_ID_IN_USE": (True, "another open connection already serves as this WORKER_UUID"),
