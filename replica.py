@@ -9,6 +9,7 @@ Modes (one per architecture of seed 002, plus the baseline):
   multicast        applies every operation a client sends it, on receipt (seed part 1)
   queue            applies the RPC server's queue in order, acknowledging as it goes (seed part 2)
   sequencer        applies the sequencer's numbered operations in order (seed part 3)
+  primary-backup   one primary orders, applies and streams to backups; failover by leased election (seed part 4)
 
 `python replica.py --mode MODE --help` lists the flags of a mode. This script wires flags, sockets
 and the store; each architecture's protocol lives in common/.
@@ -25,6 +26,7 @@ MODES = {
     "multicast": "common.nodes.bank_replica",
     "queue": "common.nodes.sequenced_replica",
     "sequencer": "common.nodes.sequenced_replica",
+    "primary-backup": "common.nodes.pb_replica",
 }
 
 

@@ -9,6 +9,7 @@ Modes:
           (`client.py worker`), exchanges heartbeats with peer servers and lends idle workers
   queue   the RPC server of the replicated bank: answers clients and appends each operation to
           one durable FIFO queue per replica, which the replicas consume
+  witness the third voter of primary-backup (seed 002 part 4): votes and lease grants, no data
 
 `python server.py --mode MODE --help` lists the flags of a mode. This script wires flags, sockets
 and storage; each protocol lives in common/.
@@ -23,6 +24,7 @@ from common.nodes.launch import main as launch
 MODES = {
     "farm": "common.nodes.farm_server",
     "queue": "common.nodes.queue_server",
+    "witness": "common.nodes.witness",
 }
 
 

@@ -44,9 +44,10 @@ stored the smaller set (until then the primary keeps waiting for it); a backup t
 again (the primary waits for it from the moment it joins, and publishes the larger set once the
 backup holds everything acknowledged so far). Guarantee: an acknowledged operation survives any
 failure that leaves a majority of voters and one member of the sync set. `async` (the seed's):
-the reply goes out once the operation is durable on the primary; the stream follows in batches every
-`replication_interval_s`. Guarantee: none beyond the primary's disk; killing the primary loses the
-acknowledged operations the backups had not yet received, and the lab's checker counts them.
+the reply goes out once the operation is durable on the primary; the committed log is shipped to
+the backups every `replication_interval_s` (a binary log shipped after commit). Guarantee: none
+beyond the primary's disk; killing the primary loses the acknowledged operations the backups had
+not yet received (about `replication_interval_s` of them), and the lab's checker counts them.
 
 Rejoin. A replica that (re)joins reports its position, the (epoch, seq) of its last entry. If the
 primary's log holds that same entry, the backup is a prefix of the primary and catches up by log
@@ -65,8 +66,9 @@ Messages (one JSON object per line; peer port 6005, witness port 6008):
                        "CLIENT_ADDRESS": "127.0.0.13:6004", "PRIMARY_SEQ": 1090}
   voter -> primary    {"ID": 12, "STATUS": "OK", "TASK": "LEASE_REPLY", "EPOCH": 4, "VOTER": "witness",
                        "GRANTED": true, "REASON": null, "PROMISED_EPOCH": 4, "SYNC_STORED": [4, 2]}
-  primary -> backup   {"TASK": "HELLO", "EPOCH": 4, "PRIMARY": "replica2", "CLIENT_ADDRESS": "127.0.0.13:6004"}
-  backup -> primary   {"TASK": "POSITION", "EPOCH": 4, "REPLICA": "replica1", "LAST_EPOCH": 3, "LAST_SEQ": 1050}
+  primary -> backup   {"TASK": "HELLO", "EPOCH": 4, "SESSION": 1, "PRIMARY": "replica2", "CLIENT_ADDRESS": "127.0.0.13:6004"}
+  backup -> primary   {"TASK": "POSITION", "EPOCH": 4, "SESSION": 1, "REPLICA": "replica1", "LAST_EPOCH": 3,
+                       "LAST_SEQ": 1050, "DURABLE_SEQ": 1046}
   primary -> backup   {"TASK": "APPEND", "EPOCH": 4, "FROM_SEQ": 1042, "ENTRY_EPOCH": 4, "PRIMARY_SEQ": 1090,
                        "ENTRIES": [["<op id>", "TRANSFER", "alice", "bob", 150, null], ...]}
                       or a state transfer: SNAPSHOT_BEGIN ... SNAPSHOT_END (common/snapshot.py)
@@ -759,6 +761,7 @@ class BackupProgress:
 
     name: str
     state: str = DISCONNECTED
+    session: int = 0  # the newest HELLO sent to it: only the POSITION answering that one counts
     acked_seq: int = 0  # durable at the backup, acknowledged in this epoch
     last_progress_s: float = 0.0  # when it last acknowledged something, or had nothing to acknowledge
 
@@ -1032,7 +1035,9 @@ class ReplicaCore:
         assert self.primary is not None
         progress = self.primary.backups[backup]
         progress.state = HELLO_SENT
-        return {"TASK": "HELLO", "EPOCH": self.primary.epoch, "PRIMARY": self.name, "CLIENT_ADDRESS": self.client_address}
+        progress.session += 1
+        return {"TASK": "HELLO", "EPOCH": self.primary.epoch, "SESSION": progress.session, "PRIMARY": self.name,
+                "CLIENT_ADDRESS": self.client_address}
 
     def on_link_up(self, peer: str, now_s: float) -> Effects:
         """A connection to `peer` is (again) open: the primary greets a backup on it."""
@@ -1045,13 +1050,17 @@ class ReplicaCore:
         if self.primary is not None and peer in self.primary.backups:
             self.primary.backups[peer].state = DISCONNECTED
 
-    def on_position(self, backup: str, epoch: int, position: Position, durable_seq: int, diverged: bool,
+    def on_position(self, backup: str, epoch: int, session: int, position: Position, durable_seq: int, diverged: bool,
                     now_s: float) -> tuple[str, str] | None:
         """A backup answered HELLO with its position (and how much of it is on its disk): how it
-        catches up, or None if the answer is not for this epoch. A backup that caught itself
-        deciding other outcomes than the primary (`diverged`) gets a state transfer."""
+        catches up, or None if the answer is not to the newest HELLO of this epoch (a link that
+        reconnected twice gets two answers; the older one describes a log that has moved on).
+        A backup that caught itself deciding other outcomes than the primary (`diverged`) gets a
+        state transfer."""
         primary = self.primary
         if primary is None or epoch != primary.epoch or backup not in primary.backups:
+            return None
+        if session != primary.backups[backup].session:
             return None
         plan, why = (SNAPSHOT, "it reported a divergence") if diverged else plan_catch_up(self.log, position)
         progress = primary.backups[backup]
@@ -1213,7 +1222,7 @@ class ReplicaCore:
         self.last_step_down = why
 
     # --- The backup -----------------------------------------------------------------------------
-    def on_hello(self, epoch: int, primary: str, client_address: str | None, now_s: float) -> tuple[dict, Effects]:
+    def on_hello(self, epoch: int, session: int, primary: str, client_address: str | None, now_s: float) -> tuple[dict, Effects]:
         """The primary of `epoch` greets this replica: follow it (after storing the epoch), or refuse."""
         effects = Effects()
         record = self.voter.record
@@ -1228,8 +1237,8 @@ class ReplicaCore:
         self._learn_primary(primary, client_address, epoch)
         self.following_epoch = epoch
         position = self.position
-        reply = {"TASK": "POSITION", "EPOCH": epoch, "REPLICA": self.name, "LAST_EPOCH": position.epoch,
-                 "LAST_SEQ": position.seq}
+        reply = {"TASK": "POSITION", "EPOCH": epoch, "SESSION": session, "REPLICA": self.name,
+                 "LAST_EPOCH": position.epoch, "LAST_SEQ": position.seq}
         return reply, effects
 
     def check_append(self, append: Append) -> None:

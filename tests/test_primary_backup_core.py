@@ -427,13 +427,18 @@ class SimReplica:
         for seq in sorted(s for s in self.pending if s <= core.commit_seq):
             self.sim.on_acknowledged(self, seq, self.pending.pop(seq))
 
+    def ship_upto(self) -> int:
+        """Sync: all that is applied; async: only what is on disk (the committed log)."""
+        core = self.core
+        return core.log.last_seq if self.sim.mode == SYNC else min(core.durable_seq, core.log.last_seq)
+
     def ship(self) -> None:
         core = self.core
-        last = core.log.last_seq
+        last = self.ship_upto()
         for peer, link in self.links.items():
             if link["live"] and link["sent"] < last:
                 for entry_epoch, first, texts in core.log.runs(link["sent"] + 1, last):
-                    self.sim.send(self.name, peer, append_line(core.primary.epoch, last, entry_epoch, first, texts))
+                    self.sim.send(self.name, peer, append_line(core.primary.epoch, core.log.last_seq, entry_epoch, first, texts))
                 link["sent"] = last
 
     def catch_up(self, peer: str, plan: str, from_seq: int) -> None:
@@ -443,10 +448,10 @@ class SimReplica:
             snapshot = list(self.state[:seq])
             self.sim.send(self.name, peer, {"TASK": "SIM_SNAPSHOT", "STATE": snapshot})
             from_seq = seq
-        last = core.log.last_seq
+        last = max(from_seq, self.ship_upto())
         if from_seq < last:
             for entry_epoch, first, texts in core.log.runs(from_seq + 1, last):
-                self.sim.send(self.name, peer, append_line(core.primary.epoch, last, entry_epoch, first, texts))
+                self.sim.send(self.name, peer, append_line(core.primary.epoch, core.log.last_seq, entry_epoch, first, texts))
         self.links[peer] = {"live": True, "sent": last}
         self.apply(core.on_caught_up(peer, self.local()))
 
@@ -487,7 +492,8 @@ class SimReplica:
                 reply, effects = core.on_lease_request(parse_lease_request(message, core.replica_set), message["ID"], now)
                 self.apply(effects, source, reply)
             elif task == "HELLO":
-                reply, effects = core.on_hello(message["EPOCH"], message["PRIMARY"], message["CLIENT_ADDRESS"], now)
+                reply, effects = core.on_hello(message["EPOCH"], message["SESSION"], message["PRIMARY"],
+                                               message["CLIENT_ADDRESS"], now)
                 if reply.get("TASK") == "POSITION":
                     reply["DURABLE_SEQ"] = min(core.durable_seq, reply["LAST_SEQ"])
                     self.session, self.synced = source, False
@@ -522,8 +528,8 @@ class SimReplica:
             elif task == "VOTE_REPLY":
                 self.apply(core.on_vote_reply(parse_vote_reply(message, core.voter_set), now))
             elif task == "POSITION":
-                plan = core.on_position(source, message["EPOCH"], Position(message["LAST_EPOCH"], message["LAST_SEQ"]),
-                                        message["DURABLE_SEQ"], False, now)
+                plan = core.on_position(source, message["EPOCH"], message["SESSION"],
+                                        Position(message["LAST_EPOCH"], message["LAST_SEQ"]), message["DURABLE_SEQ"], False, now)
                 if plan is not None:
                     self.catch_up(source, plan[0], message["LAST_SEQ"])
             elif message.get("ERROR") == "STALE_EPOCH":
@@ -888,6 +894,21 @@ def test_a_paused_primary_does_not_acknowledge_in_its_old_epoch_after_it_resumes
     sim.assert_converged()
     if mode == SYNC:
         assert sim.lost_acknowledged() == []
+
+
+def test_a_link_that_reconnects_twice_in_a_row_is_caught_up_once_from_the_right_place():
+    """Two HELLOs on one link get two POSITIONs; only the answer to the newest counts, or the
+    primary would replay from a position the backup has already moved past."""
+    sim = Sim()
+    primary = started(sim)
+    backup = next(n for n in sim.replicas() if n is not primary)
+    sim.break_link(primary.name, backup.name)
+    sim.clients(sim.now + 0.3)
+    sim.heal_link(primary.name, backup.name)
+    sim.heal_link(primary.name, backup.name)
+    sim.clients(sim.now + 1.0)
+    assert not sim.protocol_errors, sim.protocol_errors[:3]
+    assert backup.state == primary.state[: len(backup.state)] and len(backup.state) >= primary.core.commit_seq
 
 
 def test_a_voter_that_restarts_forgets_its_promise_so_it_stays_quiet_for_a_lease():
