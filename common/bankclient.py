@@ -399,3 +399,4 @@ ARCHITECTURES["multicast"] = _multicast
 
 # Architectures whose client lives in a module of its own register themselves on import.
 from common import farmclient  # noqa: E402,F401  (registers "farm")
+from common import pbclient  # noqa: E402,F401  (registers "primary-backup")

@@ -303,6 +303,7 @@ BUILDERS: dict[str, str] = {
     "multicast": "common.lab.archs:build_multicast",
     "queue": "common.lab.archs:build_queue",
     "farm": "common.lab.arch_farm:build",
+    "primary-backup": "common.lab.arch_pb:build",
 }
 
 

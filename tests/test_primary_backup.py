@@ -1,0 +1,359 @@
+"""The primary-backup architecture (issue 5) as real processes on loopback addresses.
+
+Each scenario starts a cluster of two replicas and the witness (common/lab/arch_pb.py), breaks it
+the way the issue says, and checks what the architecture promises: the lab's verdict, the replicas'
+final stores, the per-epoch acknowledgements the clients received (the cluster's AckJournal), and
+the processes' logs and STATUS:
+
+- sync mode, 8 clients, SIGKILL of the primary: a backup takes over, no acknowledged write is lost,
+  the failover time is measured;
+- the primary cut off from the backup and the witness by the fault proxies: it stops acknowledging
+  within its lease, a new primary is elected, and after healing the old one rejoins as a backup;
+- async mode, the same SIGKILL: the acknowledged writes the backup never received are lost, and the
+  checker reports exactly those (cross-checked with what the old primary discarded when it rejoined);
+- SIGSTOP of the primary for longer than its lease, then SIGCONT: nothing is acknowledged in its old
+  epoch after that (requests sent to it meanwhile are refused, not answered OK);
+- bad input at the client, peer and witness ports: an error reply, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from common import wire
+from common.bankclient import new_op_id, operation_line
+from common.blocking import BlockingConnection
+from common.lab import archs, checker
+from common.lab.cluster import Cluster
+from common.lab.faults import Fault
+from common.lab.runner import RunOptions, RunResult, run_lab
+from common.store import StoreImage, open_store
+
+pytestmark = pytest.mark.slow
+
+LEASE_S = 1.0  # the default lease (Timing.lease_duration_s)
+
+
+def lab_run(root: Path, **options) -> RunResult:
+    settings = dict(architecture="primary-backup", ports="free", progress=False, duration_s=6.0, clients=8,
+                    results_dir=root / "results", run_root=root / "runs")
+    settings.update(options)
+    return run_lab(RunOptions(**settings))
+
+
+def acknowledged_writes(result: RunResult) -> set[str]:
+    return {r.op_id for r in result.history if r.kind != "BALANCE"
+            and (r.outcome == "ok" or (r.outcome == "failed" and r.error in checker.RECORDED_ERRORS))}
+
+
+def log_events(path: Path, event: str) -> list[dict[str, str]]:
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        if f" event={event} " in line or line.endswith(f" event={event}"):
+            found.append({k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|\S+)', line)})
+    return found
+
+
+def assert_same_state(states: dict[str, StoreImage]) -> None:
+    first, second = states.values()
+    assert first.balances == second.balances
+    assert first.counters == second.counters
+    assert [(r.op.op_id, r.seq, r.outcome) for r in first.recent] == [(r.op.op_id, r.seq, r.outcome) for r in second.recent]
+    assert first.meta.get("last_applied_seq", 0) == second.meta.get("last_applied_seq", 0) == first.counters.ops_applied_total
+
+
+def epochs(result: RunResult) -> dict[int, dict]:
+    return dict(sorted(result.lab.journal.by_epoch.items()))
+
+
+def test_sync_sigkill_of_the_primary_fails_over_without_losing_an_acknowledged_write(tmp_path, mysql_url_factory):
+    # On MariaDB: the replicas' stores are throw-away databases <base>_replica1 / _replica2.
+    result = lab_run(tmp_path, duration_s=8.0, store=mysql_url_factory(), schedule=[Fault("kill", "primary", 0.3, 0.6)],
+                     extra={"replication": "sync"})
+    report = result.report
+    assert report["verdict"] == "valid", (report["anomalies"], report["anomaly_examples"])
+    assert report["anomalies"]["lost_write"] == 0
+    lab = result.lab
+    killed = lab.fault_log[0]
+    by_epoch = epochs(result)
+    later = {epoch: entry for epoch, entry in by_epoch.items() if epoch > killed["epoch"]}
+    assert later, f"no write was acknowledged after {killed['target']} was killed: {by_epoch}"
+    new_epoch = min(later)
+    assert later[new_epoch]["count"] > 100, "clients continued after the failover"
+    failover_s = lab.failover_s(0)
+    print(f"\nfailover (sync, SIGKILL of {killed['target']}): first write acknowledged by the new primary "
+          f"{failover_s} s after the kill; the runner's first_ok_write_after_s {report['faults'][0]['first_ok_write_after_s']} s")
+    assert failover_s is not None and failover_s < 10 * LEASE_S
+    # The last renewal may have left up to a heartbeat (0.1 s) before the kill; the promises it got last a lease.
+    assert failover_s > LEASE_S - 0.1 - 0.05, "a new primary cannot start before the old lease has run out"
+    # The killed primary was restarted by the fault's end and caught up as a backup.
+    run_dir = Path(report["run_dir"])
+    follows = [e for e in log_events(run_dir / f"{killed['target']}.log", "following") if int(e["epoch"]) >= new_epoch]
+    assert follows, "the restarted primary did not follow the new one"
+    assert_same_state(result.states)
+
+
+def test_partitioned_primary_stops_acknowledging_a_new_one_is_elected_and_the_old_one_rejoins(tmp_path):
+    result = lab_run(tmp_path, duration_s=8.0, schedule=[Fault("partition", "primary", 0.25, 0.6)],
+                     extra={"replication": "sync"})
+    report = result.report
+    assert report["verdict"] == "valid", (report["anomalies"], report["anomaly_examples"])
+    lab = result.lab
+    cut = lab.fault_log[0]
+    by_epoch = epochs(result)
+    old = by_epoch[cut["epoch"]]
+    later = {epoch: entry for epoch, entry in by_epoch.items() if epoch > cut["epoch"]}
+    assert later, f"no new primary acknowledged anything: {by_epoch}"
+    new_epoch = min(later)
+    # Cut off from the majority, the old primary stops acknowledging when its lease runs out...
+    assert old["last_s"] <= cut["at_monotonic_s"] + LEASE_S + 0.25, (old["last_s"] - cut["at_monotonic_s"])
+    # ...before the new primary acknowledges anything (as the clients saw it).
+    assert old["last_s"] < later[new_epoch]["first_s"]
+    print(f"\npartition: old epoch's last ack {old['last_s'] - cut['at_monotonic_s']:.3f} s after the cut, "
+          f"new epoch's first ack {later[new_epoch]['first_s'] - cut['at_monotonic_s']:.3f} s after it")
+    run_dir = Path(report["run_dir"])
+    old_log = run_dir / f"{cut['target']}.log"
+    assert log_events(old_log, "stepped_down"), "the old primary never learnt it was deposed"
+    assert [e for e in log_events(old_log, "following") if int(e["epoch"]) >= new_epoch], "it did not rejoin as a backup"
+    assert_same_state(result.states)
+
+
+def test_async_sigkill_loses_acknowledged_writes_and_the_checker_counts_exactly_those(tmp_path):
+    result = lab_run(tmp_path, duration_s=8.0, schedule=[Fault("kill", "primary", 0.3, 0.6)],
+                     extra={"replication": "async"})
+    report = result.report
+    killed = result.lab.fault_log[0]
+    acknowledged = acknowledged_writes(result)
+    # What is really missing: acknowledged writes absent from each replica's final store.
+    missing = {name: acknowledged - {row.op.op_id for row in image.recent} for name, image in result.states.items()}
+    assert all(len(image.recent) == image.counters.ops_applied_total for image in result.states.values())
+    lost = set().union(*missing.values())
+    assert missing[killed["target"]] == missing[next(n for n in result.states if n != killed["target"])], \
+        "the replicas agree on what was lost"
+    # What the old primary says it discarded when it rejoined (a state transfer from the new one).
+    discarded: set[str] = set()
+    for event in log_events(Path(report["run_dir"]) / f"{killed['target']}.log", "discarded_op_ids"):
+        discarded.update(event["ids"].split(","))
+    assert lost == acknowledged & discarded, "lost = acknowledged by the old primary, then discarded at rejoin"
+    assert report["anomalies"]["lost_write"] == sum(len(ids) for ids in missing.values()), report["anomalies"]
+    print(f"\nasync SIGKILL: {len(lost)} acknowledged writes lost (of {len(acknowledged)}); "
+          f"checker lost_write={report['anomalies']['lost_write']}; failover {result.lab.failover_s(0)} s")
+    if lost:
+        assert report["verdict"] == "invalid"
+        assert {ex["op_id"] for ex in report["anomaly_examples"]["lost_write"]} <= lost
+    for kind in ("divergence", "double_apply", "corrupt_state", "phantom_write", "outcome_mismatch"):
+        assert report["anomalies"][kind] == 0, (kind, report["anomaly_examples"])
+    assert_same_state(result.states)
+
+
+# --- SIGSTOP past the lease ---------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except OSError as error:
+            last = repr(error)
+        if last and not isinstance(last, str):
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {last}")
+
+
+def statuses(cluster: Cluster, names: list[str]) -> dict[str, dict]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = cluster.status(name, timeout_s=1.0)
+        except OSError:
+            pass
+    return found
+
+
+def deposits(lab: archs.LabCluster, count: int, account: str = "alice") -> list[dict]:
+    """`count` deposits through the architecture's client (it finds the primary)."""
+
+    async def run() -> list[dict]:
+        client = lab.make_client(0, 1)
+        try:
+            replies = []
+            for _ in range(count):
+                op_id = new_op_id()
+                replies.append(await client.execute(op_id, operation_line(op_id, "DEPOSIT", account, None, 500)))
+            return replies
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def serving_primary(cluster: Cluster, names: list[str], min_epoch: int = 0):
+    for name, status in statuses(cluster, names).items():
+        if status.get("ROLE") == "primary" and status.get("LEASE_VALID") and status.get("EPOCH", 0) >= min_epoch:
+            return name, status
+    return None
+
+
+def raw_send(address: tuple[str, int], lines: list[bytes]) -> socket.socket:
+    sock = socket.create_connection(address, timeout=2.0)
+    sock.sendall(b"".join(lines))
+    return sock
+
+
+def raw_collect(sock: socket.socket, count: int, timeout_s: float) -> list[dict]:
+    replies: list[dict] = []
+    buffer = b""
+    deadline = time.monotonic() + timeout_s
+    while len(replies) < count and time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except (TimeoutError, OSError):
+            break
+        if not data:
+            break
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        replies.extend(wire.decode_line(line) for line in lines if line.strip())
+    return replies
+
+
+@pytest.mark.parametrize("replication", ["sync", "async"])
+def test_a_primary_stopped_longer_than_its_lease_acknowledges_nothing_in_its_old_epoch(tmp_path, replication):
+    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=tmp_path, ports="free",
+                                                             extra={"replication": replication, "backup_timeout": "5"}))
+    replicas = lab.replicas
+    nodes = {node.name: node for node in lab.nodes}
+    with Cluster(tmp_path, lab.nodes, name="pb-sigstop") as cluster:
+        cluster.start()
+        old, status = wait_for(lambda: serving_primary(cluster, replicas), 15, "a primary")
+        old_epoch = status["EPOCH"]
+        backup = next(name for name in replicas if name != old)
+        assert all(reply["STATUS"] == "OK" and reply["EPOCH"] == old_epoch for reply in deposits(lab, 5))
+        if replication == "sync":
+            wait_for(lambda: len(cluster.status(old)["SYNC_SET"]["MEMBERS"]) == 2 or None, 10, "the backup in the sync set")
+        address = (nodes[old].host, nodes[old].port)
+        ids = [new_op_id() for _ in range(40)]
+        lines = [operation_line(op_id, "DEPOSIT", "acct-1", None, 100) for op_id in ids]
+        in_flight = None
+        if replication == "sync":
+            # The backup freezes first, so these writes are applied by the primary and wait for its
+            # acknowledgement; the primary freezes before it could give up on the backup (5 s).
+            cluster.pause(backup)
+            in_flight = raw_send(address, lines[:20])
+            time.sleep(0.2)
+        cluster.pause(old)
+        paused_at = time.monotonic()
+        during = raw_send(address, lines[20:])  # read by the old primary only once it resumes
+        if replication == "sync":
+            cluster.resume(backup)
+        new, new_status = wait_for(lambda: serving_primary(cluster, [backup], old_epoch + 1), 15, "the backup to take over")
+        elected_s = time.monotonic() - paused_at
+        time.sleep(0.3)
+        cluster.resume(old)
+        replies = raw_collect(during, 20, 5.0)
+        if in_flight is not None:
+            replies += raw_collect(in_flight, 20, 5.0)
+        print(f"\n{replication}: {new} took over {elected_s:.2f} s after the pause (epoch {new_status['EPOCH']});"
+              f" replies from the resumed old primary: {sorted({r.get('ERROR') or r['STATUS'] for r in replies})}")
+        assert replies, "the resumed old primary answered nothing at all"
+        ok = [r for r in replies if r.get("STATUS") == "OK"]
+        assert not ok, f"acknowledged after its lease ran out: {ok[:3]}"
+        assert all(r.get("ERROR") in ("NOT_PRIMARY", "UNAVAILABLE") for r in replies), replies[:5]
+        refused = {r["ID"] for r in replies if r.get("ERROR") == "NOT_PRIMARY"}
+        old_status = wait_for(lambda: (s := cluster.status(old)).get("ROLE") == "backup"
+                              and s.get("EPOCH") == new_status["EPOCH"] and s, 10, "the old primary to rejoin")
+        assert old_status["PRIMARY"] == new
+        wait_for(lambda: len({s["OPS_APPLIED_TOTAL"] for s in statuses(cluster, replicas).values()}) == 1 or None, 15,
+                 "the replicas to converge")
+        for sock in filter(None, (during, in_flight)):
+            sock.close()
+    states = {name: open_store(url).load() for name, url in lab.stores().items()}
+    assert_same_state(states)
+    applied = {row.op.op_id for row in next(iter(states.values())).recent}
+    assert not refused & applied, "an operation refused NOT_PRIMARY (definite) was applied"
+
+
+# --- Bad input ----------------------------------------------------------------------------------
+
+
+BAD_LINES = [
+    (b"not json\n", "INVALID_JSON"),
+    (b"[1, 2]\n", "NOT_OBJECT"),
+    (b'{"TASK": "FLY"}\n', "UNKNOWN_MESSAGE"),
+    (b'{"TASK": "DEPOSIT", "ID": "x1", "ACCOUNT": "a", "AMOUNT": "-1"}\n', None),
+]
+PEER_ONLY_BAD_LINES = [
+    (b'{"TASK": "DEPOSIT", "ID": "x2", "ACCOUNT": "a", "AMOUNT": "1"}\n', "WRONG_ROLE"),
+    (b'{"TASK": "APPEND", "EPOCH": 1, "FROM_SEQ": 1, "ENTRY_EPOCH": 1, "PRIMARY_SEQ": 1, "ENTRIES": [["x", "STEAL", "a", null, 1, null]]}\n',
+     "FIELD_INVALID"),
+    (b'{"TASK": "APPEND", "EPOCH": 1, "FROM_SEQ": 1, "ENTRY_EPOCH": 1, "PRIMARY_SEQ": 1, "ENTRIES": [["x3", "DEPOSIT", "a", null, 1, null]]}\n',
+     "STALE_EPOCH"),
+    (b'{"TASK": "HELLO", "EPOCH": 99, "SESSION": 1, "PRIMARY": "mallory"}\n', "FIELD_INVALID"),
+    (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 99, "CANDIDATE": "replica1", "LAST_EPOCH": "x", "LAST_SEQ": 0}\n', "FIELD_TYPE"),
+    (b'{"TASK": "LEASE", "ID": 6, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 99999999, "PRIMARY_SEQ": 0}\n',
+     "FIELD_INVALID"),
+    (b'{"TASK": "SNAPSHOT_END"}\n', "FIELD_INVALID"),
+    (b'{"TASK": "ACK", "EPOCH": 1, "SEQ": 5}\n', "WRONG_ROLE"),
+]
+WITNESS_BAD_LINES = [
+    (b'{"TASK": "DEPOSIT", "ID": "x2", "ACCOUNT": "a", "AMOUNT": "1"}\n', "WRONG_ROLE"),
+    (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 0, "CANDIDATE": "replica1", "LAST_EPOCH": 0, "LAST_SEQ": 0}\n', "FIELD_INVALID"),
+    (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 99, "CANDIDATE": "witness", "LAST_EPOCH": 0, "LAST_SEQ": 0}\n', "FIELD_INVALID"),
+    (b'{"TASK": "LEASE", "ID": 6, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 1000, "PRIMARY_SEQ": 0,'
+     b' "SYNC_SET": {"EPOCH": 99, "VERSION": 1, "MEMBERS": ["mallory"]}}\n', "FIELD_INVALID"),
+]
+
+
+def send_lines(host: str, port: int, lines: list[tuple[bytes, str | None]]) -> list[dict]:
+    replies = []
+    with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
+        for line, _code in lines:
+            connection.send_bytes(line)
+            replies.append(connection.receive(timeout_s=2.0))
+    return replies
+
+
+def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_path):
+    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    nodes = {node.name: node for node in lab.nodes}
+    with Cluster(tmp_path, lab.nodes, name="pb-bad-input") as cluster:
+        cluster.start()
+        primary, _status = wait_for(lambda: serving_primary(cluster, lab.replicas), 15, "a primary")
+        assert deposits(lab, 1)[0]["STATUS"] == "OK"
+        wait_for(lambda: len({s["OPS_APPLIED_TOTAL"] for s in statuses(cluster, lab.replicas).values()}) == 1 or None, 10,
+                 "the backup to apply the deposit")
+        before = {name: cluster.status(name) for name in lab.replicas + ["witness"]}
+        witness = nodes["witness"]
+        targets = []
+        for name in lab.replicas:
+            node = nodes[name]
+            targets.append((name, "client", node.host, node.port, BAD_LINES))
+            targets.append((name, "peer", node.host, node.settings["peer_port"], BAD_LINES[:3] + PEER_ONLY_BAD_LINES))
+        targets.append(("witness", "witness", witness.host, witness.port, BAD_LINES[:3] + WITNESS_BAD_LINES))
+        for name, port_kind, host, port, lines in targets:
+            replies = send_lines(host, port, lines)
+            for (line, code), reply in zip(lines, replies):
+                assert reply.get("STATUS") == "NOK", (name, port_kind, line, reply)
+                assert type(reply.get("DEFINITE")) is bool and reply.get("DETAIL"), reply
+                if code is not None:
+                    assert reply["ERROR"] == code, (name, port_kind, line, reply)
+            # An oversize line: LINE_TOO_LONG, and that connection is closed.
+            with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
+                connection.send_bytes(b'{"TASK": "' + b"x" * (2 * 1024 * 1024) + b'"}\n')
+                assert connection.receive(timeout_s=5.0)["ERROR"] == "LINE_TOO_LONG"
+        after = {name: cluster.status(name) for name in lab.replicas + ["witness"]}
+        for name in before:
+            for key in ("ROLE", "EPOCH", "LAST_APPLIED_SEQ", "OPS_APPLIED_TOTAL", "PID"):
+                assert after[name].get(key) == before[name].get(key), (name, key, before[name].get(key), after[name].get(key))
+        assert serving_primary(cluster, lab.replicas)[0] == primary
+        assert deposits(lab, 1)[0]["STATUS"] == "OK", "still serving"
