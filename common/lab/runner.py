@@ -285,11 +285,14 @@ def run_lab(options: RunOptions) -> RunResult:
 def _add_recovery_times(faults: list[dict], history: list[OpRecord]) -> None:
     """For each fault, how long after it started the first write was acknowledged (for a kill of
     the primary: the failover time as the clients saw it), and the longest stretch without any
-    acknowledged write while it lasted."""
-    write_completions = sorted(r.complete_s for r in history if r.outcome == "ok" and r.kind != "BALANCE")
+    acknowledged write while it lasted. The first one counts only writes whose acknowledgement
+    cannot predate the fault: invoked after it began, or retried. (A reply the killed primary sent
+    just before the kill may be read by the client just after it: that is not a failover.)"""
+    writes = [r for r in history if r.outcome == "ok" and r.kind != "BALANCE"]
+    write_completions = sorted(r.complete_s for r in writes)
     for fault in faults:
         start = fault["at_s"]
-        later = [t for t in write_completions if t > start]
+        later = sorted(r.complete_s for r in writes if r.complete_s > start and (r.invoke_s >= start or r.attempts > 1))
         fault["first_ok_write_after_s"] = round(later[0] - start, 3) if later else None
         end = fault.get("until_s", start)
         window = [start] + [t for t in write_completions if start < t <= max(end, start)] + ([later[0]] if later else [])
