@@ -79,6 +79,7 @@ Messages (one JSON object per line; peer port 6005, witness port 6008):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -591,6 +592,55 @@ def parse_append(message: dict) -> Append:
     if from_seq + len(entries) - 1 > primary_seq:
         raise SaldoError("FIELD_INVALID", "PRIMARY_SEQ is below the entries sent")
     return Append(epoch, from_seq, entry_epoch, primary_seq, entries)
+
+
+# The canonical form of an APPEND, as append_line writes it: one regular expression for the header
+# and one per entry recognise and validate a whole line without building dicts and lists (the
+# backup's hot path), and give each entry's text for the backup's own log. Anything else goes
+# through the JSON decoder and parse_append; both give the same Append (tests/test_primary_backup_core.py).
+_CANONICAL_APPEND = re.compile(
+    rb'\{"TASK":"APPEND","EPOCH":([1-9][0-9]{0,17}),"FROM_SEQ":([1-9][0-9]{0,17}),"ENTRY_EPOCH":([1-9][0-9]{0,17}),'
+    rb'"PRIMARY_SEQ":([0-9]{1,18}),"ENTRIES":\[(.+)\]\}[ \t\r]*'
+)
+_CANONICAL_ENTRY = re.compile(
+    r'\["([A-Za-z0-9_.:-]{1,64})","(DEPOSIT|WITHDRAW|TRANSFER)","([A-Za-z0-9_.@-]{1,64})",'
+    r'(?:null|"([A-Za-z0-9_.@-]{1,64})"),([1-9][0-9]{0,15}),'
+    r'(?:null|"(INSUFFICIENT_FUNDS|ACCOUNT_NOT_FOUND|BALANCE_LIMIT|TOO_MANY_ACCOUNTS)")\]'
+)
+
+
+def parse_append_line(line: bytes) -> tuple[Append, list[str]] | None:
+    """An APPEND line in canonical form: (the Append, each entry's text); None for any other line
+    (then decode it and use parse_append, which also says what is wrong)."""
+    match = _CANONICAL_APPEND.fullmatch(line)
+    if match is None:
+        return None
+    epoch, from_seq, entry_epoch, primary_seq = (int(x) for x in match.group(1, 2, 3, 4))
+    body = match.group(5).decode("ascii", "replace")
+    entries: list[tuple[Operation, str | None]] = []
+    texts: list[str] = []
+    entry_match = _CANONICAL_ENTRY.match
+    position = 0
+    end = len(body)
+    while True:
+        found = entry_match(body, position)
+        if found is None:
+            return None
+        op_id, kind, account, to_account, cents, error = found.groups()
+        amount = int(cents)
+        if (to_account is None) != (kind != TRANSFER) or to_account == account or amount > MAX_AMOUNT_CENTS:
+            return None
+        entries.append((Operation(op_id, kind, account, to_account, amount), error))
+        texts.append(found.group(0))
+        position = found.end()
+        if position == end:
+            break
+        if body[position] != "," or len(entries) >= MAX_ENTRIES_PER_APPEND:
+            return None
+        position += 1
+    if entry_epoch > epoch or from_seq + len(entries) - 1 > primary_seq:
+        return None
+    return Append(epoch, from_seq, entry_epoch, primary_seq, entries), texts
 
 
 def ack_line(epoch: int, seq: int) -> bytes:

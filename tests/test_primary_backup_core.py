@@ -61,6 +61,7 @@ from common.primary_backup import (
     entry_text,
     lease_reply_message,
     parse_append,
+    parse_append_line,
     parse_lease_reply,
     parse_lease_request,
     parse_vote_reply,
@@ -288,6 +289,45 @@ def test_append_round_trips_and_every_damage_is_refused_with_a_code():
     for entry in bad_entries:
         with pytest.raises(SaldoError):
             parse_append({**message, "ENTRIES": [entry]})
+
+
+NAMES = st.text(alphabet="abcXYZ019_.@-", min_size=1, max_size=8)
+ENTRIES = st.lists(
+    st.tuples(st.text(alphabet="abc0123456789_.:-", min_size=1, max_size=12), st.sampled_from([DEPOSIT, "WITHDRAW", TRANSFER]),
+              NAMES, NAMES, st.integers(1, 10**11), st.sampled_from([None, "INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND"])),
+    min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=ENTRIES, epoch=st.integers(1, 9), from_seq=st.integers(1, 10**9))
+def test_the_canonical_append_parser_agrees_with_the_full_one(entries, epoch, from_seq):
+    ops = []
+    for op_id, kind, account, other, cents, error in entries:
+        if kind == TRANSFER and other == account:
+            other = account + "x"
+        ops.append((Operation(op_id, kind, account, other if kind == TRANSFER else None, cents), error))
+    texts = [entry_text(op_, error) for op_, error in ops]
+    line = append_line(epoch, from_seq + len(ops), epoch, from_seq, texts).rstrip(b"\n")
+    fast = parse_append_line(line)
+    full = parse_append(decoded(line))
+    if any(op_.amount_cents > 100_000_000_000 for op_, _ in ops):
+        assert fast is None  # above the maximum of one operation: the full parser says why
+        return
+    assert fast is not None and fast[0] == full and fast[1] == texts
+
+
+@pytest.mark.parametrize("line", [
+    b'{"TASK": "APPEND","EPOCH":1,"FROM_SEQ":1,"ENTRY_EPOCH":1,"PRIMARY_SEQ":1,"ENTRIES":[["a","DEPOSIT","x",null,1,null]]}',
+    b'{"TASK":"APPEND","EPOCH":1,"FROM_SEQ":1,"ENTRY_EPOCH":2,"PRIMARY_SEQ":1,"ENTRIES":[["a","DEPOSIT","x",null,1,null]]}',
+    b'{"TASK":"APPEND","EPOCH":1,"FROM_SEQ":5,"ENTRY_EPOCH":1,"PRIMARY_SEQ":1,"ENTRIES":[["a","DEPOSIT","x",null,1,null]]}',
+    b'{"TASK":"APPEND","EPOCH":1,"FROM_SEQ":1,"ENTRY_EPOCH":1,"PRIMARY_SEQ":1,"ENTRIES":[["a","DEPOSIT","x","y",1,null]]}',
+    b'{"TASK":"APPEND","EPOCH":1,"FROM_SEQ":1,"ENTRY_EPOCH":1,"PRIMARY_SEQ":1,"ENTRIES":[["a","TRANSFER","x","x",1,null]]}',
+    b'{"TASK":"APPEND","EPOCH":1,"FROM_SEQ":1,"ENTRY_EPOCH":1,"PRIMARY_SEQ":2,"ENTRIES":[["a","DEPOSIT","x",null,1,null]["b","DEPOSIT","x",null,1,null]]}',
+    b'{"TASK":"APPEND","EPOCH":1,"FROM_SEQ":1,"ENTRY_EPOCH":1,"PRIMARY_SEQ":1,"ENTRIES":[["a","DEPOSIT","x",null,0,null]]}',
+    b'{"TASK":"APPEND","EPOCH":0,"FROM_SEQ":1,"ENTRY_EPOCH":1,"PRIMARY_SEQ":1,"ENTRIES":[["a","DEPOSIT","x",null,1,null]]}',
+])
+def test_the_canonical_append_parser_leaves_every_other_line_to_the_full_parser(line):
+    assert parse_append_line(line) is None
 
 
 def test_vote_and_lease_messages_round_trip_and_refuse_strangers():

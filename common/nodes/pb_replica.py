@@ -42,6 +42,7 @@ from common.primary_backup import (
     REPLICATION_MODES,
     SNAPSHOT,
     SYNC,
+    Append,
     Effects,
     Position,
     ReplicaCore,
@@ -53,6 +54,7 @@ from common.primary_backup import (
     int_field,
     member_field,
     parse_append,
+    parse_append_line,
     parse_lease_reply,
     parse_lease_request,
     parse_vote_reply,
@@ -337,12 +339,18 @@ class PBReplica:
                 self.requests_total += len(lines)
                 applied_before = self.core.log.last_seq
                 items = queue.items
+                # Whether this replica takes writes now is decided once per batch: nothing in the
+                # batch can change it, and each reply is checked against the lease again when sent.
+                refusal_reason = self._refusal_reason()
                 for line in lines:
                     # saldo's canonical request form is parsed by one regular expression (no dict);
                     # anything else is decoded and parsed in full (see bank.parse_request_line).
                     op = parse_request_line(line)
                     if op is not None:
-                        items.append(self._write(op.op_id, op, None))
+                        if refusal_reason is None:
+                            items.append(self._apply_write(op.op_id, op, None))
+                        else:
+                            items.append((GATE_NONE, 0, self._not_primary(op.op_id, refusal_reason), op.op_id))
                         continue
                     try:
                         message = wire.decode_line(line)
@@ -380,14 +388,14 @@ class PBReplica:
             read_from = item.get("READ_FROM", "PRIMARY")
             if read_from not in ("PRIMARY", "BACKUP"):
                 raise SaldoError("FIELD_INVALID", "READ_FROM must be PRIMARY or BACKUP")
-            if not isinstance(request, Query):
-                return self._write(request_id, request, item)
             core = self.core
-            if read_from == "BACKUP" and core.primary is None:
+            if isinstance(request, Query) and read_from == "BACKUP" and core.primary is None:
                 return self._backup_read(request_id, request)
-            refusal = self._refusal(request_id)
-            if refusal is not None:
-                return refusal
+            refusal_reason = self._refusal_reason()
+            if refusal_reason is not None:
+                return GATE_NONE, 0, self._not_primary(request_id, refusal_reason), request_id
+            if not isinstance(request, Query):
+                return self._apply_write(request_id, request, item)
             # Up to date: answered once everything applied before it is committed, under the lease.
             seq = core.log.last_seq
             reply = balance_reply(request, self.dbank.bank.balance(request.account), request_id, SEQ=seq,
@@ -397,23 +405,20 @@ class PBReplica:
         except SaldoError as error:
             return GATE_NONE, 0, wire.encode(error_reply(error.code, error.detail, request_id)), request_id
 
-    def _refusal(self, request_id: object) -> tuple[int, int, bytes, object] | None:
-        """Why this replica cannot take a write or an up-to-date read now, or None if it can."""
+    def _refusal_reason(self) -> str | None:
+        """Why this replica cannot take a write or an up-to-date read now ("" for the default words
+        of a backup), or None if it can."""
         core = self.core
-        now = time.monotonic()
         if core.primary is None:
-            return GATE_NONE, 0, self._not_primary(request_id, now), request_id
-        if not core.can_acknowledge(now):
-            return GATE_NONE, 0, self._not_primary(request_id, now, "the primary's lease has expired: it may be cut"
-                                                   " off from the majority and cannot acknowledge"), request_id
+            return ""
+        if not core.can_acknowledge(time.monotonic()):
+            return "the primary's lease has expired: it may be cut off from the majority and cannot acknowledge"
         return None
 
-    def _write(self, request_id: object, op: Operation, message: dict | None) -> tuple[int, int, bytes, object]:
-        """Apply a client's operation as the primary; its reply waits for the commit point.
-        `message` is the decoded request, or None for a canonical line (whose ID is the op id)."""
-        refusal = self._refusal(request_id)
-        if refusal is not None:
-            return refusal
+    def _apply_write(self, request_id: object, op: Operation, message: dict | None) -> tuple[int, int, bytes, object]:
+        """Apply a client's operation as the primary (the caller checked that it may); its reply
+        waits for the commit point. `message` is the decoded request, or None for a canonical line
+        (whose ID is the op id)."""
         if self.pending_replies >= MAX_PENDING_REPLIES:
             reply = error_reply("OVERLOADED", f"{self.pending_replies} replies wait for the backups", request_id)
             return GATE_NONE, 0, wire.encode(reply), request_id
@@ -454,11 +459,11 @@ class PBReplica:
                               EPOCH=core.epoch, BEHIND=behind, ROLE=core.role)
         return GATE_DURABLE, seq, wire.encode(reply), request_id
 
-    def _not_primary(self, request_id: object, now_s: float, detail: str | None = None) -> bytes:
+    def _not_primary(self, request_id: object, detail: str = "") -> bytes:
         """The seed's redirect: where the primary is, when this replica knows."""
         core = self.core
-        target = None if core.primary is not None else core.redirect_target(now_s)
-        if detail is None:
+        target = None if core.primary is not None else core.redirect_target(time.monotonic())
+        if not detail:
             detail = ("this replica is a backup; writes and up-to-date reads go to the primary" if target
                       else "no primary is known here now (an election may be under way); try another replica")
         reply = error_reply("NOT_PRIMARY", detail, request_id)
@@ -647,19 +652,34 @@ class PBReplica:
         reader: SnapshotReader | None = None
         try:
             while True:
-                batch = await stream.read_batch()
-                if batch is None:
+                lines = await stream.read_lines()
+                if lines is None:
                     return
-                acked = False
-                for message in batch:
-                    if isinstance(message, SaldoError):
-                        stream.send(error_reply(message.code, message.detail))
+                applied = False
+                for line in lines:
+                    # The stream's APPENDs in canonical form are parsed by regular expressions (the
+                    # hot path); any other line is decoded and parsed in full.
+                    canonical = parse_append_line(line) if line.startswith(b'{"TASK":"APPEND"') else None
+                    if canonical is not None:
+                        try:
+                            applied = self._on_append(stream, *canonical) or applied
+                        except SaldoError as error:
+                            self._refuse(stream, error, None)
+                        if stream.closed:
+                            return
+                        continue
+                    try:
+                        message = wire.decode_line(line)
+                    except SaldoError as error:
+                        stream.send(error_reply(error.code, error.detail))
+                        continue
+                    if message is None:
                         continue
                     request_id = message.get("ID") if type(message.get("ID")) in (str, int) else None
+                    task = message.get("TASK")
                     try:
-                        task = message.get("TASK")
                         if task == "APPEND":
-                            acked = self._on_append(stream, message) or acked
+                            applied = self._on_append(stream, parse_append(message), None) or applied
                         elif task in ("SNAPSHOT_BEGIN", "SNAPSHOT_ACCOUNTS", "SNAPSHOT_APPLIED", "SNAPSHOT_END"):
                             if task == "SNAPSHOT_BEGIN":
                                 if stream is not self.primary_stream:
@@ -675,17 +695,13 @@ class PBReplica:
                         else:
                             self._on_peer_request(stream, message, request_id)
                     except SaldoError as error:
-                        if error.code == "STALE_EPOCH":
-                            self.stale_refused += 1
-                            stream.send(stale_epoch_reply(self.core.voter.record.promised_epoch, error.detail, request_id))
-                        else:
-                            stream.send(error_reply(error.code, error.detail, request_id))
-                        if task and str(task).startswith("SNAPSHOT"):
-                            reader = None
+                        self._refuse(stream, error, request_id)
+                        if type(task) is str and task.startswith("SNAPSHOT"):
+                            reader = None  # a damaged state transfer is dropped whole
                             self.core.installing = False
                     if stream.closed:
                         return
-                if acked:
+                if applied:
                     self._watch_durable()
                 if not await stream.drain():
                     return
@@ -695,6 +711,13 @@ class PBReplica:
                 self.session_synced = False
             if reader is not None:
                 self.core.installing = False
+
+    def _refuse(self, stream: aio.MessageStream, error: SaldoError, request_id: object) -> None:
+        if error.code == "STALE_EPOCH":
+            self.stale_refused += 1
+            stream.send(stale_epoch_reply(self.core.voter.record.promised_epoch, error.detail, request_id))
+        else:
+            stream.send(error_reply(error.code, error.detail, request_id))
 
     def _on_peer_request(self, stream: aio.MessageStream, message: dict, request_id: object) -> None:
         core = self.core
@@ -735,9 +758,9 @@ class PBReplica:
         else:
             raise classify_unknown(message)
 
-    def _on_append(self, stream: aio.MessageStream, message: dict) -> bool:
-        """Apply a batch of the primary's entries in order. True if something was applied."""
-        append = parse_append(message)
+    def _on_append(self, stream: aio.MessageStream, append: Append, texts: list[str] | None) -> bool:
+        """Apply a batch of the primary's entries in order (`texts`: their text as received, if
+        known). True if something was applied."""
         if stream is not self.primary_stream or self.diverged:
             raise SaldoError("STALE_EPOCH", "entries outside the current primary's session")
         core = self.core
@@ -746,7 +769,8 @@ class PBReplica:
         bank = dbank.bank
         seq = append.from_seq
         entry_epoch = append.entry_epoch
-        for op, error in append.entries:
+        record_entry = core.record_entry
+        for index, (op, error) in enumerate(append.entries):
             outcome, duplicate = dbank.apply(op, seq)
             if duplicate or outcome.error != error or bank.counters.ops_applied_total != seq:
                 # The same operations in the same order must decide the same outcomes: this state
@@ -757,7 +781,7 @@ class PBReplica:
                           primary_outcome=error or "OK", own_outcome=outcome.error or "OK")
                 stream.abort()
                 return False
-            core.record_entry(seq, entry_epoch, entry_text(op, error))
+            record_entry(seq, entry_epoch, texts[index] if texts is not None else entry_text(op, error))
             seq += 1
         dbank.set_meta("last_applied_seq", seq - 1)
         dbank.set_meta("last_entry_epoch", entry_epoch)
