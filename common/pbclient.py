@@ -106,16 +106,17 @@ class PrimaryBackupClient(BankClient):
     def _send(self, index: int, request_id: str, line: bytes, on_reply, timeout_s: float | None, hops_left: int,
               *, to_backup: bool) -> None:
         address = self.addresses[index]
+        observer = None if to_backup else self.observer
 
         def on_attempt_reply(reply: dict) -> None:
+            if reply.get("STATUS") == "OK":  # the common case: as little work as possible
+                if observer is not None:
+                    observer(address, reply)
+                on_reply(reply)
+                return
             epoch = reply.get("EPOCH")
             if type(epoch) is int and epoch > self.epoch_seen:
                 self.epoch_seen = epoch
-            if reply.get("STATUS") == "OK":
-                if self.observer is not None and not to_backup:
-                    self.observer(address, reply)
-                on_reply(reply)
-                return
             code = reply.get("ERROR")
             if to_backup:
                 if code in ("NOT_READY", "CONNECTION_LOST", "TIMEOUT") and hops_left > 1:
