@@ -118,6 +118,9 @@ class SequencedReplica:
                     message = wire.decode_line(line)
                 except SaldoError as error:
                     log.warning("bad_line_from_sequencer", error=error.code, detail=error.detail)
+                    # Answered like bad input at any port. (The orderer answers a NOK with one, which
+                    # this loop only logs: no exchange of errors without end.)
+                    stream.send(error_reply(error.code, error.detail))
                     continue
                 if message is None:
                     continue
@@ -127,6 +130,7 @@ class SequencedReplica:
                         entries.append(parse_entry(message))
                     except SaldoError as error:
                         log.warning("bad_entry_from_sequencer", error=error.code, detail=error.detail)
+                        stream.send(error_reply(error.code, error.detail))
                 elif task == "SUBSCRIBED":
                     self.send_results = message.get("SEND_RESULTS") is True
                 elif task == "SEND_RESULTS":
@@ -205,6 +209,12 @@ class SequencedReplica:
             if resend is not None:
                 self._ask_resend(resend)
             self._expire_reads()
+
+    @staticmethod
+    def _check_feed(message: dict) -> None:
+        """A malformed FEED is refused (an error reply) before it can displace the server's feed."""
+        if type(message.get("REPLICA")) is not str or type(message.get("SERVER")) is not str:
+            raise SaldoError("FIELD_TYPE", "FEED needs SERVER and REPLICA (names)")
 
     async def _be_fed(self, stream: aio.MessageStream) -> None:
         """Queue mode: the server connected and said FEED; this connection carries the queue."""
@@ -295,6 +305,7 @@ class SequencedReplica:
                     if task == "STATUS":
                         stream.send(self.status(request_id))
                     elif task == "FEED" and self.args.mode == "queue":
+                        self._check_feed(message)
                         await self._be_fed(stream)
                         return
                     elif task == "SNAPSHOT":

@@ -203,6 +203,8 @@ class SequencerNode:
                 if expected_name is not None and message.get("REPLICA") != expected_name:
                     raise SaldoError("FIELD_INVALID", f"this connection feeds {expected_name}")
                 return self._subscribe(stream, message)
+            elif task in BANK_TASKS or "tipo" in message:
+                raise SaldoError("WRONG_ROLE", "this is the replica port; send bank operations to the client port")
             elif link is None:
                 raise SaldoError("FIELD_INVALID", "SUBSCRIBE first")
             elif task == "APPLIED":
@@ -218,8 +220,6 @@ class SequencerNode:
                 else:
                     log.info("resend", replica=link.name, from_seq=first, to_seq=last)
                     stream.send_bytes(data)
-            elif task in BANK_TASKS or "tipo" in message:
-                raise SaldoError("WRONG_ROLE", "this is the replica port; send bank operations to the client port")
             else:
                 raise classify_unknown(message)
         except SaldoError as error:

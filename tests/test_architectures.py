@@ -1,0 +1,682 @@
+"""The replicated bank's first three architectures (issue 4) as lab runs and real processes.
+
+Every scenario starts a real cluster on loopback addresses with free ports (common/lab), breaks it
+the way the issue says, and checks the outcome the architecture promises: the lab's verdict, the
+replicas' final stores, the sequencer's log, the processes' STATUS. Then bad input at every
+listening port, and client.py against each architecture.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common import wire
+from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation
+from common.blocking import BlockingConnection
+from common.lab import archs, checker
+from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port
+from common.lab.faults import SCHEDULES, Fault
+from common.lab.runner import RunOptions, RunResult, run_lab
+from common.nodes.sequencer import REPLICA_LINE_BYTES
+from common.seqlog import SequencerLog
+from common.sequencing import entry_line
+from common.store import StoreImage
+
+pytestmark = pytest.mark.slow
+
+MAX_LINE = wire.MAX_LINE_BYTES
+REPLICA_LINK_MAX_LINE = REPLICA_LINE_BYTES  # the sequencer's replica port takes long APPLIED lines
+
+
+def lab_run(root: Path, architecture: str, **options) -> RunResult:
+    settings = dict(architecture=architecture, ports="free", progress=False, duration_s=3.0, clients=8,
+                    results_dir=root / "results", run_root=root / "runs")
+    settings.update(options)
+    return run_lab(RunOptions(**settings))
+
+
+def assert_valid(result: RunResult) -> None:
+    report = result.report
+    assert report["verdict"] == "valid", (report["anomalies"], report["anomaly_examples"], report["checker_notes"])
+    assert report["ops"]["ok"] > 0
+
+
+def applied_rows(image: StoreImage) -> list[tuple[str, int | None, str | None]]:
+    return [(row.op.op_id, row.seq, row.outcome.error) for row in image.recent]
+
+
+def assert_same_store(a: StoreImage, b: StoreImage) -> None:
+    """Two replicas hold the same state: balances, counters, the same operations in the same
+    order with the same numbers and outcomes, and the same last applied seq."""
+    assert a.balances == b.balances
+    assert a.counters == b.counters
+    assert applied_rows(a) == applied_rows(b)
+    assert a.meta.get("last_applied_seq") == b.meta.get("last_applied_seq")
+
+
+def acknowledged_write_ids(result: RunResult) -> set[str]:
+    return {r.op_id for r in result.history if r.kind != "BALANCE"
+            and (r.outcome == "ok" or r.error in checker.RECORDED_ERRORS)}
+
+
+def log_events(path: Path, event: str) -> list[dict[str, str]]:
+    """The key=value fields of each line of a process log with this event."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        if f" event={event} " in line or line.endswith(f" event={event}"):
+            found.append(dict(re.findall(r'(\w+)=("[^"]*"|\S+)', line)))
+    return found
+
+
+# --- Lab runs: the three architectures ---------------------------------------------------------
+
+
+def test_sequencer_lab_run_with_8_clients_is_valid(tmp_path):
+    result = lab_run(tmp_path, "sequencer")
+    assert_valid(result)
+    assert result.report["architecture"] == "sequencer"
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+    # Writes were answered with their sequence number, and reads (which name the highest seq
+    # their client was told of) with the seq the replica had applied.
+    assert all(type(r.seq) is int for r in result.history if r.outcome == "ok")
+
+
+def test_queue_lab_run_with_8_clients_is_valid(tmp_path):
+    result = lab_run(tmp_path, "queue")
+    assert_valid(result)
+    assert result.report["variant"] == "ack when queued"
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+    # The seed's meaning: the RPC reply says "queued", the outcome is decided by the replicas.
+    writes = [r for r in result.history if r.kind != "BALANCE" and r.outcome == "ok" and r.client >= 0]
+    assert writes and all(r.accepted for r in writes)
+    assert acknowledged_write_ids(result) <= {row.op.op_id for row in result.states["replica1"].recent}
+
+
+def test_multicast_with_a_delayed_link_to_one_replica_shows_divergence(tmp_path):
+    # Clients send each operation to both replicas, replica2's link 20 ms slower for the whole run;
+    # nothing orders concurrent operations, so each replica applies them in its own arrival order.
+    # Orders only matter when operations do not commute: a transfer or withdrawal that succeeds
+    # on one replica and finds insufficient funds on the other. With 8 (or 4) accounts of 1000.00
+    # and amounts up to 50.00 a balance seldom gets near zero, so a run may well end without
+    # divergence; with 2 accounts the transfers between them walk both balances to zero again and
+    # again (a few hundred INSUFFICIENT_FUNDS a run), and divergence shows in every run.
+    result = lab_run(tmp_path, "multicast", accounts=2, proxies=True,
+                     schedule=[Fault("delay", "replica", 0.0, 1.0, {"delay_ms": 20})])
+    report = result.report
+    assert report["faults"][0]["action"] == "delay" and report["faults"][0]["target"] == "replica2"
+    assert report["anomalies"]["divergence"] > 0, report["anomalies"]
+    assert report["verdict"] == "invalid"
+    assert result.states["replica1"].balances != result.states["replica2"].balances
+    # Multicast promises no total order: that check is not applied to it.
+    assert report["anomalies"]["real_time_order"] == 0
+    # Each replica on its own applied every operation exactly once.
+    for image in result.states.values():
+        ids = [row.op.op_id for row in image.recent]
+        assert len(ids) == len(set(ids))
+    # The client reported how many replicas applied each write.
+    assert {r.applied_replicas for r in result.history if r.kind != "BALANCE" and r.client >= 0} <= {0, 1, 2}
+
+
+# --- Sequencer under faults ---------------------------------------------------------------------
+
+
+def test_sequencer_replica_killed_mid_run_and_restarted_catches_up(tmp_path):
+    result = lab_run(tmp_path, "sequencer", duration_s=4.0, schedule=[Fault("kill", "replica", 0.3, 0.6)])
+    assert_valid(result)
+    [fault] = result.report["faults"]
+    assert fault["target"] == "replica1" and fault["until_s"] > fault["at_s"]
+    # While replica1 was down, replica2 kept applying; once back, replica1 caught up to the same state.
+    ran_while_down = [r for r in result.history if r.kind != "BALANCE" and r.outcome == "ok"
+                      and fault["at_s"] < r.invoke_s and r.complete_s < fault["until_s"]]
+    assert ran_while_down
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+    assert acknowledged_write_ids(result) <= {row.op.op_id for row in result.states["replica1"].recent}
+
+
+def test_sequencer_killed_and_restarted_loses_nothing_and_numbering_continues(tmp_path):
+    # Segments larger than the run: the log keeps every entry, so the whole numbering can be read.
+    result = lab_run(tmp_path, "sequencer", duration_s=4.0, schedule=[Fault("kill", "sequencer", 0.3, 0.6)],
+                     extra={"segment_entries": 10**7})
+    assert_valid(result)
+    assert result.report["faults"][0]["target"] == "sequencer"
+    assert result.report["anomalies"]["lost_write"] == 0
+    acknowledged = acknowledged_write_ids(result)
+    seqlog = SequencerLog(Path(result.report["run_dir"]) / "sequencer-log")
+    entries, log_start = seqlog.load()
+    seqlog.close()
+    assert log_start == 1
+    # The log: 1..N, each number once (load() refuses a gap), across the restart.
+    assert [seq for seq, _id, _line in entries] == list(range(1, seqlog.last_seq + 1))
+    op_at = {seq: op_id for seq, op_id, _line in entries}
+    for name, image in result.states.items():
+        rows = image.recent
+        seqs = [row.seq for row in rows]
+        # Applied in numbering order, no number applied twice, up to the log's last entry.
+        assert seqs == sorted(set(seqs)), name
+        assert image.meta["last_applied_seq"] == seqlog.last_seq >= seqs[-1], name
+        assert all(op_at[row.seq] == row.op.op_id for row in rows), name
+        # A number with no applied row is a retry numbered again after the restart: the replica
+        # recognised its id, already applied under an earlier number, and changed nothing.
+        first_seq_of = {}
+        for row in rows:
+            first_seq_of.setdefault(row.op.op_id, row.seq)
+        for seq in sorted(set(op_at) - set(seqs)):
+            assert first_seq_of.get(op_at[seq], seq) < seq, (name, seq, op_at[seq])
+        assert acknowledged <= set(first_seq_of), name
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+
+
+def test_a_retry_after_the_sequencer_restarts_gets_the_first_outcome(tmp_path):
+    # The client of an applied operation never heard back (say the sequencer died before relaying
+    # the answer) and retries with the same id once the sequencer is back.
+    running = start_cluster(tmp_path, "sequencer")
+    cluster = running.cluster
+    try:
+        operation = {"TASK": "DEPOSIT", "ID": "retry-me", "ACCOUNT": "acct-a", "AMOUNT": "5.00", "WAIT": "ALL"}
+        first = cluster.request("sequencer", dict(operation), timeout_s=5.0)
+        assert first["STATUS"] == "OK" and first["BALANCE"] == "105.00"
+        before = running.state()
+        cluster.kill("sequencer")
+        cluster.restart("sequencer")
+        deadline = time.monotonic() + 15
+        while True:
+            replicas = cluster.status("sequencer")["REPLICAS"]
+            if all(replica["CONNECTED"] for replica in replicas.values()):
+                break
+            assert time.monotonic() < deadline, ("the replicas did not resubscribe", replicas, {
+                name: cluster.log_path(name).read_text().splitlines()[-6:] for name in cluster.nodes})
+            time.sleep(0.05)
+        retry = cluster.request("sequencer", dict(operation), timeout_s=5.0)
+        assert retry["STATUS"] == "OK" and retry["BALANCE"] == "105.00", retry
+        assert cluster.status("sequencer")["WAITING_REQUESTS"] == 0
+        after = running.state()
+        for name in running.lab.replicas:
+            assert after[name] == before[name]  # applied once, at every replica
+    finally:
+        cluster.close()
+
+
+def test_sequencer_replica_connection_dropped_fills_the_gap_by_retransmission(tmp_path):
+    # The replica's link to the sequencer is reset three times during the run (its proxy drops
+    # the connection): whatever was in flight is lost; the replica resubscribes from its last
+    # applied seq and the sequencer sends it everything after that.
+    result = lab_run(tmp_path, "sequencer", duration_s=4.0, schedule=SCHEDULES["drop-replica"])
+    assert_valid(result)
+    assert [f["action"] for f in result.report["faults"]] == ["drop", "drop", "drop"]
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+    run_dir = Path(result.report["run_dir"])
+    resubscriptions = [e for e in log_events(run_dir / "sequencer.log", "replica_subscribed")
+                       if e.get("replica") == "replica1" and int(e["last_applied_seq"]) > 0]
+    assert len(resubscriptions) >= 2, resubscriptions  # resumed mid-stream, not from the start
+    assert result.states["replica1"].meta["last_applied_seq"] == result.states["replica2"].meta["last_applied_seq"]
+
+
+# --- A real gap, delivered out of order to a replica process ------------------------------------
+
+
+class FakeOrderer:
+    """The test plays the sequencer (the replica connects to it) or the queue server (it connects
+    to the replica's queue port and says FEED), on a plain socket."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self.connection = connection
+        self.connection.settimeout(0.2)
+        self.splitter = wire.LineSplitter(REPLICA_LINK_MAX_LINE)
+        self.inbox: list[dict] = []
+
+    def send(self, data: bytes) -> None:
+        self.connection.sendall(data)
+
+    def expect(self, predicate, timeout_s: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for index, message in enumerate(self.inbox):
+                if predicate(message):
+                    return self.inbox.pop(index)
+            try:
+                data = self.connection.recv(65536)
+            except socket.timeout:
+                continue
+            assert data, "the replica closed the connection"
+            self.inbox.extend(m for m in wire.decode_lines(self.splitter.feed(data)) if isinstance(m, dict))
+        raise AssertionError(f"no {what} within {timeout_s} s; got {self.inbox}")
+
+
+GAP_ENTRIES = {
+    1: Operation("gap-op-1", DEPOSIT, "alice", None, 10_000),
+    2: Operation("gap-op-2", WITHDRAW, "alice", None, 8_000),
+    3: Operation("gap-op-3", WITHDRAW, "alice", None, 5_000),  # after 2: insufficient funds
+    4: Operation("gap-op-4", TRANSFER, "alice", "bob", 1_500),
+}
+
+
+@pytest.mark.parametrize("mode", ["sequencer", "queue"])
+def test_a_replica_that_sees_a_gap_asks_for_a_resend_and_applies_in_order(tmp_path, mode):
+    host = archs.REPLICA_HOSTS[0]
+    settings = {"mode": mode, "peers": ""}
+    listener = None
+    if mode == "sequencer":
+        listener = socket.create_server((archs.ORCHESTRATOR_HOST, 0))
+        settings["sequencer"] = f"{archs.ORCHESTRATOR_HOST}:{listener.getsockname()[1]}"
+    node = Node("replica1", "replica.py", host, free_port(host), settings, store=f"sqlite:///{tmp_path / 'replica1.db'}")
+    with Cluster(tmp_path, [node], name="gap") as cluster:
+        cluster.start()
+        if listener is not None:
+            listener.settimeout(10.0)
+            connection, _ = listener.accept()
+            listener.close()
+        else:
+            connection = socket.create_connection((host, node.port), timeout=5.0)
+            connection.sendall(wire.encode({"TASK": "FEED", "SERVER": "test", "REPLICA": "replica1"}))
+        orderer = FakeOrderer(connection)
+        try:
+            subscribe = orderer.expect(lambda m: m.get("TASK") == "SUBSCRIBE", 10.0, "SUBSCRIBE")
+            assert subscribe == {"TASK": "SUBSCRIBE", "REPLICA": "replica1", "LAST_APPLIED_SEQ": 0}
+            orderer.send(wire.encode({"TASK": "SUBSCRIBED", "SEND_RESULTS": True}))  # this replica sends outcomes
+            orderer.send(entry_line(1, GAP_ENTRIES[1]) + entry_line(3, GAP_ENTRIES[3]) + entry_line(4, GAP_ENTRIES[4]))
+            resend = orderer.expect(lambda m: m.get("TASK") == "RESEND", 5.0, "RESEND")
+            assert (resend["FROM"], resend["TO"]) == (2, 2)
+            assert orderer.expect(lambda m: m.get("TASK") == "APPLIED", 5.0, "APPLIED")["UPTO"] == 1
+            status = cluster.status("replica1")
+            assert status["LAST_APPLIED_SEQ"] == 1 and status["HELD_ENTRIES"] == 2 and status["GAPS_SEEN"] >= 1
+            # Unanswered, the question is asked again after the resend timeout.
+            again = orderer.expect(lambda m: m.get("TASK") == "RESEND", 5.0, "a second RESEND")
+            assert (again["FROM"], again["TO"]) == (2, 2)
+            orderer.send(entry_line(2, GAP_ENTRIES[2]))
+            results = {}
+            upto = 1
+            while upto < 4:
+                applied = orderer.expect(lambda m: m.get("TASK") == "APPLIED", 5.0, "APPLIED up to 4")
+                upto = applied["UPTO"]
+                results.update({seq: (error, balance) for seq, error, balance in applied["RESULTS"]})
+            assert upto == 4
+            assert results == {2: (None, 2_000), 3: ("INSUFFICIENT_FUNDS", None), 4: (None, 500)}
+            status = cluster.status("replica1")
+            assert status["LAST_APPLIED_SEQ"] == 4 and status["HELD_ENTRIES"] == 0
+            assert status["OPS_APPLIED_TOTAL"] == 4
+            # Bad input on the link: an error reply each, nothing applied, nothing held.
+            next_entry = {"TASK": "ORDERED", "SEQ": 5, "ID": "gap-op-5", "OP": "DEPOSIT", "ACCOUNT": "bob", "AMOUNT_CENTS": 100}
+            for data, code in [
+                (b"\xff not even utf-8\n", "INVALID_UTF8"),
+                (b"{not json}\n", "INVALID_JSON"),
+                (wire.encode({**next_entry, "SEQ": "5"}), "FIELD_TYPE"),
+                (wire.encode({**next_entry, "AMOUNT_CENTS": [100]}), "FIELD_INVALID"),
+                (wire.encode({**next_entry, "OP": "BALANCE"}), "FIELD_INVALID"),
+                (wire.encode({**next_entry, "ACCOUNT": "bob smith"}), "ACCOUNT_INVALID"),
+            ]:
+                orderer.send(data)
+                reply = orderer.expect(lambda m: m.get("STATUS") == "NOK", 5.0, f"an error reply to {data[:40]!r}")
+                assert reply["ERROR"] == code, (data, reply)
+            status = cluster.status("replica1")
+            assert (status["LAST_APPLIED_SEQ"], status["OPS_APPLIED_TOTAL"], status["HELD_ENTRIES"]) == (4, 4, 0)
+        finally:
+            connection.close()
+        # The state is the in-order one (3 after 2 fails), as any replica fed in order holds.
+        expected = Bank()
+        for seq in sorted(GAP_ENTRIES):
+            expected.apply(GAP_ENTRIES[seq], seq)
+        for account in ("alice", "bob"):
+            reply = cluster.request("replica1", {"TASK": "BALANCE", "ACCOUNT": account, "MIN_SEQ": 4})
+            assert reply["STATUS"] == "OK" and reply["SEQ"] == 4
+            assert reply["BALANCE"] == f"{expected.balances[account] / 100:.2f}"
+
+
+# --- Queue under faults -------------------------------------------------------------------------
+
+
+def test_queue_server_killed_mid_run_and_restarted_loses_nothing_acknowledged(tmp_path):
+    result = lab_run(tmp_path, "queue", duration_s=4.0, schedule=[Fault("kill", "server", 0.3, 0.6)])
+    assert_valid(result)
+    [fault] = result.report["faults"]
+    assert fault["target"] == "server"
+    queued_before_kill = {r.op_id for r in result.history if r.kind != "BALANCE" and r.outcome == "ok"
+                          and r.accepted and r.complete_s < fault["at_s"]}
+    assert queued_before_kill
+    for image in result.states.values():
+        stored = {row.op.op_id for row in image.recent}
+        assert queued_before_kill <= stored
+        assert acknowledged_write_ids(result) <= stored
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+
+
+def test_queue_replica_offline_during_part_of_the_run_converges_when_it_returns(tmp_path):
+    result = lab_run(tmp_path, "queue", duration_s=4.0, schedule=[Fault("kill", "replica", 0.2, 0.7)])
+    assert_valid(result)
+    [fault] = result.report["faults"]
+    assert fault["target"] == "replica1"
+    queued_while_away = {r.op_id for r in result.history if r.kind != "BALANCE" and r.outcome == "ok"
+                         and fault["at_s"] < r.invoke_s and r.complete_s < fault["until_s"]}
+    assert queued_while_away <= {row.op.op_id for row in result.states["replica1"].recent}
+    assert queued_while_away
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+
+
+# --- Running clusters for bad input and client.py ----------------------------------------------
+
+
+class RunningCluster:
+    def __init__(self, architecture: str, lab: archs.LabCluster, cluster: Cluster) -> None:
+        self.architecture = architecture
+        self.lab = lab
+        self.cluster = cluster
+
+    def node(self, name: str) -> Node:
+        return self.cluster.nodes[name]
+
+    def read_port_of(self, replica: str) -> tuple[str, int]:
+        node = self.node(replica)
+        return node.host, node.port
+
+    def state(self) -> dict:
+        """What no bad input may change: each replica's applied count and balances, and what the
+        orderer has numbered."""
+        state = {}
+        for name in self.lab.replicas:
+            status = self.cluster.status(name)
+            balances = {}
+            for account in ("acct-a", "acct-b"):
+                reply = self.cluster.request(name, {"TASK": "BALANCE", "ACCOUNT": account})
+                balances[account] = reply.get("BALANCE")
+            state[name] = (status["OPS_APPLIED_TOTAL"], balances)
+        for name in ("sequencer", "server"):
+            if name in self.cluster.nodes:
+                status = self.cluster.status(name)
+                state[name] = (status["NEXT_SEQ"], status["DURABLE_SEQ"])
+        return state
+
+
+def start_cluster(root: Path, architecture: str) -> RunningCluster:
+    extra = {"ack_replicas": 1} if architecture == "queue" else {}
+    lab = archs.build(architecture, archs.LayoutOptions(run_dir=root, ports="free", extra=extra))
+    cluster = Cluster(root, lab.nodes, name=f"{architecture}-test", architecture=architecture)
+    lab.cluster = cluster
+    try:
+        cluster.start()
+        # Two accounts with money in them, applied at every replica.
+        if architecture == "standalone":
+            writers = ["standalone"]
+        elif architecture == "multicast":
+            writers = list(lab.replicas)
+        else:
+            writers = [lab.roles.get("sequencer", lab.roles.get("server"))[0]]
+        for index, account in enumerate(("acct-a", "acct-b")):
+            for writer in writers:
+                message = {"TASK": "DEPOSIT", "ID": f"seed-{index}", "ACCOUNT": account, "AMOUNT": "100.00"}
+                if architecture == "sequencer":
+                    message["WAIT"] = "ALL"
+                assert cluster.request(writer, message, timeout_s=10.0)["STATUS"] == "OK"
+        deadline = time.monotonic() + 10
+        while any(cluster.status(n)["OPS_APPLIED_TOTAL"] < 2 for n in lab.replicas):
+            assert time.monotonic() < deadline, "seeding did not reach every replica"
+            time.sleep(0.05)
+    except BaseException:
+        cluster.close()
+        raise
+    return RunningCluster(architecture, lab, cluster)
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory):
+    started: dict[str, RunningCluster] = {}
+
+    def get(architecture: str) -> RunningCluster:
+        if architecture not in started:
+            started[architecture] = start_cluster(tmp_path_factory.mktemp(architecture), architecture)
+        return started[architecture]
+
+    yield get
+    for running in started.values():
+        running.cluster.close()
+
+
+# --- Bad input at every listening port ----------------------------------------------------------
+
+ORDERED_DEPOSIT = entry_line(10**6, Operation("intruder-1", DEPOSIT, "acct-a", None, 999_999)).rstrip(b"\n")
+GARBAGE = [
+    (b"\x00\xff\xfe garbage \x80\n", "INVALID_UTF8"),
+    (b"this is not json\n", "INVALID_JSON"),
+    (b'{"TASK": "DEPOSIT", "ID": "g-1", "ACCOUNT": "acct-a", "AMOUNT": "5"\n', "INVALID_JSON"),
+    (b"[1, 2, 3]\n", "NOT_OBJECT"),
+]
+CLIENT_PORT_WRONG_TYPES = [
+    (b'{"TASK":"DEPOSIT","ID":"t-1","ACCOUNT":"acct-a","AMOUNT":[500]}\n', "AMOUNT_TYPE"),
+    (b'{"TASK":"WITHDRAW","ID":"t-2","ACCOUNT":"acct-a","AMOUNT":true}\n', "AMOUNT_BOOLEAN"),
+    (b'{"TASK":"TRANSFER","ID":"t-3","FROM":7,"TO":"acct-b","AMOUNT":"1"}\n', "FIELD_TYPE"),
+    (b'{"TASK":"DEPOSIT","ID":["t-4"],"ACCOUNT":"acct-a","AMOUNT":"1"}\n', "ID_INVALID"),
+    (b'{"TASK":5,"ID":"t-5"}\n', "FIELD_TYPE"),
+]
+READ_PORT_WRONG_TYPES = [
+    (b'{"TASK":"BALANCE","ACCOUNT":"acct-a","MIN_SEQ":"5"}\n', "FIELD_TYPE"),
+    (b'{"TASK":"BALANCE","ACCOUNT":["acct-a"]}\n', "FIELD_TYPE"),
+    (b'{"TASK":"BALANCE","ID":{"x":1},"ACCOUNT":"acct-a"}\n', "ID_INVALID"),
+]
+
+# (architecture, port name, how to find it, its line limit, wrong types, wrong-role messages)
+PORTS = {
+    "standalone-client": ("standalone", "standalone", "node", MAX_LINE, CLIENT_PORT_WRONG_TYPES, [
+        (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
+        (b'{"TASK":"SUBSCRIBE","REPLICA":"replica1","LAST_APPLIED_SEQ":0}\n', "WRONG_ROLE"),
+        (b'{"TASK":"APPLIED","UPTO":1,"RESULTS":[]}\n', "WRONG_ROLE"),
+    ]),
+    "multicast-replica": ("multicast", "replica2", "node", MAX_LINE, CLIENT_PORT_WRONG_TYPES, [
+        (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
+        (b'{"TASK":"FEED","SERVER":"x","REPLICA":"replica2"}\n', "WRONG_ROLE"),
+    ]),
+    "queue-rpc": ("queue", "server", "node", MAX_LINE, CLIENT_PORT_WRONG_TYPES, [
+        (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
+        (b'{"TASK":"BALANCE","ID":"r-1","ACCOUNT":"acct-a"}\n', "WRONG_ROLE"),
+        (b'{"TASK":"APPLIED","UPTO":1,"RESULTS":[]}\n', "WRONG_ROLE"),
+    ]),
+    "queue-replica": ("queue", "replica1", "node", MAX_LINE, READ_PORT_WRONG_TYPES + [
+        (b'{"TASK":"FEED","SERVER":"x","REPLICA":5}\n', "FIELD_TYPE"),
+        (b'{"TASK":"FEED","SERVER":"x","REPLICA":["replica1"]}\n', "FIELD_TYPE"),
+        (b'{"TASK":"FEED","REPLICA":"replica1"}\n', "FIELD_TYPE"),
+    ], [
+        (b'{"TASK":"DEPOSIT","ID":"w-1","ACCOUNT":"acct-a","AMOUNT":"9999"}\n', "WRONG_ROLE"),
+        (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
+    ]),
+    "sequencer-client": ("sequencer", "sequencer", "node", MAX_LINE, CLIENT_PORT_WRONG_TYPES + [
+        (b'{"TASK":"DEPOSIT","ID":"t-6","ACCOUNT":"acct-a","AMOUNT":"1","WAIT":3}\n', "FIELD_INVALID"),
+    ], [
+        (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
+        (b'{"TASK":"BALANCE","ID":"r-1","ACCOUNT":"acct-a"}\n', "WRONG_ROLE"),
+        (b'{"TASK":"SUBSCRIBE","REPLICA":"replica1","LAST_APPLIED_SEQ":0}\n', "WRONG_ROLE"),
+    ]),
+    "sequencer-replica-link": ("sequencer", "sequencer", "replica_port", REPLICA_LINK_MAX_LINE, [
+        (b'{"TASK":"SUBSCRIBE","REPLICA":"replica1","LAST_APPLIED_SEQ":"5"}\n', "FIELD_TYPE"),
+        (b'{"TASK":"SUBSCRIBE","REPLICA":["replica1"],"LAST_APPLIED_SEQ":0}\n', "FIELD_TYPE"),
+        (b'{"TASK":"SUBSCRIBE","REPLICA":"stranger","LAST_APPLIED_SEQ":0}\n', "FIELD_INVALID"),
+        (b'{"TASK":"APPLIED","UPTO":"5","RESULTS":[]}\n', "FIELD_INVALID"),  # SUBSCRIBE first
+        (b'{"TASK":"RESEND","FROM":"1","TO":2}\n', "FIELD_INVALID"),  # SUBSCRIBE first
+    ], [
+        (b'{"TASK":"DEPOSIT","ID":"w-2","ACCOUNT":"acct-a","AMOUNT":"9999"}\n', "WRONG_ROLE"),
+        (b'{"TASK":"TRANSFER","ID":"w-3","FROM":"acct-a","TO":"acct-b","AMOUNT":"50"}\n', "WRONG_ROLE"),
+        (ORDERED_DEPOSIT + b"\n", "FIELD_INVALID"),  # SUBSCRIBE first: only a subscribed replica acknowledges
+    ]),
+    "sequencer-replica-read": ("sequencer", "replica1", "node", MAX_LINE, READ_PORT_WRONG_TYPES + [
+        (b'{"TASK":"FEED","SERVER":"x","REPLICA":"replica1"}\n', "WRONG_ROLE"),
+    ], [
+        (b'{"TASK":"DEPOSIT","ID":"w-4","ACCOUNT":"acct-a","AMOUNT":"9999"}\n', "WRONG_ROLE"),
+        (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
+    ]),
+}
+
+
+def port_address(running: RunningCluster, node_name: str, which: str) -> tuple[str, int]:
+    node = running.node(node_name)
+    return (node.host, node.port) if which == "node" else (node.host, int(node.settings[which]))
+
+
+class RawConnection:
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=5.0)
+        self.splitter = wire.LineSplitter(REPLICA_LINK_MAX_LINE)
+        self.inbox: list = []
+        self.eof = False
+
+    def reply_to(self, data: bytes, timeout_s: float = 5.0) -> dict:
+        self.sock.sendall(data)
+        return self.next(timeout_s)
+
+    def next(self, timeout_s: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while not self.inbox:
+            assert not self.eof, "the connection closed without a reply"
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError(f"no reply within {timeout_s} s") from None
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self.eof = True
+                continue
+            self.inbox.extend(wire.decode_lines(self.splitter.feed(data)))
+        return self.inbox.pop(0)
+
+    def next_matching(self, predicate, timeout_s: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            message = self.next(max(0.01, deadline - time.monotonic()))
+            if isinstance(message, dict) and predicate(message):
+                return message
+
+    def closed_by_peer(self, timeout_s: float = 5.0) -> bool:
+        self.sock.settimeout(timeout_s)
+        try:
+            return self.sock.recv(65536) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("port", list(PORTS))
+def test_bad_input_at_every_listening_port_gets_an_error_reply_and_changes_no_balance(clusters, port):
+    architecture, node_name, which, max_line, wrong_types, wrong_role = PORTS[port]
+    running = clusters(architecture)
+    address = port_address(running, node_name, which)
+    before = running.state()
+    connection = RawConnection(address)
+    try:
+        for data, code in GARBAGE + wrong_types + wrong_role:
+            reply = connection.reply_to(data)
+            assert reply.get("STATUS") == "NOK", (data, reply)
+            assert reply.get("ERROR") == code, (data, reply)
+            assert reply.get("DEFINITE") is True, (data, reply)
+        # Still usable after all of that: the port answers STATUS on the same connection.
+        assert connection.reply_to(b'{"TASK":"STATUS","ID":"still-there"}\n')["STATUS"] == "OK"
+        # A line over the port's limit: LINE_TOO_LONG, then the connection is closed.
+        connection.sock.sendall(b'{"TASK":"DEPOSIT","ACCOUNT":"' + b"a" * (max_line + 1024) + b'"}\n')
+        reply = connection.next()
+        assert reply["STATUS"] == "NOK" and reply["ERROR"] == "LINE_TOO_LONG"
+        assert connection.closed_by_peer()
+    finally:
+        connection.close()
+    time.sleep(0.3)  # anything wrongly accepted would have been applied by now
+    assert running.state() == before
+    # The process is alive and serves a new connection.
+    with BlockingConnection(*address) as fresh:
+        assert fresh.request({"TASK": "STATUS"}, 5.0)["STATUS"] == "OK"
+
+
+def test_wrong_types_from_a_subscribed_replica_get_error_replies_and_change_nothing(tmp_path):
+    # A third replica name that no process uses: the test subscribes under it, then sends the
+    # replica-to-sequencer messages with wrong types.
+    lab = archs.build("sequencer", archs.LayoutOptions(run_dir=tmp_path, ports="free", extra={"replicas": 3}))
+    with Cluster(tmp_path, lab.nodes, name="subscribed-bad-input") as cluster:
+        cluster.start(["sequencer", "replica1", "replica2"])
+        for index in (1, 2):
+            deposit = {"TASK": "DEPOSIT", "ID": f"seed-{index}", "ACCOUNT": "acct-a", "AMOUNT": "10.00"}
+            assert cluster.request("sequencer", deposit, timeout_s=10.0)["STATUS"] == "OK"
+        node = cluster.nodes["sequencer"]
+        connection = RawConnection((node.host, int(node.settings["replica_port"])))
+        try:
+            connection.sock.sendall(wire.encode({"TASK": "SUBSCRIBE", "REPLICA": "replica3", "LAST_APPLIED_SEQ": 0}))
+            assert connection.next_matching(lambda m: m.get("TASK") == "SUBSCRIBED")["SEND_RESULTS"] is False
+            assert [connection.next_matching(lambda m: m.get("TASK") == "ORDERED")["SEQ"] for _ in (1, 2)] == [1, 2]
+            before = (cluster.status("sequencer")["REPLICAS"], cluster.status("replica1")["OPS_APPLIED_TOTAL"])
+            for message, code in [
+                ({"TASK": "APPLIED", "UPTO": "2", "RESULTS": []}, "FIELD_TYPE"),
+                ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [["2", None, 100]]}, "FIELD_INVALID"),
+                ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [[2, None, "1.00"]]}, "FIELD_TYPE"),
+                ({"TASK": "APPLIED", "UPTO": 10**6, "RESULTS": []}, "FIELD_INVALID"),  # beyond the log
+                ({"TASK": "RESEND", "FROM": "1", "TO": 2}, "FIELD_INVALID"),
+                ({"TASK": "RESEND", "FROM": 2, "TO": 1}, "FIELD_INVALID"),
+                ({"TASK": "DEPOSIT", "ID": "x-1", "ACCOUNT": "acct-a", "AMOUNT": "1"}, "WRONG_ROLE"),
+                ({"TASK": "ORDERED", "SEQ": 3, "ID": "x-2", "OP": "DEPOSIT", "ACCOUNT": "acct-a", "AMOUNT_CENTS": 1}, "WRONG_ROLE"),
+            ]:
+                connection.sock.sendall(wire.encode(message))
+                reply = connection.next_matching(lambda m: m.get("STATUS") == "NOK")
+                assert reply["ERROR"] == code, (message, reply)
+            after = (cluster.status("sequencer")["REPLICAS"], cluster.status("replica1")["OPS_APPLIED_TOTAL"])
+            assert after == before
+            assert after[0]["replica3"] == {"APPLIED_SEQ": 0, "CONNECTED": True}
+            assert cluster.status("sequencer")["DURABLE_SEQ"] == 2
+        finally:
+            connection.close()
+
+
+def test_a_rejected_feed_leaves_the_queue_servers_feed_in_place(clusters):
+    running = clusters("queue")
+    address = port_address(running, "replica1", "node")
+    status = running.cluster.status("replica1")
+    assert status["CONNECTED_TO_SEQUENCER"] is True
+    subscribed = len(log_events(running.cluster.log_path("server"), "replica_subscribed"))
+    connection = RawConnection(address)
+    try:
+        assert connection.reply_to(b'{"TASK":"FEED","SERVER":"x","REPLICA":7}\n')["ERROR"] == "FIELD_TYPE"
+    finally:
+        connection.close()
+    # The server's own feed was not displaced (it would have had to subscribe again).
+    time.sleep(0.5)
+    assert len(log_events(running.cluster.log_path("server"), "replica_subscribed")) == subscribed
+    reply = running.cluster.request("server", {"TASK": "DEPOSIT", "ID": "after-feed", "ACCOUNT": "feed-check",
+                                               "AMOUNT": "1.00"}, timeout_s=5.0)
+    assert reply["STATUS"] == "OK" and reply["BALANCE"] == "1.00"
+
+
+# --- client.py against each architecture --------------------------------------------------------
+
+
+def client_py(running: RunningCluster, *args: str, arch: bool = True) -> tuple[int, str]:
+    command = [sys.executable, str(REPO_ROOT / "client.py"), "--topology", str(running.cluster.topology_path)]
+    if arch:
+        command += ["--arch", running.architecture]
+    done = subprocess.run(command + ["--timeout", "10", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout.strip()
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
+def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
+    running = clusters(architecture)
+    code, out = client_py(running, "deposit", "cli-1", "10")
+    assert code == 0 and out.startswith("OK balance=10.00"), out
+    if architecture == "multicast":
+        assert "applied=2/2" in out
+    assert (re.search(r"seq=(\d+)", out) is not None) == (architecture in ("queue", "sequencer")), out
+    code, out = client_py(running, "transfer", "cli-1", "cli-2", "2.50")
+    assert code == 0 and out.startswith("OK balance=7.50"), out
+    seq = re.search(r"seq=(\d+)", out)
+    code, out = client_py(running, "withdraw", "cli-1", "1000")
+    assert code == 1 and out.startswith("NOK INSUFFICIENT_FUNDS"), out
+    # A read names the seq it must see: the client reads its own write from a replica.
+    min_seq = ["--min-seq", seq.group(1)] if seq else []
+    code, out = client_py(running, "balance", "cli-2", *min_seq)
+    assert code == 0 and out.startswith("OK balance=2.50"), out
+    # The topology file names its architecture: --arch may be left out.
+    code, out = client_py(running, "balance", "cli-1", *min_seq, arch=False)
+    assert code == 0 and out.startswith("OK balance=7.50"), out
+    code, out = client_py(running, "transfer", "cli-1", "cli-1", "1")
+    assert code == 1 and out.startswith("NOK SAME_ACCOUNT"), out
+    code, out = client_py(running, "deposit", "cli-1", "12.345")
+    assert code == 1 and out.startswith("NOK AMOUNT_TOO_PRECISE"), out

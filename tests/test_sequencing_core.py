@@ -1,0 +1,590 @@
+"""The sequencer architecture's two state machines (common/sequencing.py), driven without sockets.
+
+SequencerCore and SequencedReplicaCore are pure: a test plays the driver, feeding scripted message
+orders and a fake clock, and checks what they hand back to send. The log is the real one
+(common/seqlog.py) in a temporary directory where a scenario needs a restart, because "numbering
+continues after a restart" is a promise about the log and the core together.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common import wire
+from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Operation
+from common.errors import SaldoError
+from common.seqlog import SequencerLog
+from common.sequencing import (
+    MAX_RESULTS_PER_ACK,
+    SequencedReplicaCore,
+    SequencerCore,
+    applied_line,
+    entry_line,
+    parse_applied,
+    parse_entry,
+    replicas_needed,
+)
+
+REPLICAS = ["replica1", "replica2"]
+
+
+def deposit(op_id: str, account: str = "alice", cents: int = 100) -> Operation:
+    return Operation(op_id, DEPOSIT, account, None, cents)
+
+
+def decode(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def seqs_in(data: bytes) -> list[int]:
+    return [message["SEQ"] for message in decode(data)]
+
+
+def replies_by_client(replies) -> dict[object, list[dict]]:
+    by_client: dict[object, list[dict]] = {}
+    for reply in replies:
+        by_client.setdefault(reply.client, []).append(json.loads(reply.line))
+    return by_client
+
+
+def log_all(core: SequencerCore):
+    """The driver's group commit, instantly durable: (broadcast bytes, replies)."""
+    entries = core.take_unlogged()
+    assert entries, "nothing to log"
+    return core.on_logged(entries[-1][0])
+
+
+def applied_results(entries_bytes: bytes, balance: int = 500) -> list[tuple[int, str | None, int | None]]:
+    return [(seq, None, balance) for seq in seqs_in(entries_bytes)]
+
+
+# --- Numbering ----------------------------------------------------------------------------------
+
+
+def test_numbers_run_from_one_without_gap_in_submission_order():
+    core = SequencerCore(REPLICAS)
+    for index in range(5):
+        assert core.submit(deposit(f"op-{index}"), f"client-{index}", f"op-{index}") == []
+    entries = core.take_unlogged()
+    assert [seq for seq, _id, _line in entries] == [1, 2, 3, 4, 5]
+    assert [op_id for _seq, op_id, _line in entries] == [f"op-{i}" for i in range(5)]
+    data, replies = core.on_logged(5)
+    assert seqs_in(data) == [1, 2, 3, 4, 5]
+    assert replies == []  # WAIT APPLIED (the default): nobody is answered by the log alone
+    assert core.status()["NEXT_SEQ"] == 6 and core.status()["DURABLE_SEQ"] == 5
+
+
+def test_nothing_is_broadcast_or_resent_before_the_log_write_is_durable():
+    core = SequencerCore(REPLICAS)
+    core.submit(deposit("op-1"), "c1", "op-1", needed=0)
+    core.submit(deposit("op-2"), "c2", "op-2", needed=0)
+    # Numbered, not yet handed to the log writer: a subscriber gets nothing, a resend nothing.
+    assert core.on_subscribe("replica1", 0) == ("entries", b"")
+    assert core.on_resend("replica1", 1, 2) == ("entries", b"")
+    entries = core.take_unlogged()
+    # Being written (fsync in flight): still nothing, and a new op waits for the next write.
+    core.submit(deposit("op-3"), "c3", "op-3", needed=0)
+    assert core.on_subscribe("replica2", 0) == ("entries", b"")
+    assert core.on_resend("replica1", 1, 3) == ("entries", b"")
+    with pytest.raises(AssertionError):
+        core.take_unlogged()  # one log write at a time
+    data, replies = core.on_logged(entries[-1][0])
+    assert seqs_in(data) == [1, 2]
+    assert sorted(r.client for r in replies) == ["c1", "c2"]  # op-3 is not durable yet
+    assert seqs_in(core.on_subscribe("replica2", 0)[1]) == [1, 2]
+    data, replies = log_all(core)
+    assert seqs_in(data) == [3] and [r.client for r in replies] == ["c3"]
+
+
+def test_numbering_continues_after_a_restart_from_the_log_with_no_gap_and_no_reuse(tmp_path):
+    seqlog = SequencerLog(tmp_path / "log", segment_entries=3)
+    core = SequencerCore(REPLICAS)
+    broadcast: list[int] = []
+    for batch in ([f"a{i}" for i in range(4)], [f"b{i}" for i in range(3)]):
+        for op_id in batch:
+            core.submit(deposit(op_id), op_id, op_id)
+        entries = core.take_unlogged()
+        seqlog.append(entries)  # the driver: durable first...
+        data, _ = core.on_logged(entries[-1][0])  # ...then broadcast
+        broadcast += seqs_in(data)
+    # Numbered but never durable when the process dies: never broadcast, never acknowledged.
+    core.submit(deposit("lost-in-crash"), "c", "lost-in-crash")
+    core.take_unlogged()
+    seqlog.close()
+
+    # The restart (common/nodes/sequencer.py run_orderer): the core is rebuilt from the log.
+    reopened = SequencerLog(tmp_path / "log", segment_entries=3)
+    entries, log_start = reopened.load()
+    restarted = SequencerCore(REPLICAS, next_seq=reopened.last_seq + 1, log_start_seq=log_start, log=deque(entries))
+    assert restarted.durable_seq == 7 and restarted.next_seq == 8
+    for op_id in ("c0", "c1"):
+        restarted.submit(deposit(op_id), op_id, op_id)
+    new_entries = restarted.take_unlogged()
+    reopened.append(new_entries)
+    data, _ = restarted.on_logged(new_entries[-1][0])
+    broadcast += seqs_in(data)
+    assert broadcast == list(range(1, 10))  # every number once, in order, across the restart
+    # A retry of an operation sequenced before the restart keeps its number (no second seq).
+    restarted.submit(deposit("a2"), "retry", "a2")
+    assert not restarted.has_unlogged and restarted.next_seq == 10
+    # What a replica that saw nothing gets: everything, each number once.
+    assert seqs_in(restarted.on_subscribe("replica1", 0)[1]) == list(range(1, 10))
+    reopened.close()
+    again = SequencerLog(tmp_path / "log", segment_entries=3)
+    assert [seq for seq, _id, _line in again.load()[0]] == list(range(1, 10))
+
+
+# --- Replies per WAIT ---------------------------------------------------------------------------
+
+
+def test_replicas_needed_per_wait_mode():
+    assert [replicas_needed(w, 3) for w in ("SEQUENCED", "APPLIED", "ALL")] == [0, 1, 3]
+
+
+def test_wait_sequenced_is_answered_once_the_entry_is_durable_without_a_result():
+    core = SequencerCore(REPLICAS)
+    assert core.submit(deposit("op-1"), "c", "op-1", needed=0) == []
+    core.take_unlogged()
+    _data, replies = core.on_logged(1)
+    assert replies_by_client(replies) == {"c": [{"ID": "op-1", "STATUS": "OK", "ACCEPTED": True, "SEQ": 1}]}
+    assert core.status()["WAITING_REQUESTS"] == 0
+
+
+def test_wait_applied_is_answered_with_the_first_replicas_result():
+    core = SequencerCore(REPLICAS)
+    core.submit(Operation("w-1", WITHDRAW, "alice", None, 500), "c", "w-1", needed=1)
+    core.submit(deposit("d-1"), "d", "d-1", needed=1)
+    data, replies = log_all(core)
+    assert replies == []
+    # replica2 applied seq 1 only (INSUFFICIENT_FUNDS): only its client is answered.
+    replies = core.on_applied("replica2", 1, [(1, "INSUFFICIENT_FUNDS", None)])
+    answer = replies_by_client(replies)
+    assert list(answer) == ["c"]
+    assert answer["c"][0]["STATUS"] == "NOK" and answer["c"][0]["ERROR"] == "INSUFFICIENT_FUNDS"
+    assert answer["c"][0]["SEQ"] == 1 and answer["c"][0]["DEFINITE"] is True
+    replies = core.on_applied("replica2", 2, [(2, None, 12_345)])
+    assert replies_by_client(replies) == {"d": [{"ID": "d-1", "STATUS": "OK", "BALANCE": "123.45", "SEQ": 2}]}
+    # The second replica's acknowledgement answers nobody twice.
+    assert core.on_applied("replica1", 2, [(1, "INSUFFICIENT_FUNDS", None), (2, None, 12_345)]) == []
+    assert core.status()["WAITING_REQUESTS"] == 0
+
+
+def test_wait_all_is_answered_when_the_last_replica_applied():
+    core = SequencerCore(["r1", "r2", "r3"])
+    core.submit(deposit("op-1"), "c", "op-1", needed=3)
+    log_all(core)
+    assert core.on_applied("r1", 1, [(1, None, 100)]) == []
+    assert core.on_applied("r3", 1, [(1, None, 100)]) == []
+    replies = core.on_applied("r2", 1, [(1, None, 100)])
+    assert replies_by_client(replies) == {"c": [{"ID": "op-1", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 1}]}
+    assert core.status()["WAITING_REQUESTS"] == 0
+
+
+def test_an_acknowledgement_covering_many_entries_answers_each_waiter_once():
+    core = SequencerCore(REPLICAS)
+    for index in range(1, 6):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}", needed=2)
+    data, _ = log_all(core)
+    assert core.on_applied("replica1", 5, applied_results(data)) == []
+    replies = core.on_applied("replica2", 5, applied_results(data))
+    assert sorted(r.client for r in replies) == [f"c{i}" for i in range(1, 6)]
+    assert core.on_applied("replica2", 5, applied_results(data)) == []
+
+
+# --- Retries ------------------------------------------------------------------------------------
+
+
+def test_a_retry_before_the_result_attaches_to_the_same_seq():
+    core = SequencerCore(REPLICAS)
+    core.submit(deposit("op-1"), "first-attempt", "op-1")
+    core.submit(deposit("op-1"), "retry-before-log", "op-1")  # not even durable yet
+    data, _ = log_all(core)
+    core.submit(deposit("op-1"), "retry-after-log", "op-1")
+    assert seqs_in(data) == [1] and core.next_seq == 2 and not core.has_unlogged
+    assert core.stats.retries_attached == 2
+    replies = core.on_applied("replica1", 1, [(1, None, 100)])
+    assert sorted(r.client for r in replies) == ["first-attempt", "retry-after-log", "retry-before-log"]
+    assert {json.loads(r.line)["SEQ"] for r in replies} == {1}
+
+
+def test_a_retry_after_the_result_is_answered_from_the_cache():
+    core = SequencerCore(REPLICAS)
+    core.submit(deposit("op-1"), "c", "op-1")
+    log_all(core)
+    core.on_applied("replica1", 1, [(1, None, 100)])
+    replies = core.submit(deposit("op-1"), "retry", "op-1")
+    assert replies_by_client(replies) == {"retry": [{"ID": "op-1", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 1}]}
+    assert core.stats.retries_answered_from_cache == 1 and core.next_seq == 2
+    # WAIT ALL: the cache has the result but only one replica applied it, so the retry waits...
+    assert core.submit(deposit("op-1"), "retry-all", "op-1", needed=2) == []
+    replies = core.on_applied("replica2", 1, [(1, None, 100)])
+    assert [r.client for r in replies] == ["retry-all"]
+    # ...and a WAIT SEQUENCED retry of a durable entry is answered at once.
+    assert json.loads(core.submit(deposit("op-1"), "s", "op-1", needed=0)[0].line)["ACCEPTED"] is True
+
+
+def test_a_retry_whose_result_is_gone_is_sequenced_again():
+    core = SequencerCore(REPLICAS, result_cache_entries=2)
+    for index in range(1, 5):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
+    data, _ = log_all(core)
+    core.on_applied("replica1", 4, applied_results(data))  # results of 1 and 2 fall out of the cache
+    assert core.submit(deposit("op-4"), "retry-4", "op-4") != []  # still cached
+    assert core.submit(deposit("op-1"), "retry-1", "op-1") == []
+    entries = core.take_unlogged()
+    assert [(seq, op_id) for seq, op_id, _line in entries] == [(5, "op-1")]  # a new number
+    data, _ = core.on_logged(5)
+    # The replica recognises the id and answers with the first outcome; the client gets seq 5.
+    replies = core.on_applied("replica1", 5, [(5, None, 100)])
+    assert replies_by_client(replies) == {"retry-1": [{"ID": "op-1", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 5}]}
+
+
+def test_after_a_restart_a_retry_of_an_operation_the_replicas_already_applied_is_numbered_again():
+    before_crash = sequenced_core(3)
+    # The replicas applied 1..3; the sequencer crashed before relaying op-2's answer. Restarted
+    # from its log, it knows op-2 is seq 2 but holds no result for it, and no replica will apply
+    # seq 2 again: attaching the retry to seq 2 would leave it unanswered.
+    restarted = SequencerCore(REPLICAS, next_seq=4, log=deque(before_crash.log))
+    assert restarted.on_subscribe("replica1", 3) == ("entries", b"")
+    assert restarted.on_subscribe("replica2", 3) == ("entries", b"")
+    assert restarted.submit(deposit("op-2"), "retry", "op-2") == []
+    assert [seq for seq, _id, _line in restarted.take_unlogged()] == [4]
+    restarted.on_logged(4)
+    # The replica recognises the id and answers with the first outcome, under the new number.
+    replies = restarted.on_applied("replica1", 4, [(4, None, 100)])
+    assert replies_by_client(replies) == {"retry": [{"ID": "op-2", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 4}]}
+    assert restarted.status()["WAITING_REQUESTS"] == 0
+
+
+def test_too_many_waiting_requests_is_refused_as_overloaded():
+    core = SequencerCore(REPLICAS, max_waiting_requests=2)
+    core.submit(deposit("op-1"), "c1", "op-1")
+    core.submit(deposit("op-2"), "c2", "op-2")
+    with pytest.raises(SaldoError) as refused:
+        core.submit(deposit("op-3"), "c3", "op-3")
+    assert refused.value.code == "OVERLOADED"
+    assert core.next_seq == 3  # no number was spent on it
+
+
+def test_one_replica_sends_the_outcomes_and_another_takes_over_when_it_goes():
+    core = SequencerCore(REPLICAS)
+    core.on_subscribe("replica1", 0)
+    assert core.choose_results_source("replica1") is True
+    core.on_subscribe("replica2", 0)
+    assert core.choose_results_source("replica2") is False  # one results source at a time
+    for index in (1, 2, 3):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
+    log_all(core)
+    assert core.on_applied("replica2", 3, []) == []  # acknowledges only: nobody is answered
+    assert [r.client for r in core.on_applied("replica1", 1, [(1, None, 100)])] == ["c1"]
+    assert core.on_disconnect("replica2") is None  # not the source: nothing to hand over
+    core.on_subscribe("replica2", 3)
+    assert core.choose_results_source("replica2") is False
+    # The source goes before sending 2 and 3: replica2 is asked for outcomes from seq 2 on.
+    assert core.on_disconnect("replica1") == ("replica2", 2)
+    core.on_subscribe("replica1", 1)
+    assert core.choose_results_source("replica1") is False
+    replies = core.on_applied("replica2", 3, [(2, None, 200), (3, None, 300)])
+    assert sorted(r.client for r in replies) == ["c2", "c3"]
+    assert core.status()["WAITING_REQUESTS"] == 0
+    # Nobody waiting: the next source starts with what comes next.
+    assert core.on_disconnect("replica2") == ("replica1", 4)
+
+
+# --- Replicas: subscribe, resend, snapshot ------------------------------------------------------
+
+
+def sequenced_core(count: int, **options) -> SequencerCore:
+    core = SequencerCore(REPLICAS, **options)
+    for index in range(1, count + 1):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
+    log_all(core)
+    return core
+
+
+def test_subscribe_from_an_old_seq_returns_exactly_the_missing_entries():
+    core = sequenced_core(10)
+    assert core.on_subscribe("replica1", 6) == ("entries", core.entries_between(7, 10))
+    assert seqs_in(core.on_subscribe("replica1", 6)[1]) == [7, 8, 9, 10]
+    assert [m["ID"] for m in decode(core.on_subscribe("replica2", 0)[1])] == [f"op-{i}" for i in range(1, 11)]
+    assert core.on_subscribe("replica1", 10) == ("entries", b"")
+    assert core.status()["REPLICAS"]["replica1"] == {"APPLIED_SEQ": 10, "CONNECTED": True}
+    core.on_disconnect("replica1")
+    assert core.status()["REPLICAS"]["replica1"]["CONNECTED"] is False
+
+
+def test_resend_returns_the_range_asked_for_within_the_log():
+    core = sequenced_core(10)
+    assert seqs_in(core.on_resend("replica1", 3, 5)[1]) == [3, 4, 5]
+    assert seqs_in(core.on_resend("replica1", 9, 50)[1]) == [9, 10]  # not beyond the durable end
+
+
+def test_subscribe_or_resend_before_the_log_start_asks_for_a_snapshot():
+    core = sequenced_core(10)
+    core.on_applied("replica1", 10, [])
+    core.on_applied("replica2", 5, [])
+    assert core.truncation_point() == 6
+    assert core.truncate(6) == 5
+    assert core.status()["LOG_START_SEQ"] == 6 and core.status()["LOG_ENTRIES"] == 5
+    assert core.on_subscribe("replica2", 4) == ("snapshot", b"")
+    assert seqs_in(core.on_subscribe("replica2", 5)[1]) == [6, 7, 8, 9, 10]
+    assert core.on_resend("replica2", 5, 7) == ("snapshot", b"")
+    assert seqs_in(core.on_resend("replica2", 6, 7)[1]) == [6, 7]
+    # A retry of a truncated operation can no longer attach to its number: it is numbered again.
+    core.submit(deposit("op-2"), "retry", "op-2")
+    assert [seq for seq, _id, _line in core.take_unlogged()] == [11]
+
+
+def test_a_replica_ahead_of_the_log_or_unknown_is_refused():
+    core = sequenced_core(3)
+    with pytest.raises(SaldoError) as ahead:
+        core.on_subscribe("replica1", 4)
+    assert ahead.value.code == "FIELD_INVALID"
+    with pytest.raises(SaldoError):
+        core.on_applied("replica1", 4, [])
+    with pytest.raises(SaldoError):
+        core.on_subscribe("stranger", 0)
+    with pytest.raises(SaldoError):
+        core.on_resend("stranger", 1, 2)
+
+
+def test_truncation_point_follows_the_slowest_replica_within_the_max_log_entries_bound():
+    core = sequenced_core(20, max_log_entries=8)
+    assert core.truncation_point() == 13  # nobody applied anything: only the bound (20 - 8 + 1)
+    core.on_applied("replica1", 20, [])
+    core.on_applied("replica2", 15, [])
+    assert core.truncation_point() == 16  # the slowest replica still needs 16
+    core.on_applied("replica2", 20, [])
+    assert core.truncation_point() == 21  # everyone has everything
+    unbounded = sequenced_core(20, max_log_entries=1_000)
+    unbounded.on_applied("replica1", 20, [])
+    unbounded.on_applied("replica2", 3, [])
+    assert unbounded.truncation_point() == 4
+    unbounded.truncate(4)
+    assert unbounded.truncation_point() == 4  # never behind the log start
+    # A replica left behind by the bound is counted when the prefix goes.
+    core = sequenced_core(20, max_log_entries=8)
+    core.on_applied("replica1", 20, [])
+    core.truncate(core.truncation_point())
+    assert core.stats.replicas_dropped_from_log == 1
+    assert core.on_subscribe("replica2", 0) == ("snapshot", b"")
+
+
+# --- The replica core ---------------------------------------------------------------------------
+
+
+def entries(*seqs: int) -> list[tuple[int, Operation]]:
+    return [(seq, deposit(f"op-{seq}")) for seq in seqs]
+
+
+def delivered_seqs(delivered) -> list[int]:
+    return [seq for seq, _op in delivered]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    order=st.integers(min_value=1, max_value=40).flatmap(
+        lambda n: st.permutations(list(range(1, n + 1)) * 2).map(lambda p: (n, p))
+    ),
+    batch_sizes=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20),
+    start=st.integers(min_value=0, max_value=5),
+)
+def test_the_replica_delivers_in_order_whatever_the_arrival_order_and_duplicates(order, batch_sizes, start):
+    count, arrivals = order
+    core = SequencedReplicaCore(last_delivered_seq=start)
+    # Entries up to `start` were applied before (they arrive again as duplicates).
+    delivered: list[int] = []
+    position = 0
+    now = 0.0
+    index = 0
+    while position < len(arrivals):
+        size = batch_sizes[index % len(batch_sizes)]
+        index += 1
+        batch = entries(*arrivals[position : position + size])
+        position += size
+        now += 0.1
+        out, _resend = core.on_entries(batch, now)
+        got = delivered_seqs(out)
+        assert got == list(range(len(delivered) + start + 1, len(delivered) + start + 1 + len(got)))
+        delivered += got
+    assert delivered == list(range(start + 1, max(count, start) + 1))
+    assert core.last_delivered_seq == max(count, start)
+    assert core.held_count == 0
+    # Copies of delivered entries are counted as ignored (copies of a held one are just dropped).
+    assert core.duplicates_ignored <= 2 * count - len(delivered)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    copies=st.lists(st.integers(min_value=0, max_value=2), min_size=1, max_size=30),
+    shuffle_seed=st.randoms(use_true_random=False),
+    lost_answers=st.lists(st.booleans(), max_size=20),
+    batch=st.integers(min_value=1, max_value=5),
+)
+def test_with_lost_entries_the_replica_gets_everything_in_order_by_asking_again(copies, shuffle_seed, lost_answers, batch):
+    # Each entry arrives 0, 1 or 2 times, in any order (the last one at least once: a later entry
+    # is what reveals a gap); every RESEND is answered by the "sequencer", but some answers are
+    # lost too, and then the replica must ask again after its timeout.
+    count = len(copies)
+    copies[-1] = max(1, copies[-1])
+    network = [seq for seq, times in enumerate(copies, start=1) for _ in range(times)]
+    shuffle_seed.shuffle(network)
+    core = SequencedReplicaCore(last_delivered_seq=0, resend_timeout_s=1.0)
+    delivered: list[int] = []
+    answers = iter(lost_answers)
+    now = 0.0
+    for _step in range(2_000):
+        if not network and core.held_count == 0:
+            break
+        now += 0.3
+        arrived, network = network[:batch], network[batch:]
+        out, resend = core.on_entries(entries(*arrived), now)
+        delivered += delivered_seqs(out)
+        for asked in (resend, core.on_tick(now)):
+            if asked is not None:
+                assert asked[0] == core.last_delivered_seq + 1 and asked[0] <= asked[1] < count
+                if not next(answers, False):
+                    network += list(range(asked[0], asked[1] + 1))
+    assert delivered == list(range(1, count + 1))
+    assert core.held_count == 0
+
+
+def test_a_gap_is_asked_for_once_and_again_after_the_resend_timeout():
+    core = SequencedReplicaCore(last_delivered_seq=0, resend_timeout_s=1.0)
+    out, resend = core.on_entries(entries(1, 4), 10.0)
+    assert delivered_seqs(out) == [1] and resend == (2, 3)
+    assert core.gaps_seen == 1
+    out, resend = core.on_entries(entries(5, 6), 10.2)  # the same gap: not asked again yet
+    assert out == [] and resend is None
+    assert core.on_tick(10.9) is None
+    assert core.on_tick(11.0) == (2, 3)  # the resend did not come in time: ask again
+    assert core.on_tick(11.5) is None
+    out, resend = core.on_entries(entries(3), 11.6)  # half the gap filled: 2 is still missing
+    assert out == [] and resend is None
+    assert core.on_tick(12.0) == (2, 2)
+    out, resend = core.on_entries(entries(2), 12.1)
+    assert delivered_seqs(out) == [2, 3, 4, 5, 6] and resend is None
+    assert core.held_count == 0 and core.on_tick(20.0) is None
+    # A new gap further on is a new question at once.
+    out, resend = core.on_entries(entries(9), 20.1)
+    assert out == [] and resend == (7, 8) and core.gaps_seen == 2
+
+
+def test_the_replica_holds_at_most_max_held_entries_and_recovers_the_rest_by_resend():
+    core = SequencedReplicaCore(last_delivered_seq=0, max_held_entries=3)
+    out, resend = core.on_entries(entries(*range(2, 11)), 1.0)  # 1 is missing
+    assert out == [] and resend == (1, 1)
+    assert core.held_count == 3  # 2, 3, 4 kept; 5..10 dropped
+    out, _ = core.on_entries(entries(1), 1.1)
+    assert delivered_seqs(out) == [1, 2, 3, 4]
+    out, resend = core.on_entries(entries(11), 1.2)  # the next live entry reveals the dropped ones
+    assert out == [] and resend == (5, 10)
+    out, _ = core.on_entries(entries(*range(5, 11)), 1.3)
+    assert delivered_seqs(out) == list(range(5, 12))
+
+
+def test_reset_after_a_snapshot_continues_from_its_seq():
+    core = SequencedReplicaCore(last_delivered_seq=2, resend_timeout_s=1.0)
+    core.on_entries(entries(8, 12, 13), 1.0)
+    assert core.held_count == 3
+    core.reset(10)  # a snapshot taken at seq 10 was installed
+    assert core.last_delivered_seq == 10 and core.held_count == 2  # 8 is covered by the snapshot
+    assert core.on_tick(5.0) is None  # no resend outstanding after the reset
+    out, resend = core.on_entries(entries(9, 11), 5.1)
+    assert delivered_seqs(out) == [11, 12, 13] and resend is None
+    assert core.duplicates_ignored == 1
+
+
+# --- Lines: ORDERED entries and APPLIED acknowledgements ----------------------------------------
+
+
+@pytest.mark.parametrize("op", [
+    Operation("0192a7c4-1b2c-7d3e-8f40-123456789abc", DEPOSIT, "alice", None, 1),
+    Operation("op:1.x_y-z", WITHDRAW, "b.o-b@example_9", None, 12_345),
+    Operation("t-1", TRANSFER, "alice", "bob", 999),
+])
+def test_entry_line_round_trips_through_the_wire_codec(op):
+    line = entry_line(42, op)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    message = wire.decode_line(line.rstrip(b"\n"))
+    assert message["TASK"] == "ORDERED"
+    assert parse_entry(message) == (42, op)
+
+
+VALID_ENTRY = {"TASK": "ORDERED", "SEQ": 7, "ID": "op-7", "OP": "DEPOSIT", "ACCOUNT": "alice", "AMOUNT_CENTS": 100}
+VALID_TRANSFER = {"TASK": "ORDERED", "SEQ": 7, "ID": "op-7", "OP": "TRANSFER", "FROM": "a", "TO": "b", "AMOUNT_CENTS": 100}
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"SEQ": "7"}, "FIELD_TYPE"),
+    ({"SEQ": 0}, "FIELD_TYPE"),
+    ({"SEQ": True}, "FIELD_TYPE"),
+    ({"SEQ": 7.0}, "FIELD_TYPE"),
+    ({"SEQ": None}, "FIELD_TYPE"),
+    ({"ID": 7}, "ID_INVALID"),
+    ({"ID": "has space"}, "ID_INVALID"),
+    ({"ID": "x" * 65}, "ID_INVALID"),
+    ({"OP": "BALANCE"}, "FIELD_INVALID"),
+    ({"OP": None}, "FIELD_INVALID"),
+    ({"AMOUNT_CENTS": 0}, "FIELD_INVALID"),
+    ({"AMOUNT_CENTS": -5}, "FIELD_INVALID"),
+    ({"AMOUNT_CENTS": "100"}, "FIELD_INVALID"),
+    ({"AMOUNT_CENTS": 10**30}, "FIELD_INVALID"),
+    ({"ACCOUNT": ["alice"]}, "ACCOUNT_INVALID"),
+    ({"ACCOUNT": "al ice"}, "ACCOUNT_INVALID"),
+    ({"ACCOUNT": None}, "ACCOUNT_INVALID"),
+])
+def test_parse_entry_rejects_a_malformed_entry(change, code):
+    with pytest.raises(SaldoError) as rejected:
+        parse_entry({**VALID_ENTRY, **change})
+    assert rejected.value.code == code
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"TO": "a"}, "FIELD_INVALID"),
+    ({"TO": None}, "FIELD_INVALID"),
+    ({"FROM": 5}, "FIELD_INVALID"),
+    ({"TO": "b\n"}, "ACCOUNT_INVALID"),
+])
+def test_parse_entry_rejects_a_malformed_transfer(change, code):
+    with pytest.raises(SaldoError) as rejected:
+        parse_entry({**VALID_TRANSFER, **change})
+    assert rejected.value.code == code
+
+
+def test_applied_line_round_trips_through_the_wire_codec():
+    results = [(41, None, 12_050), (42, "INSUFFICIENT_FUNDS", None), (43, "ACCOUNT_NOT_FOUND", None), (44, None, 0)]
+    line = applied_line(44, results)
+    message = wire.decode_line(line.rstrip(b"\n"))
+    assert message["TASK"] == "APPLIED"
+    assert parse_applied(message) == (44, results)
+    assert parse_applied(wire.decode_line(applied_line(9, []).rstrip(b"\n"))) == (9, [])
+    # The largest acknowledgement a replica sends fits within the replica link's line limit.
+    big = applied_line(10**12, [(10**12 - i, "INSUFFICIENT_FUNDS", None) for i in range(MAX_RESULTS_PER_ACK)])
+    assert len(big) < 1024 * 1024
+
+
+@pytest.mark.parametrize("message, code", [
+    ({"UPTO": "5", "RESULTS": []}, "FIELD_TYPE"),
+    ({"UPTO": -1, "RESULTS": []}, "FIELD_TYPE"),
+    ({"UPTO": None}, "FIELD_TYPE"),
+    ({"UPTO": 5, "RESULTS": {"5": None}}, "FIELD_TYPE"),
+    ({"UPTO": 5, "RESULTS": [[5, None]]}, "FIELD_TYPE"),
+    ({"UPTO": 5, "RESULTS": [5]}, "FIELD_TYPE"),
+    ({"UPTO": 5, "RESULTS": [[6, None, 1]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [[0, None, 1]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [["5", None, 1]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [[5, "NOT_A_CODE", None]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [[5, 7, None]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [[5, None, "1.00"]]}, "FIELD_TYPE"),
+    ({"UPTO": 10**9, "RESULTS": [[1, None, 1]] * (MAX_RESULTS_PER_ACK + 1)}, "FIELD_TYPE"),
+])
+def test_parse_applied_rejects_a_malformed_acknowledgement(message, code):
+    with pytest.raises(SaldoError) as rejected:
+        parse_applied({"TASK": "APPLIED", **message})
+    assert rejected.value.code == code
