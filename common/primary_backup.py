@@ -827,6 +827,7 @@ class Effects:
     became_primary: bool = False
     stepped_down: bool = False
     commit_advanced: bool = False
+    events: list[tuple[str, dict]] = field(default_factory=list)  # decisions worth a log line
 
 
 class PrimaryState:
@@ -902,6 +903,8 @@ class ReplicaCore:
         self.highest_epoch_seen = record.promised_epoch
         self.retry_election_at_s = now_s
         self.installing = False  # a state transfer is being installed: no election meanwhile
+        self.last_election_failure = ""  # why the last attempt was abandoned (STATUS, logs)
+        self.last_step_down = ""
         self._next_request_id = 1
         self.elections_started = 0
         self.elections_won = 0
@@ -955,7 +958,7 @@ class ReplicaCore:
             self._primary_tick(now_s, effects)
         elif self.election is not None:
             if now_s - self.election.round_started_s >= self.timing.vote_timeout_s:
-                self._abandon_election(now_s, "no majority in time")
+                self._abandon_election(now_s, "no majority in time", effects)
         elif not self.installing and now_s >= self.election_due_s():
             self._start_election(now_s, effects)
         return effects
@@ -972,6 +975,7 @@ class ReplicaCore:
         self.role = CANDIDATE
         election = self.election = Election(epoch, self.voters, now_s)
         election.grants.add(self.name)
+        effects.events.append(("election_started", {"epoch": epoch, "last_entry_epoch": own.epoch, "last_seq": own.seq}))
         message = {"TASK": "PRE_VOTE", "ID": self._request_id(), "EPOCH": epoch, "CANDIDATE": self.name,
                    "LAST_EPOCH": own.epoch, "LAST_SEQ": own.seq}
         effects.send.extend((voter, message) for voter in self.others)
@@ -999,14 +1003,15 @@ class ReplicaCore:
         if election.pre:
             if election.better:
                 # A reachable replica holds a longer log: let it stand first.
-                self._abandon_election(now_s, "a more up-to-date replica exists", extra_wait_s=self.timing.election_stagger_s)
+                self._abandon_election(now_s, "a more up-to-date replica exists", effects,
+                                       extra_wait_s=self.timing.election_stagger_s)
                 return
             if not election.won:
                 return
             own = self.position
             decision = self.voter.decide_vote(election.epoch, self.name, own, own, now_s, pre=False)
             if not decision.granted:
-                self._abandon_election(now_s, f"own vote refused: {decision.reason}")
+                self._abandon_election(now_s, f"own vote refused: {decision.reason}", effects)
                 return
             election.start_vote_round(now_s)
             election.grants.add(self.name)
@@ -1017,11 +1022,15 @@ class ReplicaCore:
         if not election.pre and election.won:
             self._become_primary(now_s, effects)
 
-    def _abandon_election(self, now_s: float, why: str, extra_wait_s: float = 0.0) -> None:
+    def _abandon_election(self, now_s: float, why: str, effects: Effects, extra_wait_s: float = 0.0) -> None:
+        election = self.election
         self.election = None
         self.role = BACKUP
         self.retry_election_at_s = now_s + extra_wait_s + self.timing.election_stagger_s * (1 + self._rank())
         self.last_election_failure = why
+        if election is not None:
+            effects.events.append(("election_abandoned", {"epoch": election.epoch, "pre_vote": election.pre, "why": why,
+                                                          "refusals": ",".join(f"{v}:{r}" for v, r in election.refusals.items())}))
 
     def _become_primary(self, now_s: float, effects: Effects) -> None:
         election = self.election
@@ -1047,7 +1056,7 @@ class ReplicaCore:
         decision = self.voter.decide_vote(request.epoch, request.candidate, request.position, self.position, now_s,
                                           pre=request.pre)
         if decision.granted and not request.pre and self.election is not None and request.candidate != self.name:
-            self._abandon_election(now_s, f"voted for {request.candidate} in epoch {request.epoch}")
+            self._abandon_election(now_s, f"voted for {request.candidate} in epoch {request.epoch}", effects)
         effects.persist = self.voter.take_dirty()
         self.highest_epoch_seen = max(self.highest_epoch_seen, request.epoch if decision.granted else 0)
         reply = vote_reply_message(request_id, self.name, request, decision, self.voter.record.promised_epoch, self.position)
@@ -1184,6 +1193,7 @@ class ReplicaCore:
 
     def _propose(self, sync_set: SyncSet, effects: Effects) -> None:
         assert self.primary is not None and sync_set.epoch == self.primary.epoch
+        effects.events.append(("sync_set_proposed", {"version": sync_set.version, "members": ",".join(sync_set.members)}))
         self.primary.proposed = sync_set
         self.voter.record = replace(self.voter.record, sync_set=sync_set)
         self.voter.dirty = True
@@ -1213,6 +1223,8 @@ class ReplicaCore:
         if primary.proposed != primary.committed:
             if primary.lease.stored_by_majority(primary.proposed.key, primary.stored_here >= primary.proposed.key):
                 primary.committed = primary.proposed
+                effects.events.append(("sync_set_committed", {"version": primary.committed.version,
+                                                              "members": ",".join(primary.committed.members)}))
                 effects.commit_advanced = self._recompute_commit() or effects.commit_advanced
             else:
                 return
@@ -1322,6 +1334,7 @@ class ReplicaCore:
             "LOG_START_SEQ": self.log.base.seq + 1,
             "ELECTIONS_STARTED": self.elections_started,
             "ELECTIONS_WON": self.elections_won,
+            "LAST_ELECTION_FAILURE": self.last_election_failure,
         }
         primary = self.primary
         if primary is not None:

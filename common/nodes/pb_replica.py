@@ -191,6 +191,7 @@ class PBReplica:
         self.session_synced = False  # this backup's log is known to be a prefix of that primary's
         self.diverged = False
         self._durable_watched = 0
+        self._released: tuple[bool, int, int] | None = None  # the gates at the last flush_replies
         self._ship_scheduled = False
         self.requests_total = 0
         self.snapshots_installed = 0
@@ -201,6 +202,8 @@ class PBReplica:
 
     # --- Carrying out the core's effects --------------------------------------------------------
     def apply(self, effects: Effects, reply_stream: aio.MessageStream | None = None, reply: dict | None = None) -> None:
+        for event, fields in effects.events:
+            log.info(event, **fields)
         if effects.stepped_down:
             self._on_stepped_down()
         if effects.became_primary:
@@ -222,7 +225,8 @@ class PBReplica:
 
             self.dbank.durable().add_done_callback(persisted)
         else:
-            assert not effects.after_persist
+            for peer, message in effects.after_persist:  # the record they depend on is already on disk
+                self.send_to(peer, message)
             if reply_stream is not None and reply is not None:
                 reply_stream.send(reply)
         if effects.commit_advanced and self.waiting:
@@ -248,7 +252,7 @@ class PBReplica:
         self.session_synced = False
 
     def _on_stepped_down(self) -> None:
-        log.warning("stepped_down", epoch=self.core.voter.record.promised_epoch, why=getattr(self.core, "last_step_down", ""))
+        log.warning("stepped_down", epoch=self.core.voter.record.promised_epoch, why=self.core.last_step_down)
         for link in self.links.values():
             self._stop_stream(link)
         self._fail_unacknowledged()
@@ -261,22 +265,33 @@ class PBReplica:
             link.catchup_task = None
 
     # --- Replies to clients ---------------------------------------------------------------------
-    def flush_replies(self) -> None:
-        now = time.monotonic()
-        for queue in list(self.waiting):
-            self._flush_queue(queue, now)
-
-    def _flush_queue(self, queue: ReplyQueue, now_s: float) -> None:
+    def _release_state(self) -> tuple[bool, int, int]:
+        """What gates replies now: the lease, the commit point, this replica's disk."""
         core = self.core
+        return core.can_acknowledge(time.monotonic()), core.commit_seq, core.durable_seq
+
+    def flush_replies(self) -> None:
+        """Send what the gates now allow, on every connection that waits. Called on every event
+        that may open a gate (a commit here, a backup's ACK, a lease renewal): skipped when none
+        moved since the last call, since each connection also flushes after its own requests."""
+        state = self._release_state()
+        if state == self._released:
+            return
+        self._released = state
+        for queue in list(self.waiting):
+            self._flush_queue(queue, state)
+
+    def _flush_queue(self, queue: ReplyQueue, state: tuple[bool, int, int]) -> None:
+        lease_ok, commit, durable = state
         items = queue.items
-        lease_ok = core.can_acknowledge(now_s)
-        commit = core.commit_seq
-        durable = core.durable_seq
         out = []
         while items:
             gate, seq, line, _request_id = items[0]
             if gate == GATE_COMMIT:
-                if not lease_ok or seq > commit:
+                if not lease_ok:
+                    self._released = None  # held by the lease alone: a renewal must release it
+                    break
+                if seq > commit:
                     break
                 self.pending_replies -= 1
             elif gate == GATE_DURABLE and seq > durable:
@@ -309,7 +324,7 @@ class PBReplica:
                 else:
                     items.append((gate, seq, line, request_id))
             queue.items = items
-            self._flush_queue(queue, time.monotonic())
+            self._flush_queue(queue, self._release_state())
         if failed:
             log.warning("unacknowledged_replies_failed", count=failed)
 
@@ -361,7 +376,7 @@ class PBReplica:
                         items.append(self._client_request(message))
                 if self.core.log.last_seq != applied_before:
                     self._after_primary_applied()
-                self._flush_queue(queue, time.monotonic())
+                self._flush_queue(queue, self._release_state())
                 while len(queue.items) > MAX_QUEUED_REPLIES_PER_CONNECTION:
                     queue.space = self.loop.create_future()
                     await queue.space
