@@ -260,6 +260,7 @@ class SequencerCore:
         self.results_source: str | None = None  # the replica that sends outcomes with its acks
         if self.durable_seq == 0:
             self.durable_seq = self.next_seq - 1
+        self._logged_before_start = self.durable_seq  # numbered by an earlier run of the sequencer
         for seq, op_id, _line in self.log:
             self._seq_of_op[op_id] = seq
 
@@ -346,11 +347,37 @@ class SequencerCore:
         progress.connected = True
         progress.applied_seq = max(progress.applied_seq, last_applied_seq)
         # Applied there already (e.g. before this process restarted): a retry of an op at or below
-        # this seq will get no result from the replicas, so submit() must number it again.
+        # this seq will get no result from the replicas, so submit() must number it again; and
+        # clients who attached to such a seq before this replica came back are renumbered now.
         self._highest_applied_seq = max(self._highest_applied_seq, last_applied_seq)
+        self._renumber_orphans(last_applied_seq)
         if last_applied_seq + 1 < self.log_start_seq:
             return "snapshot", b""
         return "entries", self.entries_between(last_applied_seq + 1, self.durable_seq)
+
+    def _renumber_orphans(self, applied_seq: int) -> None:
+        """Waiters on seqs that a replica applied before this process started (their outcomes went
+        to the previous one; no replica sends them again): give each operation a new number. The
+        replicas recognise its id and answer with the first outcome, changing nothing."""
+        limit = min(applied_seq, self._logged_before_start)
+        orphaned = [seq for seq in self._waiters if seq <= limit and seq not in self._results
+                    and all(w.replicas_needed > 0 for w in self._waiters[seq])]
+        for seq in sorted(orphaned):
+            entry = self.entries_between(seq, seq) if seq >= self.log_start_seq else b""
+            parsed = parse_entry_line(entry.rstrip(b"\n")) if entry else None
+            if parsed is None:
+                continue  # no longer in the log: the clients' own retries will number it again
+            _seq, op = parsed
+            waiters = self._waiters.pop(seq)
+            self._waiting_count -= len(waiters)
+            self._waiting_for_several -= sum(1 for w in waiters if w.replicas_needed > 1)
+            new_seq = self.next_seq
+            self.next_seq += 1
+            self._pending_entries.append((new_seq, op.op_id, entry_line(new_seq, op)))
+            self._seq_of_op[op.op_id] = new_seq
+            for waiter in waiters:
+                self._add_waiter(new_seq, waiter)
+            self.stats.sequenced_total += 1
 
     def choose_results_source(self, replica: str) -> bool:
         """Called once a replica subscribed: whether it is to send outcomes (it is, if no connected

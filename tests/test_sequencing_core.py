@@ -588,3 +588,20 @@ def test_parse_applied_rejects_a_malformed_acknowledgement(message, code):
     with pytest.raises(SaldoError) as rejected:
         parse_applied({"TASK": "APPLIED", **message})
     assert rejected.value.code == code
+
+
+def test_a_client_attached_to_an_applied_seq_before_the_replicas_return_is_renumbered_when_they_do() -> None:
+    """After a restart the core does not know what the replicas applied. A retry that attaches to
+    its old number must not wait forever once a replica reports it applied that number already."""
+    op = Operation("retry-1", "DEPOSIT", "alice", None, 500)
+    first = SequencerCore(replica_names=["r1", "r2"])
+    first.submit(op, "client-a", op.op_id, 1)
+    first.on_logged(first.take_unlogged()[-1][0])
+    restarted = SequencerCore(replica_names=["r1", "r2"], next_seq=first.next_seq, log=deque(first.log))
+    assert restarted.submit(op, "client-b", op.op_id, 1) == []  # attached to seq 1: nothing applied yet, as far as it knows
+    restarted.on_subscribe("r1", last_applied_seq=1)  # r1 applied seq 1 before the restart
+    renumbered = restarted.take_unlogged()
+    assert [(seq, op_id) for seq, op_id, _line in renumbered] == [(2, "retry-1")]
+    restarted.on_logged(2)
+    replies = restarted.on_applied("r1", 2, [(2, None, 500)])
+    assert [(reply.client, b'"SEQ":2' in reply.line) for reply in replies] == [("client-b", True)]

@@ -247,6 +247,7 @@ class SequencerNode:
         else:
             stream.send({"TASK": "SUBSCRIBED", "SEND_RESULTS": self.core.choose_results_source(name)})
             self._start_catchup(link)
+        self.schedule_log_write()  # operations the subscription made renumber (see SequencerCore)
         return link
 
     async def push_to_replica(self, name: str, address: tuple[str, int], stop: asyncio.Event) -> None:
