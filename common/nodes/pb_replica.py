@@ -166,10 +166,9 @@ class ReplyQueue:
 class PeerLink:
     """This replica's outgoing connection to one other voter, and (as primary) what it has sent."""
 
-    def __init__(self, name: str, address: tuple[str, int], is_replica: bool) -> None:
+    def __init__(self, name: str, address: tuple[str, int]) -> None:
         self.name = name
         self.address = address
-        self.is_replica = is_replica
         self.stream: aio.MessageStream | None = None
         self.live = False  # the replication stream goes out as entries are applied
         self.sent_seq = 0
@@ -183,8 +182,8 @@ class PBReplica:
         self.core = core
         self.loop = asyncio.get_running_loop()
         self.started_at = time.monotonic()
-        self.links = {name: PeerLink(name, address, True) for name, address in args.replica_peers.items() if name != args.name}
-        self.links.update({name: PeerLink(name, address, False) for name, address in args.witness_peers.items()})
+        peers = {**args.replica_peers, **args.witness_peers}
+        self.links = {name: PeerLink(name, address) for name, address in peers.items() if name != args.name}
         self.waiting: set[ReplyQueue] = set()
         self.pending_replies = 0
         self.primary_stream: aio.MessageStream | None = None  # the stream of the session this backup follows
