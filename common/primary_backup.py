@@ -847,7 +847,7 @@ class PrimaryState:
         self.proposed = SyncSet(epoch, 1, members)
         self.joining: set[str] = set()  # waited for, not yet published
         self.stored_here = (0, 0)  # the newest sync set this replica's own record has on disk
-        self.durable_seq = core.log.last_seq
+        self.durable_seq = core.durable_seq  # not its applied position: the tail may still be on its way to disk
         self.commit_seq = 0
         self.next_round_at_s = now_s
         self.acks_total = 0

@@ -366,6 +366,36 @@ def test_the_voter_record_survives_both_storage_formats():
         record_from_json({"promised_epoch": 1, "voted_for": "mallory"}, frozenset(replicas))
 
 
+def test_a_new_primary_commits_nothing_beyond_its_own_disk():
+    """A backup elected while its last entries are still being written must not count them as
+    committed: a retried operation among them would be acknowledged before it is durable."""
+    core = ReplicaCore("r2", ["r1", "r2"], ["w"], mode=SYNC, timing=TIMING, record=VoterRecord(),
+                       position=Position(1, 10), now_s=0.0, client_address="r2.example:6004")
+    for seq in (11, 12):
+        core.record_entry(seq, 1, entry_text(op(seq), None))  # applied from the stream, not yet durable
+    pre_vote = core.tick(1.0)
+    epoch = pre_vote.send[0][1]["EPOCH"]
+    granted = {"voter": "w", "epoch": epoch, "granted": True, "reason": None, "promised_epoch": 0, "position": None}
+    vote = core.on_vote_reply(parse_vote_reply_for(granted, pre=True), 1.0)
+    assert vote.persist is not None and vote.after_persist
+    elected = core.on_vote_reply(parse_vote_reply_for(granted, pre=False), 1.001)
+    assert elected.became_primary and core.role == PRIMARY
+    core.on_record_persisted(core.voter.record)
+    round_id = next(m for peer, m in elected.send if peer == "w" and m["TASK"] == "LEASE")["ID"]
+    core.on_lease_reply(parse_lease_reply({"ID": round_id, "STATUS": "OK", "TASK": "LEASE_REPLY", "EPOCH": epoch,
+                                           "VOTER": "w", "GRANTED": True, "REASON": None, "PROMISED_EPOCH": epoch,
+                                           "SYNC_STORED": [epoch, 1]}, frozenset(["r1", "r2", "w"])), 1.002)
+    assert core.primary.committed.members == ("r2",)
+    assert core.commit_seq == 10, "entries 11 and 12 are not on this replica's disk yet"
+    assert core.on_local_durable(12).commit_advanced and core.commit_seq == 12
+
+
+def parse_vote_reply_for(fields: dict, *, pre: bool):
+    message = {"ID": 1, "STATUS": "OK", "TASK": "VOTE_REPLY", "PRE": pre, "EPOCH": fields["epoch"], "VOTER": fields["voter"],
+               "GRANTED": fields["granted"], "REASON": fields["reason"], "PROMISED_EPOCH": fields["promised_epoch"]}
+    return parse_vote_reply(message, frozenset(["r1", "r2", "w"]))
+
+
 # --- A whole cluster, simulated ------------------------------------------------------------------
 
 
