@@ -829,6 +829,8 @@ class PBReplica:
             previous = core.position
             await dbank.replace(image)
             core.on_snapshot_installed(Position(entry_epoch, seq))
+            # The log restarts at `seq`, possibly below where it was: watch the disk from there.
+            self._durable_watched = seq
         finally:
             core.installing = False
         self.snapshots_installed += 1
