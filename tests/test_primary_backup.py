@@ -41,8 +41,8 @@ LEASE_S = 1.0  # the default lease (Timing.lease_duration_s)
 
 
 def lab_run(root: Path, **options) -> RunResult:
-    settings = dict(architecture="primary-backup", ports="free", progress=False, duration_s=6.0, clients=8,
-                    results_dir=root / "results", run_root=root / "runs")
+    settings = {"architecture": "primary-backup", "ports": "free", "progress": False, "duration_s": 6.0, "clients": 8,
+                "results_dir": root / "results", "run_root": root / "runs"}
     settings.update(options)
     return run_lab(RunOptions(**settings))
 
@@ -309,8 +309,8 @@ WITNESS_BAD_LINES = [
     (b'{"TASK": "DEPOSIT", "ID": "x2", "ACCOUNT": "a", "AMOUNT": "1"}\n', "WRONG_ROLE"),
     (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 0, "CANDIDATE": "replica1", "LAST_EPOCH": 0, "LAST_SEQ": 0}\n', "FIELD_INVALID"),
     (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 99, "CANDIDATE": "witness", "LAST_EPOCH": 0, "LAST_SEQ": 0}\n', "FIELD_INVALID"),
-    (b'{"TASK": "LEASE", "ID": 6, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 1000, "PRIMARY_SEQ": 0,'
-     b' "SYNC_SET": {"EPOCH": 99, "VERSION": 1, "MEMBERS": ["mallory"]}}\n', "FIELD_INVALID"),
+    ((b'{"TASK": "LEASE", "ID": 6, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 1000, "PRIMARY_SEQ": 0,'
+      b' "SYNC_SET": {"EPOCH": 99, "VERSION": 1, "MEMBERS": ["mallory"]}}\n'), "FIELD_INVALID"),
 ]
 
 
@@ -352,8 +352,8 @@ def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_pat
                 connection.send_bytes(b'{"TASK": "' + b"x" * (2 * 1024 * 1024) + b'"}\n')
                 assert connection.receive(timeout_s=5.0)["ERROR"] == "LINE_TOO_LONG"
         after = {name: cluster.status(name) for name in lab.replicas + ["witness"]}
-        for name in before:
+        for name, earlier in before.items():
             for key in ("ROLE", "EPOCH", "LAST_APPLIED_SEQ", "OPS_APPLIED_TOTAL", "PID"):
-                assert after[name].get(key) == before[name].get(key), (name, key, before[name].get(key), after[name].get(key))
+                assert after[name].get(key) == earlier.get(key), (name, key, earlier.get(key), after[name].get(key))
         assert serving_primary(cluster, lab.replicas)[0] == primary
         assert deposits(lab, 1)[0]["STATUS"] == "OK", "still serving"
