@@ -2,9 +2,11 @@
 
 Owns the rule that makes a replica fast and safe at once: operations are applied to the in-memory
 Bank as they arrive (deterministic, microseconds), and everything applied while one transaction is
-being written joins the next one. At most one transaction is in flight; it runs on a dedicated
-thread so the event loop keeps reading and applying meanwhile (SQLite and PyMySQL release the GIL
-while they wait on the disk or the network).
+being written joins the next one. At most one transaction is in flight. A store whose commit waits
+on the network (MySQL) commits on a dedicated thread, so the event loop keeps reading and applying
+meanwhile; SQLite commits on the event loop's own thread: most of its work holds the GIL anyway,
+and handing it to a thread and back costs more than the overlap gains (measured: +6% throughput
+and -0.1 ms latency with the sequencer architecture on two cores).
 
 Callers reply to a client only after `durable()` resolves: no answer ever reports a state that a
 crash could take back, and reads wait the same way, so no read sees an operation that is not yet
@@ -100,11 +102,19 @@ class DurableBank:
         self._uncommitted = False
         self._inflight_commit = commit
         ops_count = len(applied)
+        window = self.bank.dedup_window_ops
+        if not self.store.commits_in_thread:
+            work = self._loop.create_future()
+            try:
+                self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window)
+                work.set_result(None)
+            except Exception as error:  # handled (fatally) by _on_committed, like a thread's failure
+                work.set_exception(error)
+            self._loop.call_soon(self._on_committed, work, commit, ops_count)
+            return
         work = self._loop.run_in_executor(
             self._executor,
-            lambda: self.store.persist(
-                applied, balances, counters, meta_changes, dedup_window_ops=self.bank.dedup_window_ops
-            ),
+            lambda: self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window),
         )
         work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count))
 

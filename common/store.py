@@ -89,6 +89,7 @@ class Store:
     """The operations both backends offer; SQL text differs per dialect, the logic does not."""
 
     url: str
+    commits_in_thread: bool  # whether DurableBank should commit on a thread of its own
     _placeholder = "?"
     _lock_suffix = ""  # " FOR UPDATE" where the backend has row locks
 
@@ -320,6 +321,7 @@ class Store:
 
 
 class SQLiteStore(Store):
+    commits_in_thread = False  # the work holds the GIL: see common/durable.py
     _placeholder = "?"
     _lock_suffix = ""  # BEGIN IMMEDIATE takes the database write lock up front
     _upsert_account_sql = (
@@ -366,6 +368,7 @@ class SQLiteStore(Store):
 
 
 class MySQLStore(Store):
+    commits_in_thread = True  # a commit waits on the network, without the GIL
     _placeholder = "%s"
     _lock_suffix = " FOR UPDATE"
     _upsert_account_sql = (
