@@ -102,6 +102,15 @@ class Outcome(NamedTuple):
         return self.error is None
 
 
+# Hot paths build these tuples without the generated __new__ (half the cost, same objects).
+_tuple_new = tuple.__new__
+# The outcomes that carry no balance are the same every time: one object each.
+_OUTCOME_TOO_MANY_ACCOUNTS = Outcome("TOO_MANY_ACCOUNTS", None)
+_OUTCOME_BALANCE_LIMIT = Outcome("BALANCE_LIMIT", None)
+_OUTCOME_ACCOUNT_NOT_FOUND = Outcome("ACCOUNT_NOT_FOUND", None)
+_OUTCOME_INSUFFICIENT_FUNDS = Outcome("INSUFFICIENT_FUNDS", None)
+
+
 # --- Parsing requests ---------------------------------------------------------------------------
 
 
@@ -208,14 +217,14 @@ def parse_request_line(line: bytes) -> Operation | None:
         cents = int(whole) * 100 + int(fraction)
         if source == target or not 0 < cents <= MAX_AMOUNT_CENTS:
             return None
-        return Operation(op_id.decode(), TRANSFER, source.decode(), target.decode(), cents)
+        return _tuple_new(Operation, (op_id.decode(), TRANSFER, source.decode(), target.decode(), cents))
     match = _CANONICAL_SINGLE.fullmatch(line)
     if match is not None:
         kind, op_id, account, whole, fraction = match.groups()
         cents = int(whole) * 100 + int(fraction)
         if not 0 < cents <= MAX_AMOUNT_CENTS:
             return None
-        return Operation(op_id.decode(), DEPOSIT if kind == b"DEPOSIT" else WITHDRAW, account.decode(), None, cents)
+        return _tuple_new(Operation, (op_id.decode(), DEPOSIT if kind == b"DEPOSIT" else WITHDRAW, account.decode(), None, cents))
     return None
 
 
@@ -354,7 +363,7 @@ class Bank:
         outcome = self._decide_and_change(op)
         counters = self.counters
         counters.ops_applied_total += 1
-        applied = AppliedOp(counters.ops_applied_total, seq, op, outcome)
+        applied = _tuple_new(AppliedOp, (counters.ops_applied_total, seq, op, outcome))
         self.recent[op.op_id] = applied
         self._recent_order.append(op.op_id)
         self._new_applied.append(applied)
@@ -370,42 +379,42 @@ class Bank:
             current = balances.get(op.account)
             if current is None:
                 if len(balances) + self._other_accounts >= self.max_accounts:
-                    return Outcome("TOO_MANY_ACCOUNTS", None)
+                    return _OUTCOME_TOO_MANY_ACCOUNTS
                 current = 0
             if current + amount > MAX_BALANCE_CENTS:
-                return Outcome("BALANCE_LIMIT", None)
+                return _OUTCOME_BALANCE_LIMIT
             balances[op.account] = current + amount
             self._dirty_accounts.add(op.account)
             self.counters.deposited_cents_total += amount
-            return Outcome(None, current + amount)
+            return _tuple_new(Outcome, (None, current + amount))
         if kind == WITHDRAW:
             current = balances.get(op.account)
             if current is None:
-                return Outcome("ACCOUNT_NOT_FOUND", None)
+                return _OUTCOME_ACCOUNT_NOT_FOUND
             if current < amount:
-                return Outcome("INSUFFICIENT_FUNDS", None)
+                return _OUTCOME_INSUFFICIENT_FUNDS
             balances[op.account] = current - amount
             self._dirty_accounts.add(op.account)
             self.counters.withdrawn_cents_total += amount
-            return Outcome(None, current - amount)
+            return _tuple_new(Outcome, (None, current - amount))
         assert kind == TRANSFER
         source = balances.get(op.account)
         if source is None:
-            return Outcome("ACCOUNT_NOT_FOUND", None)
+            return _OUTCOME_ACCOUNT_NOT_FOUND
         if source < amount:
-            return Outcome("INSUFFICIENT_FUNDS", None)
+            return _OUTCOME_INSUFFICIENT_FUNDS
         target = balances.get(op.to_account)  # type: ignore[arg-type]
         if target is None:
             if len(balances) + self._other_accounts >= self.max_accounts:
-                return Outcome("TOO_MANY_ACCOUNTS", None)
+                return _OUTCOME_TOO_MANY_ACCOUNTS
             target = 0
         if target + amount > MAX_BALANCE_CENTS:
-            return Outcome("BALANCE_LIMIT", None)
+            return _OUTCOME_BALANCE_LIMIT
         balances[op.account] = source - amount
         balances[op.to_account] = target + amount  # type: ignore[index]
         self._dirty_accounts.add(op.account)
         self._dirty_accounts.add(op.to_account)  # type: ignore[arg-type]
-        return Outcome(None, source - amount)
+        return _tuple_new(Outcome, (None, source - amount))
 
     def take_effects(self) -> tuple[list[AppliedOp], dict[str, int]]:
         """What changed since the last call: applied ops in order, and the changed balances."""

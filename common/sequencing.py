@@ -112,6 +112,7 @@ def parse_entry(message: dict) -> tuple[int, Operation]:
     return seq, Operation(op_id, kind, account, None, amount)
 
 
+_tuple_new = tuple.__new__  # builds an Operation without its generated __new__ (hot path)
 _SEQ = rb"([1-9][0-9]{0,17})"
 _ID = rb"([A-Za-z0-9_.:-]{1,64})"
 _NAME = rb"([A-Za-z0-9_.@-]{1,64})"
@@ -135,14 +136,14 @@ def parse_entry_line(line: bytes) -> tuple[int, Operation] | None:
         amount = int(cents)
         if source == target or amount > MAX_AMOUNT_CENTS:
             return None
-        return int(seq), Operation(op_id.decode(), TRANSFER, source.decode(), target.decode(), amount)
+        return int(seq), _tuple_new(Operation, (op_id.decode(), TRANSFER, source.decode(), target.decode(), amount))
     match = _CANONICAL_SINGLE_ENTRY.fullmatch(line)
     if match is not None:
         seq, op_id, kind, account, cents = match.groups()
         amount = int(cents)
         if amount > MAX_AMOUNT_CENTS:
             return None
-        return int(seq), Operation(op_id.decode(), kind.decode(), account.decode(), None, amount)
+        return int(seq), _tuple_new(Operation, (op_id.decode(), kind.decode(), account.decode(), None, amount))
     return None
 
 
@@ -253,6 +254,7 @@ class SequencerCore:
         self._waiters: dict[int, list[Waiter]] = {}
         self._waiting_count = 0
         self._waiting_for_several = 0  # waiters with replicas_needed > 1 (scanned on each APPLIED)
+        self._waiting_for_log = 0  # waiters with replicas_needed == 0 (answered when logged)
         self._seq_of_op: dict[str, int] = {}  # op id -> seq, for ops in the log
         self._results: dict[int, tuple[str | None, int | None]] = {}  # seq -> result, recent
         self._results_order: deque[int] = deque()
@@ -308,6 +310,8 @@ class SequencerCore:
         self._waiting_count += 1
         if waiter.replicas_needed > 1:
             self._waiting_for_several += 1
+        elif waiter.replicas_needed == 0:
+            self._waiting_for_log += 1
 
     # The log -----------------------------------------------------------------------------------
     def take_unlogged(self) -> list[tuple[int, str, bytes]]:
@@ -326,10 +330,11 @@ class SequencerCore:
         self.durable_seq = upto_seq
         self.log.extend(entries)
         replies: list[Reply] = []
-        waiters = self._waiters
-        for seq, _op_id, _line in entries:
-            if seq in waiters:
-                self._release(seq, 0, None, replies)
+        if self._waiting_for_log:  # most clients wait for a replica's result: skip the scan then
+            waiters = self._waiters
+            for seq, _op_id, _line in entries:
+                if seq in waiters:
+                    self._release(seq, 0, None, replies)
         return b"".join(line for _seq, _op_id, line in entries), replies
 
     @property
@@ -371,6 +376,7 @@ class SequencerCore:
             waiters = self._waiters.pop(seq)
             self._waiting_count -= len(waiters)
             self._waiting_for_several -= sum(1 for w in waiters if w.replicas_needed > 1)
+            assert all(w.replicas_needed > 0 for w in waiters)
             new_seq = self.next_seq
             self.next_seq += 1
             self._pending_entries.append((new_seq, op.op_id, entry_line(new_seq, op)))
@@ -453,6 +459,8 @@ class SequencerCore:
             self._waiting_count -= 1
             if waiter.replicas_needed > 1:
                 self._waiting_for_several -= 1
+            elif waiter.replicas_needed == 0:
+                self._waiting_for_log -= 1
         if keep:
             self._waiters[seq] = keep
         else:
