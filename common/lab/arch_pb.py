@@ -186,3 +186,12 @@ def build(options: LayoutOptions) -> PBLabCluster:
         proxies_of=proxies_of,
         journal=journal,
     )
+
+
+def build_async(options: LayoutOptions) -> PBLabCluster:
+    """The seed's own mode, as an architecture name of its own (so `lab.py bench --arch all` and
+    its summary show both modes side by side)."""
+    options.extra = {**options.extra, "replication": options.extra.get("replication", "async")}
+    lab = build(options)
+    lab.architecture = "primary-backup-async"
+    return lab

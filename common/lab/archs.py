@@ -304,6 +304,7 @@ BUILDERS: dict[str, str] = {
     "queue": "common.lab.archs:build_queue",
     "farm": "common.lab.arch_farm:build",
     "primary-backup": "common.lab.arch_pb:build",
+    "primary-backup-async": "common.lab.arch_pb:build_async",
 }
 
 
