@@ -2,7 +2,7 @@
 """A saldo server on the orchestrator host.
 
     python server.py --port 8765 --peers 127.0.0.1:8766          (worker farm, seed 000)
-    python server.py --mode queue --replicas 127.0.0.12:6001,127.0.0.13:6001   (RPC + queue, seed 002 part 2)
+    python server.py --mode queue --replicas replica1=127.0.0.12:6001,replica2=127.0.0.13:6001   (RPC + queue, seed 002 part 2)
 
 Modes:
   farm    an orchestrator of the worker farm: queues balance tasks, hands them to workers
