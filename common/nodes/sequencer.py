@@ -106,6 +106,7 @@ class SequencerNode:
         self.loop = asyncio.get_running_loop()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqlog")
         self.writing = False
+        self.truncating = False
         self.links: dict[str, ReplicaLink] = {}
         self.started_at = time.monotonic()
         self.log_writes = 0
@@ -139,6 +140,10 @@ class SequencerNode:
             os._exit(EXIT_STORE_FAILURE)
         self.log_writes += 1
         data, replies = self.core.on_logged(upto)
+        if len(self.core.log) > self.core.max_log_entries + self.seqlog.segment_entries and not self.truncating:
+            # Over the bound (a replica is far behind): truncate now, not at the next tick, so the
+            # log never holds more than the bound plus a segment, whatever the rate.
+            asyncio.ensure_future(self._truncate())
         for link in self.links.values():
             self._send_live(link, data, upto)
         self._send_replies(replies)
@@ -284,13 +289,23 @@ class SequencerNode:
     async def truncate_periodically(self) -> None:
         while True:
             await asyncio.sleep(TRUNCATE_INTERVAL_S)
-            point = self.core.truncation_point()
-            if point <= self.core.log_start_seq:
-                continue
+            await self._truncate()
+
+    async def _truncate(self) -> None:
+        """Drop the log's prefix that every replica applied (or that exceeds the bound)."""
+        if self.truncating:
+            return
+        point = self.core.truncation_point()
+        if point <= self.core.log_start_seq:
+            return
+        self.truncating = True
+        try:
             start = await self.loop.run_in_executor(self.executor, self.seqlog.truncate_before, point)
-            if start > self.core.log_start_seq:
-                dropped = self.core.truncate(start)
-                log.info("log_prefix_dropped", entries=dropped, log_start_seq=start)
+        finally:
+            self.truncating = False
+        if start > self.core.log_start_seq:
+            dropped = self.core.truncate(start)
+            log.info("log_prefix_dropped", entries=dropped, log_start_seq=start)
 
     # --- Clients --------------------------------------------------------------------------------
     async def handle_client(self, stream: aio.MessageStream) -> None:
