@@ -185,6 +185,9 @@ def build(options: LayoutOptions) -> PBLabCluster:
         roles={"replica": names, "witness": ["witness"]},
         proxies_of=proxies_of,
         journal=journal,
+        # async answers before the backup has the write: a primary's death can lose it (and the
+        # money it carried); sync promises it never does.
+        not_promised=frozenset({"lost_write", "money"}) if replication == "async" else frozenset(),
     )
 
 

@@ -72,7 +72,10 @@ def format_table(report: dict) -> str:
         rows.append(("reference", f"echo {reference['echo_ops_s']:,.0f} ops/s; this run {reference['ratio']:.2f} of it"))
     rows.append(("faults", faults))
     rows.append(("anomalies", ", ".join(f"{k} {v}" for k, v in anomalies.items()) or "none"))
-    rows.append(("verdict", report["verdict"].upper()))
+    verdict = report["verdict"].upper()
+    if report.get("anomalies_expected"):
+        verdict += f" (expected: {report['architecture']} does not promise to avoid {', '.join(report['not_promised'])})"
+    rows.append(("verdict", verdict))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 

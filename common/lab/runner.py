@@ -257,6 +257,11 @@ def run_lab(options: RunOptions) -> RunResult:
         "latency_ms": report.latency_summary(run_history),
         "faults": faults,
         **result.to_json(),
+        # Only anomalies the architecture does not promise to avoid (see LabCluster.not_promised).
+        "anomalies_expected": not result.valid and all(
+            kind in lab.not_promised for kind, count in result.anomalies.items() if count
+        ),
+        "not_promised": sorted(lab.not_promised),
         "reference": reference,
         "peak_rss_mb": peak_rss,
         "cpu_us_per_op": {name: round(cpu / max(1, acknowledged) * 1e6, 1) for name, cpu in applied["cpu_s"].items()},
