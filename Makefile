@@ -4,12 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Lab parameters: make bench ARCH=sequencer CLIENTS=8 DURATION=10 REPEAT=3; make chaos FAULTS=kill-replica
+# WINDOW: operations in flight per client (8 clients: 16 = moderate load, 64 = saturation).
 ARCH ?= all
 CLIENTS ?= 1,8
+WINDOW ?= 16,64
 DURATION ?= 10
 REPEAT ?= 3
 FAULTS ?= kill-replica
 PORTS ?= seed
+comma := ,
 
 .PHONY: test venv clean demo up bench bench-farm chaos
 
@@ -43,7 +46,7 @@ bench:
 ifeq ($(ARCH),farm)
 	$(MAKE) bench-farm
 else
-	$(PYTHON) lab.py bench --arch $(ARCH) --clients $(CLIENTS) --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
+	$(PYTHON) lab.py bench --arch $(ARCH) --clients $(CLIENTS) --window $(WINDOW) --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
 ifeq ($(ARCH),all)
 	$(MAKE) bench-farm
 endif
@@ -60,8 +63,8 @@ bench-farm: venv
 
 # Workloads with a fault schedule (FAULTS=kill-replica, partition-replica, kill-sequencer, ...).
 chaos:
-	$(PYTHON) lab.py chaos --arch $(if $(filter all,$(ARCH)),sequencer,$(ARCH)) --clients $(lastword $(subst ,, ,$(CLIENTS))) \
-		--duration $(DURATION) --faults $(FAULTS) --ports $(PORTS)
+	$(PYTHON) lab.py chaos --arch $(if $(filter all,$(ARCH)),sequencer,$(ARCH)) --clients $(lastword $(subst $(comma), ,$(CLIENTS))) \
+		--window $(firstword $(subst $(comma), ,$(WINDOW))) --duration $(DURATION) --faults $(FAULTS) --ports $(PORTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis results var

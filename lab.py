@@ -33,7 +33,9 @@ from common.log import configure
 def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str) -> None:
     parser.add_argument("--arch", default="standalone", help=f"architecture, or 'all': {', '.join(archs.BUILDERS)}")
     parser.add_argument("--clients", default="8", help="client count, or a comma list for bench (e.g. 1,8)")
-    parser.add_argument("--window", type=int, default=16, help="operations in flight per client (1 for one client: one at a time)")
+    parser.add_argument("--window", default="16",
+                        help="operations in flight per client, or a comma list (bench: 16,64 = moderate load and "
+                             "saturation); a single client always has one at a time")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of workload per run")
     parser.add_argument("--accounts", type=int, default=8)
     parser.add_argument("--faults", default=default_faults, help=f"fault schedule: {', '.join(SCHEDULES)}")
@@ -48,12 +50,12 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str) -> N
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
-def _options(args: argparse.Namespace, architecture: str, clients: int, repeat_index: int, reference: bool) -> RunOptions:
+def _options(args: argparse.Namespace, architecture: str, clients: int, window: int, repeat_index: int,
+             reference: bool) -> RunOptions:
     extra = {}
     for item in args.option:
         key, _, value = item.partition("=")
         extra[key] = value
-    window = 1 if clients == 1 and args.window_for_one else args.window
     return RunOptions(
         architecture=architecture,
         clients=clients,
@@ -69,8 +71,15 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, repeat_i
         progress=not args.quiet,
         extra=extra,
         keep_history=args.keep_history,
-        run_name=f"{architecture}-{clients}c-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
+        run_name=f"{architecture}-{clients}c{window}w-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
     )
+
+
+def _windows(args: argparse.Namespace, clients: int) -> list[int]:
+    """The in-flight depths to run with `clients` clients: one at a time for a single client."""
+    if clients == 1 and args.window_for_one:
+        return [1]
+    return [int(w) for w in str(args.window).split(",")]
 
 
 def _run_all(args: argparse.Namespace, *, reference_default: bool) -> int:
@@ -80,11 +89,12 @@ def _run_all(args: argparse.Namespace, *, reference_default: bool) -> int:
     reference = reference_default if args.reference is None else args.reference
     summary = []
     all_valid = True
+    combinations = [(clients, window) for clients in client_counts for window in _windows(args, clients)]
     for architecture in architectures:
-        for clients in client_counts:
+        for clients, window in combinations:
             runs = []
             for repeat_index in range(args.repeat):
-                options = _options(args, architecture, clients, repeat_index, reference)
+                options = _options(args, architecture, clients, window, repeat_index, reference)
                 print(f"\n== {architecture}, {clients} client(s) x window {options.window}, "
                       f"{options.duration_s:g} s, faults {options.faults} (run {repeat_index + 1}/{args.repeat})", flush=True)
                 result = run_lab(options)
@@ -126,12 +136,12 @@ def _summarize(architecture: str, clients: int, runs: list[dict]) -> dict:
 
 def _print_summary(summary: list[dict]) -> None:
     print("\n== summary (medians)")
-    header = f"  {'architecture':<16}{'clients':>8}{'acked ops/s':>13}{'applied/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'echo ops/s':>12}{'ratio':>7}  verdicts"
+    header = f"  {'architecture':<21}{'clients':>8}{'window':>7}{'acked ops/s':>13}{'applied/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'echo ops/s':>12}{'ratio':>7}  verdicts"
     print(header)
     for row in summary:
         def fmt(value, spec):
             return format(value, spec) if value is not None else "-"
-        print(f"  {row['architecture']:<16}{row['clients']:>8}{fmt(row['throughput_ops_s'], ',.0f'):>13}"
+        print(f"  {row['architecture']:<21}{row['clients']:>8}{row['window']:>7}{fmt(row['throughput_ops_s'], ',.0f'):>13}"
               f"{fmt(row['applied_ops_s'], ',.0f'):>11}{fmt(row['p50_ms'], '.3f'):>9}{fmt(row['p99_ms'], '.3f'):>9}"
               f"{fmt(row['echo_ops_s'], ',.0f'):>12}{fmt(row['ratio'], '.2f'):>7}  {','.join(row['verdicts'])}")
 
