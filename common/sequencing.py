@@ -32,7 +32,7 @@ Messages (one JSON object per line, like every saldo port):
   sequencer -> replica  {"TASK": "ORDERED", "SEQ": 42, "ID": "<op id>", "OP": "TRANSFER",
                          "FROM": "alice", "TO": "bob", "AMOUNT_CENTS": 150}
                         {"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 9001}
-                        {"TASK": "SUBSCRIBED", "SEND_RESULTS": true}
+                        {"TASK": "SUBSCRIBED", "SEND_RESULTS": true, "RESULTS_FROM_SEQ": 40}
                         {"TASK": "SEND_RESULTS", "FROM_SEQ": 40}
   replica -> sequencer  {"TASK": "APPLIED", "UPTO": 42, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
                         {"TASK": "RESEND", "FROM": 43, "TO": 45}
@@ -385,14 +385,15 @@ class SequencerCore:
                 self._add_waiter(new_seq, waiter)
             self.stats.sequenced_total += 1
 
-    def choose_results_source(self, replica: str) -> bool:
-        """Called once a replica subscribed: whether it is to send outcomes (it is, if no connected
-        replica does)."""
+    def choose_results_source(self, replica: str) -> int | None:
+        """Called once a replica subscribed: None if another connected replica sends the outcomes;
+        else this one is the results source now, and the result is the first seq whose outcome it
+        must send (it may have applied some of what clients still await while no source was there)."""
         current = self.results_source
         if current is None or current == replica or not self.replicas[current].connected:
             self.results_source = replica
-            return True
-        return False
+            return min(self._waiters) if self._waiters else self.durable_seq + 1
+        return None
 
     def on_disconnect(self, replica: str) -> tuple[str, int] | None:
         """A replica's connection ended. If it was the results source, another connected replica

@@ -274,9 +274,9 @@ def test_too_many_waiting_requests_is_refused_as_overloaded():
 def test_one_replica_sends_the_outcomes_and_another_takes_over_when_it_goes():
     core = SequencerCore(REPLICAS)
     core.on_subscribe("replica1", 0)
-    assert core.choose_results_source("replica1") is True
+    assert core.choose_results_source("replica1") == 1  # the source; nothing awaited yet: from the next seq
     core.on_subscribe("replica2", 0)
-    assert core.choose_results_source("replica2") is False  # one results source at a time
+    assert core.choose_results_source("replica2") is None  # one results source at a time
     for index in (1, 2, 3):
         core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
     log_all(core)
@@ -284,11 +284,11 @@ def test_one_replica_sends_the_outcomes_and_another_takes_over_when_it_goes():
     assert [r.client for r in core.on_applied("replica1", 1, [(1, None, 100)])] == ["c1"]
     assert core.on_disconnect("replica2") is None  # not the source: nothing to hand over
     core.on_subscribe("replica2", 3)
-    assert core.choose_results_source("replica2") is False
+    assert core.choose_results_source("replica2") is None
     # The source goes before sending 2 and 3: replica2 is asked for outcomes from seq 2 on.
     assert core.on_disconnect("replica1") == ("replica2", 2)
     core.on_subscribe("replica1", 1)
-    assert core.choose_results_source("replica1") is False
+    assert core.choose_results_source("replica1") is None
     replies = core.on_applied("replica2", 3, [(2, None, 200), (3, None, 300)])
     assert sorted(r.client for r in replies) == ["c2", "c3"]
     assert core.status()["WAITING_REQUESTS"] == 0
@@ -605,3 +605,21 @@ def test_a_client_attached_to_an_applied_seq_before_the_replicas_return_is_renum
     restarted.on_logged(2)
     replies = restarted.on_applied("r1", 2, [(2, None, 500)])
     assert [(reply.client, b'"SEQ":2' in reply.line) for reply in replies] == [("client-b", True)]
+
+
+def test_a_replica_that_becomes_the_results_source_when_none_is_left_is_asked_for_what_clients_await():
+    """Both replicas went away after applying; the first to come back must send the outcomes
+    of what clients still wait for, or they would wait until their own timeouts."""
+    core = SequencerCore(REPLICAS)
+    core.on_subscribe("replica1", 0)
+    core.choose_results_source("replica1")
+    core.on_subscribe("replica2", 0)
+    for index in (1, 2, 3):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
+    log_all(core)
+    assert core.on_disconnect("replica2") is None
+    assert core.on_disconnect("replica1") is None  # the source went, and nobody is left to take over
+    core.on_subscribe("replica2", 3)  # it had applied 1..3 before going
+    assert core.choose_results_source("replica2") == 1  # the oldest seq a client awaits
+    replies = core.on_applied("replica2", 3, [(1, None, 100), (2, None, 200), (3, None, 300)])
+    assert sorted(r.client for r in replies) == ["c1", "c2", "c3"]

@@ -133,6 +133,9 @@ class SequencedReplica:
                         stream.send(error_reply(error.code, error.detail))
                 elif task == "SUBSCRIBED":
                     self.send_results = message.get("SEND_RESULTS") is True
+                    if self.send_results and type(message.get("RESULTS_FROM_SEQ")) is int:
+                        # Outcomes clients may still await, of what this replica already applied.
+                        self._become_results_source(stream, message["RESULTS_FROM_SEQ"])
                 elif task == "SEND_RESULTS":
                     if entries:  # what arrived before this message is applied first
                         self._deliver(entries)

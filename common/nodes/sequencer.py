@@ -263,7 +263,11 @@ class SequencerNode:
         if kind == "snapshot":
             stream.send({"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": self.core.log_start_seq})
         else:
-            stream.send({"TASK": "SUBSCRIBED", "SEND_RESULTS": self.core.choose_results_source(name)})
+            results_from = self.core.choose_results_source(name)
+            subscribed = {"TASK": "SUBSCRIBED", "SEND_RESULTS": results_from is not None}
+            if results_from is not None:
+                subscribed["RESULTS_FROM_SEQ"] = results_from
+            stream.send(subscribed)
             self._start_catchup(link)
         self.schedule_log_write()  # operations the subscription made renumber (see SequencerCore)
         return link
