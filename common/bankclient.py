@@ -237,7 +237,8 @@ async def execute_with_retries(
 
 class SequencerClient(BankClient):
     """Writes go to the sequencer; reads go to a replica and name the highest sequence number this
-    client has been told of (`max_seq_seen`), so a client always reads its own writes."""
+    client has been told of (`max_seq_seen`, kept by whoever reads the replies: the lab's workload),
+    so a client always reads its own writes."""
 
     def __init__(self, write_address: tuple[str, int], read_addresses: list[tuple[str, int]], *,
                  request_timeout_s: float = 5.0, max_in_flight: int = 1024, read_index: int = 0) -> None:
@@ -257,14 +258,7 @@ class SequencerClient(BankClient):
 
             self.readers[reader_index].submit(request_id, line, on_read_reply, timeout_s)
             return
-
-        def on_write_reply(reply: dict) -> None:
-            seq = reply.get("SEQ")
-            if type(seq) is int and seq > self.max_seq_seen:
-                self.max_seq_seen = seq
-            on_reply(reply)
-
-        self.writer.submit(request_id, line, on_write_reply, timeout_s)
+        self.writer.submit(request_id, line, on_reply, timeout_s)
 
     async def close(self) -> None:
         await self.writer.close()

@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from common.bankclient import (
     FAILED, NOT_NOW_ERRORS, OK, UNKNOWN, OpIdSource, balance_line, classify, execute_with_retries, new_op_id,
@@ -30,10 +30,12 @@ from common.bankclient import (
 from common.errors import is_definite
 
 KINDS = ("TRANSFER", "DEPOSIT", "WITHDRAW", "BALANCE")
+_tuple_new = tuple.__new__  # builds an OpRecord without its generated constructor (hot path)
 
 
-@dataclass(slots=True)
-class OpRecord:
+class OpRecord(NamedTuple):
+    """One operation of the history. A tuple, because a lab run records tens of thousands a second."""
+
     client: int
     op_id: str
     kind: str  # TRANSFER | DEPOSIT | WITHDRAW | BALANCE
@@ -55,7 +57,7 @@ class OpRecord:
         return (self.complete_s - self.invoke_s) * 1000.0
 
     def to_json(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return self._asdict()
 
 
 @dataclass
@@ -168,11 +170,11 @@ class Workload:
         complete = self.now_s()
         seq = reply.get("SEQ")
         applied = reply.get("APPLIED")
-        record = OpRecord(
+        record = _tuple_new(OpRecord, (
             client_index, op_id, kind, account, to_account, amount, invoke, complete, outcome,
             reply.get("ERROR"), _cents_from_reply(reply.get("BALANCE")), seq if type(seq) is int else None,
             attempts, applied if type(applied) is int else None, reply.get("ACCEPTED") is True,
-        )
+        ))
         self.history.append(record)
         progress = self.progress
         if outcome == OK:
@@ -257,6 +259,7 @@ class _ClientDriver:
         self.op_deadline_s = config.op_deadline_s
         self.attempt_timeout_s = config.attempt_timeout_s
         self.op_ids = OpIdSource(rng)
+        self.tracks_seq = hasattr(client, "max_seq_seen")
 
     def start(self) -> None:
         self.active_slots = self.workload.config.window
@@ -317,6 +320,10 @@ class _ClientDriver:
         op.backoff_s = min(op.backoff_s * 2, 0.25)
 
     def _finish(self, op: _PendingOp, reply: dict, outcome: str) -> None:
+        if self.tracks_seq:  # read your writes: the next read names the highest seq seen
+            seq = reply.get("SEQ")
+            if type(seq) is int and seq > self.client.max_seq_seen:
+                self.client.max_seq_seen = seq
         self.workload.progress.in_flight -= 1
         self.workload._record(self.index, op.op_id, op.kind, op.account, op.to_account, op.amount, op.invoke_s,
                               reply, op.attempts, outcome)
