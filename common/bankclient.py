@@ -269,7 +269,7 @@ class SequencerClient(BankClient):
 class MulticastClient(BankClient):
     """Sends every write to every replica (seed 002 part 1: no coordination). The reply is the
     first replica's, plus APPLIED (how many replicas answered OK), REPLICAS, and AGREE (whether
-    every replica that answered decided the same). A replica that does not answer in time simply
+    every replica answered, with the same outcome and the same resulting balance). A replica that does not answer in time simply
     did not count: nothing makes the replicas converge, which is the point the lab shows."""
 
     def __init__(self, addresses: list[tuple[str, int]], *, request_timeout_s: float = 5.0, max_in_flight: int = 1024,
@@ -304,12 +304,19 @@ class MulticastClient(BankClient):
 
 def _merge_multicast(replies: list[dict]) -> dict:
     """One reply from every replica's: a decided one if any replica decided, else the first."""
+    count = len(replies)
+    applied = sum(1 for r in replies if r.get("STATUS") == "OK")
+    if applied == count:  # the common case: every replica applied it (outcomes may still differ)
+        merged = dict(replies[0])
+        merged["APPLIED"] = merged["REPLICAS"] = count
+        merged["AGREE"] = all(r.get("BALANCE") == merged.get("BALANCE") for r in replies)
+        return merged
     decided = [r for r in replies if r.get("STATUS") == "OK" or is_definite(r.get("ERROR"))]
     merged = dict(decided[0] if decided else replies[0])
-    merged["APPLIED"] = sum(1 for r in replies if r.get("STATUS") == "OK")
-    merged["REPLICAS"] = len(replies)
+    merged["APPLIED"] = applied
+    merged["REPLICAS"] = count
     outcomes = {(r.get("STATUS"), r.get("ERROR")) for r in decided}
-    merged["AGREE"] = len(outcomes) <= 1 and len(decided) == len(replies)
+    merged["AGREE"] = len(outcomes) <= 1 and len(decided) == count
     return merged
 
 
