@@ -33,6 +33,7 @@ MAX_LOG_ENTRIES = 20_000
 SEGMENT_ENTRIES = 5_000
 DEDUP_WINDOW = 50_000
 SLICE_S = 3.0
+STATUS_TIMEOUT_S = 30.0
 TIME_LIMIT_S = 200.0  # the whole drive; the machine is shared, so generous
 # A log line is ~150 bytes; the log holds at most the bound plus one segment being filled and one
 # not yet deleted.
@@ -76,7 +77,7 @@ class LongRun:
         statuses = {}
         for name in ("sequencer", *self.lab.replicas):
             if self.cluster.is_running(name):
-                statuses[name] = await asyncio.to_thread(self.cluster.status, name, timeout_s=5.0)
+                statuses[name] = await self.status(name)
         sample = {
             "label": label,
             "ops": self.ops(workload),
@@ -92,6 +93,17 @@ class LongRun:
         }
         self.samples.append(sample)
         return sample
+
+    async def status(self, name: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict:
+        """`name`'s STATUS, asked again while it answers with an error: on a shared machine a busy
+        process may take seconds to answer, which is not what this test checks."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = await asyncio.to_thread(self.cluster.status, name, timeout_s=5.0)
+            if reply.get("STATUS") == "OK":
+                return reply
+            assert time.monotonic() < deadline, f"{name} did not answer STATUS: {reply}"
+            await asyncio.sleep(0.5)
 
     async def run_until(self, workload: Workload, done, label: str) -> dict:
         """Workload slices until `done(sample)`; the last sample."""
@@ -133,8 +145,8 @@ class LongRun:
         """Until every replica applied everything the sequencer logged."""
         deadline = time.monotonic() + timeout_s
         while True:
-            durable = (await asyncio.to_thread(self.cluster.status, "sequencer"))["DURABLE_SEQ"]
-            applied = [(await asyncio.to_thread(self.cluster.status, name))["LAST_APPLIED_SEQ"] for name in self.lab.replicas]
+            durable = (await self.status("sequencer"))["DURABLE_SEQ"]
+            applied = [(await self.status(name))["LAST_APPLIED_SEQ"] for name in self.lab.replicas]
             if all(seq == durable for seq in applied):
                 return
             assert time.monotonic() < deadline, f"replicas at {applied}, log at {durable}"
@@ -148,7 +160,7 @@ def long_run(tmp_path_factory):
         run.lab.cluster = cluster
         cluster.start()
         workload, marks = asyncio.run(run.drive())
-        final = {name: cluster.status(name) for name in ("sequencer", *run.lab.replicas)}
+        final = {name: asyncio.run(run.status(name)) for name in ("sequencer", *run.lab.replicas)}
         peak_rss_mb = {name: memory_mb(cluster.pid(name))["VmHWM"] for name in final}
         cluster.close()
     states = {}

@@ -142,7 +142,7 @@ class Cluster:
             time.sleep(0.05)
         raise TimeoutError(f"{name} did not answer STATUS at {node.host}:{node.port} within {timeout_s} s: {last_error}")
 
-    def status(self, name: str, *, timeout_s: float = 2.0) -> dict:
+    def status(self, name: str, *, timeout_s: float = 5.0) -> dict:
         """Ask `name` for its STATUS (raises OSError if it cannot connect)."""
         node = self.nodes[name]
         with BlockingConnection(node.host, node.port, connect_timeout_s=timeout_s) as connection:
