@@ -28,6 +28,7 @@ from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
 from common.lab.runner import RunOptions, run_lab
 from common.log import configure
+from common.process import tune_gc
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str) -> None:
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     lending_parser.add_argument("--window", type=int, default=256, help="tasks in flight per client (far above what 2 workers finish)")
     lending_parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
+    tune_gc()  # the clients of a run share this process with a history of every operation
     if args.command == "farm-lending":
         from common.lab import farm_lending
 

@@ -1,20 +1,36 @@
 """How a saldo process starts and stops: logging, signals, the event loop.
 
 Owns the life cycle every top-level script shares: `run(main)` configures key=value logging with
-the node's name, runs `main(stop)` on a fresh event loop, and turns SIGTERM / SIGINT into `stop`
-being set, so the process closes its listeners, lets its last group commit reach the disk, and
-exits 0. SIGKILL is the lab's business: nothing here is needed for a killed process to recover.
+the node's name, tunes the garbage collector, runs `main(stop)` on a fresh event loop, and turns
+SIGTERM / SIGINT into `stop` being set, so the process closes its listeners, lets its last group
+commit reach the disk, and exits 0. SIGKILL is the lab's business: nothing here is needed for a
+killed process to recover.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from typing import Awaitable, Callable
 
 from common import log as saldo_log
 
 log = saldo_log.get_logger("process")
+
+# CPython's cyclic collector, by default, runs a young collection every 700 net allocations and
+# now and then a full one that walks every object alive. A replica keeps a large, long-lived
+# window of applied ids (and the lab a long history): under load a full collection walked it every
+# few seconds, a pause of ~90 ms that was the p99 of a saturated replica. saldo's hot paths make
+# few reference cycles, so collections run far less often; they still run, and memory stays bounded.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Leave what exists at startup (modules, classes) out of every collection, and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def add_common_flags(parser) -> None:
@@ -24,6 +40,7 @@ def add_common_flags(parser) -> None:
 
 def run(main: Callable[[asyncio.Event], Awaitable[int | None]], *, node_name: str, log_level: str = "info") -> int:
     saldo_log.configure(node_name, log_level)
+    tune_gc()
 
     async def runner() -> int:
         stop = asyncio.Event()
