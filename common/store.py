@@ -38,6 +38,12 @@ COUNTER_NAMES = ("ops_applied_total", "deposited_cents_total", "withdrawn_cents_
 # Bound on one multi-row statement's parameters (SQLite's default limit is 32766 variables).
 MAX_ROWS_PER_STATEMENT = 500
 MAX_META_NAME_CHARS = 64
+APPLIED_COLUMNS = "apply_index, op_id, seq, kind, account, to_account, amount_cents, error, balance_cents"
+APPLIED_COLUMN_COUNT = 9
+# SQLite inserts applied_ops rows this many to a statement: one multi-row statement costs a
+# quarter less per row than the same rows through executemany, and a fixed size keeps the
+# statement in sqlite3's statement cache.
+SQLITE_ROWS_PER_INSERT = 64
 
 
 @dataclass(slots=True)
@@ -189,6 +195,15 @@ class Store:
         if meta:
             self._cursor().executemany(self._upsert_meta_sql, list(meta.items()))
 
+    def _insert_applied_rows(self, rows: list[tuple]) -> None:
+        """Insert applied_ops rows (see _applied_to_row) in the open transaction. PyMySQL's
+        executemany already sends one multi-row INSERT per chunk."""
+        p = self._placeholder
+        insert = f"INSERT INTO applied_ops ({APPLIED_COLUMNS}) VALUES ({', '.join([p] * APPLIED_COLUMN_COUNT)})"
+        cursor = self._cursor()
+        for chunk in _chunks(rows):
+            cursor.executemany(insert, chunk)
+
     def _write_effects(
         self,
         applied: list[AppliedOp],
@@ -201,13 +216,7 @@ class Store:
         p = self._placeholder
         if applied:
             assert applied[-1].apply_index == counters.ops_applied_total, (applied[-1].apply_index, counters)
-            insert = (
-                "INSERT INTO applied_ops (apply_index, op_id, seq, kind, account, to_account, amount_cents,"
-                f" error, balance_cents) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
-            )
-            rows = [_applied_to_row(a) for a in applied]
-            for chunk in _chunks(rows):
-                cursor.executemany(insert, chunk)
+            self._insert_applied_rows([_applied_to_row(a) for a in applied])
         if balances:
             cursor.executemany(self._upsert_account_sql, [(name, cents) for name, cents in balances.items()])
         self._write_meta(
@@ -292,13 +301,7 @@ class Store:
             if image.balances:
                 for chunk in _chunks(list(image.balances.items())):
                     cursor.executemany(self._upsert_account_sql, chunk)
-            p = self._placeholder
-            insert = (
-                "INSERT INTO applied_ops (apply_index, op_id, seq, kind, account, to_account, amount_cents,"
-                f" error, balance_cents) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
-            )
-            for chunk in _chunks([_applied_to_row(a) for a in image.recent]):
-                cursor.executemany(insert, chunk)
+            self._insert_applied_rows([_applied_to_row(a) for a in image.recent])
             self._write_meta(
                 {
                     "ops_applied_total": counters.ops_applied_total,
@@ -349,6 +352,21 @@ class SQLiteStore(Store):
 
     def _cursor(self):
         return self._cursor_obj
+
+    _insert_many_rows_sql = (
+        f"INSERT INTO applied_ops ({APPLIED_COLUMNS}) VALUES "
+        + ", ".join(["(" + ", ".join(["?"] * APPLIED_COLUMN_COUNT) + ")"] * SQLITE_ROWS_PER_INSERT)
+    )
+    _insert_one_row_sql = f"INSERT INTO applied_ops ({APPLIED_COLUMNS}) VALUES ({', '.join(['?'] * APPLIED_COLUMN_COUNT)})"
+
+    def _insert_applied_rows(self, rows: list[tuple]) -> None:
+        cursor = self._cursor_obj
+        whole = len(rows) - len(rows) % SQLITE_ROWS_PER_INSERT
+        for start in range(0, whole, SQLITE_ROWS_PER_INSERT):
+            values = [value for row in rows[start : start + SQLITE_ROWS_PER_INSERT] for value in row]
+            cursor.execute(self._insert_many_rows_sql, values)
+        if whole < len(rows):
+            cursor.executemany(self._insert_one_row_sql, rows[whole:])
 
     def _begin(self) -> None:
         self._cursor_obj.execute("BEGIN IMMEDIATE")
