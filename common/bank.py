@@ -228,6 +228,19 @@ def parse_request_line(line: bytes) -> Operation | None:
     return None
 
 
+_CANONICAL_BALANCE = re.compile(rb'\{"TASK":"BALANCE","ID":"' + _ID + rb'","ACCOUNT":"' + _NAME + rb'"\}[ \t\r]*')
+
+
+def parse_balance_line(line: bytes) -> tuple[str, str] | None:
+    """(request id, account) of a balance read in saldo's canonical form (bankclient.balance_line
+    without MIN_SEQ), or None: then decode the line and use parse_request."""
+    match = _CANONICAL_BALANCE.fullmatch(line)
+    if match is None:
+        return None
+    request_id, account = match.groups()
+    return request_id.decode(), account.decode()
+
+
 # --- Rendering outcomes -------------------------------------------------------------------------
 
 

@@ -20,7 +20,15 @@ from collections import deque
 
 from common import aio, wire
 from common.aio import MessageStream
-from common.bank import Operation, Query, balance_reply, outcome_reply, parse_request, parse_request_line
+from common.bank import (
+    Operation,
+    Query,
+    balance_reply,
+    outcome_reply,
+    parse_balance_line,
+    parse_request,
+    parse_request_line,
+)
 from common.durable import DurableBank
 from common.errors import DETAIL_JSON, SaldoError, error_reply
 from common.log import get_logger
@@ -51,6 +59,11 @@ def fast_outcome_line(op_id: str, outcome, suffix: str = "") -> bytes:
         f'{{"ID":"{op_id}","STATUS":"NOK","ERROR":"{code}","DETAIL":{DETAIL_JSON[code]},'
         f'"DEFINITE":true{suffix}}}\n'
     ).encode()
+
+
+def fast_balance_line(request_id: str, balance_cents: int) -> bytes:
+    """The reply line for a balance read whose request ID is a plain string (see fast_outcome_line)."""
+    return f'{{"ID":"{request_id}","STATUS":"OK","BALANCE":"{render_cents(balance_cents)}"}}\n'.encode()
 
 
 def reply_for_operation(message: dict, request_id: object, op: Operation, outcome, extra: dict | None = None) -> bytes:
@@ -127,11 +140,16 @@ class BankService:
 
     def _answer_line(self, line: bytes) -> bytes:
         """A line in saldo's canonical request form is parsed by one regular expression; any other
-        line is decoded and parsed in full (see bank.parse_request_line)."""
+        line is decoded and parsed in full (see bank.parse_request_line, bank.parse_balance_line)."""
         op = parse_request_line(line)
         if op is not None:
             outcome, _duplicate = self.dbank.apply(op)
             return fast_outcome_line(op.op_id, outcome)
+        read = parse_balance_line(line)
+        if read is not None:
+            balance_cents = self.dbank.bank.balance(read[1])
+            if balance_cents is not None:  # an unknown account: the full path writes the error
+                return fast_balance_line(read[0], balance_cents)
         try:
             message = wire.decode_line(line)
         except SaldoError as error:

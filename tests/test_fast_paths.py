@@ -1,7 +1,8 @@
 """The canonical-form parsers agree with the full decoder on every line.
 
 Replicas and the sequencer read saldo's own request and entry lines with one regular expression
-(bank.parse_request_line, sequencing.parse_entry_line) and everything else with the JSON decoder
+(bank.parse_request_line, bank.parse_balance_line, sequencing.parse_entry_line), and write the
+common replies without the JSON encoder; everything else goes through the JSON decoder
 and the full parsers. These properties hold the two paths to one meaning: the fast path accepts
 only what the full path accepts, and returns the same operation.
 """
@@ -13,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common import wire
-from common.bank import Operation, parse_request, parse_request_line
-from common.bankclient import operation_line
+from common.bank import Operation, Query, balance_reply, parse_balance_line, parse_request, parse_request_line
+from common.bankclient import balance_line, operation_line
 from common.errors import SaldoError
 from common.money import MAX_AMOUNT_CENTS
 from common.sequencing import entry_line, parse_entry, parse_entry_line
+from common.standalone import fast_balance_line
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@-", min_size=1, max_size=64)
 op_ids = st.text(alphabet="abcdef0123456789-ABCDEF_.:", min_size=1, max_size=64)
@@ -46,6 +48,21 @@ def slow_request(line: bytes) -> Operation | None:
     return request if isinstance(request, Operation) and message.get("ID") == request.op_id else None
 
 
+def slow_balance(line: bytes) -> tuple[str, str] | None:
+    """What the full path makes of a balance read: (request id, account), or None."""
+    try:
+        message = wire.decode_line(line)
+        if message is None:
+            return None
+        request = parse_request(message)
+        request_id = wire.request_id_of(message)
+    except SaldoError:
+        return None
+    if not isinstance(request, Query) or request.min_seq is not None or request.seed_000 or type(request_id) is not str:
+        return None
+    return request_id, request.account
+
+
 def slow_entry(line: bytes) -> tuple[int, Operation] | None:
     try:
         message = wire.decode_line(line)
@@ -60,6 +77,32 @@ def test_a_canonical_request_line_parses_to_the_same_operation_both_ways(op: Ope
     line = operation_line(op.op_id, op.kind, op.account, op.to_account, op.amount_cents).rstrip(b"\n")
     assert parse_request_line(line) == op
     assert slow_request(line) == op
+
+
+@settings(max_examples=300, deadline=None)
+@given(op_ids, names, st.integers(min_value=0, max_value=MAX_AMOUNT_CENTS))
+def test_a_canonical_balance_read_parses_and_is_answered_the_same_both_ways(request_id, account, balance_cents) -> None:
+    line = balance_line(request_id, account).rstrip(b"\n")
+    assert parse_balance_line(line) == (request_id, account) == slow_balance(line)
+    fast_reply = wire.decode_line(fast_balance_line(request_id, balance_cents).rstrip(b"\n"))
+    assert fast_reply == balance_reply(Query(account), balance_cents, request_id)
+
+
+@settings(max_examples=500, deadline=None)
+@given(op_ids, names, st.integers(min_value=0, max_value=200), st.binary(min_size=0, max_size=3), st.integers(min_value=0, max_value=3))
+def test_a_damaged_balance_read_is_never_accepted_by_the_fast_path_alone(request_id, account, position, replacement, cut) -> None:
+    line = balance_line(request_id, account).rstrip(b"\n")
+    position = min(position, len(line))
+    damaged = line[:position] + replacement + line[position + cut :]
+    fast = parse_balance_line(damaged)
+    if fast is not None:
+        assert fast == slow_balance(damaged)
+
+
+def test_a_balance_read_with_min_seq_or_another_spelling_is_left_to_the_full_parser() -> None:
+    assert parse_balance_line(b'{"TASK":"BALANCE","ID":"r1","ACCOUNT":"x","MIN_SEQ":3}') is None
+    assert parse_balance_line(b'{"TASK":"BALANCE","ACCOUNT":"x","ID":"r1"}') is None
+    assert parse_balance_line(b'{"TASK":"BALANCE","ID":"r1","ACCOUNT":"x"}') == ("r1", "x")
 
 
 @settings(max_examples=300, deadline=None)
