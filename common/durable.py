@@ -76,6 +76,15 @@ class DurableBank:
             if self._inflight_commit is None:
                 self._loop.call_soon(self._start_commit)
 
+    def status_fields(self) -> dict:
+        """What a process reports in STATUS about its bank and its group commit."""
+        return {
+            "OPS_APPLIED_TOTAL": self.bank.counters.ops_applied_total,
+            "ACCOUNTS": len(self.bank.balances),
+            "COMMITS_TOTAL": self.commits_total,
+            "LARGEST_COMMIT_OPS": self.largest_commit_ops,
+        }
+
     # --- Waiting for the disk -------------------------------------------------------------------
     def durable(self) -> asyncio.Future:
         """A future that resolves once everything applied so far is on disk."""

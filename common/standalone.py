@@ -95,7 +95,6 @@ class BankService:
         self.requests_total = 0
 
     def status(self) -> dict:
-        bank = self.dbank.bank
         return {
             "STATUS": "OK",
             "NODE": self.node_name,
@@ -103,10 +102,7 @@ class BankService:
             "MODE": self.mode,
             "PID": os.getpid(),
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
-            "OPS_APPLIED_TOTAL": bank.counters.ops_applied_total,
-            "ACCOUNTS": len(bank.balances),
-            "COMMITS_TOTAL": self.dbank.commits_total,
-            "LARGEST_COMMIT_OPS": self.dbank.largest_commit_ops,
+            **self.dbank.status_fields(),
             "REQUESTS_TOTAL": self.requests_total,
             "IO": aio.IOCounters.snapshot(),
         }

@@ -870,7 +870,6 @@ class PBReplica:
 
     def status(self, request_id: object = None) -> dict:
         core = self.core
-        bank = self.dbank.bank
         now = time.monotonic()
         reply = {"ID": request_id} if request_id is not None else {}
         reply.update({
@@ -881,8 +880,7 @@ class PBReplica:
             "PID": os.getpid(),
             "UPTIME_S": round(now - self.started_at, 3),
             **core.status(now),
-            "OPS_APPLIED_TOTAL": bank.counters.ops_applied_total,
-            "ACCOUNTS": len(bank.balances),
+            **self.dbank.status_fields(),
             "LINKS": sorted(name for name, link in self.links.items() if link.stream is not None),
             "SNAPSHOTS_INSTALLED": self.snapshots_installed,
             "SNAPSHOTS_SENT": self.snapshots_sent,
@@ -891,8 +889,6 @@ class PBReplica:
             "STALE_MESSAGES_REFUSED": self.stale_refused,
             "PENDING_REPLIES": self.pending_replies,
             "REQUESTS_TOTAL": self.requests_total,
-            "COMMITS_TOTAL": self.dbank.commits_total,
-            "LARGEST_COMMIT_OPS": self.dbank.largest_commit_ops,
             "IO": aio.IOCounters.snapshot(),
         })
         return reply

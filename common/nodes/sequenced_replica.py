@@ -360,7 +360,6 @@ class SequencedReplica:
         self.read_waiters = keep
 
     def status(self, request_id: object = None) -> dict:
-        bank = self.dbank.bank
         reply = {"ID": request_id} if request_id is not None else {}
         reply.update({
             "STATUS": "OK",
@@ -370,15 +369,12 @@ class SequencedReplica:
             "PID": os.getpid(),
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
             "LAST_APPLIED_SEQ": self.durable_seq,
-            "OPS_APPLIED_TOTAL": bank.counters.ops_applied_total,
-            "ACCOUNTS": len(bank.balances),
+            **self.dbank.status_fields(),
             "CONNECTED_TO_SEQUENCER": self.sequencer_stream is not None,
             "ENTRIES_RECEIVED": self.entries_received,
             "GAPS_SEEN": self.core.gaps_seen,
             "HELD_ENTRIES": self.core.held_count,
             "SNAPSHOTS_INSTALLED": self.snapshots_installed,
-            "COMMITS_TOTAL": self.dbank.commits_total,
-            "LARGEST_COMMIT_OPS": self.dbank.largest_commit_ops,
             "IO": aio.IOCounters.snapshot(),
         })
         return reply
