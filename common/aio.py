@@ -32,6 +32,9 @@ PARTIAL_LINE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 1024
 # Above this many unsent bytes a sender waits in drain(); below it writes never block.
 WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
+# A connection that failed is not retried sooner than this, so a dead peer costs little; each
+# failure doubles the wait, up to the second figure.
+RECONNECT_BACKOFF_S = (0.02, 0.5)
 
 
 class IOCounters:
@@ -263,6 +266,24 @@ class Server:
             stream.abort()
         await self._server.wait_closed()
         self._server = None
+
+
+async def connect_with_backoff(
+    address: tuple[str, int], stop: asyncio.Event, *, max_line_bytes: int, peer: str, connect_timeout_s: float = 2.0
+) -> MessageStream | None:
+    """A stream to `address`, retrying with exponential backoff (RECONNECT_BACKOFF_S) until it
+    connects; None once `stop` is set. For the long-lived links one node keeps to another."""
+    backoff_s = RECONNECT_BACKOFF_S[0]
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as error:
+            log.debug("peer_unreachable", peer=peer, error=repr(error))
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
+            continue
+        return MessageStream(reader, writer, max_line_bytes=max_line_bytes)
+    return None
 
 
 async def start_server(handler: Handler, host: str, port: int, *, name: str, **options) -> Server:

@@ -25,7 +25,7 @@ import random
 import time
 
 from common import wire
-from common.aio import Connection, future_resolver
+from common.aio import RECONNECT_BACKOFF_S, Connection, future_resolver
 from common.errors import error_reply, is_definite
 from common.log import get_logger
 from common.money import render_cents
@@ -33,8 +33,6 @@ from common.money import render_cents
 log = get_logger("bankclient")
 
 CONNECT_TIMEOUT_S = 1.0
-# A connection that failed is not retried sooner than this, so a dead server costs little.
-RECONNECT_BACKOFF_S = (0.02, 0.5)
 
 
 def new_op_id(rng: random.Random | None = None) -> str:

@@ -670,3 +670,38 @@ def test_request_id_of_refuses_ids_that_cannot_be_echoed(request_id):
     with pytest.raises(SaldoError) as caught:
         wire.request_id_of({"ID": request_id})
     assert caught.value.code == "ID_INVALID"
+
+
+def test_connect_with_backoff_waits_for_a_peer_that_starts_late_and_gives_up_when_stopped() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens on `port` yet
+
+    async def echo_one_line(stream: aio.MessageStream) -> None:
+        batch = await stream.read_batch()
+        if batch:
+            stream.send(batch[0])
+            await stream.drain()
+
+    async def scenario() -> tuple[dict | None, bool]:
+        stop = asyncio.Event()
+        connecting = asyncio.create_task(
+            aio.connect_with_backoff(("127.0.0.1", port), stop, max_line_bytes=1024, peer="late")
+        )
+        await asyncio.sleep(0.2)  # several refused attempts
+        assert not connecting.done()
+        server = await aio.start_server(echo_one_line, "127.0.0.1", port, name="late")
+        stream = await asyncio.wait_for(connecting, 2.0)
+        assert stream is not None
+        stream.send({"TASK": "PING"})
+        reply = (await stream.read_batch())[0]
+        await stream.close()
+        await server.stop()
+        stop.set()
+        gave_up = await aio.connect_with_backoff(("127.0.0.1", port), stop, max_line_bytes=1024, peer="late") is None
+        return reply, gave_up
+
+    reply, gave_up = asyncio.run(scenario())
+    assert reply == {"TASK": "PING"}
+    assert gave_up

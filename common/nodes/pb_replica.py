@@ -30,7 +30,6 @@ from collections import deque
 
 from common import aio, topology, wire
 from common.bank import Operation, Query, balance_reply, parse_request, parse_request_line
-from common.bankclient import RECONNECT_BACKOFF_S
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
@@ -575,17 +574,12 @@ class PBReplica:
 
     # --- Outgoing links -------------------------------------------------------------------------
     async def maintain_link(self, link: PeerLink, stop: asyncio.Event) -> None:
-        backoff_s = RECONNECT_BACKOFF_S[0]
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*link.address), CONNECT_TIMEOUT_S)
-            except (TimeoutError, OSError) as error:
-                log.debug("peer_unreachable", peer=link.name, error=repr(error))
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
-                continue
-            backoff_s = RECONNECT_BACKOFF_S[0]
-            stream = aio.MessageStream(reader, writer, max_line_bytes=PEER_LINE_BYTES)
+            stream = await aio.connect_with_backoff(
+                link.address, stop, max_line_bytes=PEER_LINE_BYTES, peer=link.name, connect_timeout_s=CONNECT_TIMEOUT_S
+            )
+            if stream is None:
+                return
             link.stream = stream
             log.info("peer_connected", peer=link.name, address=topology.format_address(link.address))
             try:
@@ -597,7 +591,7 @@ class PBReplica:
                 self.core.on_link_down(link.name)
                 await stream.close()
                 log.info("peer_disconnected", peer=link.name)
-            await asyncio.sleep(backoff_s)
+            await asyncio.sleep(aio.RECONNECT_BACKOFF_S[0])
 
     async def _read_link(self, link: PeerLink, stream: aio.MessageStream) -> None:
         core = self.core

@@ -24,7 +24,6 @@ from collections import deque
 
 from common import aio, topology, wire
 from common.bank import Query, balance_reply, parse_request
-from common.bankclient import RECONNECT_BACKOFF_S
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
@@ -78,17 +77,12 @@ class SequencedReplica:
 
     # --- The sequencer link ---------------------------------------------------------------------
     async def follow_sequencer(self, stop: asyncio.Event) -> None:
-        backoff_s = RECONNECT_BACKOFF_S[0]
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.sequencer_address), 2.0)
-            except (OSError, asyncio.TimeoutError) as error:
-                log.debug("sequencer_unreachable", error=repr(error))
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
-                continue
-            backoff_s = RECONNECT_BACKOFF_S[0]
-            stream = aio.MessageStream(reader, writer, max_line_bytes=SEQUENCER_LINE_BYTES)
+            stream = await aio.connect_with_backoff(
+                self.sequencer_address, stop, max_line_bytes=SEQUENCER_LINE_BYTES, peer="sequencer"
+            )
+            if stream is None:
+                return
             self.sequencer_stream = stream
             try:
                 needs_snapshot = await self._run_subscription(stream)

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from common import aio, topology, wire
 from common.bank import Operation, Query, parse_request, parse_request_line
-from common.bankclient import RECONNECT_BACKOFF_S
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
@@ -275,16 +274,10 @@ class SequencerNode:
     async def push_to_replica(self, name: str, address: tuple[str, int], stop: asyncio.Event) -> None:
         """The queue server's side: connect to the replica's queue port, say FEED, and serve the
         replica's SUBSCRIBE / APPLIED / RESEND on that connection; reconnect when it ends."""
-        backoff_s = RECONNECT_BACKOFF_S[0]
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 2.0)
-            except (OSError, asyncio.TimeoutError):
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
-                continue
-            backoff_s = RECONNECT_BACKOFF_S[0]
-            stream = aio.MessageStream(reader, writer, max_line_bytes=REPLICA_LINE_BYTES)
+            stream = await aio.connect_with_backoff(address, stop, max_line_bytes=REPLICA_LINE_BYTES, peer=name)
+            if stream is None:
+                return
             stream.send({"TASK": "FEED", "SERVER": self.args.name, "REPLICA": name})
             log.info("feeding_replica", replica=name, address=topology.format_address(address))
             await self.handle_replica(stream, expected_name=name)
