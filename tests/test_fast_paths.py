@@ -36,6 +36,12 @@ def operations(draw) -> Operation:
     return Operation(draw(op_ids), kind, account, None, draw(amounts))
 
 
+def damage(line: bytes, position: int, replacement: bytes, cut: int) -> bytes:
+    """`line` with `cut` bytes at `position` replaced by `replacement` (a typo, a lost or an extra byte)."""
+    position = min(position, len(line))
+    return line[:position] + replacement + line[position + cut :]
+
+
 def slow_request(line: bytes) -> Operation | None:
     """What the full path makes of a line: the Operation, or None if it refuses it."""
     try:
@@ -92,8 +98,7 @@ def test_a_canonical_balance_read_parses_and_is_answered_the_same_both_ways(requ
 @given(op_ids, names, st.integers(min_value=0, max_value=200), st.binary(min_size=0, max_size=3), st.integers(min_value=0, max_value=3))
 def test_a_damaged_balance_read_is_never_accepted_by_the_fast_path_alone(request_id, account, position, replacement, cut) -> None:
     line = balance_line(request_id, account).rstrip(b"\n")
-    position = min(position, len(line))
-    damaged = line[:position] + replacement + line[position + cut :]
+    damaged = damage(line, position, replacement, cut)
     fast = parse_balance_line(damaged)
     if fast is not None:
         assert fast == slow_balance(damaged)
@@ -117,8 +122,7 @@ def test_a_canonical_entry_line_parses_to_the_same_entry_both_ways(op: Operation
 @given(operations(), st.integers(min_value=0, max_value=200), st.binary(min_size=0, max_size=3), st.integers(min_value=0, max_value=3))
 def test_a_damaged_request_line_is_never_accepted_by_the_fast_path_alone(op, position, replacement, cut) -> None:
     line = operation_line(op.op_id, op.kind, op.account, op.to_account, op.amount_cents).rstrip(b"\n")
-    position = min(position, len(line))
-    damaged = line[:position] + replacement + line[position + cut :]
+    damaged = damage(line, position, replacement, cut)
     fast = parse_request_line(damaged)
     if fast is not None:
         assert fast == slow_request(damaged)
@@ -129,8 +133,7 @@ def test_a_damaged_request_line_is_never_accepted_by_the_fast_path_alone(op, pos
        st.binary(min_size=0, max_size=3), st.integers(min_value=0, max_value=3))
 def test_a_damaged_entry_line_is_never_accepted_by_the_fast_path_alone(op, seq, position, replacement, cut) -> None:
     line = entry_line(seq, op).rstrip(b"\n")
-    position = min(position, len(line))
-    damaged = line[:position] + replacement + line[position + cut :]
+    damaged = damage(line, position, replacement, cut)
     fast = parse_entry_line(damaged)
     if fast is not None:
         assert fast == slow_entry(damaged)
