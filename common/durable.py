@@ -12,6 +12,13 @@ Callers reply to a client only after `durable()` resolves: no answer ever report
 crash could take back, and reads wait the same way, so no read sees an operation that is not yet
 on disk. If a commit fails, the in-memory state is ahead of the disk and nothing can be trusted:
 the process stops at once (fail-stop) and recovers from the store when restarted.
+
+A replica fed from a durable log (the sequencer's, the queue server's) may relax that, because the
+log can give back whatever a power loss takes: with `sync_interval_s` > 0 and a store that allows
+it, `durable()` means committed (it survives a process crash), and one commit every
+`sync_interval_s` also puts everything before it on stable storage. `synced_meta` is the metadata
+as of that point (its last_applied_seq is what the replica lets the log forget); `sync_if_idle()`
+syncs what a quiet period left behind. One fsync per interval instead of one per commit.
 """
 
 from __future__ import annotations
@@ -32,12 +39,20 @@ EXIT_STORE_FAILURE = 70
 class DurableBank:
     """Bank + Store with group commit. All methods run on the event loop's thread."""
 
-    def __init__(self, store: Store, bank: Bank, meta: dict[str, int] | None = None) -> None:
+    def __init__(self, store: Store, bank: Bank, meta: dict[str, int] | None = None, *,
+                 sync_interval_s: float = 0.0) -> None:
+        assert sync_interval_s >= 0.0
         self.store = store
         self.bank = bank
         # Metadata as persisted (e.g. last_applied_seq); updates join the next commit.
         self.meta: dict[str, int] = dict(meta or {})
         self._meta_changes: dict[str, int] = {}
+        # 0, or a store that syncs every commit anyway: every commit is on stable storage.
+        self.sync_interval_s = 0.0 if store.syncs_every_commit else sync_interval_s
+        self.synced_meta: dict[str, int] = dict(self.meta)  # the caller syncs what it loaded: see open()
+        self._last_sync_started_s = float("-inf")
+        self._unsynced = False  # a commit since the last sync skipped it
+        self.synced_commits_total = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self._loop = asyncio.get_running_loop()
         self._uncommitted = False
@@ -50,12 +65,15 @@ class DurableBank:
         self.largest_commit_ops = 0
 
     @classmethod
-    async def open(cls, store: Store, *, max_accounts: int, dedup_window_ops: int) -> "DurableBank":
-        """Load the store's image into a fresh Bank (checking its invariants)."""
+    async def open(cls, store: Store, *, max_accounts: int, dedup_window_ops: int,
+                   sync_interval_s: float = 0.0) -> "DurableBank":
+        """Load the store's image into a fresh Bank (checking its invariants). What the store holds
+        is synced first: a process killed before its last sync left commits the disk may not have."""
+        await asyncio.to_thread(store.sync_to_disk)
         image: StoreImage = await asyncio.to_thread(store.load, dedup_window_ops)
         bank = Bank(max_accounts=max_accounts, dedup_window_ops=dedup_window_ops)
         image.to_bank(bank)
-        return cls(store, bank, image.meta)
+        return cls(store, bank, image.meta, sync_interval_s=sync_interval_s)
 
     # --- Changing state (in memory; durable later) ----------------------------------------------
     def apply(self, op: Operation, seq: int | None = None) -> tuple[Outcome, bool]:
@@ -82,6 +100,7 @@ class DurableBank:
             "OPS_APPLIED_TOTAL": self.bank.counters.ops_applied_total,
             "ACCOUNTS": len(self.bank.balances),
             "COMMITS_TOTAL": self.commits_total,
+            "SYNCED_COMMITS_TOTAL": self.synced_commits_total,
             "LARGEST_COMMIT_OPS": self.largest_commit_ops,
         }
 
@@ -112,27 +131,45 @@ class DurableBank:
         self._inflight_commit = commit
         ops_count = len(applied)
         window = self.bank.dedup_window_ops
+        sync = self._sync_due()
+        synced_meta = dict(self.meta) if sync else None  # what is on stable storage once this lands
         if not self.store.commits_in_thread:
             work = self._loop.create_future()
             try:
-                self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window)
+                self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window, sync=sync)
                 work.set_result(None)
             except Exception as error:  # handled (fatally) by _on_committed, like a thread's failure
                 work.set_exception(error)
-            self._loop.call_soon(self._on_committed, work, commit, ops_count)
+            self._loop.call_soon(self._on_committed, work, commit, ops_count, synced_meta)
             return
         work = self._loop.run_in_executor(
             self._executor,
-            lambda: self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window),
+            lambda: self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window, sync=sync),
         )
-        work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count))
+        work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count, synced_meta))
 
-    def _on_committed(self, work: asyncio.Future, commit: asyncio.Future, ops_count: int) -> None:
+    def _sync_due(self) -> bool:
+        if self.sync_interval_s == 0.0:
+            return True
+        now_s = self._loop.time()
+        if now_s - self._last_sync_started_s < self.sync_interval_s:
+            return False
+        self._last_sync_started_s = now_s
+        return True
+
+    def _on_committed(self, work: asyncio.Future, commit: asyncio.Future, ops_count: int,
+                      synced_meta: dict[str, int] | None) -> None:
         error = work.exception()
         if error is not None:
             # Memory is ahead of the disk: stop now; a restart recovers from the last commit.
             log.error("commit_failed_stopping", error=repr(error), ops=ops_count)
             os._exit(EXIT_STORE_FAILURE)
+        if synced_meta is None:
+            self._unsynced = True
+        else:
+            self.synced_meta = synced_meta
+            self.synced_commits_total += 1
+            self._unsynced = False
         self.commits_total += 1
         self.ops_committed_total += ops_count
         if ops_count > self.largest_commit_ops:
@@ -143,13 +180,36 @@ class DurableBank:
         if self._uncommitted:
             self._start_commit()
 
-    async def flush(self) -> None:
-        """Wait until nothing is pending (used before a clean stop and by state transfer)."""
+    async def flush(self, *, sync: bool = False) -> None:
+        """Wait until nothing is pending (used before a clean stop and by state transfer);
+        `sync`: and until all of it is on stable storage."""
         while not self.idle:
             await self.durable()
+        if sync:
+            self.sync_if_idle(force=True)
+
+    def sync_if_idle(self, *, force: bool = False) -> bool:
+        """Put relaxed commits on stable storage when no commit is running and the interval has
+        passed since the last sync (or `force`). True if this synced something."""
+        if not self._unsynced or not self.idle:
+            return False
+        now_s = self._loop.time()
+        if not force and now_s - self._last_sync_started_s < self.sync_interval_s:
+            return False
+        assert not self.store.commits_in_thread, "a relaxed store commits on the loop: nothing runs beside this"
+        self._last_sync_started_s = now_s
+        try:
+            self.store.sync_to_disk()
+        except Exception as error:
+            log.error("sync_failed_stopping", error=repr(error))
+            os._exit(EXIT_STORE_FAILURE)
+        self.synced_meta = dict(self.meta)
+        self.synced_commits_total += 1
+        self._unsynced = False
+        return True
 
     async def close(self) -> None:
-        await self.flush()
+        await self.flush(sync=True)
         self._executor.shutdown(wait=True)
         self.store.close()
 
@@ -157,11 +217,13 @@ class DurableBank:
         """Install a whole new state (a state transfer): on disk in one transaction, then in
         memory. The caller stops applying while this runs."""
         await self.flush()
-        await self.run_in_store_thread(self.store.install, image)
+        await self.run_in_store_thread(self.store.install, image)  # on disk when it returns
         bank = Bank(max_accounts=self.bank.max_accounts, dedup_window_ops=self.bank.dedup_window_ops)
         image.to_bank(bank)
         self.bank = bank
         self.meta = dict(image.meta)
+        self.synced_meta = dict(image.meta)
+        self._unsynced = False
         self._meta_changes = {}
 
     def snapshot(self) -> StoreImage:

@@ -13,13 +13,16 @@ The sequencer (`SequencerCore`):
    (SEQUENCED), once a replica has applied it, with the result (APPLIED, the default), or once
    every replica has (ALL);
 4. keeps the log from the oldest entry some replica may still need; once every replica has
-   applied a prefix, that prefix is dropped (a lagging replica past the bound is dropped too, and
-   must recover by state transfer). Memory and disk stay bounded.
+   applied a prefix and has it on stable storage (SYNCED), that prefix is dropped (a lagging
+   replica past the bound is dropped too, and must recover by state transfer). Memory and disk
+   stay bounded.
 
 A replica (`SequencedReplicaCore`) delivers entries strictly in sequence order. An entry beyond
 the next expected number means a gap: it is held (a bounded number of them) and the missing range
-is asked for again (RESEND). An entry already delivered is ignored. Every replica acknowledges what it applied; one of them, the
-results source, also sends each operation's outcome, which the sequencer relays to the client (the
+is asked for again (RESEND). An entry already delivered is ignored. Every replica acknowledges what it applied, and how far that is on its
+disk (a replica syncs its store once in a while, not at every commit: until it has, the log keeps
+what a power loss could take from it; replaying an entry gives the same outcome, since the replicas
+are deterministic). One of them, the results source, also sends each operation's outcome, which the sequencer relays to the client (the
 replicas are deterministic, so any one will do, and one is enough). When the results source goes
 away, another replica is asked to send the outcomes of everything still awaited. A restarted replica subscribes
 with the last sequence number it applied (stored in the same transaction as the balances) and the
@@ -34,7 +37,7 @@ Messages (one JSON object per line, like every saldo port):
                         {"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 9001}
                         {"TASK": "SUBSCRIBED", "SEND_RESULTS": true, "RESULTS_FROM_SEQ": 40}
                         {"TASK": "SEND_RESULTS", "FROM_SEQ": 40}
-  replica -> sequencer  {"TASK": "APPLIED", "UPTO": 42, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
+  replica -> sequencer  {"TASK": "APPLIED", "UPTO": 43, "SYNCED": 40, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
                         {"TASK": "RESEND", "FROM": 43, "TO": 45}
   client -> sequencer   a bank operation (common/bank.py), optionally "WAIT": "SEQUENCED" | "APPLIED" | "ALL"
   sequencer -> client   {"ID": ..., "STATUS": "OK", "BALANCE": "120.50", "SEQ": 42} (or NOK with the error)
@@ -147,20 +150,26 @@ def parse_entry_line(line: bytes) -> tuple[int, Operation] | None:
     return None
 
 
-def applied_line(upto_seq: int, results: list[tuple[int, str | None, int | None]]) -> bytes:
-    """A replica's acknowledgement: everything up to `upto_seq` is applied and durable here."""
+def applied_line(upto_seq: int, results: list[tuple[int, str | None, int | None]], synced_seq: int) -> bytes:
+    """A replica's acknowledgement: everything up to `upto_seq` is applied and committed here (it
+    survives a crash of the process), and up to `synced_seq` it is on stable storage."""
+    assert 0 <= synced_seq <= upto_seq, (synced_seq, upto_seq)
     parts = ",".join(
         f'[{seq},{"null" if error is None else chr(34) + error + chr(34)},{"null" if balance is None else balance}]'
         for seq, error, balance in results
     )
-    return f'{{"TASK":"APPLIED","UPTO":{upto_seq},"RESULTS":[{parts}]}}\n'.encode()
+    return f'{{"TASK":"APPLIED","UPTO":{upto_seq},"SYNCED":{synced_seq},"RESULTS":[{parts}]}}\n'.encode()
 
 
-def parse_applied(message: dict) -> tuple[int, list[tuple[int, str | None, int | None]]]:
+def parse_applied(message: dict) -> tuple[int, int, list[tuple[int, str | None, int | None]]]:
+    """(upto, synced, results). A replica that leaves SYNCED out syncs every commit: synced = upto."""
     upto = message.get("UPTO")
+    synced = message.get("SYNCED", upto)
     results = message.get("RESULTS", [])
     if type(upto) is not int or upto < 0:
         raise SaldoError("FIELD_TYPE", "UPTO must be a non-negative integer")
+    if type(synced) is not int or not 0 <= synced <= upto:
+        raise SaldoError("FIELD_INVALID", "SYNCED must be an integer in [0, UPTO]")
     if type(results) is not list or len(results) > MAX_RESULTS_PER_ACK:
         raise SaldoError("FIELD_TYPE", f"RESULTS must be a list of at most {MAX_RESULTS_PER_ACK}")
     parsed = []
@@ -175,7 +184,7 @@ def parse_applied(message: dict) -> tuple[int, list[tuple[int, str | None, int |
         if balance is not None and type(balance) is not int:
             raise SaldoError("FIELD_TYPE", "a result's balance must be integer cents or null")
         parsed.append((seq, error, balance))
-    return upto, parsed
+    return upto, synced, parsed
 
 
 def result_reply_line(request_id: str, seq: int, error: str | None, balance_cents: int | None) -> bytes:
@@ -211,7 +220,8 @@ class Waiter:
 @dataclass(slots=True)
 class ReplicaProgress:
     name: str
-    applied_seq: int = 0  # durable at the replica (from its APPLIED), or what it said at SUBSCRIBE
+    applied_seq: int = 0  # committed at the replica (from its APPLIED), or what it said at SUBSCRIBE
+    synced_seq: int = 0  # on the replica's stable storage: the log may forget what is below it
     connected: bool = False
 
 
@@ -351,6 +361,8 @@ class SequencerCore:
             raise SaldoError("FIELD_INVALID", f"LAST_APPLIED_SEQ {last_applied_seq} is beyond the log ({self.durable_seq})")
         progress.connected = True
         progress.applied_seq = max(progress.applied_seq, last_applied_seq)
+        # A replica syncs its store before it subscribes: what it names here is on its disk.
+        progress.synced_seq = max(progress.synced_seq, last_applied_seq)
         # Applied there already (e.g. before this process restarted): a retry of an op at or below
         # this seq will get no result from the replicas, so submit() must number it again; and
         # clients who attached to such a seq before this replica came back are renumbered now.
@@ -425,13 +437,18 @@ class SequencerCore:
         count = to_seq - from_seq + 1
         return b"".join(self.log[i][2] for i in range(offset, min(offset + count, len(self.log))))
 
-    def on_applied(self, replica: str, upto_seq: int, results: list[tuple[int, str | None, int | None]]) -> list[Reply]:
-        """A replica applied (durably) everything up to `upto_seq`: answer waiting clients."""
+    def on_applied(self, replica: str, upto_seq: int, results: list[tuple[int, str | None, int | None]],
+                   synced_seq: int | None = None) -> list[Reply]:
+        """A replica applied (and committed) everything up to `upto_seq`, and has everything up to
+        `synced_seq` (default: upto_seq) on stable storage: answer waiting clients."""
         progress = self._replica(replica)
         if upto_seq > self.durable_seq:
             raise SaldoError("FIELD_INVALID", f"UPTO {upto_seq} is beyond the log ({self.durable_seq})")
+        synced_seq = upto_seq if synced_seq is None else synced_seq
+        assert 0 <= synced_seq <= upto_seq, (synced_seq, upto_seq)
         previous = progress.applied_seq
         progress.applied_seq = max(previous, upto_seq)
+        progress.synced_seq = max(progress.synced_seq, synced_seq)
         replies: list[Reply] = []
         waiters = self._waiters
         for seq, error, balance in results:
@@ -483,10 +500,11 @@ class SequencerCore:
 
     # Truncation --------------------------------------------------------------------------------
     def truncation_point(self) -> int:
-        """The first seq the log must still hold: every replica applied everything before it,
-        except that the log never holds more than max_log_entries (a replica further behind
-        recovers by state transfer)."""
-        everyone = min(p.applied_seq for p in self.replicas.values()) + 1
+        """The first seq the log must still hold: every replica has everything before it on its
+        stable storage (applied is not enough: a power loss could take it back, and then the
+        replica asks the log again), except that the log never holds more than max_log_entries (a
+        replica further behind recovers by state transfer)."""
+        everyone = min(p.synced_seq for p in self.replicas.values()) + 1
         bounded = self.durable_seq + 1 - self.max_log_entries
         return max(self.log_start_seq, min(everyone, self.durable_seq + 1), bounded)
 
@@ -499,7 +517,7 @@ class SequencerCore:
             if self._seq_of_op.get(op_id) == _seq:
                 del self._seq_of_op[op_id]
             dropped += 1
-        lagging = [p.name for p in self.replicas.values() if p.applied_seq + 1 < new_start_seq]
+        lagging = [p.name for p in self.replicas.values() if p.synced_seq + 1 < new_start_seq]
         self.stats.replicas_dropped_from_log += len(lagging)
         self.log_start_seq = new_start_seq
         self.stats.truncated_to_seq = new_start_seq - 1
@@ -513,7 +531,8 @@ class SequencerCore:
             "LOG_ENTRIES": len(self.log),
             "WAITING_REQUESTS": self._waiting_count,
             "REPLICAS": {
-                p.name: {"APPLIED_SEQ": p.applied_seq, "CONNECTED": p.connected} for p in self.replicas.values()
+                p.name: {"APPLIED_SEQ": p.applied_seq, "SYNCED_SEQ": p.synced_seq, "CONNECTED": p.connected}
+                for p in self.replicas.values()
             },
             "SEQUENCED_TOTAL": self.stats.sequenced_total,
         }

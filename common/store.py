@@ -18,6 +18,12 @@ A process killed mid-transaction leaves all of it or none of it: that is the dat
 and the tests check it with SIGKILL. The SQLite backend runs in WAL mode with synchronous=FULL by
 default (a commit is on disk before it returns); `?synchronous=normal` trades that for speed
 (a committed transaction survives a process crash, not a power loss).
+
+A replica whose operations are also kept in a durable log elsewhere (the sequencer's log, the
+queue server's queues) can afford commits that are not yet on disk, as long as it says how far
+its store is on disk: `persist(..., sync=False)` skips the flush where the store allows it
+(`syncs_every_commit` false), `persist(..., sync=True)` and `sync_to_disk()` make everything
+committed so far durable. See common/durable.py.
 """
 
 from __future__ import annotations
@@ -96,12 +102,18 @@ class Store:
 
     url: str
     commits_in_thread: bool  # whether DurableBank should commit on a thread of its own
+    # Whether every commit is on stable storage when it returns. False: a commit survives a
+    # process crash at once, a power loss only after the next sync (persist(sync=True), sync_to_disk).
+    syncs_every_commit: bool = True
     _placeholder = "?"
     _lock_suffix = ""  # " FOR UPDATE" where the backend has row locks
 
     # --- Dialect hooks --------------------------------------------------------------------------
-    def _begin(self) -> None:
+    def _begin(self, sync: bool = True) -> None:
         raise NotImplementedError
+
+    def _end_write(self, sync: bool) -> None:
+        """After a write transaction, committed or not (undo what _begin(sync) set up)."""
 
     def _commit(self) -> None:
         raise NotImplementedError
@@ -170,24 +182,34 @@ class Store:
         meta: dict[str, int] | None = None,
         *,
         dedup_window_ops: int,
+        sync: bool = True,
     ) -> None:
-        """Write one batch of a Bank's effects in one transaction (see the module docstring)."""
-        self._begin()
+        """Write one batch of a Bank's effects in one transaction (see the module docstring).
+        `sync`: on stable storage before returning, with everything committed before it (a store
+        that syncs every commit ignores False)."""
+        self._begin(sync)
         try:
             self._write_effects(applied, balances, counters, meta or {}, dedup_window_ops)
             self._commit()
         except BaseException:
             self._rollback()
             raise
+        finally:
+            self._end_write(sync)
+
+    def sync_to_disk(self) -> None:
+        """Put everything committed so far on stable storage (nothing to do where every commit is)."""
 
     def set_meta(self, meta: dict[str, int]) -> None:
-        self._begin()
+        self._begin(sync=True)
         try:
             self._write_meta(meta)
             self._commit()
         except BaseException:
             self._rollback()
             raise
+        finally:
+            self._end_write(True)
 
     def _write_meta(self, meta: dict[str, int]) -> None:
         for name, value in meta.items():
@@ -243,7 +265,7 @@ class Store:
         assert ops
         p = self._placeholder
         lock = self._lock_suffix
-        self._begin()
+        self._begin(sync=True)
         try:
             cursor = self._cursor()
             names = list(COUNTER_NAMES)
@@ -289,10 +311,13 @@ class Store:
         except BaseException:
             self._rollback()
             raise
+        finally:
+            self._end_write(True)
 
     def install(self, image: StoreImage) -> None:
-        """Replace the whole content with `image` in one transaction (state transfer)."""
-        self._begin()
+        """Replace the whole content with `image` in one transaction (state transfer), on disk
+        before it returns."""
+        self._begin(sync=True)
         try:
             cursor = self._cursor()
             for table in ("accounts", "applied_ops", "replica_meta"):
@@ -314,6 +339,8 @@ class Store:
         except BaseException:
             self._rollback()
             raise
+        finally:
+            self._end_write(True)
 
     def wipe(self) -> None:
         """Empty every table (tests, and `--reset` of a fresh local cluster)."""
@@ -339,6 +366,8 @@ class SQLiteStore(Store):
         assert synchronous in ("full", "normal", "off"), synchronous
         self.url = url
         self.path = path
+        self.synchronous = synchronous
+        self.syncs_every_commit = synchronous == "full" or path == ":memory:"
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # One writer thread at a time is the caller's promise (a replica commits from one thread).
@@ -368,11 +397,31 @@ class SQLiteStore(Store):
         if whole < len(rows):
             cursor.executemany(self._insert_one_row_sql, rows[whole:])
 
-    def _begin(self) -> None:
+    def _begin(self, sync: bool = True) -> None:
+        if sync and not self.syncs_every_commit:
+            # SQLite takes the level only outside a transaction. With FULL, this commit syncs the
+            # write-ahead log, and with it every frame the relaxed commits before it wrote there.
+            self._cursor_obj.execute("PRAGMA synchronous = FULL")
         self._cursor_obj.execute("BEGIN IMMEDIATE")
+
+    def _end_write(self, sync: bool) -> None:
+        if sync and not self.syncs_every_commit:
+            self._cursor_obj.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
 
     def _commit(self) -> None:
         self._cursor_obj.execute("COMMIT")
+
+    def sync_to_disk(self) -> None:
+        if self.syncs_every_commit:
+            return
+        # A checkpoint at FULL syncs the write-ahead log before copying it into the database file
+        # (and the file after): whatever was committed is then on disk, wherever it lives.
+        cursor = self._cursor_obj
+        cursor.execute("PRAGMA synchronous = FULL")
+        try:
+            cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            cursor.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
 
     def _rollback(self) -> None:
         if self._connection.in_transaction:
@@ -425,8 +474,8 @@ class MySQLStore(Store):
     def _cursor(self):
         return self._cursor_obj
 
-    def _begin(self) -> None:
-        self._connection.begin()
+    def _begin(self, sync: bool = True) -> None:
+        self._connection.begin()  # InnoDB flushes its log at every commit (innodb_flush_log_at_trx_commit=1)
 
     def _commit(self) -> None:
         self._connection.commit()
@@ -456,8 +505,10 @@ def _split_sql(script: str) -> list[str]:
 _DATABASE_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
-def open_store(url: str) -> Store:
-    """Open (and create if needed) the store named by `url`; see the module docstring."""
+def open_store(url: str, *, default_synchronous: str = "full") -> Store:
+    """Open (and create if needed) the store named by `url`; see the module docstring.
+    `default_synchronous`: SQLite's level when the URL does not name one (a log-backed replica
+    asks for normal: see common/durable.py)."""
     parsed = urllib.parse.urlsplit(url)
     options = dict(urllib.parse.parse_qsl(parsed.query))
     if parsed.scheme == "sqlite":
@@ -466,7 +517,7 @@ def open_store(url: str) -> Store:
         path = url[len("sqlite:///") :].split("?", 1)[0]
         if not path:
             raise ValueError("sqlite URL without a path")
-        return SQLiteStore(url, path, synchronous=options.get("synchronous", "full").lower())
+        return SQLiteStore(url, path, synchronous=options.get("synchronous", default_synchronous).lower())
     if parsed.scheme == "mysql":
         database = parsed.path.lstrip("/")
         if not _DATABASE_NAME_RE.fullmatch(database):

@@ -604,12 +604,20 @@ def test_wrong_types_from_a_subscribed_replica_get_error_replies_and_change_noth
             connection.sock.sendall(wire.encode({"TASK": "SUBSCRIBE", "REPLICA": "replica3", "LAST_APPLIED_SEQ": 0}))
             assert connection.next_matching(lambda m: m.get("TASK") == "SUBSCRIBED")["SEND_RESULTS"] is False
             assert [connection.next_matching(lambda m: m.get("TASK") == "ORDERED")["SEQ"] for _ in (1, 2)] == [1, 2]
+            # The real replicas sync their stores within a tick of going quiet: wait for that, so
+            # that nothing but the messages below could change the sequencer's view of them.
+            deadline = time.monotonic() + 10.0
+            while any(cluster.status("sequencer")["REPLICAS"][name]["SYNCED_SEQ"] < 2 for name in ("replica1", "replica2")):
+                assert time.monotonic() < deadline, cluster.status("sequencer")["REPLICAS"]
+                time.sleep(0.05)
             before = (cluster.status("sequencer")["REPLICAS"], cluster.status("replica1")["OPS_APPLIED_TOTAL"])
             for message, code in [
                 ({"TASK": "APPLIED", "UPTO": "2", "RESULTS": []}, "FIELD_TYPE"),
                 ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [["2", None, 100]]}, "FIELD_INVALID"),
                 ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [[2, None, "1.00"]]}, "FIELD_TYPE"),
                 ({"TASK": "APPLIED", "UPTO": 10**6, "RESULTS": []}, "FIELD_INVALID"),  # beyond the log
+                ({"TASK": "APPLIED", "UPTO": 2, "SYNCED": 3, "RESULTS": []}, "FIELD_INVALID"),  # more on disk than applied
+                ({"TASK": "APPLIED", "UPTO": 2, "SYNCED": "2", "RESULTS": []}, "FIELD_INVALID"),
                 ({"TASK": "RESEND", "FROM": "1", "TO": 2}, "FIELD_INVALID"),
                 ({"TASK": "RESEND", "FROM": 2, "TO": 1}, "FIELD_INVALID"),
                 ({"TASK": "DEPOSIT", "ID": "x-1", "ACCOUNT": "acct-a", "AMOUNT": "1"}, "WRONG_ROLE"),
@@ -620,7 +628,7 @@ def test_wrong_types_from_a_subscribed_replica_get_error_replies_and_change_noth
                 assert reply["ERROR"] == code, (message, reply)
             after = (cluster.status("sequencer")["REPLICAS"], cluster.status("replica1")["OPS_APPLIED_TOTAL"])
             assert after == before
-            assert after[0]["replica3"] == {"APPLIED_SEQ": 0, "CONNECTED": True}
+            assert after[0]["replica3"] == {"APPLIED_SEQ": 0, "SYNCED_SEQ": 0, "CONNECTED": True}
             assert cluster.status("sequencer")["DURABLE_SEQ"] == 2
         finally:
             connection.close()

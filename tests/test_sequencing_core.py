@@ -313,7 +313,7 @@ def test_subscribe_from_an_old_seq_returns_exactly_the_missing_entries():
     assert seqs_in(core.on_subscribe("replica1", 6)[1]) == [7, 8, 9, 10]
     assert [m["ID"] for m in decode(core.on_subscribe("replica2", 0)[1])] == [f"op-{i}" for i in range(1, 11)]
     assert core.on_subscribe("replica1", 10) == ("entries", b"")
-    assert core.status()["REPLICAS"]["replica1"] == {"APPLIED_SEQ": 10, "CONNECTED": True}
+    assert core.status()["REPLICAS"]["replica1"] == {"APPLIED_SEQ": 10, "SYNCED_SEQ": 10, "CONNECTED": True}
     core.on_disconnect("replica1")
     assert core.status()["REPLICAS"]["replica1"]["CONNECTED"] is False
 
@@ -373,6 +373,25 @@ def test_truncation_point_follows_the_slowest_replica_within_the_max_log_entries
     core.truncate(core.truncation_point())
     assert core.stats.replicas_dropped_from_log == 1
     assert core.on_subscribe("replica2", 0) == ("snapshot", b"")
+
+
+def test_the_log_keeps_what_a_replica_applied_until_that_replica_has_it_on_disk():
+    """A replica commits without syncing and syncs once in a while: a power loss could take back
+    what it applied since. The log must still hold that, so the replica can ask for it again."""
+    core = sequenced_core(20)
+    core.on_applied("replica1", 20, [], synced_seq=20)
+    core.on_applied("replica2", 20, [], synced_seq=12)  # applied 20, only 12 of them on its disk
+    assert core.truncation_point() == 13
+    core.truncate(13)
+    # The power goes out at replica2; its disk kept up to 12: it subscribes from there, and the
+    # log still has every entry it lost.
+    core.on_disconnect("replica2")
+    assert seqs_in(core.on_subscribe("replica2", 12)[1]) == list(range(13, 21))
+    # Later acknowledgements move the point on; one that reports less on disk never moves it back.
+    core.on_applied("replica2", 20, [], synced_seq=18)
+    core.on_applied("replica2", 20, [], synced_seq=15)
+    assert core.truncation_point() == 19
+    assert core.status()["REPLICAS"]["replica2"]["SYNCED_SEQ"] == 18
 
 
 # --- The replica core ---------------------------------------------------------------------------
@@ -559,13 +578,15 @@ def test_parse_entry_rejects_a_malformed_transfer(change, code):
 
 def test_applied_line_round_trips_through_the_wire_codec():
     results = [(41, None, 12_050), (42, "INSUFFICIENT_FUNDS", None), (43, "ACCOUNT_NOT_FOUND", None), (44, None, 0)]
-    line = applied_line(44, results)
+    line = applied_line(44, results, 40)
     message = wire.decode_line(line.rstrip(b"\n"))
     assert message["TASK"] == "APPLIED"
-    assert parse_applied(message) == (44, results)
-    assert parse_applied(wire.decode_line(applied_line(9, []).rstrip(b"\n"))) == (9, [])
+    assert parse_applied(message) == (44, 40, results)
+    assert parse_applied(wire.decode_line(applied_line(9, [], 9).rstrip(b"\n"))) == (9, 9, [])
+    # A replica that does not say SYNCED has every commit on disk.
+    assert parse_applied({"TASK": "APPLIED", "UPTO": 7, "RESULTS": []}) == (7, 7, [])
     # The largest acknowledgement a replica sends fits within the replica link's line limit.
-    big = applied_line(10**12, [(10**12 - i, "INSUFFICIENT_FUNDS", None) for i in range(MAX_RESULTS_PER_ACK)])
+    big = applied_line(10**12, [(10**12 - i, "INSUFFICIENT_FUNDS", None) for i in range(MAX_RESULTS_PER_ACK)], 10**12)
     assert len(big) < 1024 * 1024
 
 
@@ -583,6 +604,10 @@ def test_applied_line_round_trips_through_the_wire_codec():
     ({"UPTO": 5, "RESULTS": [[5, 7, None]]}, "FIELD_INVALID"),
     ({"UPTO": 5, "RESULTS": [[5, None, "1.00"]]}, "FIELD_TYPE"),
     ({"UPTO": 10**9, "RESULTS": [[1, None, 1]] * (MAX_RESULTS_PER_ACK + 1)}, "FIELD_TYPE"),
+    ({"UPTO": 5, "SYNCED": 6, "RESULTS": []}, "FIELD_INVALID"),
+    ({"UPTO": 5, "SYNCED": -1, "RESULTS": []}, "FIELD_INVALID"),
+    ({"UPTO": 5, "SYNCED": "5", "RESULTS": []}, "FIELD_INVALID"),
+    ({"UPTO": 5, "SYNCED": None, "RESULTS": []}, "FIELD_INVALID"),
 ])
 def test_parse_applied_rejects_a_malformed_acknowledgement(message, code):
     with pytest.raises(SaldoError) as rejected:

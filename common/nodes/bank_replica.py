@@ -48,12 +48,17 @@ def prepare(args: argparse.Namespace) -> None:
         args.store = f"sqlite:///var/{args.name}.db"
 
 
-async def open_durable_bank(args: argparse.Namespace) -> DurableBank:
-    store = await asyncio.to_thread(open_store, args.store)
-    dbank = await DurableBank.open(store, max_accounts=args.max_accounts, dedup_window_ops=args.dedup_window)
+async def open_durable_bank(args: argparse.Namespace, *, sync_interval_s: float = 0.0) -> DurableBank:
+    """The replica's DurableBank. `sync_interval_s` > 0: a log-backed replica, whose SQLite store
+    (unless its URL names a level) commits at synchronous=normal and syncs once per interval."""
+    default_synchronous = "normal" if sync_interval_s > 0 else "full"
+    store = await asyncio.to_thread(lambda: open_store(args.store, default_synchronous=default_synchronous))
+    dbank = await DurableBank.open(store, max_accounts=args.max_accounts, dedup_window_ops=args.dedup_window,
+                                   sync_interval_s=sync_interval_s)
     bank = dbank.bank
     log.info("store_loaded", store=redact(args.store), accounts=len(bank.balances),
-             ops_applied_total=bank.counters.ops_applied_total, meta=dbank.meta)
+             ops_applied_total=bank.counters.ops_applied_total, meta=dbank.meta,
+             sync_interval_s=dbank.sync_interval_s)
     return dbank
 
 

@@ -9,9 +9,13 @@ see (MIN_SEQ), STATUS, and SNAPSHOT for a peer that needs a state transfer.
 
 Entries are delivered in order by SequencedReplicaCore and applied to a DurableBank in batches; the
 last applied sequence number is written in the same transaction as the balances, and APPLIED (with
-the results the sequencer relays to clients) is sent only once that transaction is on disk. When the
-sequencer says SNAPSHOT_NEEDED, the replica copies a peer's state (common/snapshot.py) and
-subscribes again from there.
+the results the sequencer relays to clients) is sent only once that transaction is committed. The
+store is synced to stable storage once every --sync-interval-ms, not at every commit: the orderer's
+log is the durable record of every operation, and keeps each entry until every replica reports it
+SYNCED; a replica that lost unsynced commits to a power loss subscribes from what its disk kept and
+is sent the rest again (applying is deterministic: the same outcomes). When the sequencer says
+SNAPSHOT_NEEDED, the replica copies a peer's state (common/snapshot.py) and subscribes again from
+there.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ READ_WAIT_TIMEOUT_S = 2.0
 TICK_S = 0.25
 SNAPSHOT_TIMEOUT_S = 60.0
 SEQUENCER_LINE_BYTES = 1024 * 1024
+# One commit in this interval also syncs the store (one fsync, instead of one per commit); the
+# orderer's log holds what is not synced yet.
+DEFAULT_SYNC_INTERVAL_MS = 50
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +54,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="port for reads, STATUS, SNAPSHOT and (queue mode) the server's FEED (default 6007; queue 6001)")
     parser.add_argument("--sequencer", default="127.0.0.1:6003", help="sequencer mode: the sequencer's replica port")
     parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer")
+    parser.add_argument("--sync-interval-ms", type=int, default=DEFAULT_SYNC_INTERVAL_MS,
+                        help="sync the store to disk at most this often; the orderer's log keeps what is not synced "
+                             f"(0: at every commit; default {DEFAULT_SYNC_INTERVAL_MS})")
     add_store_flags(parser)
 
 
 def prepare(args: argparse.Namespace) -> None:
+    if not 0 <= args.sync_interval_ms <= 60_000:
+        raise SystemExit("replica.py: --sync-interval-ms must be in [0, 60000]")
     if args.port is None:
         args.port = topology.DEFAULT_PORTS["queue_replica" if args.mode == "queue" else "sequencer_replica_client"]
     if args.name is None:
@@ -65,7 +77,7 @@ class SequencedReplica:
         self.dbank = dbank
         last = dbank.meta.get("last_applied_seq", 0)
         self.core = SequencedReplicaCore(last_delivered_seq=last)
-        self.durable_seq = last  # applied and on disk
+        self.committed_seq = last  # applied and committed (it survives a crash of this process)
         self.sequencer_stream: aio.MessageStream | None = None
         self.send_results = False  # the sequencer chose this replica to send outcomes
         self.read_waiters: deque = deque()  # (min_seq, deadline, stream, request_id, query)
@@ -94,7 +106,7 @@ class SequencedReplica:
 
     async def _run_subscription(self, stream: aio.MessageStream) -> bool:
         """Until the connection ends; True if the sequencer said SNAPSHOT_NEEDED."""
-        await self.dbank.flush()  # subscribe from what is on disk
+        await self.dbank.flush(sync=True)  # subscribe from what is on stable storage
         stream.send({"TASK": "SUBSCRIBE", "REPLICA": self.args.name, "LAST_APPLIED_SEQ": self.core.last_delivered_seq})
         log.info("subscribed", mode=self.args.mode, last_applied_seq=self.core.last_delivered_seq)
         while True:
@@ -162,17 +174,30 @@ class SequencedReplica:
         dbank.set_meta("last_applied_seq", upto)
         dbank.durable().add_done_callback(lambda _done: self._on_durable(upto, results))
 
+    @property
+    def synced_seq(self) -> int:
+        return self.dbank.synced_meta.get("last_applied_seq", 0)
+
     def _on_durable(self, upto: int, results) -> None:
-        self.durable_seq = max(self.durable_seq, upto)
+        self.committed_seq = max(self.committed_seq, upto)
         stream = self.sequencer_stream
         if stream is not None:
+            synced = self.synced_seq
             if self.send_results:
                 for start in range(0, len(results), MAX_RESULTS_PER_ACK):
                     chunk = results[start : start + MAX_RESULTS_PER_ACK]
-                    stream.send_bytes(applied_line(chunk[-1][0], chunk))
+                    upto_chunk = chunk[-1][0]
+                    stream.send_bytes(applied_line(upto_chunk, chunk, min(synced, upto_chunk)))
             else:
-                stream.send_bytes(applied_line(upto, []))
+                stream.send_bytes(applied_line(upto, [], synced))
         self._answer_reads()
+
+    def _sync_if_idle(self) -> None:
+        """A quiet period left commits unsynced: sync them, and tell the orderer it may forget them."""
+        if self.dbank.sync_if_idle():
+            stream = self.sequencer_stream
+            if stream is not None:
+                stream.send_bytes(applied_line(self.committed_seq, [], self.synced_seq))
 
     def _become_results_source(self, stream: aio.MessageStream, from_seq: object) -> None:
         """The results source went away: send the outcomes of what this replica already applied
@@ -180,18 +205,18 @@ class SequencedReplica:
         self.send_results = True
         if type(from_seq) is not int or from_seq < 1:
             return
-        durable_seq = self.durable_seq
+        committed_seq = self.committed_seq
         results = []
         for applied in reversed(self.dbank.bank.recent.values()):
             if applied.seq is None or applied.seq < from_seq:
                 break
-            if applied.seq <= durable_seq:
+            if applied.seq <= committed_seq:
                 results.append((applied.seq, applied.outcome.error, applied.outcome.balance_cents))
         results.reverse()
         log.info("became_results_source", from_seq=from_seq, outcomes_resent=len(results))
         for start in range(0, len(results), MAX_RESULTS_PER_ACK):
             chunk = results[start : start + MAX_RESULTS_PER_ACK]
-            stream.send_bytes(applied_line(durable_seq, chunk))
+            stream.send_bytes(applied_line(committed_seq, chunk, min(self.synced_seq, committed_seq)))
 
     def _ask_resend(self, seq_range: tuple[int, int]) -> None:
         stream = self.sequencer_stream
@@ -206,6 +231,7 @@ class SequencedReplica:
             if resend is not None:
                 self._ask_resend(resend)
             self._expire_reads()
+            self._sync_if_idle()
 
     @staticmethod
     def _check_feed(message: dict) -> None:
@@ -245,7 +271,7 @@ class SequencedReplica:
                 continue
             await self.dbank.replace(image)
             self.core.reset(seq)
-            self.durable_seq = seq
+            self.committed_seq = seq
             self.snapshots_installed += 1
             log.info("snapshot_installed", peer=f"{host}:{port}", last_applied_seq=seq,
                      accounts=len(image.balances), applied_ops=len(image.recent))
@@ -323,8 +349,8 @@ class SequencedReplica:
 
     def _read(self, stream: aio.MessageStream, request_id: object, query: Query) -> None:
         min_seq = query.min_seq or 0
-        if self.durable_seq >= min_seq:
-            stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.durable_seq))
+        if self.committed_seq >= min_seq:
+            stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.committed_seq))
             return
         if len(self.read_waiters) >= MAX_WAITING_READS:
             raise SaldoError("OVERLOADED", f"{len(self.read_waiters)} reads are waiting for sequence numbers")
@@ -336,8 +362,8 @@ class SequencedReplica:
         keep = deque()
         for waiter in self.read_waiters:
             min_seq, _deadline, stream, request_id, query = waiter
-            if self.durable_seq >= min_seq:
-                stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.durable_seq))
+            if self.committed_seq >= min_seq:
+                stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.committed_seq))
             else:
                 keep.append(waiter)
         self.read_waiters = keep
@@ -348,7 +374,7 @@ class SequencedReplica:
         for waiter in self.read_waiters:
             min_seq, deadline, stream, request_id, _query = waiter
             if deadline <= now:
-                stream.send(error_reply("TOO_STALE", f"not yet at seq {min_seq} (at {self.durable_seq})", request_id))
+                stream.send(error_reply("TOO_STALE", f"not yet at seq {min_seq} (at {self.committed_seq})", request_id))
             else:
                 keep.append(waiter)
         self.read_waiters = keep
@@ -362,7 +388,8 @@ class SequencedReplica:
             "MODE": self.args.mode,
             "PID": os.getpid(),
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
-            "LAST_APPLIED_SEQ": self.durable_seq,
+            "LAST_APPLIED_SEQ": self.committed_seq,
+            "SYNCED_SEQ": self.synced_seq,
             **self.dbank.status_fields(),
             "CONNECTED_TO_SEQUENCER": self.sequencer_stream is not None,
             "ENTRIES_RECEIVED": self.entries_received,
@@ -375,14 +402,14 @@ class SequencedReplica:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    dbank = await open_durable_bank(args)
+    dbank = await open_durable_bank(args, sync_interval_s=args.sync_interval_ms / 1000.0)
     replica = SequencedReplica(args, dbank)
     server = await aio.start_server(replica.handle_client, args.host, args.port, name="replica-clients")
     tasks = [asyncio.create_task(replica.tick(stop))]
     if args.mode == "sequencer":
         tasks.append(asyncio.create_task(replica.follow_sequencer(stop)))
     await stop.wait()
-    log.info("stopping", last_applied_seq=replica.durable_seq)
+    log.info("stopping", last_applied_seq=replica.committed_seq, synced_seq=replica.synced_seq)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

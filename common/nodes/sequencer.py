@@ -225,8 +225,8 @@ class SequencerNode:
             elif link is None:
                 raise SaldoError("FIELD_INVALID", "SUBSCRIBE first")
             elif task == "APPLIED":
-                upto, results = parse_applied(message)
-                self._send_replies(self.core.on_applied(link.name, upto, results))
+                upto, synced, results = parse_applied(message)
+                self._send_replies(self.core.on_applied(link.name, upto, results, synced))
             elif task == "RESEND":
                 first, last = message.get("FROM"), message.get("TO")
                 if type(first) is not int or type(last) is not int or not 0 < first <= last:

@@ -1,0 +1,113 @@
+"""common.durable: group commit, and the relaxed sync of a log-backed replica.
+
+A replica fed from the sequencer's log commits without waiting for the disk and syncs once per
+interval; `synced_meta` must then say exactly how far its store is on stable storage, because the
+sequencer forgets log entries below that point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from common.bank import DEPOSIT, Bank, Operation
+from common.durable import DurableBank
+from common.store import open_store
+
+
+def deposit(op_id: str, cents: int = 100) -> Operation:
+    return Operation(op_id, DEPOSIT, "alice", None, cents)
+
+
+async def apply_and_commit(dbank: DurableBank, op: Operation, seq: int) -> None:
+    dbank.apply(op, seq)
+    dbank.set_meta("last_applied_seq", seq)
+    await dbank.durable()
+
+
+def synchronous_level(dbank: DurableBank) -> int:
+    return dbank.store._cursor().execute("PRAGMA synchronous").fetchone()[0]  # 1 normal, 2 full
+
+
+async def open_bank(path, *, default_synchronous: str, sync_interval_s: float) -> DurableBank:
+    store = open_store(f"sqlite:///{path}", default_synchronous=default_synchronous)
+    return await DurableBank.open(store, max_accounts=100, dedup_window_ops=1_000, sync_interval_s=sync_interval_s)
+
+
+def test_a_relaxed_bank_syncs_the_first_commit_of_each_interval_and_reports_how_far(tmp_path):
+    async def scenario():
+        dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=3600.0)
+        assert not dbank.store.syncs_every_commit and dbank.sync_interval_s == 3600.0
+        await apply_and_commit(dbank, deposit("op-1"), 1)  # the first commit of an interval syncs
+        assert dbank.synced_meta["last_applied_seq"] == 1
+        await apply_and_commit(dbank, deposit("op-2"), 2)  # within the interval: committed, not synced
+        await apply_and_commit(dbank, deposit("op-3"), 3)
+        assert dbank.meta["last_applied_seq"] == 3
+        assert dbank.synced_meta["last_applied_seq"] == 1
+        assert synchronous_level(dbank) == 1  # a sync commit puts the relaxed level back
+        assert dbank.sync_if_idle() is False  # the interval has not passed
+        assert dbank.sync_if_idle(force=True) is True
+        assert dbank.synced_meta["last_applied_seq"] == 3
+        assert dbank.sync_if_idle(force=True) is False  # nothing left unsynced
+        assert dbank.status_fields()["SYNCED_COMMITS_TOTAL"] == 2
+        await dbank.close()
+        # Everything committed is in the store, synced or not.
+        reopened = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=3600.0)
+        assert reopened.meta["last_applied_seq"] == 3 and reopened.synced_meta["last_applied_seq"] == 3
+        assert reopened.bank.balance("alice") == 300
+        await reopened.close()
+
+    asyncio.run(scenario())
+
+
+def test_with_no_interval_every_commit_is_synced(tmp_path):
+    async def scenario():
+        dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=0.0)
+        for seq in range(1, 4):
+            await apply_and_commit(dbank, deposit(f"op-{seq}"), seq)
+            assert dbank.synced_meta["last_applied_seq"] == seq
+        assert dbank.sync_if_idle(force=True) is False
+        await dbank.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_store_that_syncs_every_commit_ignores_the_interval(tmp_path):
+    async def scenario():
+        dbank = await open_bank(tmp_path / "r.db", default_synchronous="full", sync_interval_s=3600.0)
+        assert dbank.store.syncs_every_commit and dbank.sync_interval_s == 0.0
+        for seq in range(1, 4):
+            await apply_and_commit(dbank, deposit(f"op-{seq}"), seq)
+            assert dbank.synced_meta["last_applied_seq"] == seq
+        await dbank.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_interval_that_passed_makes_the_next_commit_a_sync(tmp_path):
+    async def scenario():
+        dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=0.05)
+        await apply_and_commit(dbank, deposit("op-1"), 1)
+        await apply_and_commit(dbank, deposit("op-2"), 2)
+        assert dbank.synced_meta["last_applied_seq"] == 1
+        await asyncio.sleep(0.06)
+        await apply_and_commit(dbank, deposit("op-3"), 3)
+        assert dbank.synced_meta["last_applied_seq"] == 3
+        await dbank.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_state_transfer_installs_a_synced_image(tmp_path):
+    async def scenario():
+        source = await open_bank(tmp_path / "a.db", default_synchronous="normal", sync_interval_s=3600.0)
+        for seq in range(1, 6):
+            await apply_and_commit(source, deposit(f"op-{seq}"), seq)
+        image = source.snapshot()
+        target = await open_bank(tmp_path / "b.db", default_synchronous="normal", sync_interval_s=3600.0)
+        await target.replace(image)
+        assert target.synced_meta["last_applied_seq"] == 5 and target.bank.balance("alice") == 500
+        assert Bank.check_invariants(target.bank) is None
+        await source.close()
+        await target.close()
+
+    asyncio.run(scenario())
