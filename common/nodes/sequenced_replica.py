@@ -9,11 +9,13 @@ see (MIN_SEQ), STATUS, and SNAPSHOT for a peer that needs a state transfer.
 
 Entries are delivered in order by SequencedReplicaCore and applied to a DurableBank in batches; the
 last applied sequence number is written in the same transaction as the balances, and APPLIED (with
-the results the sequencer relays to clients) is sent only once that transaction is committed. The
-store is synced to stable storage once every --sync-interval-ms, not at every commit: the orderer's
-log is the durable record of every operation, and keeps each entry until every replica reports it
-SYNCED; a replica that lost unsynced commits to a power loss subscribes from what its disk kept and
-is sent the rest again (applying is deterministic: the same outcomes). When the sequencer says
+the results the sequencer relays to clients) goes out as soon as a batch is applied, before its
+commit lands; the store is synced to stable storage once every --sync-interval-ms, not at every
+commit. Both are safe because the orderer's log is the durable record of every operation and keeps
+each entry until every replica reports it SYNCED: a replica that lost applied entries (a crash
+before the commit, a power loss before the sync) subscribes from what its disk kept and is sent the
+rest again, and applying is deterministic: the same outcomes. Reads are answered only from
+committed state. When the sequencer says
 SNAPSHOT_NEEDED, the replica copies a peer's state (common/snapshot.py) and subscribes again from
 there.
 """
@@ -172,24 +174,32 @@ class SequencedReplica:
             results.append((seq, outcome.error, outcome.balance_cents))
         upto = deliver[-1][0]
         dbank.set_meta("last_applied_seq", upto)
-        dbank.durable().add_done_callback(lambda _done: self._on_durable(upto, results))
+        # Acknowledged before the commit lands: the outcome is fixed by the log's order, and the log
+        # keeps these entries until this replica reports them SYNCED. A crash before the commit
+        # loses them here only; the replica subscribes from its store and applies them again, to
+        # the same outcomes. Reads still wait for the commit (see _read).
+        self._acknowledge(upto, results)
+        dbank.durable().add_done_callback(lambda _done: self._on_committed(upto))
 
     @property
     def synced_seq(self) -> int:
         return self.dbank.synced_meta.get("last_applied_seq", 0)
 
-    def _on_durable(self, upto: int, results) -> None:
-        self.committed_seq = max(self.committed_seq, upto)
+    def _acknowledge(self, upto: int, results) -> None:
         stream = self.sequencer_stream
-        if stream is not None:
-            synced = self.synced_seq
-            if self.send_results:
-                for start in range(0, len(results), MAX_RESULTS_PER_ACK):
-                    chunk = results[start : start + MAX_RESULTS_PER_ACK]
-                    upto_chunk = chunk[-1][0]
-                    stream.send_bytes(applied_line(upto_chunk, chunk, min(synced, upto_chunk)))
-            else:
-                stream.send_bytes(applied_line(upto, [], synced))
+        if stream is None:
+            return
+        synced = self.synced_seq
+        if self.send_results:
+            for start in range(0, len(results), MAX_RESULTS_PER_ACK):
+                chunk = results[start : start + MAX_RESULTS_PER_ACK]
+                upto_chunk = chunk[-1][0]
+                stream.send_bytes(applied_line(upto_chunk, chunk, min(synced, upto_chunk)))
+        else:
+            stream.send_bytes(applied_line(upto, [], synced))
+
+    def _on_committed(self, upto: int) -> None:
+        self.committed_seq = max(self.committed_seq, upto)
         self._answer_reads()
 
     def _sync_if_idle(self) -> None:
@@ -197,7 +207,7 @@ class SequencedReplica:
         if self.dbank.sync_if_idle():
             stream = self.sequencer_stream
             if stream is not None:
-                stream.send_bytes(applied_line(self.committed_seq, [], self.synced_seq))
+                stream.send_bytes(applied_line(self.core.last_delivered_seq, [], self.synced_seq))
 
     def _become_results_source(self, stream: aio.MessageStream, from_seq: object) -> None:
         """The results source went away: send the outcomes of what this replica already applied
@@ -205,18 +215,18 @@ class SequencedReplica:
         self.send_results = True
         if type(from_seq) is not int or from_seq < 1:
             return
-        committed_seq = self.committed_seq
+        applied_seq = self.core.last_delivered_seq
         results = []
         for applied in reversed(self.dbank.bank.recent.values()):
             if applied.seq is None or applied.seq < from_seq:
                 break
-            if applied.seq <= committed_seq:
+            if applied.seq <= applied_seq:
                 results.append((applied.seq, applied.outcome.error, applied.outcome.balance_cents))
         results.reverse()
         log.info("became_results_source", from_seq=from_seq, outcomes_resent=len(results))
         for start in range(0, len(results), MAX_RESULTS_PER_ACK):
             chunk = results[start : start + MAX_RESULTS_PER_ACK]
-            stream.send_bytes(applied_line(committed_seq, chunk, min(self.synced_seq, committed_seq)))
+            stream.send_bytes(applied_line(applied_seq, chunk, min(self.synced_seq, applied_seq)))
 
     def _ask_resend(self, seq_range: tuple[int, int]) -> None:
         stream = self.sequencer_stream
