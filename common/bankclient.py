@@ -264,9 +264,27 @@ class SequencerClient(BankClient):
             await reader.close()
 
 
+class _Gather:
+    """One multicast write's replies, in the order they arrive; the merged reply goes to
+    `on_reply` once every replica answered (or timed out: the connection answers for it)."""
+
+    __slots__ = ("replies", "remaining", "on_reply")
+
+    def __init__(self, count: int, on_reply) -> None:
+        self.replies: list[dict] = []
+        self.remaining = count
+        self.on_reply = on_reply
+
+    def __call__(self, reply: dict) -> None:
+        self.replies.append(reply)
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.on_reply(_merge_multicast(self.replies))
+
+
 class MulticastClient(BankClient):
     """Sends every write to every replica (seed 002 part 1: no coordination). The reply is the
-    first replica's, plus APPLIED (how many replicas answered OK), REPLICAS, and AGREE (whether
+    first to arrive, plus APPLIED (how many replicas answered OK), REPLICAS, and AGREE (whether
     every replica answered, with the same outcome and the same resulting balance). A replica that does not answer in time simply
     did not count: nothing makes the replicas converge, which is the point the lab shows."""
 
@@ -280,20 +298,9 @@ class MulticastClient(BankClient):
         if is_read:  # a read asks one replica: what that replica has applied
             self.replicas[self._read_index].submit(request_id, line, on_reply, timeout_s)
             return
-        count = len(self.replicas)
-        replies: list[dict | None] = [None] * count
-        remaining = [count]
-
-        def collect(index: int):
-            def on_replica_reply(reply: dict) -> None:
-                replies[index] = reply
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    on_reply(_merge_multicast(replies))
-            return on_replica_reply
-
-        for index, replica in enumerate(self.replicas):
-            replica.submit(request_id, line, collect(index), timeout_s)
+        gather = _Gather(len(self.replicas), on_reply)
+        for replica in self.replicas:
+            replica.submit(request_id, line, gather, timeout_s)
 
     async def close(self) -> None:
         for replica in self.replicas:
@@ -303,11 +310,17 @@ class MulticastClient(BankClient):
 def _merge_multicast(replies: list[dict]) -> dict:
     """One reply from every replica's: a decided one if any replica decided, else the first."""
     count = len(replies)
-    applied = sum(1 for r in replies if r.get("STATUS") == "OK")
+    first = replies[0]
+    balance = first.get("BALANCE")
+    applied = agree = 0
+    for reply in replies:
+        if reply.get("STATUS") == "OK":
+            applied += 1
+            agree += reply.get("BALANCE") == balance
     if applied == count:  # the common case: every replica applied it (outcomes may still differ)
-        merged = dict(replies[0])
+        merged = dict(first)
         merged["APPLIED"] = merged["REPLICAS"] = count
-        merged["AGREE"] = all(r.get("BALANCE") == merged.get("BALANCE") for r in replies)
+        merged["AGREE"] = agree == count
         return merged
     decided = [r for r in replies if r.get("STATUS") == "OK" or is_definite(r.get("ERROR"))]
     merged = dict(decided[0] if decided else replies[0])

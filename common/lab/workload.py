@@ -110,7 +110,11 @@ class Workload:
         assert config.clients > 0 and config.window > 0 and config.accounts >= 2
         self.config = config
         self.make_client = make_client
-        self.history: list[OpRecord] = []
+        self._history: list[OpRecord] = []
+        # Completed operations not yet turned into OpRecords: (client, op, reply, complete_s,
+        # outcome). A reply is filed as it is and read later (see `history`), so the work a lab
+        # client does while the bank is measured stays small.
+        self._completed: list[tuple] = []
         self.progress = Progress()
         self.show_progress = progress
         self.t0 = time.monotonic()
@@ -128,12 +132,13 @@ class Workload:
         rng = random.Random(config.seed ^ 0x5EED)
         for account in config.account_names():
             op_id = new_op_id(rng)
-            invoke = self.now_s()
-            reply, attempts, outcome = await execute_with_retries(
-                client, op_id, operation_line(op_id, "DEPOSIT", account, None, config.initial_balance_cents),
+            line = operation_line(op_id, "DEPOSIT", account, None, config.initial_balance_cents)
+            op = _PendingOp(None, op_id, "DEPOSIT", account, None, config.initial_balance_cents, line, self.now_s(), 0.0)
+            reply, op.attempts, outcome = await execute_with_retries(
+                client, op_id, line,
                 deadline_s=time.monotonic() + config.op_deadline_s, attempt_timeout_s=config.attempt_timeout_s,
             )
-            self._record(-1, op_id, "DEPOSIT", account, None, config.initial_balance_cents, invoke, reply, attempts, outcome)
+            self._record(-1, op, reply, outcome)
             if outcome != OK:
                 raise RuntimeError(f"seeding {account} failed: {reply}")
 
@@ -163,19 +168,21 @@ class Workload:
                 await client.close()
         return self.history
 
+    @property
+    def history(self) -> list[OpRecord]:
+        """Every completed operation so far, as OpRecords (built here, not when it completed)."""
+        completed = self._completed
+        if completed:
+            self._completed = []
+            self._history.extend([_op_record(*item) for item in completed])
+        return self._history
+
     def stop(self) -> None:
         self._stop.set()
 
-    def _record(self, client_index, op_id, kind, account, to_account, amount, invoke, reply, attempts, outcome) -> None:
-        complete = self.now_s()
-        seq = reply.get("SEQ")
-        applied = reply.get("APPLIED")
-        record = _tuple_new(OpRecord, (
-            client_index, op_id, kind, account, to_account, amount, invoke, complete, outcome,
-            reply.get("ERROR"), _cents_from_reply(reply.get("BALANCE")), seq if type(seq) is int else None,
-            attempts, applied if type(applied) is int else None, reply.get("ACCEPTED") is True,
-        ))
-        self.history.append(record)
+    def _record(self, client_index: int, op: "_PendingOp", reply: dict, outcome: str) -> None:
+        complete = time.monotonic() - self.t0
+        self._completed.append((client_index, op, reply, complete, outcome))
         progress = self.progress
         if outcome == OK:
             progress.ok += 1
@@ -185,7 +192,7 @@ class Workload:
             assert outcome == UNKNOWN
             progress.unknown += 1
         if len(progress.latencies_ms) < 100_000:
-            progress.latencies_ms.append((complete - invoke) * 1000.0)
+            progress.latencies_ms.append((complete - op.invoke_s) * 1000.0)
 
     async def _report_progress(self, period_s: float = 1.0) -> None:
         while True:
@@ -210,11 +217,25 @@ class Workload:
         sys.stderr.flush()
 
 
-class _PendingOp:
-    __slots__ = ("op_id", "kind", "account", "to_account", "amount", "line", "invoke_s", "deadline", "attempts",
-                 "indefinite_seen", "backoff_s")
+def _op_record(client_index: int, op: "_PendingOp", reply: dict, complete_s: float, outcome: str) -> OpRecord:
+    seq = reply.get("SEQ")
+    applied = reply.get("APPLIED")
+    return _tuple_new(OpRecord, (
+        client_index, op.op_id, op.kind, op.account, op.to_account, op.amount, op.invoke_s, complete_s, outcome,
+        reply.get("ERROR"), _cents_from_reply(reply.get("BALANCE")), seq if type(seq) is int else None,
+        op.attempts, applied if type(applied) is int else None, reply.get("ACCEPTED") is True,
+    ))
 
-    def __init__(self, op_id, kind, account, to_account, amount, line, invoke_s, deadline) -> None:
+
+class _PendingOp:
+    """An operation in flight. Called with a reply, it hands it to its driver: the bank client's
+    callback, without a closure per attempt."""
+
+    __slots__ = ("driver", "op_id", "kind", "account", "to_account", "amount", "line", "invoke_s", "deadline",
+                 "attempts", "indefinite_seen", "backoff_s")
+
+    def __init__(self, driver, op_id, kind, account, to_account, amount, line, invoke_s, deadline) -> None:
+        self.driver = driver
         self.op_id = op_id
         self.kind = kind
         self.account = account
@@ -226,6 +247,9 @@ class _PendingOp:
         self.attempts = 0
         self.indefinite_seen = False
         self.backoff_s = 0.01
+
+    def __call__(self, reply: dict) -> None:
+        self.driver._on_reply(self, reply)
 
 
 class _ClientDriver:
@@ -295,15 +319,14 @@ class _ClientDriver:
             kind = "BALANCE"
             min_seq = getattr(self.client, "max_seq_seen", None) if self.read_your_writes else None
             line = balance_line(op_id, account, min_seq)
-        op = _PendingOp(op_id, kind, account, to_account, amount, line, self.workload.now_s(),
+        op = _PendingOp(self, op_id, kind, account, to_account, amount, line, now - self.workload.t0,
                         min(now + self.op_deadline_s, self.hard_deadline))
         self.workload.progress.in_flight += 1
         self._send(op)
 
     def _send(self, op: _PendingOp) -> None:
         op.attempts += 1
-        self.client.submit(op.op_id, op.line, lambda reply: self._on_reply(op, reply), self.attempt_timeout_s,
-                           op.kind == "BALANCE")
+        self.client.submit(op.op_id, op.line, op, self.attempt_timeout_s, op.kind == "BALANCE")
 
     def _on_reply(self, op: _PendingOp, reply: dict) -> None:
         if reply.get("STATUS") == "OK":
@@ -325,6 +348,5 @@ class _ClientDriver:
             if type(seq) is int and seq > self.client.max_seq_seen:
                 self.client.max_seq_seen = seq
         self.workload.progress.in_flight -= 1
-        self.workload._record(self.index, op.op_id, op.kind, op.account, op.to_account, op.amount, op.invoke_s,
-                              reply, op.attempts, outcome)
+        self.workload._record(self.index, op, reply, outcome)
         self._issue()
