@@ -8,17 +8,19 @@ meanwhile; SQLite commits on the event loop's own thread: most of its work holds
 and handing it to a thread and back costs more than the overlap gains (measured: +6% throughput
 and -0.1 ms latency with the sequencer architecture on two cores).
 
-Callers reply to a client only after `durable()` resolves: no answer ever reports a state that a
-crash could take back, and reads wait the same way, so no read sees an operation that is not yet
-on disk. If a commit fails, the in-memory state is ahead of the disk and nothing can be trusted:
-the process stops at once (fail-stop) and recovers from the store when restarted.
+A replica whose store is the only durable copy (standalone, multicast, primary-backup) replies to
+a client only after `durable()` resolves: no answer ever reports a state that a crash could take
+back, and reads wait the same way, so no read sees an operation that is not yet on disk. If a
+commit fails, the in-memory state is ahead of the disk and nothing can be trusted: the process
+stops at once (fail-stop) and recovers from the store when restarted.
 
 A replica fed from a durable log (the sequencer's, the queue server's) may relax that, because the
-log can give back whatever a power loss takes: with `sync_interval_s` > 0 and a store that allows
-it, `durable()` means committed (it survives a process crash), and one commit every
-`sync_interval_s` also puts everything before it on stable storage. `synced_meta` is the metadata
-as of that point (its last_applied_seq is what the replica lets the log forget); `sync_if_idle()`
-syncs what a quiet period left behind. One fsync per interval instead of one per commit.
+log can give back whatever a crash takes (common/nodes/sequenced_replica.py acknowledges before
+the commit). With `sync_interval_s` > 0 and a store that allows it, `durable()` means committed
+(it survives a process crash), and one commit every `sync_interval_s` also puts everything before
+it on stable storage. `synced_meta` is the metadata as of that point (its last_applied_seq is what
+the replica lets the log forget); `sync_if_idle()` syncs what a quiet period left behind. One
+fsync per interval instead of one per commit.
 """
 
 from __future__ import annotations
