@@ -155,6 +155,11 @@ class MessageStream:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Hand what is queued to the transport now, not at the end of this turn of the loop: for
+        a message that must not wait behind slow work already scheduled in this turn."""
+        self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if not self._out or self._closed:

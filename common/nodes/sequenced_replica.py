@@ -197,6 +197,7 @@ class SequencedReplica:
                 stream.send_bytes(applied_line(upto_chunk, chunk, min(synced, upto_chunk)))
         else:
             stream.send_bytes(applied_line(upto, [], synced))
+        stream.flush()  # out now: the commit this batch scheduled runs next, and takes a while
 
     def _on_committed(self, upto: int) -> None:
         self.committed_seq = max(self.committed_seq, upto)
