@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from common.bank import DEPOSIT, Bank, Operation
 from common.durable import DurableBank
 from common.store import open_store
@@ -59,25 +61,19 @@ def test_a_relaxed_bank_syncs_the_first_commit_of_each_interval_and_reports_how_
     asyncio.run(scenario())
 
 
-def test_with_no_interval_every_commit_is_synced(tmp_path):
+@pytest.mark.parametrize("default_synchronous, sync_interval_s", [
+    ("normal", 0.0),  # no interval: every commit is a synced one
+    ("full", 3600.0),  # a store that syncs every commit ignores the interval
+])
+def test_every_commit_is_synced_without_an_interval_or_with_a_store_that_syncs_anyway(
+        tmp_path, default_synchronous, sync_interval_s):
     async def scenario():
-        dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=0.0)
+        dbank = await open_bank(tmp_path / "r.db", default_synchronous=default_synchronous, sync_interval_s=sync_interval_s)
+        assert dbank.sync_interval_s == 0.0
         for seq in range(1, 4):
             await apply_and_commit(dbank, deposit(f"op-{seq}"), seq)
             assert dbank.synced_meta["last_applied_seq"] == seq
-        assert dbank.sync_if_idle(force=True) is False
-        await dbank.close()
-
-    asyncio.run(scenario())
-
-
-def test_a_store_that_syncs_every_commit_ignores_the_interval(tmp_path):
-    async def scenario():
-        dbank = await open_bank(tmp_path / "r.db", default_synchronous="full", sync_interval_s=3600.0)
-        assert dbank.store.syncs_every_commit and dbank.sync_interval_s == 0.0
-        for seq in range(1, 4):
-            await apply_and_commit(dbank, deposit(f"op-{seq}"), seq)
-            assert dbank.synced_meta["last_applied_seq"] == seq
+        assert dbank.sync_if_idle(force=True) is False  # nothing is ever left unsynced
         await dbank.close()
 
     asyncio.run(scenario())
