@@ -127,6 +127,29 @@ def test_multicast_with_a_delayed_link_to_one_replica_shows_divergence(tmp_path)
 # --- Sequencer under faults ---------------------------------------------------------------------
 
 
+def test_quiet_replicas_tell_the_sequencer_their_stores_are_synced_to_the_end(tmp_path):
+    """A replica acknowledges before its commit lands and syncs once per interval. Once the load
+    stops, the sequencer must still learn that every replica has everything on disk, or it could
+    never drop that part of its log."""
+    lab = archs.build("sequencer", archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    with Cluster(tmp_path, lab.nodes, name="synced-when-quiet") as cluster:
+        cluster.start(["sequencer", "replica1", "replica2"])
+        for index in range(50):  # a burst, within one interval: commits that do not sync
+            deposit = {"TASK": "DEPOSIT", "ID": f"burst-{index}", "ACCOUNT": "acct-a", "AMOUNT": "1.00"}
+            assert cluster.request("sequencer", deposit, timeout_s=10.0)["STATUS"] == "OK"
+        for index in range(3):  # then one at a time, further apart than the interval: each commit
+            time.sleep(0.2)  # syncs, after the acknowledgement that went out before it
+            deposit = {"TASK": "DEPOSIT", "ID": f"slow-{index}", "ACCOUNT": "acct-a", "AMOUNT": "1.00"}
+            assert cluster.request("sequencer", deposit, timeout_s=10.0)["STATUS"] == "OK"
+        deadline = time.monotonic() + 5.0
+        while True:
+            status = cluster.status("sequencer")
+            if all(p["SYNCED_SEQ"] == status["DURABLE_SEQ"] == 53 for p in status["REPLICAS"].values()):
+                break
+            assert time.monotonic() < deadline, status["REPLICAS"]
+            time.sleep(0.05)
+
+
 def test_sequencer_replica_killed_mid_run_and_restarted_catches_up(tmp_path):
     result = lab_run(tmp_path, "sequencer", duration_s=4.0, schedule=[Fault("kill", "replica", 0.3, 0.6)])
     assert_valid(result)

@@ -80,6 +80,7 @@ class SequencedReplica:
         last = dbank.meta.get("last_applied_seq", 0)
         self.core = SequencedReplicaCore(last_delivered_seq=last)
         self.committed_seq = last  # applied and committed (it survives a crash of this process)
+        self.reported_synced_seq = last  # the SYNCED the orderer was last told on this connection
         self.sequencer_stream: aio.MessageStream | None = None
         self.send_results = False  # the sequencer chose this replica to send outcomes
         self.read_waiters: deque = deque()  # (min_seq, deadline, stream, request_id, query)
@@ -110,6 +111,7 @@ class SequencedReplica:
         """Until the connection ends; True if the sequencer said SNAPSHOT_NEEDED."""
         await self.dbank.flush(sync=True)  # subscribe from what is on stable storage
         stream.send({"TASK": "SUBSCRIBE", "REPLICA": self.args.name, "LAST_APPLIED_SEQ": self.core.last_delivered_seq})
+        self.reported_synced_seq = self.core.last_delivered_seq  # synced just now: the orderer counts it so
         log.info("subscribed", mode=self.args.mode, last_applied_seq=self.core.last_delivered_seq)
         while True:
             lines = await stream.read_lines()
@@ -198,17 +200,27 @@ class SequencedReplica:
         else:
             stream.send_bytes(applied_line(upto, [], synced))
         stream.flush()  # out now: the commit this batch scheduled runs next, and takes a while
+        self.reported_synced_seq = max(self.reported_synced_seq, synced)
 
     def _on_committed(self, upto: int) -> None:
         self.committed_seq = max(self.committed_seq, upto)
         self._answer_reads()
+        self._report_synced()  # the commit may have been a synced one
+
+    def _report_synced(self) -> None:
+        """Tell the orderer how far this store is on disk, when that moved since the last
+        acknowledgement said (an acknowledgement leaves before its own commit lands)."""
+        synced = self.synced_seq
+        stream = self.sequencer_stream
+        if stream is None or synced <= self.reported_synced_seq:
+            return
+        stream.send_bytes(applied_line(self.core.last_delivered_seq, [], synced))
+        self.reported_synced_seq = synced
 
     def _sync_if_idle(self) -> None:
         """A quiet period left commits unsynced: sync them, and tell the orderer it may forget them."""
         if self.dbank.sync_if_idle():
-            stream = self.sequencer_stream
-            if stream is not None:
-                stream.send_bytes(applied_line(self.core.last_delivered_seq, [], self.synced_seq))
+            self._report_synced()
 
     def _become_results_source(self, stream: aio.MessageStream, from_seq: object) -> None:
         """The results source went away: send the outcomes of what this replica already applied
