@@ -14,10 +14,9 @@ commit lands; the store is synced to stable storage once every --sync-interval-m
 commit. Both are safe because the orderer's log is the durable record of every operation and keeps
 each entry until every replica reports it SYNCED: a replica that lost applied entries (a crash
 before the commit, a power loss before the sync) subscribes from what its disk kept and is sent the
-rest again, and applying is deterministic: the same outcomes. Reads are answered only from
-committed state. When the sequencer says
-SNAPSHOT_NEEDED, the replica copies a peer's state (common/snapshot.py) and subscribes again from
-there.
+rest again, and applying is deterministic: the same outcomes. A read that names MIN_SEQ waits
+until that much is committed here. When the sequencer says SNAPSHOT_NEEDED, the replica copies a
+peer's state (common/snapshot.py) and subscribes again from there.
 """
 
 from __future__ import annotations
@@ -179,7 +178,7 @@ class SequencedReplica:
         # Acknowledged before the commit lands: the outcome is fixed by the log's order, and the log
         # keeps these entries until this replica reports them SYNCED. A crash before the commit
         # loses them here only; the replica subscribes from its store and applies them again, to
-        # the same outcomes. Reads still wait for the commit (see _read).
+        # the same outcomes. A read naming MIN_SEQ still waits for the commit (see _read).
         self._acknowledge(upto, results)
         dbank.durable().add_done_callback(lambda _done: self._on_committed(upto))
 
