@@ -269,6 +269,11 @@ class SequencerCore:
         self._results: dict[int, tuple[str | None, int | None]] = {}  # seq -> result, recent
         self._results_order: deque[int] = deque()
         self._highest_applied_seq = 0  # by any replica
+        # Before replicas say how far they are (SUBSCRIBE), what an earlier run truncated is known to
+        # be on every replica's disk: truncation never passes what they synced.
+        for progress in self.replicas.values():
+            progress.synced_seq = self.log_start_seq - 1
+        self._highest_synced_seq = self.log_start_seq - 1  # the highest synced_seq of any replica
         self.results_source: str | None = None  # the replica that sends outcomes with its acks
         if self.durable_seq == 0:
             self.durable_seq = self.next_seq - 1
@@ -299,6 +304,10 @@ class SequencerCore:
             # replicas recognise the id and answer with the first outcome, changing nothing.
         if self._waiting_count >= self.max_waiting_requests:
             raise SaldoError("OVERLOADED", f"{self._waiting_count} requests are waiting")
+        if self.next_seq - 1 - self._highest_synced_seq >= self.max_log_entries:
+            # No replica has the last max_log_entries on its disk (all of them down, or stuck):
+            # the log may not forget them, so it takes no more until one catches up.
+            raise SaldoError("OVERLOADED", f"the log holds {self.max_log_entries} operations that no replica has on disk yet")
         seq = self.next_seq
         self.next_seq += 1
         line = entry_line(seq, op)
@@ -363,6 +372,7 @@ class SequencerCore:
         progress.applied_seq = max(progress.applied_seq, last_applied_seq)
         # A replica syncs its store before it subscribes: what it names here is on its disk.
         progress.synced_seq = max(progress.synced_seq, last_applied_seq)
+        self._highest_synced_seq = max(self._highest_synced_seq, progress.synced_seq)
         # Applied there already (e.g. before this process restarted): a retry of an op at or below
         # this seq will get no result from the replicas, so submit() must number it again; and
         # clients who attached to such a seq before this replica came back are renumbered now.
@@ -449,6 +459,8 @@ class SequencerCore:
         previous = progress.applied_seq
         progress.applied_seq = max(previous, upto_seq)
         progress.synced_seq = max(progress.synced_seq, synced_seq)
+        if progress.synced_seq > self._highest_synced_seq:
+            self._highest_synced_seq = progress.synced_seq
         replies: list[Reply] = []
         waiters = self._waiters
         for seq, error, balance in results:
@@ -503,10 +515,15 @@ class SequencerCore:
         """The first seq the log must still hold: every replica has everything before it on its
         stable storage (applied is not enough: a power loss could take it back, and then the
         replica asks the log again), except that the log never holds more than max_log_entries (a
-        replica further behind recovers by state transfer)."""
+        replica further behind recovers by state transfer from a peer). The bound never drops
+        what no replica has on disk: that would lose acknowledged operations (submit() refuses
+        new ones instead)."""
         everyone = min(p.synced_seq for p in self.replicas.values()) + 1
-        bounded = self.durable_seq + 1 - self.max_log_entries
-        return max(self.log_start_seq, min(everyone, self.durable_seq + 1), bounded)
+        assert self._highest_synced_seq == max(p.synced_seq for p in self.replicas.values())
+        bounded = min(self.durable_seq + 1 - self.max_log_entries, self._highest_synced_seq + 1)
+        point = max(self.log_start_seq, min(everyone, self.durable_seq + 1), bounded)
+        assert point <= self._highest_synced_seq + 1 or point == self.log_start_seq, (point, self.replicas)
+        return point
 
     def truncate(self, new_start_seq: int) -> int:
         """Drop entries before `new_start_seq` (the driver deleted them on disk). Returns how many."""

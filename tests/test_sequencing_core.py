@@ -21,6 +21,7 @@ from common.errors import SaldoError
 from common.seqlog import SequencerLog
 from common.sequencing import (
     MAX_RESULTS_PER_ACK,
+    Reply,
     SequencedReplicaCore,
     SequencerCore,
     applied_line,
@@ -28,6 +29,7 @@ from common.sequencing import (
     parse_applied,
     parse_entry,
     replicas_needed,
+    sequenced_reply_line,
 )
 
 REPLICAS = ["replica1", "replica2"]
@@ -353,10 +355,21 @@ def test_a_replica_ahead_of_the_log_or_unknown_is_refused():
         core.on_resend("stranger", 1, 2)
 
 
+def grow_log(core: SequencerCore, last_seq: int, follower: str | None = None) -> None:
+    """Deposits, each logged at once, until the log ends at `last_seq`; `follower` applies (and
+    syncs) each one as soon as it is logged."""
+    while core.next_seq <= last_seq:
+        index = core.next_seq
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
+        log_all(core)
+        if follower is not None:
+            core.on_applied(follower, index, [(index, None, 100)])
+
+
 def test_truncation_point_follows_the_slowest_replica_within_the_max_log_entries_bound():
-    core = sequenced_core(20, max_log_entries=8)
-    assert core.truncation_point() == 13  # nobody applied anything: only the bound (20 - 8 + 1)
-    core.on_applied("replica1", 20, [])
+    core = SequencerCore(REPLICAS, max_log_entries=8)
+    grow_log(core, 20, follower="replica1")
+    assert core.truncation_point() == 13  # replica2 has nothing: only the bound (20 - 8 + 1)
     core.on_applied("replica2", 15, [])
     assert core.truncation_point() == 16  # the slowest replica still needs 16
     core.on_applied("replica2", 20, [])
@@ -368,11 +381,53 @@ def test_truncation_point_follows_the_slowest_replica_within_the_max_log_entries
     unbounded.truncate(4)
     assert unbounded.truncation_point() == 4  # never behind the log start
     # A replica left behind by the bound is counted when the prefix goes.
-    core = sequenced_core(20, max_log_entries=8)
-    core.on_applied("replica1", 20, [])
+    core = SequencerCore(REPLICAS, max_log_entries=8)
+    grow_log(core, 20, follower="replica1")
     core.truncate(core.truncation_point())
     assert core.stats.replicas_dropped_from_log == 1
     assert core.on_subscribe("replica2", 0) == ("snapshot", b"")
+
+
+def test_the_bound_never_drops_what_no_replica_has_on_disk_and_a_full_log_takes_no_more():
+    """The queue architecture answers a client once its operation is in the log. With every
+    replica away, the log is the only copy: the bound must not drop it, so the log stops taking
+    operations at the bound until a replica has caught up."""
+    core = SequencerCore(REPLICAS, max_log_entries=8)
+    for index in range(1, 9):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}", needed=0)
+    _data, replies = log_all(core)
+    assert len(replies) == 8  # all eight acknowledged: they are in the log
+    with pytest.raises(SaldoError) as refused:
+        core.submit(deposit("op-9"), "c9", "op-9", needed=0)
+    assert refused.value.code == "OVERLOADED" and core.next_seq == 9
+    assert core.truncation_point() == 1  # no replica has any of them: all stay
+    # A retry of an operation the log holds is still answered.
+    assert core.submit(deposit("op-3"), "c3-again", "op-3", needed=0) == [Reply("c3-again", sequenced_reply_line("op-3", 3))]
+    # replica1 comes back and has five of them on disk: the log takes five more, and keeps what
+    # replica2 lacks as long as the bound allows, never what nobody has.
+    core.on_subscribe("replica1", 0)
+    core.on_applied("replica1", 5, [], synced_seq=5)
+    for index in range(9, 14):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}", needed=0)
+    log_all(core)
+    with pytest.raises(SaldoError):
+        core.submit(deposit("op-14"), "c14", "op-14", needed=0)
+    assert core.truncation_point() == 6  # 13 - 8 + 1, and replica1 has 1..5
+    core.on_applied("replica1", 13, [], synced_seq=13)
+    core.submit(deposit("op-14"), "c14", "op-14", needed=0)
+
+
+def test_a_restarted_orderer_counts_what_it_truncated_before_as_on_every_replicas_disk():
+    """Truncation never passed what replicas synced, so the log's start is a floor for all of them
+    until they subscribe: a restarted orderer takes operations at once."""
+    earlier = SequencerCore(REPLICAS, max_log_entries=8)
+    grow_log(earlier, 20, follower="replica1")
+    earlier.on_applied("replica2", 20, [])
+    earlier.truncate(earlier.truncation_point())
+    restarted = SequencerCore(REPLICAS, next_seq=21, log_start_seq=earlier.log_start_seq,
+                              max_log_entries=8, log=deque(earlier.log))
+    assert restarted.truncation_point() == 21
+    assert restarted.submit(deposit("op-21"), "c21", "op-21") == []
 
 
 def test_the_log_keeps_what_a_replica_applied_until_that_replica_has_it_on_disk():
