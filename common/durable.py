@@ -58,6 +58,7 @@ class DurableBank:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self._loop = asyncio.get_running_loop()
         self._uncommitted = False
+        self._replacing = False  # a state transfer's install runs on the commit thread
         self._next_commit: asyncio.Future | None = None  # resolves when the pending changes are on disk
         self._inflight_commit: asyncio.Future | None = None
         self._done = self._loop.create_future()
@@ -79,6 +80,7 @@ class DurableBank:
 
     # --- Changing state (in memory; durable later) ----------------------------------------------
     def apply(self, op: Operation, seq: int | None = None) -> tuple[Outcome, bool]:
+        assert not self._replacing, "nothing is applied while a state transfer installs its image"
         outcome, duplicate = self.bank.apply(op, seq)
         if not duplicate:
             self._mark_uncommitted()
@@ -119,11 +121,12 @@ class DurableBank:
 
     @property
     def idle(self) -> bool:
-        return not self._uncommitted and self._inflight_commit is None
+        """No commit pending or running, and no install: the store's connection is free."""
+        return not self._uncommitted and self._inflight_commit is None and not self._replacing
 
     def _start_commit(self) -> None:
-        if self._inflight_commit is not None or not self._uncommitted:
-            return
+        if self._inflight_commit is not None or not self._uncommitted or self._replacing:
+            return  # (after an install, replace() starts what waited)
         applied, balances = self.bank.take_effects()
         meta_changes, self._meta_changes = self._meta_changes, {}
         counters = self.bank.counters.copy()
@@ -219,7 +222,14 @@ class DurableBank:
         """Install a whole new state (a state transfer): on disk in one transaction, then in
         memory. The caller stops applying while this runs."""
         await self.flush()
-        await self.run_in_store_thread(self.store.install, image)  # on disk when it returns
+        assert not self._replacing
+        self._replacing = True
+        try:
+            await self.run_in_store_thread(self.store.install, image)  # on disk when it returns
+        finally:
+            self._replacing = False
+            if self._uncommitted:
+                self._loop.call_soon(self._start_commit)
         bank = Bank(max_accounts=self.bank.max_accounts, dedup_window_ops=self.bank.dedup_window_ops)
         image.to_bank(bank)
         self.bank = bank

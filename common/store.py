@@ -28,6 +28,7 @@ committed so far durable. See common/durable.py.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import urllib.parse
@@ -414,14 +415,18 @@ class SQLiteStore(Store):
     def sync_to_disk(self) -> None:
         if self.syncs_every_commit:
             return
-        # A checkpoint at FULL syncs the write-ahead log before copying it into the database file
-        # (and the file after): whatever was committed is then on disk, wherever it lives.
-        cursor = self._cursor_obj
-        cursor.execute("PRAGMA synchronous = FULL")
+        # A relaxed commit wrote its pages to the write-ahead log without flushing it; a checkpoint
+        # that moved pages into the database file flushed the log before and the file after. So
+        # flushing the log file puts everything committed on stable storage. (A checkpoint cannot
+        # be trusted to do it: a reader on another connection can keep it from running at all.)
         try:
-            cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no log: everything is in the database file, flushed by the last checkpoint
+        try:
+            os.fsync(fd)
         finally:
-            cursor.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            os.close(fd)
 
     def _rollback(self) -> None:
         if self._connection.in_transaction:

@@ -107,3 +107,54 @@ def test_a_state_transfer_installs_a_synced_image(tmp_path):
         await target.close()
 
     asyncio.run(scenario())
+
+
+def test_syncing_a_quiet_store_flushes_its_log_even_while_a_reader_holds_a_snapshot(tmp_path, monkeypatch):
+    """An operator's sqlite3 shell (any reader) keeps a checkpoint from running: the sync must not
+    depend on one, or SYNCED would be reported ahead of the disk."""
+    import os
+    import sqlite3
+
+    async def scenario():
+        dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=3600.0)
+        await apply_and_commit(dbank, deposit("op-1"), 1)  # the first commit of the interval syncs
+        await apply_and_commit(dbank, deposit("op-2"), 2)  # relaxed
+        reader = sqlite3.connect(tmp_path / "r.db")
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM applied_ops").fetchone() == (2,)  # holds a read snapshot
+        flushed = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+        assert dbank.sync_if_idle(force=True)
+        assert any(path.endswith("r.db-wal") for path in flushed), flushed
+        assert dbank.synced_meta["last_applied_seq"] == 2
+        reader.rollback()
+        reader.close()
+        await dbank.close()
+
+    asyncio.run(scenario())
+
+
+def test_nothing_syncs_or_applies_while_a_state_transfer_installs(tmp_path):
+    """The install runs on the commit thread, on the store's one connection: the replica's tick
+    must not sync into it, and nothing may be applied to the bank the install is replacing."""
+    async def scenario():
+        source = await open_bank(tmp_path / "a.db", default_synchronous="normal", sync_interval_s=3600.0)
+        for seq in range(1, 4):
+            await apply_and_commit(source, deposit(f"op-{seq}"), seq)
+        target = await open_bank(tmp_path / "b.db", default_synchronous="normal", sync_interval_s=3600.0)
+        await apply_and_commit(target, deposit("other-1"), 1)
+        await apply_and_commit(target, deposit("other-2"), 2)  # relaxed: a sync is due when idle
+        installing = asyncio.ensure_future(target.replace(source.snapshot()))
+        await asyncio.sleep(0)  # flush() returned at once; the install is on the commit thread
+        await asyncio.sleep(0)
+        assert not target.idle
+        assert target.sync_if_idle(force=True) is False
+        with pytest.raises(AssertionError):
+            target.apply(deposit("op-late"), 4)
+        await installing
+        assert target.idle and target.bank.balance("alice") == 300 and target.synced_meta["last_applied_seq"] == 3
+        await source.close()
+        await target.close()
+
+    asyncio.run(scenario())
