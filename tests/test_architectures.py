@@ -381,6 +381,21 @@ def test_queue_replica_offline_during_part_of_the_run_converges_when_it_returns(
     assert_same_store(result.states["replica1"], result.states["replica2"])
 
 
+
+def test_a_queue_replica_back_behind_the_log_start_catches_up_with_one_state_transfer(tmp_path):
+    """The server re-FEEDs a replica as soon as it lost its feed, also while that replica is still
+    fetching and installing a snapshot: those FEEDs wait for the transfer, so one rejoin costs
+    one snapshot, and nothing is applied while the image is being installed."""
+    extra = {"max_log_entries": 2_000, "segment_entries": 500}
+    result = lab_run(tmp_path, "queue", duration_s=5.0, extra=extra, schedule=[Fault("kill", "replica", 0.3, 3.5)])
+    assert_valid(result)
+    run_dir = Path(result.report["run_dir"])
+    assert log_events(run_dir / "replica1.log", "snapshot_needed")
+    assert len(log_events(run_dir / "replica1.log", "snapshot_installed")) == 1
+    assert len(log_events(run_dir / "replica2.log", "snapshot_serving")) == 1
+    assert_same_store(result.states["replica1"], result.states["replica2"])
+
+
 # --- Running clusters for bad input and client.py ----------------------------------------------
 
 

@@ -81,6 +81,10 @@ class SequencedReplica:
         self.committed_seq = last  # applied and committed (it survives a crash of this process)
         self.reported_synced_seq = last  # the SYNCED the orderer was last told on this connection
         self.sequencer_stream: aio.MessageStream | None = None
+        # Queue mode: one FEED session (or the state transfer it led to) at a time; a newer FEED
+        # waits for the one before it, and the latest one wins.
+        self.feed_lock = asyncio.Lock()
+        self.latest_feed: aio.MessageStream | None = None
         self.send_results = False  # the sequencer chose this replica to send outcomes
         self.read_waiters: deque = deque()  # (min_seq, deadline, stream, request_id, query)
         self.started_at = time.monotonic()
@@ -262,20 +266,29 @@ class SequencedReplica:
             raise SaldoError("FIELD_TYPE", "FEED needs SERVER and REPLICA (names)")
 
     async def _be_fed(self, stream: aio.MessageStream) -> None:
-        """Queue mode: the server connected and said FEED; this connection carries the queue."""
+        """Queue mode: the server connected and said FEED; this connection carries the queue. The
+        server reconnects whenever it lost its feed, also while this replica is still busy with a
+        state transfer: such a FEED waits for it (nothing may be applied while an image is being
+        installed, and one transfer at a time is enough), and only the latest FEED goes on."""
+        self.latest_feed = stream
         previous = self.sequencer_stream
         if previous is not None:
             log.info("feed_replaced")
             previous.abort()
-        self.sequencer_stream = stream
-        try:
-            needs_snapshot = await self._run_subscription(stream)
-        finally:
-            if self.sequencer_stream is stream:
-                self.sequencer_stream = None
-        if needs_snapshot:
-            await stream.close()  # the server reconnects once the state transfer is done
-            await self._state_transfer(asyncio.Event())
+        async with self.feed_lock:
+            if self.latest_feed is not stream or stream.closed:
+                log.info("feed_superseded")
+                await stream.close()
+                return
+            self.sequencer_stream = stream
+            try:
+                needs_snapshot = await self._run_subscription(stream)
+            finally:
+                if self.sequencer_stream is stream:
+                    self.sequencer_stream = None
+            if needs_snapshot:
+                await stream.close()  # the server reconnects; that FEED waits for the transfer
+                await self._state_transfer(asyncio.Event())
 
     # --- State transfer -------------------------------------------------------------------------
     async def _state_transfer(self, stop: asyncio.Event) -> None:
@@ -291,7 +304,13 @@ class SequencedReplica:
             if seq <= self.core.last_delivered_seq:
                 log.info("snapshot_not_newer", peer=f"{host}:{port}", peer_seq=seq, own_seq=self.core.last_delivered_seq)
                 continue
-            await self.dbank.replace(image)
+            try:
+                await self.dbank.replace(image)
+            except Exception as error:
+                # The install is one transaction, rolled back: disk and memory still hold the state
+                # from before. Another peer, or a later attempt, may do better.
+                log.error("snapshot_install_failed", peer=f"{host}:{port}", error=repr(error)[:300])
+                continue
             self.core.reset(seq)
             self.committed_seq = seq
             self.snapshots_installed += 1
