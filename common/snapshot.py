@@ -22,12 +22,13 @@ from common import wire
 from common.bank import ACCOUNT_RE, MAX_ACCOUNT_CHARS, OP_ID_RE, OPERATION_KINDS, AppliedOp, Bank, Counters, Operation, Outcome
 from common.errors import ERROR_CODES, SaldoError
 from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS
-from common.store import StoreImage
+from common.store import COUNTER_NAMES, MAX_META_NAME_CHARS, StoreImage
 
 ACCOUNTS_PER_LINE = 500
 APPLIED_PER_LINE = 250
 MAX_SNAPSHOT_ACCOUNTS = 10_000_000
 MAX_SNAPSHOT_APPLIED = 10_000_000
+MAX_SNAPSHOT_META_ENTRIES = 64
 
 
 def image_to_lines(image: StoreImage, request_id: object = None) -> list[bytes]:
@@ -82,6 +83,14 @@ class SnapshotReader:
             counters = message.get("COUNTERS")
             if type(meta) is not dict or not all(type(k) is str and type(v) is int for k, v in meta.items()):
                 raise SaldoError("FIELD_TYPE", "snapshot: META must map names to integers")
+            # What the store can hold, and never the counters (they travel in COUNTERS, checked
+            # against the balances; a META entry would overwrite them on disk).
+            if len(meta) > MAX_SNAPSHOT_META_ENTRIES:
+                raise SaldoError("FIELD_INVALID", f"snapshot: more than {MAX_SNAPSHOT_META_ENTRIES} META entries")
+            for name, value in meta.items():
+                if not 0 < len(name) <= MAX_META_NAME_CHARS or name in COUNTER_NAMES:
+                    raise SaldoError("FIELD_INVALID", f"snapshot: META name {name[:64]!r} is not allowed")
+                _int(value, -(2**63), 2**63 - 1, "a META value")
             if type(counters) is not list or len(counters) != 3:
                 raise SaldoError("FIELD_TYPE", "snapshot: COUNTERS must be three integers")
             self._counters = Counters(*(_int(c, 0, 2**62, "a counter") for c in counters))

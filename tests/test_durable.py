@@ -158,3 +158,33 @@ def test_nothing_syncs_or_applies_while_a_state_transfer_installs(tmp_path):
         await target.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("meta", [
+    {"last_applied_seq": 3, "x" * 65: 1},  # longer than the store's names
+    {"last_applied_seq": 2**63},  # beyond the store's integers
+    {"last_applied_seq": 3, "deposited_cents_total": 10**9},  # a counter, which COUNTERS carries
+])
+def test_a_snapshot_whose_meta_the_store_could_not_hold_is_refused_while_it_is_read(tmp_path, meta):
+    import json
+
+    from common.errors import SaldoError
+    from common.snapshot import SnapshotReader, image_to_lines
+
+    async def scenario():
+        source = await open_bank(tmp_path / "a.db", default_synchronous="normal", sync_interval_s=3600.0)
+        for seq in range(1, 4):
+            await apply_and_commit(source, deposit(f"op-{seq}"), seq)
+        messages = [json.loads(line) for line in image_to_lines(source.snapshot(), "s1")]
+        await source.close()
+        return messages
+
+    messages = asyncio.run(scenario())
+    honest = SnapshotReader()
+    for message in messages:
+        honest.feed(message)
+    assert honest.image(max_accounts=100, dedup_window_ops=1_000).meta["last_applied_seq"] == 3
+    messages[0]["META"] = meta
+    with pytest.raises(SaldoError) as refused:
+        SnapshotReader().feed(messages[0])
+    assert refused.value.code == "FIELD_INVALID"
