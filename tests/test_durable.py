@@ -188,3 +188,59 @@ def test_a_snapshot_whose_meta_the_store_could_not_hold_is_refused_while_it_is_r
     with pytest.raises(SaldoError) as refused:
         SnapshotReader().feed(messages[0])
     assert refused.value.code == "FIELD_INVALID"
+
+
+def test_a_replica_whose_snapshot_install_fails_keeps_following_the_sequencer(tmp_path, monkeypatch):
+    """The install is one transaction, rolled back when it fails (a full disk, say): the replica
+    still holds its earlier state, so it goes back to the sequencer rather than stop following."""
+    import argparse
+    import json
+    import sqlite3
+
+    from common import wire
+    from common.nodes import sequenced_replica
+    from common.snapshot import image_to_lines
+    from common.store import Counters, StoreImage
+
+    async def scenario():
+        subscribes: asyncio.Queue = asyncio.Queue()
+
+        async def sequencer(reader, writer):  # every SUBSCRIBE is told its replica is behind the log
+            await subscribes.put(json.loads(await reader.readline()))
+            writer.write(wire.encode({"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 10}))
+            await writer.drain()
+            writer.close()
+
+        async def peer(reader, writer):  # serves an honest snapshot at seq 5
+            request = json.loads(await reader.readline())
+            for line in image_to_lines(StoreImage({"bob": 500}, [], Counters(5, 500, 0), {"last_applied_seq": 5}), request["ID"]):
+                writer.write(line)
+            await writer.drain()
+
+        sequencer_server = await asyncio.start_server(sequencer, "127.0.0.1", 0)
+        peer_server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        args = argparse.Namespace(
+            host="127.0.0.1", port=0, name="replica1", mode="sequencer", store=f"sqlite:///{tmp_path / 'r.db'}",
+            sequencer=f"127.0.0.1:{sequencer_server.sockets[0].getsockname()[1]}",
+            peers=f"127.0.0.1:{peer_server.sockets[0].getsockname()[1]}",
+            sync_interval_ms=50, max_accounts=100, dedup_window=1_000)
+        dbank = await sequenced_replica.open_durable_bank(args, sync_interval_s=0.05)
+
+        def full_disk(image):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(dbank.store, "install", full_disk)
+        replica = sequenced_replica.SequencedReplica(args, dbank)
+        stop = asyncio.Event()
+        following = asyncio.create_task(replica.follow_sequencer(stop))
+        first = await asyncio.wait_for(subscribes.get(), 5.0)
+        again = await asyncio.wait_for(subscribes.get(), 5.0)  # after the failed install
+        assert first["LAST_APPLIED_SEQ"] == again["LAST_APPLIED_SEQ"] == 0
+        assert not following.done() and replica.snapshots_installed == 0 and dbank.idle
+        stop.set()
+        following.cancel()
+        sequencer_server.close()
+        peer_server.close()
+        await dbank.close()
+
+    asyncio.run(scenario())
