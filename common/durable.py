@@ -153,11 +153,11 @@ class DurableBank:
         )
         work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count, synced_meta))
 
-    def _sync_due(self) -> bool:
-        if self.sync_interval_s == 0.0:
-            return True
+    def _sync_due(self, *, force: bool = False) -> bool:
+        """Whether a sync starts now (every commit's, without an interval); the interval then
+        counts from now."""
         now_s = self._loop.time()
-        if now_s - self._last_sync_started_s < self.sync_interval_s:
+        if not force and now_s - self._last_sync_started_s < self.sync_interval_s:
             return False
         self._last_sync_started_s = now_s
         return True
@@ -196,13 +196,9 @@ class DurableBank:
     def sync_if_idle(self, *, force: bool = False) -> bool:
         """Put relaxed commits on stable storage when no commit is running and the interval has
         passed since the last sync (or `force`). True if this synced something."""
-        if not self._unsynced or not self.idle:
-            return False
-        now_s = self._loop.time()
-        if not force and now_s - self._last_sync_started_s < self.sync_interval_s:
+        if not self._unsynced or not self.idle or not self._sync_due(force=force):
             return False
         assert not self.store.commits_in_thread, "a relaxed store commits on the loop: nothing runs beside this"
-        self._last_sync_started_s = now_s
         try:
             self.store.sync_to_disk()
         except Exception as error:
