@@ -210,7 +210,7 @@ def address_field(message: dict, name: str) -> str | None:
     if type(value) is not str or len(value) > 80 or value.count(":") != 1:
         raise SaldoError("FIELD_INVALID", f"{name} must be host:port")
     host, port = value.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
         raise SaldoError("FIELD_INVALID", f"{name} must be host:port")
     return value
 
@@ -586,7 +586,7 @@ def parse_append(message: dict) -> Append:
             raise SaldoError("FIELD_INVALID", "only a transfer entry names a second account")
         if type(amount) is not int or not 0 < amount <= MAX_AMOUNT_CENTS:
             raise SaldoError("FIELD_INVALID", "an entry's cents must be an integer in (0, max]")
-        if error is not None and error not in _RECORDED_ERRORS:
+        if error is not None and (type(error) is not str or error not in _RECORDED_ERRORS):
             raise SaldoError("FIELD_INVALID", "an entry's error must be null or a recorded outcome")
         entries.append((Operation(op_id, kind, account, to_account, amount), error))
     if from_seq + len(entries) - 1 > primary_seq:

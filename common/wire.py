@@ -10,6 +10,8 @@ Decoding rules, each answered with its own error code by the transports:
 - bytes that are not UTF-8: INVALID_UTF8; not JSON: INVALID_JSON; JSON but not an object:
   NOT_OBJECT. These leave the connection usable.
 - blank lines are skipped, so a person can type into `nc` and press Enter.
+- an object whose "TASK" or "RESPONSE" (the names every protocol dispatches on) is there but not a
+  string: FIELD_TYPE, so no handler ever meets a list or an object where it expects a name.
 
 JSON numbers with a fraction or exponent decode as `decimal.Decimal`, so an amount sent as a number
 is read exactly (see common/money.py). Integers stay `int`.
@@ -32,6 +34,7 @@ _DECODER = json.JSONDecoder(parse_float=Decimal, strict=True)
 _scan_once = _DECODER.scan_once
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 _WHITESPACE = " \t\r"
+_DISPATCH_NAMES = ("TASK", "RESPONSE")
 
 
 class LineSplitter:
@@ -116,6 +119,10 @@ def decode_line(line: bytes) -> dict | None:
         raise SaldoError("INVALID_JSON", f"extra data at character {end}")
     if type(message) is not dict:
         raise SaldoError("NOT_OBJECT", f"expected a JSON object, got {type(message).__name__}")
+    for name in _DISPATCH_NAMES:
+        value = message.get(name)
+        if value is not None and type(value) is not str:
+            raise SaldoError("FIELD_TYPE", f"{name} must be a string")
     return message
 
 

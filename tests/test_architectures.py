@@ -482,6 +482,9 @@ GARBAGE = [
     (b"this is not json\n", "INVALID_JSON"),
     (b'{"TASK": "DEPOSIT", "ID": "g-1", "ACCOUNT": "acct-a", "AMOUNT": "5"\n', "INVALID_JSON"),
     (b"[1, 2, 3]\n", "NOT_OBJECT"),
+    (b'{"TASK":[],"ID":"g-2"}\n', "FIELD_TYPE"),  # every handler dispatches on TASK: never a list
+    (b'{"TASK":{"SUBSCRIBE":1}}\n', "FIELD_TYPE"),
+    (b'{"RESPONSE":["ALIVE"]}\n', "FIELD_TYPE"),
 ]
 CLIENT_PORT_WRONG_TYPES = [
     (b'{"TASK":"DEPOSIT","ID":"t-1","ACCOUNT":"acct-a","AMOUNT":[500]}\n', "AMOUNT_TYPE"),

@@ -313,6 +313,8 @@ def test_bad_input_on_the_server_port_gets_a_clear_error_and_changes_nothing(tmp
             (b"this is not json\n", "INVALID_JSON"),
             (b'["a", "list"]\n', "NOT_OBJECT"),
             (b'{"TASK": "LAUNCH", "ID": "t1"}\n', "UNKNOWN_MESSAGE"),
+            (b'{"RESPONSE": ["ALIVE"]}\n', "FIELD_TYPE"),
+            (b'{"TASK": {"WORKER_REQUEST": 1}}\n', "FIELD_TYPE"),
             (b'{"TASK": "DEPOSIT", "ID": "t2", "ACCOUNT": "a b", "AMOUNT": "1"}\n', "ACCOUNT_INVALID"),
             (b'{"WORKER": "ALIVE", "WORKER_UUID": "worker1", "MAX_TASKS": 4, "ACCEPTS": ["UPDATE"]}\n', "WORKER_ID_IN_USE"),
             (b'{"TASK": "WORKER_REQUEST", "WORKERS_NEEDED": 2, "SERVER_UUID": "intruder"}\n', "NOT_PEER"),

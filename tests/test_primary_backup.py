@@ -291,6 +291,7 @@ BAD_LINES = [
     (b"[1, 2]\n", "NOT_OBJECT"),
     (b'{"TASK": "FLY"}\n', "UNKNOWN_MESSAGE"),
     (b'{"TASK": "DEPOSIT", "ID": "x1", "ACCOUNT": "a", "AMOUNT": "-1"}\n', None),
+    (b'{"TASK": []}\n', "FIELD_TYPE"),
 ]
 PEER_ONLY_BAD_LINES = [
     (b'{"TASK": "DEPOSIT", "ID": "x2", "ACCOUNT": "a", "AMOUNT": "1"}\n', "WRONG_ROLE"),
@@ -304,6 +305,11 @@ PEER_ONLY_BAD_LINES = [
      "FIELD_INVALID"),
     (b'{"TASK": "SNAPSHOT_END"}\n', "FIELD_INVALID"),
     (b'{"TASK": "ACK", "EPOCH": 1, "SEQ": 5}\n', "WRONG_ROLE"),
+    (b'{"TASK": {"HELLO": 1}}\n', "FIELD_TYPE"),
+    (b'{"TASK": "APPEND", "EPOCH": 1, "FROM_SEQ": 1, "ENTRY_EPOCH": 1, "PRIMARY_SEQ": 1, "ENTRIES": [["x4", "DEPOSIT", "a", null, 1, []]]}\n',
+     "FIELD_INVALID"),
+    (b'{"TASK": "LEASE", "ID": 7, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 1000, "PRIMARY_SEQ": 0,'
+     b' "CLIENT_ADDRESS": "h:\\u00b2"}\n', "FIELD_INVALID"),  # a digit to str.isdigit, not to int()
 ]
 WITNESS_BAD_LINES = [
     (b'{"TASK": "DEPOSIT", "ID": "x2", "ACCOUNT": "a", "AMOUNT": "1"}\n', "WRONG_ROLE"),
@@ -311,6 +317,9 @@ WITNESS_BAD_LINES = [
     (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 99, "CANDIDATE": "witness", "LAST_EPOCH": 0, "LAST_SEQ": 0}\n', "FIELD_INVALID"),
     ((b'{"TASK": "LEASE", "ID": 6, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 1000, "PRIMARY_SEQ": 0,'
       b' "SYNC_SET": {"EPOCH": 99, "VERSION": 1, "MEMBERS": ["mallory"]}}\n'), "FIELD_INVALID"),
+    (b'{"TASK": ["VOTE"]}\n', "FIELD_TYPE"),
+    (b'{"TASK": "LEASE", "ID": 7, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 1000, "PRIMARY_SEQ": 0,'
+     b' "CLIENT_ADDRESS": "h:\\u00b2"}\n', "FIELD_INVALID"),
 ]
 
 

@@ -53,6 +53,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica-port", type=int, default=topology.DEFAULT_PORTS["sequencer_replica"], help="replica port (default 6003)")
     parser.add_argument("--replicas", required=False, help="names of the replicas, comma-separated (e.g. replica1,replica2)")
     parser.add_argument("--log-dir", help="directory of the log (default var/<name>-log)")
+    add_log_flags(parser)
+
+
+def add_log_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the durable log and its bounds (the sequencer's and the queue server's)."""
     parser.add_argument("--max-log-entries", type=int, default=DEFAULT_MAX_LOG_ENTRIES,
                         help="entries kept for replicas that lag; one further behind recovers by state transfer")
     parser.add_argument("--segment-entries", type=int, default=DEFAULT_SEGMENT_ENTRIES)
@@ -215,7 +220,7 @@ class SequencerNode:
         task = message.get("TASK")
         try:
             if task == "STATUS":
-                stream.send(self.status(message.get("ID")))
+                stream.send(self.status(wire.request_id_of(message)))
             elif task == "SUBSCRIBE":
                 if expected_name is not None and message.get("REPLICA") != expected_name:
                     raise SaldoError("FIELD_INVALID", f"this connection feeds {expected_name}")
