@@ -42,10 +42,12 @@ heartbeat. Heartbeats carry WORKERS_HELD: which of the receiver's workers the se
 owner learns of a lent worker that died at the borrower.
 
 Lending. A server whose queue stays above `lend_queue_threshold` for `overload_s` asks each up peer
-for workers (WORKER_REQUEST). A peer whose own queue is short lends idle workers it has at home,
-never leaving fewer than `min_own_workers` at home: it answers ACK with their ids and sends each one
-REDIRECT. When the borrower's queue stays below `return_queue_threshold` for `underload_s`, it sends
-the owner COMMAND_RELEASE, the owner answers RELEASE_ACK, the borrower answers each of those workers'
+for workers (WORKER_REQUEST); so does a server with tasks queued and no worker at all, whatever the
+length of its queue (nothing else would ever run them). A peer whose own queue is short lends idle
+workers it has at home, never leaving fewer than `min_own_workers` at home: it answers ACK with
+their ids and sends each one REDIRECT. When the borrower's queue stays below
+`return_queue_threshold` for `underload_s` (and it has workers of its own, or nothing queued), it
+sends the owner COMMAND_RELEASE, the owner answers RELEASE_ACK, the borrower answers each of those workers'
 next ALIVE with RETURN, and when all are home the owner sends RELEASE_COMPLETED. A worker whose
 borrower dies goes home by itself (its connection breaks); a worker whose server dies goes through
 its FAILOVER_LIST, and the peer that takes it in serves with it until its owner is up again.
@@ -845,8 +847,21 @@ class FarmCore:
     def _watch_load(self, now: float) -> None:
         queue_length = self.queue_length
         config = self.config
-        self._overloaded_since = (self._overloaded_since or now) if queue_length > config.lend_queue_threshold else None
-        self._underloaded_since = (self._underloaded_since or now) if queue_length < config.return_queue_threshold else None
+        # Tasks queued and no worker here at all: however short the queue, nothing would ever run
+        # them, so this server borrows as if overloaded, and keeps what it borrowed until they ran.
+        home_present = borrowed_present = False
+        if queue_length > 0:
+            for worker in self.workers.values():
+                if self._present(worker, now):
+                    if worker.placement == HOME:
+                        home_present = True
+                        break
+                    borrowed_present = True
+        starved = queue_length > 0 and not home_present and not borrowed_present
+        overloaded = queue_length > config.lend_queue_threshold or starved
+        underloaded = queue_length < config.return_queue_threshold and (queue_length == 0 or home_present)
+        self._overloaded_since = (self._overloaded_since or now) if overloaded else None
+        self._underloaded_since = (self._underloaded_since or now) if underloaded else None
         if self._overloaded_since is not None and now - self._overloaded_since >= config.overload_s:
             self._ask_for_workers(now)
         if self._underloaded_since is not None and now - self._underloaded_since >= config.underload_s:

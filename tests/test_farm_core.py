@@ -399,6 +399,60 @@ def test_an_overloaded_server_borrows_idle_workers_and_gives_them_back_when_its_
     assert not b.peers[A_KEY].pending_release
 
 
+def test_a_server_without_workers_borrows_one_for_a_single_task_and_gives_it_back_once_it_ran():
+    net, a, b = two_servers(lend_queue_threshold=200)
+    b.on_message(11, alive("b1"), 0.0)
+    b.on_message(12, alive("b2"), 0.0)
+    # A has no worker at all: one task, far below the lending threshold, would wait forever.
+    a.on_message(2, deposit("op-1"), 0.0)
+    a.pump(0.0)
+    net.tick(0.1)
+    net.tick(0.4)
+    assert not net.take(B_KEY, 11) and not net.take(B_KEY, 12)  # not yet: it must last overload_s
+    net.tick(0.7)
+    lent = [w for w in b.workers.values() if w.placement == LENT]
+    assert len(lent) == 1  # B keeps its minimum of one at home
+    (conn_at_b,) = [conn for conn in (11, 12) if any(m.get("TASK") == "REDIRECT" for m in net.take(B_KEY, conn))]
+    # Until the worker arrives, A has nothing to give back, and asks no one again.
+    net.tick(2.0)
+    assert a.status(2.0)["WORKERS"]["BORROWED"] == 0
+    worker_id = lent[0].worker_id
+    a.on_message(21, alive(worker_id, owner="srv-b"), 2.1)
+    a.pump(2.1)
+    net.run(2.1)
+    (batch,) = [m for m in net.take(A_KEY, 21) if m.get("TASK") == "BATCH"]
+    assert [t["ID"] for t in batch["TASKS"]] == ["op-1"]
+    # A short queue with only a borrowed worker here is not a reason to give it back yet.
+    net.tick(3.5)
+    assert a.status(3.5)["WORKERS"]["BORROWED"] == 1
+    a.on_message(21, alive(worker_id, owner="srv-b", results=[ok("op-1")]), 3.6)
+    net.run(3.6)
+    assert net.take(A_KEY, 2) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
+    # The queue is empty for underload_s: the worker goes home.
+    net.tick(3.7)
+    net.tick(4.8)
+    messages = net.take(A_KEY, 21)
+    if messages and messages[-1]["TASK"] == "NO_TASK":  # its long poll ended first: it asks again
+        a.on_message(21, alive(worker_id, owner="srv-b"), 4.8)
+        net.run(4.8)
+        messages = net.take(A_KEY, 21)
+    assert messages[-1]["TASK"] == "RETURN"
+    assert a.status(4.8)["WORKERS"]["BORROWED"] == 0
+
+
+def test_a_server_with_a_worker_of_its_own_does_not_borrow_for_a_short_queue():
+    net, a, b = two_servers(lend_queue_threshold=200)
+    b.on_message(11, alive("b1"), 0.0)
+    b.on_message(12, alive("b2"), 0.0)
+    a.on_message(1, alive("a1", max_tasks=1), 0.0)
+    for index in range(3):
+        a.on_message(2, deposit(f"op-{index}"), 0.0)
+    a.pump(0.0)
+    for now in (0.3, 0.9, 1.5):
+        net.tick(now)
+    assert all(w.placement == HOME for w in b.workers.values())
+
+
 def test_a_server_never_lends_below_its_minimum_nor_the_same_worker_twice():
     net, a, b = two_servers(min_own_workers=2)
     b.on_message(11, alive("b1"), 0.0)
