@@ -3,10 +3,11 @@
 
     python client.py deposit alice 120.50                       (standalone on 127.0.0.1:7000)
     python client.py --arch sequencer transfer alice bob 10
-    python client.py --topology var/demo/topology.json balance alice
-    python client.py status 127.0.0.12:7000
+    python client.py --topology var/up/sequencer/topology.json balance alice   (after `make up`)
+    python client.py status 127.0.0.1:7000
 
-Prints what a person wants to read: `OK balance=120.50`, `NOK INSUFFICIENT_FUNDS`. Exit code 0 on OK,
+Prints what a person wants to read: `OK balance=120.50`, `NOK INSUFFICIENT_FUNDS`, or (the queue
+architecture, which answers once an operation is queued) `ACCEPTED seq=3: ...`. Exit code 0 on OK or ACCEPTED,
 1 when the bank said no, 2 when the outcome is unknown (no conclusive answer before --timeout; a
 retry with the same --id is safe), 64 on bad usage.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 
@@ -41,17 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to retry before giving up (default 10)")
     parser.add_argument("--id", help="operation id (default: a new UUID); reuse it to retry safely")
     parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+    parser.add_argument("--wait", choices=["sequenced", "applied", "all"],
+                        help="sequencer and queue: answer once the operation is in the log (sequenced), applied "
+                             "by one replica, or by all (default: the server's; the queue server answers once queued)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for kind in ("deposit", "withdraw"):
-        sub = commands.add_parser(kind, help=f"{kind} AMOUNT into/from ACCOUNT")
-        sub.add_argument("account")
-        sub.add_argument("amount")
+    amount_help = "a decimal amount with at most two places, e.g. 120.50"
+    for kind, preposition in (("deposit", "into"), ("withdraw", "from")):
+        sub = commands.add_parser(kind, help=f"{kind} AMOUNT {preposition} ACCOUNT")
+        sub.add_argument("account", metavar="ACCOUNT", help="account name (letters, digits, _ . @ -)")
+        sub.add_argument("amount", metavar="AMOUNT", help=amount_help)
     sub = commands.add_parser("transfer", help="move AMOUNT from SOURCE to TARGET")
-    sub.add_argument("source")
-    sub.add_argument("target")
-    sub.add_argument("amount")
+    sub.add_argument("source", metavar="SOURCE", help="the account the money leaves")
+    sub.add_argument("target", metavar="TARGET", help="the account the money goes to")
+    sub.add_argument("amount", metavar="AMOUNT", help=amount_help)
     sub = commands.add_parser("balance", help="the balance of ACCOUNT")
-    sub.add_argument("account")
+    sub.add_argument("account", metavar="ACCOUNT")
     sub.add_argument("--min-seq", type=int, help="the read must reflect at least this sequence number")
     sub = commands.add_parser("worker", help="run a worker of the worker farm (client.py worker --help)",
                               add_help=False, prefix_chars="+")  # every flag belongs to the worker's own parser
@@ -67,15 +73,19 @@ def build_request(args: argparse.Namespace) -> tuple[str, bytes]:
     if args.command == "balance":
         return op_id, bankclient.balance_line(op_id, check_account(args.account), args.min_seq)
     amount_cents = parse_amount_cents(args.amount)
+    wait = f',"WAIT":"{args.wait.upper()}"' if args.wait else ""
     if args.command == "transfer":
         source, target = check_account(args.source, "FROM"), check_account(args.target, "TO")
         if source == target:
             raise SaldoError("SAME_ACCOUNT", "SOURCE and TARGET are the same account")
-        return op_id, bankclient.operation_line(op_id, "TRANSFER", source, target, amount_cents)
-    return op_id, bankclient.operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents)
+        return op_id, bankclient.operation_line(op_id, "TRANSFER", source, target, amount_cents, wait)
+    return op_id, bankclient.operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents, wait)
 
 
 def describe_reply(reply: dict, outcome: str) -> str:
+    if reply.get("STATUS") == "OK" and reply.get("ACCEPTED") is True:
+        return (f"ACCEPTED seq={reply.get('SEQ')}: queued for every replica; its outcome is decided when they apply"
+                " it (--wait applied waits for that)")
     if reply.get("STATUS") == "OK":
         parts = ["OK"]
         for key, label in (("BALANCE", "balance"), ("SEQ", "seq"), ("APPLIED", "applied"), ("BEHIND", "behind")):
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error("status needs HOST:PORT or --topology")
         return run_status(args, targets)
-    arch = args.arch or (topo or {}).get("architecture") or "standalone"
+    arch = args.arch or bankclient.client_architecture((topo or {}).get("architecture") or "standalone")
     try:
         addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
         return asyncio.run(run_operation(args, arch, addresses))
@@ -163,4 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader went away (`client.py status | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush is quiet
+        sys.exit(EXIT_NOK)

@@ -172,7 +172,11 @@ def run_up(args: argparse.Namespace) -> int:
     run_dir = REPO_ROOT / "var" / "up" / args.arch
     lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store))
     with Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch) as cluster:
-        cluster.start()
+        try:
+            cluster.start()
+        except (RuntimeError, TimeoutError) as error:  # e.g. a port taken by a cluster left running
+            print(f"the {args.arch} cluster did not start: {error}", file=sys.stderr)
+            return 1
         print(f"saldo {args.arch} cluster is up (topology: {cluster.topology_path})")
         for node in lab.nodes:
             print(f"  {node.name:<28} {node.host}:{node.port:<6} pid {cluster.pid(node.name)}  log {cluster.log_path(node.name)}")

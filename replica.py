@@ -2,7 +2,7 @@
 """A saldo replica: holds a copy of the accounts in a durable store and serves it.
 
     python replica.py --mode standalone --port 7000 --store sqlite:///var/standalone.db
-    python replica.py --topology var/local/topology.json --name replica1
+    python replica.py --topology var/up/sequencer/topology.json --name replica1
 
 Modes (one per architecture of seed 002, plus the baseline):
   standalone       one process, no replication: the baseline every architecture is compared with

@@ -2,7 +2,7 @@
 """The saldo sequencer: total order for the replicated bank (seed 002, part 3).
 
     python sequencer.py --replicas replica1,replica2
-    python sequencer.py --topology var/demo/topology.json --name sequencer
+    python sequencer.py --topology var/up/sequencer/topology.json --name sequencer
 
 Clients send operations to the client port (6002); the sequencer numbers them 1, 2, 3, ..., writes
 them to its durable log (--log-dir) and broadcasts them to the replicas, which connect to the

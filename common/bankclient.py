@@ -351,6 +351,14 @@ _TOPOLOGY_ROLES: dict[str, list[tuple[str, str | None, str]]] = {
 
 # Architecture -> factory(addresses, request_timeout_s) -> client with submit/execute/close.
 ARCHITECTURES: dict[str, object] = {}
+# Cluster architectures that differ from another one only on the servers' side (a topology file
+# may name them): their client is that other architecture's.
+CLIENT_OF_VARIANT: dict[str, str] = {}
+
+
+def client_architecture(name: str) -> str:
+    """The client architecture that talks to a cluster of architecture `name`."""
+    return CLIENT_OF_VARIANT.get(name, name)
 
 
 def register(name: str, factory, default_addresses: dict[str, list[str]], topology_roles: list[tuple[str, str | None, str]]) -> None:

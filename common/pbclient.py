@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from common.bankclient import BankClient, DirectClient, register
+from common.bankclient import CLIENT_OF_VARIANT, BankClient, DirectClient, register
 from common.log import get_logger
 
 log = get_logger("pbclient")
@@ -167,3 +167,5 @@ register(
     {"write": ["127.0.0.12:6004", "127.0.0.13:6004"]},
     [("replica.py", "primary-backup", "write")],
 )
+# The seed's asynchronous mode replicates differently; its clients are the same.
+CLIENT_OF_VARIANT["primary-backup-async"] = "primary-backup"

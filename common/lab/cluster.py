@@ -124,7 +124,9 @@ class Cluster:
             self.wait_ready(name, timeout_s=timeout_s)
 
     def wait_ready(self, name: str, *, timeout_s: float = READY_TIMEOUT_S) -> dict:
-        """Wait until `name` answers STATUS with OK; its status. Raises if it exits or times out."""
+        """Wait until `name` answers STATUS with OK; its status. Raises if it exits or times out.
+        The answer must carry the PID this cluster started: another process already listening on
+        the node's port (a cluster left running) is not taken for it."""
         node = self.nodes[name]
         deadline = time.monotonic() + timeout_s
         last_error = "no answer"
@@ -134,9 +136,10 @@ class Cluster:
                 raise RuntimeError(f"{name} exited (code {process and process.returncode}); see {self.log_path(name)}")
             try:
                 status = self.status(name, timeout_s=1.0)
-                if status.get("STATUS") == "OK":
+                if status.get("STATUS") == "OK" and status.get("PID") == process.pid:
                     return status
-                last_error = str(status)
+                last_error = (f"{node.host}:{node.port} is answered by pid {status.get('PID')}, not {process.pid}"
+                              if status.get("STATUS") == "OK" else str(status))
             except OSError as error:
                 last_error = repr(error)
             time.sleep(0.05)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import sys
 import time
 
@@ -219,7 +220,7 @@ def control_reply(proxy: LinkProxy, message: dict | SaldoError) -> dict:
     try:
         task = message.get("TASK")
         if task == "STATUS":
-            return {"ID": request_id, "STATUS": "OK", "ROLE": "proxy", "NODE": proxy.name, **proxy.state()}
+            return {"ID": request_id, "STATUS": "OK", "ROLE": "proxy", "NODE": proxy.name, "PID": os.getpid(), **proxy.state()}
         if task != "FAULT":
             raise SaldoError("UNKNOWN_MESSAGE", "expected TASK STATUS or FAULT")
         action = message.get("ACTION")

@@ -26,11 +26,15 @@ from common.sequencing import WAIT_ALL, WAIT_APPLIED, WAIT_SEQUENCED
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    orderer.add_flags(parser)
-    parser.set_defaults(port=topology.DEFAULT_PORTS["queue_rpc"])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["queue_rpc"],
+                        help=f"RPC port for clients (default {topology.DEFAULT_PORTS['queue_rpc']})")
+    parser.add_argument("--replicas", help="each replica's queue port, NAME=HOST:PORT comma-separated "
+                        f"(e.g. replica1=127.0.0.12:{topology.DEFAULT_PORTS['queue_replica']})")
+    parser.add_argument("--log-dir", help="directory of the queues (default var/<name>-queue)")
     parser.add_argument("--ack-replicas", type=int, default=0,
                         help="answer once this many replicas applied the operation (default 0: once queued)")
-    # The sequencer's --replicas takes names; here each replica is NAME=HOST:PORT (its queue port).
+    orderer.add_log_flags(parser)
 
 
 def prepare(args: argparse.Namespace) -> None:
