@@ -79,6 +79,7 @@ class MessageStream:
         self._loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else ""  # the address it connects from
         transport = writer.transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         sock = writer.get_extra_info("socket")
@@ -274,14 +275,18 @@ class Server:
 
 
 async def connect_with_backoff(
-    address: tuple[str, int], stop: asyncio.Event, *, max_line_bytes: int, peer: str, connect_timeout_s: float = 2.0
+    address: tuple[str, int], stop: asyncio.Event, *, max_line_bytes: int, peer: str, connect_timeout_s: float = 2.0,
+    source_host: str | None = None,
 ) -> MessageStream | None:
     """A stream to `address`, retrying with exponential backoff (RECONNECT_BACKOFF_S) until it
-    connects; None once `stop` is set. For the long-lived links one node keeps to another."""
+    connects; None once `stop` is set. For the long-lived links one node keeps to another;
+    `source_host`: the address to connect from (the one the peer checks, see common/peers.py)."""
     backoff_s = RECONNECT_BACKOFF_S[0]
+    local_addr = (source_host, 0) if source_host else None
     while not stop.is_set():
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), connect_timeout_s)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*address, local_addr=local_addr),
+                                                    connect_timeout_s)
         except (OSError, asyncio.TimeoutError) as error:
             log.debug("peer_unreachable", peer=peer, error=repr(error))
             await asyncio.sleep(backoff_s)

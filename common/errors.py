@@ -55,7 +55,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "TOO_STALE": (True, "the replica has not yet applied the sequence number the read requires"),
     "STALE_EPOCH": (True, "the message comes from an epoch older than one this node has promised; see PROMISED_EPOCH"),
     # Worker farm (common/farm.py).
-    "NOT_PEER": (True, "the sender is not a configured peer server; server-to-server messages are refused"),
+    "NOT_PEER": (True, "the sender is not a configured peer of this process; its protocol messages are refused"),
     "WORKER_ID_IN_USE": (True, "another open connection already serves as this WORKER_UUID"),
     "TASK_FAILED": (True, "the worker reported that the task failed; DETAIL has its words (nothing changed)"),
     # Outcome unknown: the client must retry with the same id to learn it.

@@ -555,9 +555,16 @@ def port_address(running: RunningCluster, node_name: str, which: str) -> tuple[s
     return (node.host, node.port) if which == "node" else (node.host, int(node.settings[which]))
 
 
+# The replication ports take protocol messages only from their peers' hosts (common/peers.py): the
+# bad input for them comes from a peer's host, so that it reaches the protocol's own checks.
+PORT_SOURCE_HOSTS = {"sequencer-replica-link": archs.REPLICA_HOSTS[0], "queue-replica": archs.ORCHESTRATOR_HOST}
+STRANGER_HOST = "127.0.0.1"  # no node of the lab's layouts runs there
+
+
 class RawConnection:
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=5.0)
+    def __init__(self, address: tuple[str, int], source_host: str | None = None) -> None:
+        self.sock = socket.create_connection(address, timeout=5.0,
+                                             source_address=(source_host, 0) if source_host else None)
         self.splitter = wire.LineSplitter(REPLICA_LINK_MAX_LINE)
         self.inbox: list = []
         self.eof = False
@@ -607,7 +614,7 @@ def test_bad_input_at_every_listening_port_gets_an_error_reply_and_changes_no_ba
     running = clusters(architecture)
     address = port_address(running, node_name, which)
     before = running.state()
-    connection = RawConnection(address)
+    connection = RawConnection(address, PORT_SOURCE_HOSTS.get(port))
     try:
         for data, code in GARBAGE + wrong_types + wrong_role:
             reply = connection.reply_to(data)
@@ -640,7 +647,7 @@ def test_wrong_types_from_a_subscribed_replica_get_error_replies_and_change_noth
             deposit = {"TASK": "DEPOSIT", "ID": f"seed-{index}", "ACCOUNT": "acct-a", "AMOUNT": "10.00"}
             assert cluster.request("sequencer", deposit, timeout_s=10.0)["STATUS"] == "OK"
         node = cluster.nodes["sequencer"]
-        connection = RawConnection((node.host, int(node.settings["replica_port"])))
+        connection = RawConnection((node.host, int(node.settings["replica_port"])), archs.REPLICA_HOSTS[2])
         try:
             connection.sock.sendall(wire.encode({"TASK": "SUBSCRIBE", "REPLICA": "replica3", "LAST_APPLIED_SEQ": 0}))
             assert connection.next_matching(lambda m: m.get("TASK") == "SUBSCRIBED")["SEND_RESULTS"] is False
@@ -681,17 +688,47 @@ def test_a_rejected_feed_leaves_the_queue_servers_feed_in_place(clusters):
     status = running.cluster.status("replica1")
     assert status["CONNECTED_TO_SEQUENCER"] is True
     subscribed = len(log_events(running.cluster.log_path("server"), "replica_subscribed"))
-    connection = RawConnection(address)
+    before = running.state()
+    # From the server's host, a malformed FEED; from any other host, a well-formed one and a forged
+    # entry behind it: all refused, and none of them displaces the server's feed.
+    malformed = RawConnection(address, archs.ORCHESTRATOR_HOST)
+    stranger = RawConnection(address, STRANGER_HOST)
     try:
-        assert connection.reply_to(b'{"TASK":"FEED","SERVER":"x","REPLICA":7}\n')["ERROR"] == "FIELD_TYPE"
+        assert malformed.reply_to(b'{"TASK":"FEED","SERVER":"x","REPLICA":7}\n')["ERROR"] == "FIELD_TYPE"
+        assert stranger.reply_to(b'{"TASK":"FEED","SERVER":"evil","REPLICA":"replica1"}\n')["ERROR"] == "NOT_PEER"
+        forged = wire.encode({"TASK": "ORDERED", "SEQ": 3, "ID": "forged-1", "OP": "DEPOSIT", "ACCOUNT": "forged",
+                              "AMOUNT_CENTS": 100_000_000})
+        assert stranger.reply_to(forged)["ERROR"] == "WRONG_ROLE"
     finally:
-        connection.close()
-    # The server's own feed was not displaced (it would have had to subscribe again).
+        malformed.close()
+        stranger.close()
     time.sleep(0.5)
+    assert running.state() == before
+    # The server's own feed was not displaced (it would have had to subscribe again).
     assert len(log_events(running.cluster.log_path("server"), "replica_subscribed")) == subscribed
     reply = running.cluster.request("server", {"TASK": "DEPOSIT", "ID": "after-feed", "ACCOUNT": "feed-check",
                                                "AMOUNT": "1.00"}, timeout_s=5.0)
     assert reply["STATUS"] == "OK" and reply["BALANCE"] == "1.00"
+    for name in running.lab.replicas:
+        assert running.cluster.request(name, {"TASK": "BALANCE", "ACCOUNT": "forged"})["ERROR"] == "ACCOUNT_NOT_FOUND"
+
+
+def test_a_subscribe_from_a_host_that_runs_no_replica_is_refused_and_the_replica_keeps_its_place(clusters):
+    running = clusters("sequencer")
+    node = running.node("sequencer")
+    before = running.state()
+    stranger = RawConnection((node.host, int(node.settings["replica_port"])), STRANGER_HOST)
+    try:
+        reply = stranger.reply_to(wire.encode({"TASK": "SUBSCRIBE", "REPLICA": "replica1", "LAST_APPLIED_SEQ": 10**6}))
+        assert reply["ERROR"] == "NOT_PEER"
+        reply = stranger.reply_to(wire.encode({"TASK": "APPLIED", "UPTO": 1, "SYNCED": 1, "RESULTS": []}))
+        assert reply["ERROR"] == "NOT_PEER"
+        assert stranger.reply_to(b'{"TASK":"STATUS","ID":"s"}\n')["STATUS"] == "OK"  # anyone may look
+    finally:
+        stranger.close()
+    assert not log_events(running.cluster.log_path("sequencer"), "replica_reconnected_closing_old")
+    assert all(replica["CONNECTED"] for replica in running.cluster.status("sequencer")["REPLICAS"].values())
+    assert running.state() == before
 
 
 # --- client.py against each architecture --------------------------------------------------------

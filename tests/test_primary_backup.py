@@ -311,6 +311,13 @@ PEER_ONLY_BAD_LINES = [
     (b'{"TASK": "LEASE", "ID": 7, "EPOCH": 99, "PRIMARY": "replica1", "DURATION_MS": 1000, "PRIMARY_SEQ": 0,'
      b' "CLIENT_ADDRESS": "h:\\u00b2"}\n', "FIELD_INVALID"),  # a digit to str.isdigit, not to int()
 ]
+# Well-formed peer messages, from a host no replica runs on: refused before they are read.
+STRANGER_LINES = [
+    (b'{"TASK": "HELLO", "EPOCH": 1, "SESSION": 1, "PRIMARY": "replica1"}\n', "NOT_PEER"),
+    (b'{"TASK": "APPEND", "EPOCH": 1, "FROM_SEQ": 2, "ENTRY_EPOCH": 1, "PRIMARY_SEQ": 2, "ENTRIES": [["forged-1", "DEPOSIT", "forged", null, 100000000, null]]}\n',
+     "NOT_PEER"),
+    (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 99, "CANDIDATE": "replica1", "LAST_EPOCH": 0, "LAST_SEQ": 0}\n', "NOT_PEER"),
+]
 WITNESS_BAD_LINES = [
     (b'{"TASK": "DEPOSIT", "ID": "x2", "ACCOUNT": "a", "AMOUNT": "1"}\n', "WRONG_ROLE"),
     (b'{"TASK": "VOTE", "ID": 5, "EPOCH": 0, "CANDIDATE": "replica1", "LAST_EPOCH": 0, "LAST_SEQ": 0}\n', "FIELD_INVALID"),
@@ -323,9 +330,9 @@ WITNESS_BAD_LINES = [
 ]
 
 
-def send_lines(host: str, port: int, lines: list[tuple[bytes, str | None]]) -> list[dict]:
+def send_lines(host: str, port: int, lines: list[tuple[bytes, str | None]], source_host: str | None = None) -> list[dict]:
     replies = []
-    with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
+    with BlockingConnection(host, port, connect_timeout_s=2.0, source_host=source_host) as connection:
         for line, _code in lines:
             connection.send_bytes(line)
             replies.append(connection.receive(timeout_s=2.0))
@@ -346,11 +353,15 @@ def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_pat
         targets = []
         for name in lab.replicas:
             node = nodes[name]
-            targets.append((name, "client", node.host, node.port, BAD_LINES))
-            targets.append((name, "peer", node.host, node.settings["peer_port"], BAD_LINES[:3] + PEER_ONLY_BAD_LINES))
-        targets.append(("witness", "witness", witness.host, witness.port, BAD_LINES[:3] + WITNESS_BAD_LINES))
-        for name, port_kind, host, port, lines in targets:
-            replies = send_lines(host, port, lines)
+            other = next(nodes[r].host for r in lab.replicas if r != name)
+            targets.append((name, "client", node.host, node.port, BAD_LINES, None))
+            # The peer port takes protocol messages from the other replicas' hosts only: from there.
+            targets.append((name, "peer", node.host, node.settings["peer_port"], BAD_LINES[:3] + PEER_ONLY_BAD_LINES, other))
+            targets.append((name, "peer, from a stranger's host", node.host, node.settings["peer_port"],
+                            BAD_LINES[:2] + STRANGER_LINES, "127.0.0.1"))
+        targets.append(("witness", "witness", witness.host, witness.port, BAD_LINES[:3] + WITNESS_BAD_LINES, None))
+        for name, port_kind, host, port, lines, source_host in targets:
+            replies = send_lines(host, port, lines, source_host)
             for (line, code), reply in zip(lines, replies):
                 assert reply.get("STATUS") == "NOK", (name, port_kind, line, reply)
                 assert type(reply.get("DEFINITE")) is bool and reply.get("DETAIL"), reply

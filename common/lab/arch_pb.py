@@ -161,6 +161,8 @@ def build(options: LayoutOptions) -> PBLabCluster:
             "mode": "primary-backup",
             "peer_port": peer_ports[name],
             "replicas": ",".join(f"{r}@{topology.format_address(seen[r])}" for r in names),
+            # Where the other replicas connect from (with proxies, --replicas names proxy addresses).
+            "peer_hosts": ",".join(hosts[r] for r in names),
             "witnesses": f"witness@{topology.format_address(seen['witness'])}",
             "replication": replication,
             **settings_common,

@@ -195,6 +195,7 @@ def build_sequencer(options: LayoutOptions) -> LabCluster:
     nodes: list[Node] = []
     proxies_of: dict[str, list[str]] = {name: [] for name in names}
     sequencer_settings = {"replica_port": replica_port, "replicas": ",".join(names),
+                          "peer_hosts": ",".join(REPLICA_HOSTS[:replica_count]),
                           "log_dir": str(options.run_dir / "sequencer-log"),
                           **_int_extras(options, "max_log_entries", "segment_entries")}
     nodes.append(Node("sequencer", "sequencer.py", seq_host, client_port, sequencer_settings, role="sequencer"))
@@ -276,7 +277,7 @@ def build_queue(options: LayoutOptions) -> LabCluster:
                                  (host, queue_ports[name]))
         feeds.append(f"{name}={topology.format_address(address)}")
         peers = ",".join(f"{REPLICA_HOSTS[j]}:{queue_ports[other]}" for j, other in enumerate(names) if other != name)
-        settings = {"mode": "queue", "peers": peers, **_int_extras(options, "dedup_window")}
+        settings = {"mode": "queue", "peers": peers, "peer_hosts": server_host, **_int_extras(options, "dedup_window")}
         nodes.append(Node(name, "replica.py", host, queue_ports[name], settings, store=_store_url(options, name)))
     server_settings = {"mode": "queue", "replicas": ",".join(feeds), "log_dir": str(options.run_dir / "queue-server-log"),
                        "ack_replicas": int(options.extra.get("ack_replicas", 0)),

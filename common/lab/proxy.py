@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from common import aio, topology
+from common import aio, peers, topology
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.process import add_common_flags, run
@@ -139,7 +139,10 @@ class LinkProxy:
             if pair not in self._connections:  # dropped while waiting
                 return
             try:
-                target_reader, target_writer = await asyncio.open_connection(*self.target)
+                # From the host it listens on: the link's own host, which the target checks.
+                source = peers.source_address(self.listen[0])
+                target_reader, target_writer = await asyncio.open_connection(
+                    *self.target, local_addr=(source, 0) if source else None)
             except OSError:
                 client_writer.transport.abort()
                 return

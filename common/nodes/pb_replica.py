@@ -34,6 +34,7 @@ from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank
+from common.peers import PeerCheck, parse_hosts, resolve, source_address
 from common.primary_backup import (
     ASYNC,
     DEFAULT_MAX_LOG_ENTRIES,
@@ -99,6 +100,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--advertise", help="host:port clients are redirected to for this replica (default --host:--port)")
     parser.add_argument("--replicas", help="every replica, this one included: NAME@HOST:PEER_PORT,... (required)")
     parser.add_argument("--witnesses", default="", help="the witnesses: NAME@HOST:PORT,... (e.g. witness@127.0.0.11:6008)")
+    parser.add_argument("--peer-hosts", default="",
+                        help="hosts the other replicas connect from, comma-separated: only they may use the peer "
+                             "port (default: the hosts in --replicas; see common/peers.py)")
     parser.add_argument("--replication", choices=REPLICATION_MODES, default=SYNC,
                         help="sync: answer once every backup of the sync set has applied; async: once durable here")
     parser.add_argument("--lease-duration", type=float, default=timing.lease_duration_s, help="seconds a lease lasts")
@@ -183,6 +187,9 @@ class PBReplica:
         self.started_at = time.monotonic()
         peers = {**args.replica_peers, **args.witness_peers}
         self.links = {name: PeerLink(name, address) for name, address in peers.items() if name != args.name}
+        self.source_host = source_address(args.host)  # where this replica connects to its peers from
+        peer_hosts = parse_hosts(args.peer_hosts) or [host for host, _port in args.replica_peers.values()]
+        self.peer_check = PeerCheck(resolve(peer_hosts), role="primary-backup replica")
         self.waiting: set[ReplyQueue] = set()
         self.pending_replies = 0
         self.primary_stream: aio.MessageStream | None = None  # the stream of the session this backup follows
@@ -576,7 +583,8 @@ class PBReplica:
     async def maintain_link(self, link: PeerLink, stop: asyncio.Event) -> None:
         while not stop.is_set():
             stream = await aio.connect_with_backoff(
-                link.address, stop, max_line_bytes=PEER_LINE_BYTES, peer=link.name, connect_timeout_s=CONNECT_TIMEOUT_S
+                link.address, stop, max_line_bytes=PEER_LINE_BYTES, peer=link.name, connect_timeout_s=CONNECT_TIMEOUT_S,
+                source_host=self.source_host,
             )
             if stream is None:
                 return
@@ -657,6 +665,9 @@ class PBReplica:
 
     # --- The peer port (this replica as voter and backup) ---------------------------------------
     async def handle_peer(self, stream: aio.MessageStream) -> None:
+        if not self.peer_check.admits(stream):
+            await self.peer_check.answer_stranger(stream, self.status)
+            return
         reader: SnapshotReader | None = None
         try:
             while True:

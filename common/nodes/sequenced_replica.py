@@ -28,6 +28,7 @@ import time
 from collections import deque
 
 from common import aio, topology, wire
+from common.peers import PeerCheck, parse_hosts, resolve, source_address
 from common.bank import Query, balance_reply, parse_request
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
@@ -55,6 +56,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="port for reads, STATUS, SNAPSHOT and (queue mode) the server's FEED (default 6007; queue 6001)")
     parser.add_argument("--sequencer", default="127.0.0.1:6003", help="sequencer mode: the sequencer's replica port")
     parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer")
+    parser.add_argument("--peer-hosts", default="",
+                        help="queue mode: hosts the RPC server's FEED may come from, comma-separated "
+                             "(default: any host, with a warning; see common/peers.py)")
     parser.add_argument("--sync-interval-ms", type=int, default=DEFAULT_SYNC_INTERVAL_MS,
                         help="sync the store to disk at most this often; the orderer's log keeps what is not synced "
                              f"(0: at every commit; default {DEFAULT_SYNC_INTERVAL_MS})")
@@ -92,12 +96,17 @@ class SequencedReplica:
         self.entries_received = 0
         self.peers = [topology.parse_address(p) for p in args.peers.split(",") if p.strip()]
         self.sequencer_address = topology.parse_address(args.sequencer)
+        self.source_host = source_address(args.host)  # where this replica connects from
+        # Queue mode: who may FEED this replica (the port also serves reads to anyone).
+        self.feeders = (PeerCheck(resolve(parse_hosts(args.peer_hosts)) if args.peer_hosts else None,
+                                  role="queue replica") if args.mode == "queue" else None)
 
     # --- The sequencer link ---------------------------------------------------------------------
     async def follow_sequencer(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             stream = await aio.connect_with_backoff(
-                self.sequencer_address, stop, max_line_bytes=SEQUENCER_LINE_BYTES, peer="sequencer"
+                self.sequencer_address, stop, max_line_bytes=SEQUENCER_LINE_BYTES, peer="sequencer",
+                source_host=self.source_host,
             )
             if stream is None:
                 return
@@ -369,6 +378,7 @@ class SequencedReplica:
                     if task == "STATUS":
                         stream.send(self.status(request_id))
                     elif task == "FEED" and self.args.mode == "queue":
+                        self.feeders.check(stream, "FEED")
                         self._check_feed(message)
                         await self._be_fed(stream)
                         return

@@ -24,6 +24,7 @@ from common.bank import Operation, Query, parse_request, parse_request_line
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
+from common.peers import PeerCheck, parse_hosts, resolve, source_address
 from common.seqlog import DEFAULT_SEGMENT_ENTRIES, SequencerLog
 from common.sequencing import (
     DEFAULT_MAX_LOG_ENTRIES,
@@ -52,6 +53,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["sequencer_client"], help="client port (default 6002)")
     parser.add_argument("--replica-port", type=int, default=topology.DEFAULT_PORTS["sequencer_replica"], help="replica port (default 6003)")
     parser.add_argument("--replicas", required=False, help="names of the replicas, comma-separated (e.g. replica1,replica2)")
+    parser.add_argument("--peer-hosts", default="",
+                        help="hosts the replicas connect from, comma-separated: others may not SUBSCRIBE "
+                             "(default: any host, with a warning; see common/peers.py)")
     parser.add_argument("--log-dir", help="directory of the log (default var/<name>-log)")
     add_log_flags(parser)
 
@@ -114,6 +118,12 @@ class SequencerNode:
         self.links: dict[str, ReplicaLink] = {}
         self.started_at = time.monotonic()
         self.log_writes = 0
+        self.source_host = source_address(args.host)  # the queue server connects to replicas from here
+        # The sequencer: who may subscribe on the replica port. (The queue server connects out to
+        # its replicas, which check it instead.)
+        peer_hosts = getattr(args, "peer_hosts", "")
+        self.replica_check = (PeerCheck(resolve(parse_hosts(peer_hosts)) if peer_hosts else None, role="sequencer")
+                              if role == "sequencer" else None)
 
     # --- The log: group commit ------------------------------------------------------------------
     def schedule_log_write(self) -> None:
@@ -221,12 +231,14 @@ class SequencerNode:
         try:
             if task == "STATUS":
                 stream.send(self.status(wire.request_id_of(message)))
+            elif task in BANK_TASKS or "tipo" in message:
+                raise SaldoError("WRONG_ROLE", "this is the replica port; send bank operations to the client port")
+            elif expected_name is None and self.replica_check is not None and not self.replica_check.admits(stream):
+                self.replica_check.check(stream, str(task)[:32] if task else "a message")
             elif task == "SUBSCRIBE":
                 if expected_name is not None and message.get("REPLICA") != expected_name:
                     raise SaldoError("FIELD_INVALID", f"this connection feeds {expected_name}")
                 return self._subscribe(stream, message)
-            elif task in BANK_TASKS or "tipo" in message:
-                raise SaldoError("WRONG_ROLE", "this is the replica port; send bank operations to the client port")
             elif link is None:
                 raise SaldoError("FIELD_INVALID", "SUBSCRIBE first")
             elif task == "APPLIED":
@@ -280,7 +292,8 @@ class SequencerNode:
         """The queue server's side: connect to the replica's queue port, say FEED, and serve the
         replica's SUBSCRIBE / APPLIED / RESEND on that connection; reconnect when it ends."""
         while not stop.is_set():
-            stream = await aio.connect_with_backoff(address, stop, max_line_bytes=REPLICA_LINE_BYTES, peer=name)
+            stream = await aio.connect_with_backoff(address, stop, max_line_bytes=REPLICA_LINE_BYTES, peer=name,
+                                                    source_host=self.source_host)
             if stream is None:
                 return
             stream.send({"TASK": "FEED", "SERVER": self.args.name, "REPLICA": name})
