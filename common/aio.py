@@ -16,6 +16,8 @@ The codec itself is common/wire.py, shared with the blocking transport.
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import itertools
 import os
 import socket
@@ -79,7 +81,7 @@ class MessageStream:
         self._loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else ""  # the address it connects from
+        self.peer_host = normal_address(str(peer[0])) if isinstance(peer, tuple) else ""  # where it connects from
         transport = writer.transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         sock = writer.get_extra_info("socket")
@@ -288,12 +290,41 @@ async def connect_with_backoff(
             reader, writer = await asyncio.wait_for(asyncio.open_connection(*address, local_addr=local_addr),
                                                     connect_timeout_s)
         except (OSError, asyncio.TimeoutError) as error:
+            if local_addr is not None and _cannot_connect_from(error):
+                # E.g. a node listening on 127.0.0.1 whose peer is on another machine, or another
+                # address family: connect from wherever the system routes (the peer's --peer-hosts
+                # must then name that address).
+                log.warning("source_address_unusable", peer=peer, source_host=local_addr[0], error=repr(error))
+                local_addr = None
+                continue
             log.debug("peer_unreachable", peer=peer, error=repr(error))
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
             continue
         return MessageStream(reader, writer, max_line_bytes=max_line_bytes)
     return None
+
+
+def _cannot_connect_from(error: BaseException) -> bool:
+    """Whether a connection attempt failed because of its source address (not the peer)."""
+    if isinstance(error, socket.gaierror):
+        return True
+    if not isinstance(error, OSError) or isinstance(error, TimeoutError):
+        return False
+    # (asyncio says "no matching local address" without an errno when the families differ.)
+    return error.errno in (errno.EINVAL, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or "local address" in str(error)
+
+
+def normal_address(address: str) -> str:
+    """An IP address as one spelling: an IPv4-mapped IPv6 address as its IPv4 form, IPv6 compressed.
+    Anything that is not an address (a name) is returned as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
 
 
 async def start_server(handler: Handler, host: str, port: int, *, name: str, **options) -> Server:

@@ -13,6 +13,7 @@ address, is believed. What proves a role is TLS with a role in each certificate.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Callable
 
@@ -22,13 +23,20 @@ from common.log import get_logger
 
 log = get_logger("peers")
 
-_ANY_ADDRESS = ("", "0.0.0.0", "::")
 MAX_PEER_HOSTS = 64
+# A connection refused this many messages on a peer port is closed: a stranger holds no slot long.
+MAX_REFUSALS_PER_CONNECTION = 16
 
 
 def source_address(listen_host: str) -> str | None:
-    """The address outgoing links bind to: the one this node listens on, unless that is a wildcard."""
-    return None if listen_host in _ANY_ADDRESS else listen_host
+    """The address outgoing links bind to: the one this node listens on, unless that is a wildcard
+    (then the system picks, and the peers' --peer-hosts must name what it picks)."""
+    if not listen_host:
+        return None
+    try:
+        return None if ipaddress.ip_address(listen_host).is_unspecified else listen_host
+    except ValueError:
+        return listen_host  # a name: it resolves to this node's address
 
 
 def parse_hosts(text: str | None) -> list[str]:
@@ -46,7 +54,7 @@ def resolve(hosts: list[str]) -> frozenset[str]:
     for host in hosts:
         try:
             for _family, _type, _proto, _name, sockaddr in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP):
-                addresses.add(str(sockaddr[0]))
+                addresses.add(aio.normal_address(str(sockaddr[0])))
         except socket.gaierror as error:
             raise SystemExit(f"--peer-hosts: cannot resolve {host!r}: {error}") from None
     return frozenset(addresses)
@@ -78,13 +86,15 @@ class PeerCheck:
     async def answer_stranger(self, stream: aio.MessageStream, status: Callable[[object], dict]) -> None:
         """Serve a whole connection from a host that is not a peer's: STATUS is answered (`status`
         makes the reply for a request id), every other message refused with NOT_PEER, unread."""
-        while True:
+        refusals = 0
+        while refusals < MAX_REFUSALS_PER_CONNECTION:
             batch = await stream.read_batch()
             if batch is None:
                 return
             for message in batch:
                 if isinstance(message, SaldoError):
                     stream.send(error_reply(message.code, message.detail))
+                    refusals += 1
                     continue
                 request_id = message.get("ID") if type(message.get("ID")) in (str, int) else None
                 task = message.get("TASK")
@@ -95,5 +105,7 @@ class PeerCheck:
                         self.check(stream, task[:32] if task else "a message")
                 except SaldoError as error:
                     stream.send(error_reply(error.code, error.detail, request_id))
+                    refusals += 1
             if not await stream.drain():
                 return
+        await stream.close()

@@ -705,3 +705,38 @@ def test_connect_with_backoff_waits_for_a_peer_that_starts_late_and_gives_up_whe
     reply, gave_up = asyncio.run(scenario())
     assert reply == {"TASK": "PING"}
     assert gave_up
+
+
+# --- Links between nodes: the address they connect from --------------------------------------------
+
+
+@pytest.mark.parametrize("source_host, seen_from", [
+    ("127.0.0.12", "127.0.0.12"),  # the node's own address: what a peer check sees
+    ("::1", "127.0.0.1"),  # another family: connect from wherever the system routes
+    ("10.255.255.1", "127.0.0.1"),  # not an address of this machine: the same
+])
+def test_a_link_connects_from_the_nodes_address_or_else_from_wherever_it_can(source_host, seen_from):
+    async def scenario() -> tuple[str, str]:
+        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def on_connection(reader, writer):
+            accepted.set_result(aio.MessageStream(reader, writer).peer_host)
+
+        server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        stream = await asyncio.wait_for(aio.connect_with_backoff(
+            address, asyncio.Event(), max_line_bytes=1024, peer="test", source_host=source_host), 5.0)
+        assert stream is not None
+        seen = await asyncio.wait_for(accepted, 5.0)
+        await stream.close()
+        server.close()
+        return seen
+
+    assert asyncio.run(scenario()) == seen_from
+
+
+def test_an_ipv4_mapped_address_is_spelled_as_ipv4_so_that_a_peer_check_matches_it():
+    assert aio.normal_address("::ffff:127.0.0.12") == "127.0.0.12"
+    assert aio.normal_address("127.0.0.12") == "127.0.0.12"
+    assert aio.normal_address("0:0:0:0:0:0:0:1") == "::1"
+    assert aio.normal_address("replica1.example") == "replica1.example"

@@ -102,7 +102,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--witnesses", default="", help="the witnesses: NAME@HOST:PORT,... (e.g. witness@127.0.0.11:6008)")
     parser.add_argument("--peer-hosts", default="",
                         help="hosts the other replicas connect from, comma-separated: only they may use the peer "
-                             "port (default: the hosts in --replicas; see common/peers.py)")
+                             "port (default: any host, with a warning; see common/peers.py)")
     parser.add_argument("--replication", choices=REPLICATION_MODES, default=SYNC,
                         help="sync: answer once every backup of the sync set has applied; async: once durable here")
     parser.add_argument("--lease-duration", type=float, default=timing.lease_duration_s, help="seconds a lease lasts")
@@ -188,8 +188,8 @@ class PBReplica:
         peers = {**args.replica_peers, **args.witness_peers}
         self.links = {name: PeerLink(name, address) for name, address in peers.items() if name != args.name}
         self.source_host = source_address(args.host)  # where this replica connects to its peers from
-        peer_hosts = parse_hosts(args.peer_hosts) or [host for host, _port in args.replica_peers.values()]
-        self.peer_check = PeerCheck(resolve(peer_hosts), role="primary-backup replica")
+        self.peer_check = PeerCheck(resolve(parse_hosts(args.peer_hosts)) if args.peer_hosts else None,
+                                    role="primary-backup replica")
         self.waiting: set[ReplyQueue] = set()
         self.pending_replies = 0
         self.primary_stream: aio.MessageStream | None = None  # the stream of the session this backup follows
