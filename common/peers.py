@@ -92,6 +92,8 @@ class PeerCheck:
             if batch is None:
                 return
             for message in batch:
+                if refusals >= MAX_REFUSALS_PER_CONNECTION:
+                    break  # the rest of what it sent goes unanswered: the connection closes
                 if isinstance(message, SaldoError):
                     stream.send(error_reply(message.code, message.detail))
                     refusals += 1

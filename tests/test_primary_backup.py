@@ -19,6 +19,7 @@ the processes' logs and STATUS:
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from common import wire
+from common import peers, wire
 from common.bankclient import new_op_id, operation_line
 from common.blocking import BlockingConnection
 from common.lab import archs, checker
@@ -371,6 +372,17 @@ def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_pat
             with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
                 connection.send_bytes(b'{"TASK": "' + b"x" * (2 * 1024 * 1024) + b'"}\n')
                 assert connection.receive(timeout_s=5.0)["ERROR"] == "LINE_TOO_LONG"
+        # A stranger that keeps trying holds its connection only for a bounded number of refusals.
+        node = nodes[lab.replicas[0]]
+        with socket.create_connection((node.host, node.settings["peer_port"]), timeout=5.0,
+                                      source_address=("127.0.0.1", 0)) as stranger:
+            stranger.sendall(b'{"TASK": "HELLO", "EPOCH": 1, "SESSION": 1, "PRIMARY": "replica1"}\n' * 40)
+            received = b""
+            while chunk := stranger.recv(65536):
+                received += chunk
+        replies = [json.loads(line) for line in received.splitlines()]
+        assert len(replies) == peers.MAX_REFUSALS_PER_CONNECTION
+        assert {reply["ERROR"] for reply in replies} == {"NOT_PEER"}
         after = {name: cluster.status(name) for name in lab.replicas + ["witness"]}
         for name, earlier in before.items():
             for key in ("ROLE", "EPOCH", "LAST_APPLIED_SEQ", "OPS_APPLIED_TOTAL", "PID"):
