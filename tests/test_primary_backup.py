@@ -360,7 +360,10 @@ def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_pat
             targets.append((name, "peer", node.host, node.settings["peer_port"], BAD_LINES[:3] + PEER_ONLY_BAD_LINES, other))
             targets.append((name, "peer, from a stranger's host", node.host, node.settings["peer_port"],
                             BAD_LINES[:2] + STRANGER_LINES, "127.0.0.1"))
-        targets.append(("witness", "witness", witness.host, witness.port, BAD_LINES[:3] + WITNESS_BAD_LINES, None))
+        replica_host = nodes[lab.replicas[0]].host
+        targets.append(("witness", "witness", witness.host, witness.port, BAD_LINES[:3] + WITNESS_BAD_LINES, replica_host))
+        targets.append(("witness", "witness, from a stranger's host", witness.host, witness.port,
+                        BAD_LINES[:2] + STRANGER_LINES[2:], "127.0.0.1"))
         for name, port_kind, host, port, lines, source_host in targets:
             replies = send_lines(host, port, lines, source_host)
             for (line, code), reply in zip(lines, replies):

@@ -141,7 +141,8 @@ def build(options: LayoutOptions) -> PBLabCluster:
     settings_common = {key: kind(extra[key]) for key, kind in _REPLICA_SETTINGS.items() if key in extra}
 
     nodes: list[Node] = []
-    witness_settings = {"mode": "witness", "replicas": ",".join(names), "state_file": str(options.run_dir / "witness.json")}
+    witness_settings = {"mode": "witness", "replicas": ",".join(names), "state_file": str(options.run_dir / "witness.json"),
+                        "peer_hosts": ",".join(hosts[name] for name in names)}
     if "lease_duration" in settings_common:
         witness_settings["lease_duration"] = settings_common["lease_duration"]
     nodes.append(Node("witness", "server.py", *witness_address, witness_settings, role="witness"))

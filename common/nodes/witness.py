@@ -27,6 +27,7 @@ from common import aio, topology
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
+from common.peers import PeerCheck, parse_hosts, resolve
 from common.primary_backup import (
     Timing,
     Voter,
@@ -52,6 +53,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["witness"], help="voter port (default 6008)")
     parser.add_argument("--replicas", help="names of the replicas that may be elected, comma-separated (required)")
     parser.add_argument("--state-file", help="the voter record (default var/<name>.json)")
+    parser.add_argument("--peer-hosts", default="",
+                        help="hosts the replicas connect from, comma-separated: only they may ask for votes and "
+                             "leases (default: any host, with a warning; see common/peers.py)")
     parser.add_argument("--lease-duration", type=float, default=Timing().lease_duration_s,
                         help="the longest lease granted (at least the replicas'); also how long it stays quiet after a restart")
     parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)
@@ -104,6 +108,7 @@ class Witness:
         self.args = args
         self.path = Path(args.state_file)
         self.replicas = frozenset(args.replica_names)
+        self.peer_check = PeerCheck(resolve(parse_hosts(args.peer_hosts)) if args.peer_hosts else None, role="witness")
         # Leases longer than --lease-duration are refused, so the quiet time after a restart covers
         # every promise the witness may have made before it.
         timing = Timing(lease_duration_s=args.lease_duration, heartbeat_interval_s=args.lease_duration / 3)
@@ -145,6 +150,9 @@ class Witness:
             stream.send(reply)
 
     async def handle(self, stream: aio.MessageStream) -> None:
+        if not self.peer_check.admits(stream):
+            await self.peer_check.answer_stranger(stream, self.status)
+            return
         while True:
             batch = await stream.read_batch()
             if batch is None:
