@@ -147,6 +147,23 @@ def test_a_burst_on_one_server_borrows_workers_completes_every_task_and_returns_
                  10, "farm2's workers are home")
 
 
+def test_a_single_task_at_a_server_without_workers_is_run_by_a_borrowed_one(tmp_path, mysql_url):
+    # One worker, at farm1; farm2 has none. One task at farm2 is far below its lending threshold,
+    # but nothing else would ever run it: farm2 borrows the worker, then gives it back.
+    cluster, _lab = start_farm(tmp_path, mysql_url, workers=1, min_own_workers=0, overload_s=0.2, underload_s=0.5,
+                               heartbeat_interval_s=0.2)
+    with cluster:
+        assert cluster.status("farm2")["WORKERS"]["HOME"] == 0
+        started = time.monotonic()
+        reply = run_tasks(address(cluster, "farm2"), [deposit("alone", "2.50")], timeout_s=15.0)
+        (only,) = reply.values()
+        assert only["STATUS"] == "OK" and only["BALANCE"] == "2.50", only
+        assert time.monotonic() - started < 10.0
+        assert cluster.status("farm2")["TASKS_BY_BORROWED_TOTAL"] == 1
+        wait_for(lambda: cluster.status("farm1")["WORKERS"]["HOME"] == 1 and cluster.status("farm2")["WORKERS"]["BORROWED"] == 0,
+                 10, "the worker is home again")
+
+
 def test_a_worker_killed_between_commit_and_report_is_replaced_and_the_task_applied_once(tmp_path, mysql_url):
     # worker1 and worker3 belong to farm1; each holds its results 1.5 s after committing.
     cluster, lab = start_farm(tmp_path, mysql_url, workers=3, pause_after_commit_s=1.5)
