@@ -1,10 +1,11 @@
 """Who may speak a replication protocol: a check by the host a connection comes from.
 
 Owns the rule the replication ports apply before they act on a protocol message (a queue
-replica's FEED, the sequencer's SUBSCRIBE / APPLIED / RESEND, primary-backup's peer port): the
-connection must come from one of the hosts this node's peers run on (`--peer-hosts`). Each node
-connects to its peers from the address it listens on (`source_address`), so that is the host its
-peers see. Anyone may still ask for STATUS.
+replica's FEED, the sequencer's SUBSCRIBE / APPLIED / RESEND, primary-backup's peer port and its
+witness's votes and leases): the connection must come from one of the hosts this node's peers run
+on (`--peer-hosts`; without it, any host, and a warning at start). Each node connects to its peers
+from the address it listens on (`source_address`), so that is the host its peers see. Anyone may
+still ask for STATUS.
 
 This identifies peers on a network that only the cluster's hosts reach, like the worker farm's
 peer check; it is not authentication: a process on a peer's host, or one that forges its source
