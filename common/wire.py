@@ -34,7 +34,6 @@ _DECODER = json.JSONDecoder(parse_float=Decimal, strict=True)
 _scan_once = _DECODER.scan_once
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 _WHITESPACE = " \t\r"
-_DISPATCH_NAMES = ("TASK", "RESPONSE")
 
 
 class LineSplitter:
@@ -119,10 +118,12 @@ def decode_line(line: bytes) -> dict | None:
         raise SaldoError("INVALID_JSON", f"extra data at character {end}")
     if type(message) is not dict:
         raise SaldoError("NOT_OBJECT", f"expected a JSON object, got {type(message).__name__}")
-    for name in _DISPATCH_NAMES:
-        value = message.get(name)
-        if value is not None and type(value) is not str:
-            raise SaldoError("FIELD_TYPE", f"{name} must be a string")
+    task = message.get("TASK")
+    response = message.get("RESPONSE")
+    if task is not None and type(task) is not str:
+        raise SaldoError("FIELD_TYPE", "TASK must be a string")
+    if response is not None and type(response) is not str:
+        raise SaldoError("FIELD_TYPE", "RESPONSE must be a string")
     return message
 
 
