@@ -20,6 +20,7 @@ import pytest
 
 from common.blocking import BlockingConnection
 from common.lab import archs, checker
+from common.lab import report as report_module
 from common.lab.cluster import Cluster
 from common.lab.faults import Fault, FaultInjector
 from common.lab.report import REPORT_FIELDS
@@ -318,3 +319,11 @@ def test_the_proxy_control_port_refuses_what_it_does_not_understand(link, messag
     reply = link.cluster.request(link.proxy, message)
     assert reply["STATUS"] == "NOK" and reply["ERROR"] == code
     assert link.cluster.status(link.proxy)["PARTITIONED"] == []
+
+
+def test_the_report_table_says_when_each_fault_happened_as_a_share_of_the_run():
+    fault = {"action": "kill", "target": "replica1", "role": "replica", "at_s": 2.936, "until_s": 5.819}
+    assert report_module._describe_fault(fault, [0.54, 8.55]) == "kill replica1@2.936s until 5.819s (30% to 66% into the run)"
+    instant = {"action": "drop", "target": "replica1", "at_s": 2.936, "until_s": 2.936}
+    assert report_module._describe_fault(instant, [0.54, 8.55]) == "drop replica1@2.936s (30% into the run)"
+    assert report_module._describe_fault(instant, None) == "drop replica1@2.936s"

@@ -54,12 +54,27 @@ def write_report(report: dict, results_dir: Path) -> Path:
     return path
 
 
+def _describe_fault(fault: dict, run_window_s: list[float] | None) -> str:
+    """"kill replica1@2.936s until 5.819s (30% to 66% into the run)": times count from the lab's
+    start (seeding included, as in the history); the shares from the workload's."""
+    text = f"{fault['action']} {fault.get('target', '')}".strip() + f"@{fault['at_s']}s"
+    until_s = fault.get("until_s")
+    lasting = type(until_s) in (int, float) and until_s > fault["at_s"]
+    if lasting:
+        text += f" until {until_s}s"
+    if run_window_s and run_window_s[1] > run_window_s[0]:
+        start_s, end_s = run_window_s
+        shares = [fault["at_s"]] + ([until_s] if lasting else [])
+        text += " (" + " to ".join(f"{(t - start_s) / (end_s - start_s):.0%}" for t in shares) + " into the run)"
+    return text
+
+
 def format_table(report: dict) -> str:
     ops = report["ops"]
     latency = report["latency_ms"]
     reference = report.get("reference") or {}
     anomalies = {k: v for k, v in report["anomalies"].items() if v}
-    faults = ", ".join(f"{f['action']} {f.get('target', '')}@{f['at_s']}s".strip() for f in report["faults"]) or "none"
+    faults = ", ".join(_describe_fault(f, report.get("run_window_s")) for f in report["faults"]) or "none"
     rows = [
         ("architecture", report["architecture"] + (f" ({report['variant']})" if report.get("variant") else "")),
         ("clients", f"{report['clients']} x window {report.get('window', 1)}"),
