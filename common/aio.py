@@ -34,6 +34,7 @@ PARTIAL_LINE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 1024
 # Above this many unsent bytes a sender waits in drain(); below it writes never block.
 WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
+CLOSE_TIMEOUT_S = 5.0
 # A connection that failed is not retried sooner than this, so a dead peer costs little; each
 # failure doubles the wait, up to the second figure.
 RECONNECT_BACKOFF_S = (0.02, 0.5)
@@ -191,13 +192,19 @@ class MessageStream:
         return True
 
     async def close(self) -> None:
+        """Send what is queued and close; a peer that does not take it within CLOSE_TIMEOUT_S is
+        cut off, so closing never waits without end."""
         if self._closed:
             return
         self._flush()
         self._closed = True
         try:
             self._writer.close()
-            await self._writer.wait_closed()
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._writer.wait_closed()
+        except TimeoutError:
+            log.warning("close_timeout_aborting", peer=self.peer, unsent_bytes=self._writer.transport.get_write_buffer_size())
+            self._writer.transport.abort()
         except (ConnectionError, OSError):
             pass
 
@@ -285,6 +292,7 @@ async def connect_with_backoff(
     `source_host`: the address to connect from (the one the peer checks, see common/peers.py)."""
     backoff_s = RECONNECT_BACKOFF_S[0]
     local_addr = (source_host, 0) if source_host else None
+    failures = 0
     while not stop.is_set():
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(*address, local_addr=local_addr),
@@ -297,7 +305,11 @@ async def connect_with_backoff(
                 log.warning("source_address_unusable", peer=peer, source_host=local_addr[0], error=repr(error))
                 local_addr = None
                 continue
-            log.debug("peer_unreachable", peer=peer, error=repr(error))
+            failures += 1
+            # Every failure at debug level; the 8th, 16th, 32nd, ... also at info, so that a link
+            # that stays down leaves a trace in an ordinary log.
+            report = log.info if failures >= 8 and failures & (failures - 1) == 0 else log.debug
+            report("peer_unreachable", peer=peer, failures=failures, error=repr(error))
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
             continue
