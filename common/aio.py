@@ -87,7 +87,10 @@ class MessageStream:
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # reset between connect and here: the socket is gone, and the first read says so
 
     @property
     def closed(self) -> bool:
@@ -315,6 +318,19 @@ async def connect_with_backoff(
             continue
         return MessageStream(reader, writer, max_line_bytes=max_line_bytes)
     return None
+
+
+async def keep_running(peer: str, link: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    """Run a long-lived link (`link()`: connect, serve, reconnect, until `stop`) for as long as the
+    process runs. A failure nobody foresaw is logged and the link starts over after a pause: a link
+    task that ended silently would leave its node cut off for good."""
+    while not stop.is_set():
+        try:
+            await link()
+            return
+        except Exception as error:
+            log.exception("link_failed_restarting", peer=peer, error=repr(error))
+            await asyncio.sleep(RECONNECT_BACKOFF_S[1])
 
 
 def _cannot_connect_from(error: BaseException) -> bool:

@@ -740,3 +740,35 @@ def test_an_ipv4_mapped_address_is_spelled_as_ipv4_so_that_a_peer_check_matches_
     assert aio.normal_address("127.0.0.12") == "127.0.0.12"
     assert aio.normal_address("0:0:0:0:0:0:0:1") == "::1"
     assert aio.normal_address("replica1.example") == "replica1.example"
+
+
+def test_a_connection_reset_before_its_stream_is_made_gives_a_stream_that_reads_the_end():
+    # A peer that dies just as the link connects (a sequencer killed mid-accept): the socket is
+    # gone by the time the stream is made. That is an ended connection, not an exception that
+    # would end the task keeping the link (and leave a replica unsubscribed for good).
+    async def scenario() -> object:
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        writer.transport.abort()
+        await asyncio.sleep(0)  # the transport closes its socket
+        stream = aio.MessageStream(reader, writer)
+        lines = await asyncio.wait_for(stream.read_lines(), 5.0)
+        server.close()
+        return lines
+
+    assert asyncio.run(scenario()) is None
+
+
+def test_a_link_that_fails_unexpectedly_is_started_again_not_lost():
+    calls = []
+
+    async def link() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise OSError(9, "Bad file descriptor")  # what a reset mid-connect once raised
+
+    async def scenario() -> None:
+        await asyncio.wait_for(aio.keep_running("sequencer", link, asyncio.Event()), 5.0)
+
+    asyncio.run(scenario())
+    assert len(calls) == 2 and calls[1] - calls[0] >= aio.RECONNECT_BACKOFF_S[1] * 0.9

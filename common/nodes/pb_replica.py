@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import time
+from functools import partial
 from collections import deque
 
 from common import aio, topology, wire
@@ -923,7 +924,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     clients = await aio.start_server(node.handle_client, args.host, args.port, name="pb-clients",
                                      max_connections=args.max_connections)
     peers = await aio.start_server(node.handle_peer, args.host, args.peer_port, name="pb-peers", max_line_bytes=PEER_LINE_BYTES)
-    tasks = [asyncio.create_task(node.maintain_link(link, stop)) for link in node.links.values()]
+    tasks = [asyncio.create_task(aio.keep_running(link.name, partial(node.maintain_link, link, stop), stop))
+             for link in node.links.values()]
     tasks.append(asyncio.create_task(node.tick(stop)))
     if args.replication == ASYNC:
         tasks.append(asyncio.create_task(node.ship_periodically(stop)))

@@ -26,6 +26,7 @@ import asyncio
 import os
 import time
 from collections import deque
+from functools import partial
 
 from common import aio, topology, wire
 from common.peers import PeerCheck, parse_hosts, resolve, source_address
@@ -458,7 +459,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     server = await aio.start_server(replica.handle_client, args.host, args.port, name="replica-clients")
     tasks = [asyncio.create_task(replica.tick(stop))]
     if args.mode == "sequencer":
-        tasks.append(asyncio.create_task(replica.follow_sequencer(stop)))
+        tasks.append(asyncio.create_task(aio.keep_running("sequencer", partial(replica.follow_sequencer, stop), stop)))
     await stop.wait()
     log.info("stopping", last_applied_seq=replica.committed_seq, synced_seq=replica.synced_seq)
     for task in tasks:

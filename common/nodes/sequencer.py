@@ -18,6 +18,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from common import aio, topology, wire
 from common.bank import Operation, Query, parse_request, parse_request_line
@@ -441,7 +442,8 @@ async def run_orderer(args: argparse.Namespace, stop: asyncio.Event, replica_nam
     tasks = [asyncio.create_task(node.truncate_periodically())]
     replicas = None
     if outbound:
-        tasks += [asyncio.create_task(node.push_to_replica(name, address, stop)) for name, address in outbound.items()]
+        tasks += [asyncio.create_task(aio.keep_running(name, partial(node.push_to_replica, name, address, stop), stop))
+                  for name, address in outbound.items()]
     else:
         replicas = await aio.start_server(node.handle_replica, args.host, args.replica_port, name=f"{role}-replicas",
                                           max_line_bytes=REPLICA_LINE_BYTES)
