@@ -320,16 +320,16 @@ async def connect_with_backoff(
     return None
 
 
-async def keep_running(peer: str, link: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
-    """Run a long-lived link (`link()`: connect, serve, reconnect, until `stop`) for as long as the
-    process runs. A failure nobody foresaw is logged and the link starts over after a pause: a link
-    task that ended silently would leave its node cut off for good."""
+async def keep_running(name: str, loop: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    """Run one of a process's long-lived loops (a link to a peer: connect, serve, reconnect; a
+    periodic tick) until `stop`. A failure nobody foresaw is logged and the loop starts over after
+    a pause: a loop that ended silently would leave its node cut off, or its log untrimmed, for good."""
     while not stop.is_set():
         try:
-            await link()
+            await loop()
             return
         except Exception as error:
-            log.exception("link_failed_restarting", peer=peer, error=repr(error))
+            log.exception("loop_failed_restarting", loop=name, error=repr(error))
             await asyncio.sleep(RECONNECT_BACKOFF_S[1])
 
 

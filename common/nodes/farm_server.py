@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 import uuid
+from functools import partial
 
 from common import aio, topology
 from common.farm import Close, FarmConfig, FarmCore, PeerRequest, Send, address_key
@@ -291,11 +292,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     listener = await aio.start_server(server.handle, args.host, args.port, name="farm", max_connections=args.max_connections)
     log.info("farm_server_started", server_id=config.server_id, advertise=args.advertise,
              peers=",".join(address_key(p) for p in config.peers) or "-", store=redact(args.store) if args.store else "-")
-    loops = [asyncio.create_task(server.run_ticker(stop))]
+    loops = [asyncio.create_task(aio.keep_running("ticker", partial(server.run_ticker, stop), stop))]
     if args.store:
-        loops.append(asyncio.create_task(server.watch_store_counter(stop)))
+        loops.append(asyncio.create_task(aio.keep_running("store_counter", partial(server.watch_store_counter, stop), stop)))
     if args.supervisor:
-        loops.append(asyncio.create_task(server.send_reports(stop)))
+        loops.append(asyncio.create_task(aio.keep_running("reports", partial(server.send_reports, stop), stop)))
     await stop.wait()
     log.info("stopping", queue=core.queue_length, tasks_completed_total=core.tasks_completed_total)
     for loop_task in loops:

@@ -26,8 +26,8 @@ import argparse
 import asyncio
 import os
 import time
-from functools import partial
 from collections import deque
+from functools import partial
 
 from common import aio, topology, wire
 from common.bank import Operation, Query, balance_reply, parse_request, parse_request_line
@@ -926,9 +926,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     peers = await aio.start_server(node.handle_peer, args.host, args.peer_port, name="pb-peers", max_line_bytes=PEER_LINE_BYTES)
     tasks = [asyncio.create_task(aio.keep_running(link.name, partial(node.maintain_link, link, stop), stop))
              for link in node.links.values()]
-    tasks.append(asyncio.create_task(node.tick(stop)))
+    tasks.append(asyncio.create_task(aio.keep_running("tick", partial(node.tick, stop), stop)))
     if args.replication == ASYNC:
-        tasks.append(asyncio.create_task(node.ship_periodically(stop)))
+        tasks.append(asyncio.create_task(aio.keep_running("ship", partial(node.ship_periodically, stop), stop)))
     await stop.wait()
     log.info("stopping", role=core.role, epoch=core.epoch, last_seq=core.log.last_seq)
     await clients.stop()

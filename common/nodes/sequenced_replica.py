@@ -457,7 +457,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     dbank = await open_durable_bank(args, sync_interval_s=args.sync_interval_ms / 1000.0)
     replica = SequencedReplica(args, dbank)
     server = await aio.start_server(replica.handle_client, args.host, args.port, name="replica-clients")
-    tasks = [asyncio.create_task(replica.tick(stop))]
+    tasks = [asyncio.create_task(aio.keep_running("tick", partial(replica.tick, stop), stop))]
     if args.mode == "sequencer":
         tasks.append(asyncio.create_task(aio.keep_running("sequencer", partial(replica.follow_sequencer, stop), stop)))
     await stop.wait()

@@ -439,7 +439,7 @@ async def run_orderer(args: argparse.Namespace, stop: asyncio.Event, replica_nam
     node = SequencerNode(args, core, seqlog, default_wait=default_wait, role=role)
     clients = await aio.start_server(node.handle_client, args.host, args.port, name=f"{role}-clients",
                                      max_connections=args.max_connections)
-    tasks = [asyncio.create_task(node.truncate_periodically())]
+    tasks = [asyncio.create_task(aio.keep_running("truncate", node.truncate_periodically, stop))]
     replicas = None
     if outbound:
         tasks += [asyncio.create_task(aio.keep_running(name, partial(node.push_to_replica, name, address, stop), stop))
