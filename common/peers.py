@@ -72,6 +72,12 @@ class PeerCheck:
             log.warning("peer_hosts_unchecked", role=role,
                         hint="--peer-hosts: replication messages are taken from any host")
 
+    @classmethod
+    def from_flag(cls, peer_hosts: str, *, role: str) -> "PeerCheck":
+        """The check a `--peer-hosts` value asks for ("": none, any host is admitted). Resolves
+        host names: call it once, at start."""
+        return cls(resolve(parse_hosts(peer_hosts)) if peer_hosts else None, role=role)
+
     def admits(self, stream: aio.MessageStream) -> bool:
         return self.allowed is None or stream.peer_host in self.allowed
 

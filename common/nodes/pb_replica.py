@@ -35,7 +35,7 @@ from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank
-from common.peers import PeerCheck, parse_hosts, resolve, source_address
+from common.peers import PeerCheck, source_address
 from common.primary_backup import (
     ASYNC,
     DEFAULT_MAX_LOG_ENTRIES,
@@ -189,8 +189,7 @@ class PBReplica:
         peers = {**args.replica_peers, **args.witness_peers}
         self.links = {name: PeerLink(name, address) for name, address in peers.items() if name != args.name}
         self.source_host = source_address(args.host)  # where this replica connects to its peers from
-        self.peer_check = PeerCheck(resolve(parse_hosts(args.peer_hosts)) if args.peer_hosts else None,
-                                    role="primary-backup replica")
+        self.peer_check = PeerCheck.from_flag(args.peer_hosts, role="primary-backup replica")
         self.waiting: set[ReplyQueue] = set()
         self.pending_replies = 0
         self.primary_stream: aio.MessageStream | None = None  # the stream of the session this backup follows

@@ -29,12 +29,12 @@ from collections import deque
 from functools import partial
 
 from common import aio, topology, wire
-from common.peers import PeerCheck, parse_hosts, resolve, source_address
 from common.bank import Query, balance_reply, parse_request
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank
+from common.peers import PeerCheck, source_address
 from common.sequencing import MAX_RESULTS_PER_ACK, SequencedReplicaCore, applied_line, parse_entry, parse_entry_line
 from common.snapshot import SnapshotReader, image_to_lines
 from common.standalone import classify_unknown
@@ -99,8 +99,7 @@ class SequencedReplica:
         self.sequencer_address = topology.parse_address(args.sequencer)
         self.source_host = source_address(args.host)  # where this replica connects from
         # Queue mode: who may FEED this replica (the port also serves reads to anyone).
-        self.feeders = (PeerCheck(resolve(parse_hosts(args.peer_hosts)) if args.peer_hosts else None,
-                                  role="queue replica") if args.mode == "queue" else None)
+        self.feeders = PeerCheck.from_flag(args.peer_hosts, role="queue replica") if args.mode == "queue" else None
 
     # --- The sequencer link ---------------------------------------------------------------------
     async def follow_sequencer(self, stop: asyncio.Event) -> None:

@@ -25,7 +25,7 @@ from common.bank import Operation, Query, parse_request, parse_request_line
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
-from common.peers import PeerCheck, parse_hosts, resolve, source_address
+from common.peers import PeerCheck, source_address
 from common.seqlog import DEFAULT_SEGMENT_ENTRIES, SequencerLog
 from common.sequencing import (
     DEFAULT_MAX_LOG_ENTRIES,
@@ -122,9 +122,7 @@ class SequencerNode:
         self.source_host = source_address(args.host)  # the queue server connects to replicas from here
         # The sequencer: who may subscribe on the replica port. (The queue server connects out to
         # its replicas, which check it instead.)
-        peer_hosts = getattr(args, "peer_hosts", "")
-        self.replica_check = (PeerCheck(resolve(parse_hosts(peer_hosts)) if peer_hosts else None, role="sequencer")
-                              if role == "sequencer" else None)
+        self.replica_check = PeerCheck.from_flag(args.peer_hosts, role="sequencer") if role == "sequencer" else None
 
     # --- The log: group commit ------------------------------------------------------------------
     def schedule_log_write(self) -> None:

@@ -27,7 +27,7 @@ from common import aio, topology
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
-from common.peers import PeerCheck, parse_hosts, resolve
+from common.peers import PeerCheck
 from common.primary_backup import (
     Timing,
     Voter,
@@ -108,7 +108,7 @@ class Witness:
         self.args = args
         self.path = Path(args.state_file)
         self.replicas = frozenset(args.replica_names)
-        self.peer_check = PeerCheck(resolve(parse_hosts(args.peer_hosts)) if args.peer_hosts else None, role="witness")
+        self.peer_check = PeerCheck.from_flag(args.peer_hosts, role="witness")
         # Leases longer than --lease-duration are refused, so the quiet time after a restart covers
         # every promise the witness may have made before it.
         timing = Timing(lease_duration_s=args.lease_duration, heartbeat_interval_s=args.lease_duration / 3)
