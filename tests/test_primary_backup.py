@@ -392,3 +392,23 @@ def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_pat
                 assert after[name].get(key) == earlier.get(key), (name, key, earlier.get(key), after[name].get(key))
         assert serving_primary(cluster, lab.replicas)[0] == primary
         assert deposits(lab, 1)[0]["STATUS"] == "OK", "still serving"
+
+
+def test_a_read_naming_a_seq_the_primary_never_reached_is_too_stale_not_an_old_balance(tmp_path):
+    # A client that saw seq N and then reads from a primary at a lower seq (after an asynchronous
+    # failover lost its write) must learn that, not get a balance without its write.
+    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    nodes = {node.name: node for node in lab.nodes}
+    with Cluster(tmp_path, lab.nodes, name="pb-min-seq") as cluster:
+        cluster.start()
+        primary, _status = wait_for(lambda: serving_primary(cluster, lab.replicas), 15, "a primary")
+        written = deposits(lab, 2)
+        assert [reply["STATUS"] for reply in written] == ["OK", "OK"]
+        last_seq = written[-1]["SEQ"]
+        node = nodes[primary]
+        with BlockingConnection(node.host, node.port, connect_timeout_s=2.0) as connection:
+            reached = connection.request({"TASK": "BALANCE", "ACCOUNT": "alice", "MIN_SEQ": last_seq, "ID": "r1"})
+            beyond = connection.request({"TASK": "BALANCE", "ACCOUNT": "alice", "MIN_SEQ": last_seq + 1, "ID": "r2"})
+        assert reached["STATUS"] == "OK" and reached["BALANCE"] == "10.00" and reached["SEQ"] == last_seq, reached
+        assert beyond["STATUS"] == "NOK" and beyond["ERROR"] == "TOO_STALE", beyond
+        assert beyond["ID"] == "r2" and str(last_seq) in beyond["DETAIL"], beyond

@@ -418,6 +418,10 @@ class PBReplica:
                 return self._apply_write(request_id, request, item)
             # Up to date: answered once everything applied before it is committed, under the lease.
             seq = core.log.last_seq
+            if request.min_seq is not None and seq < request.min_seq:
+                # The client saw a write this primary never got: one lost in an asynchronous
+                # failover, or a number from elsewhere. Answering would hide that its write is gone.
+                raise SaldoError("TOO_STALE", f"this primary is at seq {seq}, the read needs {request.min_seq}")
             reply = balance_reply(request, self.dbank.bank.balance(request.account), request_id, SEQ=seq,
                                   EPOCH=core.primary.epoch, BEHIND=0)
             self.pending_replies += 1
