@@ -11,7 +11,8 @@ from a log (sequencer architecture) or that rejoins after a failover (primary-ba
                                            to_account, amount_cents, error, balance_cents], ...]}
     {"TASK": "SNAPSHOT_END", "ID": ..}
 
-Chunks keep every line well under the 64 KiB line limit. The receiver checks every field, the
+Chunks are cut by size: every line stays under SNAPSHOT_LINE_MAX_BYTES, half the 64 KiB line
+limit, whatever the lengths of the names and ids in it. The receiver checks every field, the
 counts announced at the start, and the Bank's invariants (money explained by the counters) before
 it installs anything: a bad or partial snapshot changes nothing.
 """
@@ -24,8 +25,9 @@ from common.errors import ERROR_CODES, SaldoError
 from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS
 from common.store import COUNTER_NAMES, MAX_META_NAME_CHARS, StoreImage
 
-ACCOUNTS_PER_LINE = 500
-APPLIED_PER_LINE = 250
+# A line holds as many items as fit in this many bytes (a count alone would not do: 250 applied
+# operations with 64-character ids and names make more than 64 KiB).
+SNAPSHOT_LINE_MAX_BYTES = wire.MAX_LINE_BYTES // 2
 MAX_SNAPSHOT_ACCOUNTS = 10_000_000
 MAX_SNAPSHOT_APPLIED = 10_000_000
 MAX_SNAPSHOT_META_ENTRIES = 64
@@ -41,18 +43,33 @@ def image_to_lines(image: StoreImage, request_id: object = None) -> list[bytes]:
         "ACCOUNTS": len(image.balances),
         "APPLIED": len(image.recent),
     })]
-    accounts = list(image.balances.items())
-    for start in range(0, len(accounts), ACCOUNTS_PER_LINE):
-        lines.append(wire.encode({"TASK": "SNAPSHOT_ACCOUNTS", "ITEMS": [list(item) for item in accounts[start : start + ACCOUNTS_PER_LINE]]}))
-    recent = image.recent
-    for start in range(0, len(recent), APPLIED_PER_LINE):
-        items = []
-        for applied in recent[start : start + APPLIED_PER_LINE]:
-            op, outcome = applied.op, applied.outcome
-            items.append([applied.apply_index, op.op_id, applied.seq, op.kind, op.account, op.to_account,
-                          op.amount_cents, outcome.error, outcome.balance_cents])
-        lines.append(wire.encode({"TASK": "SNAPSHOT_APPLIED", "ITEMS": items}))
+    lines += _item_lines("SNAPSHOT_ACCOUNTS", ([name, cents] for name, cents in image.balances.items()))
+    lines += _item_lines("SNAPSHOT_APPLIED", (
+        [applied.apply_index, applied.op.op_id, applied.seq, applied.op.kind, applied.op.account,
+         applied.op.to_account, applied.op.amount_cents, applied.outcome.error, applied.outcome.balance_cents]
+        for applied in image.recent
+    ))
     lines.append(wire.encode({"TASK": "SNAPSHOT_END", "ID": request_id}))
+    return lines
+
+
+def _item_lines(task: str, items) -> list[bytes]:
+    """`{"TASK": task, "ITEMS": [...]}` lines, each under SNAPSHOT_LINE_MAX_BYTES."""
+    head = b'{"TASK":"' + task.encode("ascii") + b'","ITEMS":['
+    budget_bytes = SNAPSHOT_LINE_MAX_BYTES - len(head) - len(b"]}\n")
+    lines: list[bytes] = []
+    chunk: list[bytes] = []
+    chunk_bytes = 0
+    for item in items:
+        encoded = wire.encode_value(item)
+        assert len(encoded) < budget_bytes, (task, len(encoded))  # names and ids are bounded far below
+        if chunk and chunk_bytes + len(encoded) + 1 > budget_bytes:
+            lines.append(head + b",".join(chunk) + b"]}\n")
+            chunk, chunk_bytes = [], 0
+        chunk.append(encoded)
+        chunk_bytes += len(encoded) + 1
+    if chunk:
+        lines.append(head + b",".join(chunk) + b"]}\n")
     return lines
 
 

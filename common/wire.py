@@ -146,6 +146,11 @@ def encode(message: dict) -> bytes:
     return (_ENCODER.encode(message) + "\n").encode("ascii")
 
 
+def encode_value(value) -> bytes:
+    """Any JSON value in the same form as `encode`, without the newline (a part of a line)."""
+    return _ENCODER.encode(value).encode("ascii")
+
+
 def encode_many(messages: list[dict]) -> bytes:
     """Several messages as consecutive lines, for one write."""
     encoder = _ENCODER.encode

@@ -244,3 +244,39 @@ def test_a_replica_whose_snapshot_install_fails_keeps_following_the_sequencer(tm
         await dbank.close()
 
     asyncio.run(scenario())
+
+
+def test_a_snapshot_of_long_names_and_ids_stays_within_the_line_limit_and_reads_back_whole():
+    # 250 failed transfers of 64-character ids between 64-character accounts once made one
+    # SNAPSHOT_APPLIED line of 66 KiB: the receiver refused it (LINE_TOO_LONG) at every attempt.
+    import json
+
+    from common import wire
+    from common.bank import MAX_ACCOUNT_CHARS, MAX_OP_ID_CHARS, Bank, Operation
+    from common.money import MAX_AMOUNT_CENTS
+    from common.snapshot import SNAPSHOT_LINE_MAX_BYTES, SnapshotReader, image_to_lines
+    from common.store import StoreImage
+
+    bank = Bank(max_accounts=10_000, dedup_window_ops=10_000)
+    names = [f"{index:04d}".ljust(MAX_ACCOUNT_CHARS, "a") for index in range(2_000)]
+    seq = 100_000
+    for name in names:
+        seq += 1
+        bank.apply(Operation(f"d{seq}".ljust(MAX_OP_ID_CHARS, "x"), "DEPOSIT", name, None, 100), seq)
+    for index in range(1_000):
+        seq += 1
+        transfer = Operation(f"t{seq}".ljust(MAX_OP_ID_CHARS, "x"), "TRANSFER", names[index], names[index + 1], MAX_AMOUNT_CENTS)
+        outcome, _duplicate = bank.apply(transfer, seq)
+        assert outcome.error == "INSUFFICIENT_FUNDS"
+    image = StoreImage(dict(bank.balances), list(bank.recent.values()), bank.counters.copy(), {"last_applied_seq": seq})
+
+    lines = image_to_lines(image, "s1")
+    assert max(len(line) for line in lines) <= SNAPSHOT_LINE_MAX_BYTES < wire.MAX_LINE_BYTES
+    assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
+    reader = SnapshotReader()
+    for line in lines:
+        reader.feed(json.loads(line))
+    assert reader.done
+    copy = reader.image(max_accounts=10_000, dedup_window_ops=10_000)
+    assert copy.balances == image.balances and copy.counters == image.counters and copy.meta == image.meta
+    assert [(a.apply_index, a.seq, a.op, a.outcome) for a in copy.recent] == [(a.apply_index, a.seq, a.op, a.outcome) for a in image.recent]
