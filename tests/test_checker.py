@@ -24,9 +24,10 @@ SEED_CENTS = 10_000
 
 def record(op_id: str, kind: str, account: str, amount: int | None = None, *, to: str | None = None,
            outcome: str = "ok", error: str | None = None, invoke: float = 0.0, complete: float | None = None,
-           balance: int | None = None, accepted: bool = False, client: int = 0) -> OpRecord:
+           balance: int | None = None, accepted: bool = False, client: int = 0, seq: int | None = None,
+           epoch: int | None = None) -> OpRecord:
     return OpRecord(client, op_id, kind, account, to, amount, invoke, invoke + 0.001 if complete is None else complete,
-                    outcome, error, balance, accepted=accepted)
+                    outcome, error, balance, seq, accepted=accepted, epoch=epoch)
 
 
 def op_of(rec: OpRecord) -> Operation:
@@ -121,7 +122,7 @@ def test_money_a_total_that_acknowledged_deposits_and_withdrawals_do_not_allow()
     assert "allow" in result.examples["money"][0]["problem"]
 
 
-def test_money_balances_that_disagree_with_the_replicas_own_counters():
+def test_corrupt_state_balances_that_disagree_with_the_replicas_own_counters():
     history = seeded_history()
     healthy = image_after([op_of(r) for r in history])
     # Counters say 20000 came in; the balances hold 20000; a history-consistent total. Now the
@@ -129,8 +130,8 @@ def test_money_balances_that_disagree_with_the_replicas_own_counters():
     bad_counters = Counters(healthy.counters.ops_applied_total + 1, healthy.counters.deposited_cents_total, 1_000)
     pruned = StoreImage(healthy.balances, healthy.recent[-1:], bad_counters, {})
     result = checker.check(history, {"r1": pruned}, total_order=True)
-    assert found(result) == {"money": 1}
-    assert "counters" in result.examples["money"][0]["problem"]
+    assert found(result) == {"corrupt_state": 1}  # not "money": no architecture may excuse it
+    assert "counters" in result.examples["corrupt_state"][0]["problem"]
 
 
 def test_negative_balance_read_by_a_client():
@@ -315,3 +316,68 @@ def test_a_pruned_store_still_bounds_money_by_the_unknown_operations():
     counters = Counters(full.counters.ops_applied_total, full.counters.deposited_cents_total + 1, 0)
     result = checker.check(history, {"r1": StoreImage(extra, [], counters, {})}, total_order=True)
     assert found(result) == {"money": 1}
+
+
+# --- Reads --------------------------------------------------------------------------------------
+
+
+def test_stale_read_a_client_that_does_not_read_its_own_write():
+    # Client 0's deposit got seq 3; its next read was answered at seq 2, before that deposit.
+    history = seeded_history() + [
+        record("d1", DEPOSIT, "a", 500, invoke=1.0, complete=1.1, seq=3),
+        record("r1", "BALANCE", "a", invoke=1.2, complete=1.3, balance=SEED_CENTS, seq=2),
+        # Another client had not seen seq 3: the same answer is no anomaly for it.
+        record("r2", "BALANCE", "a", invoke=1.2, complete=1.3, balance=SEED_CENTS, seq=2, client=1),
+        # A read sent before the deposit's reply arrived may come before it too.
+        record("r3", "BALANCE", "a", invoke=1.05, complete=1.3, balance=SEED_CENTS, seq=2),
+    ]
+    state = {"r1": image_after([op_of(r) for r in history if r.kind != "BALANCE"])}
+    result = checker.check(history, state, total_order=True, read_your_writes=True)
+    assert found(result) == {"stale_read": 1}
+    assert result.examples["stale_read"][0] == {"op_id": "r1", "client": 0, "account": "a", "read_at_seq": 2,
+                                                "client_had_seen_seq": 3}
+    assert found(checker.check(history, state, total_order=True)) == {}, "not promised: not checked"
+
+
+def test_read_mismatch_a_balance_that_is_not_the_accounts_balance_at_its_seq():
+    history = seeded_history() + [
+        record("t1", TRANSFER, "a", 3_000, to="b", invoke=1.0, complete=1.1, seq=3),
+        record("r1", "BALANCE", "b", invoke=1.2, complete=1.3, balance=SEED_CENTS, seq=2),  # right at seq 2
+        record("r2", "BALANCE", "b", invoke=1.2, complete=1.3, balance=SEED_CENTS + 3_000, seq=3),  # right at seq 3
+        record("r3", "BALANCE", "a", invoke=1.2, complete=1.3, balance=SEED_CENTS, seq=3),  # a's seq 2 balance
+    ]
+    state = {"r1": image_after([op_of(r) for r in history if r.kind != "BALANCE"])}
+    result = checker.check(history, state, total_order=True)
+    assert found(result) == {"read_mismatch": 1}
+    assert result.examples["read_mismatch"][0] == {"op_id": "r3", "account": "a", "seq": 3, "read": "100.00",
+                                                   "at_that_seq": "70.00"}
+    assert found(checker.check(history, state, total_order=False)) == {}, "no total order: no apply order to read at"
+
+
+# --- Writes lost in a failover ------------------------------------------------------------------
+
+
+def failover_history() -> list[OpRecord]:
+    return seeded_history() + [
+        record("d1", DEPOSIT, "a", 500, invoke=1.0, seq=3, epoch=1),  # acknowledged by the old primary, lost
+        record("d2", DEPOSIT, "a", 700, invoke=2.0, seq=3, epoch=2),  # the new primary's seq 3
+    ]
+
+
+def test_a_write_acknowledged_in_an_epoch_a_failover_replaced_is_a_failover_lost_write():
+    history = failover_history()
+    survived = image_after([op_of(r) for r in history if r.op_id != "d1"])
+    # Asynchronous replication: the loss is what it does not promise to avoid; money counts d1 either way.
+    result = checker.check(history, {"r1": survived}, total_order=True, failover_may_lose=True)
+    assert found(result) == {"failover_lost_write": 1}
+    assert result.examples["failover_lost_write"][0]["op_id"] == "d1"
+    # Synchronous replication: the same loss also leaves money that no acknowledged write explains.
+    assert found(checker.check(history, {"r1": survived}, total_order=True)) == {"failover_lost_write": 1, "money": 1}
+
+
+def test_a_write_lost_in_the_newest_epoch_is_a_lost_write_even_where_failovers_may_lose():
+    history = failover_history()
+    without_d2 = image_after([op_of(r) for r in history if r.op_id != "d2"])
+    result = checker.check(history, {"r1": without_d2}, total_order=True, failover_may_lose=True)
+    assert found(result) == {"lost_write": 1, "money": 1}
+    assert result.examples["lost_write"][0]["op_id"] == "d2"

@@ -188,9 +188,10 @@ def build(options: LayoutOptions) -> PBLabCluster:
         roles={"replica": names, "witness": ["witness"]},
         proxies_of=proxies_of,
         journal=journal,
-        # async answers before the backup has the write: a primary's death can lose it (and the
-        # money it carried); sync promises it never does.
-        not_promised=frozenset({"lost_write", "money"}) if replication == "async" else frozenset(),
+        # async answers before the backup has the write: a primary's death can lose it; sync
+        # promises it never does. A write lost without a failover is a bug in both.
+        not_promised=frozenset({"failover_lost_write"}) if replication == "async" else frozenset(),
+        failover_may_lose=replication == "async",
     )
 
 

@@ -40,6 +40,9 @@ class LabCluster:
     # async primary-backup may lose acknowledged writes): a run showing only these is "invalid" as
     # the checker says, and expected.
     not_promised: frozenset[str] = frozenset()
+    # Async primary-backup: a write acknowledged by a primary that a failover replaced may be gone
+    # (the checker then counts it either way for money, and reports it as failover_lost_write).
+    failover_may_lose: bool = False
     proxies_of: dict[str, list[str]] = field(default_factory=dict)  # node -> proxies on its links
     cluster: Cluster | None = None
 

@@ -6,20 +6,29 @@ counters), read from its store once the cluster is quiet. Anomaly types:
 
 - divergence: replicas hold different balances for an account.
 - money: a replica's total is not what the acknowledged deposits and withdrawals allow (operations
-  of unknown outcome may count either way), or its balances disagree with its own counters.
+  of unknown outcome may count either way).
 - negative_balance: a read returned, or a store holds, a negative balance.
 - lost_write: an acknowledged operation is missing from a replica's applied operations.
+- failover_lost_write: the same, for an operation acknowledged by a primary of an epoch that a
+  later one replaced (the loss asynchronous primary-backup does not promise to avoid; with
+  `failover_may_lose`, such operations count either way for money).
 - double_apply: an operation's effect is in a replica's balances twice (its id twice in the
   applied operations, or the balances exceed a replay of them by exactly one operation's effect).
 - corrupt_state: a replica's balances are not what replaying its own applied operations gives,
-  and no single repeated operation explains the difference.
+  and no single repeated operation explains the difference; or they disagree with its own
+  counters (deposited minus withdrawn). No architecture excuses it: each replica is a bank.
 - phantom_write: an operation the client was told certainly did not happen was applied.
 - outcome_mismatch: a replica recorded a different outcome than the one the client was given.
 - real_time_order (architectures that promise a total order): operation A was acknowledged before
   operation B was invoked, yet A comes after B in the apply order.
+- stale_read (architectures that promise read-your-writes): a read answered at a sequence number
+  below one its client had already been given when it sent the read.
+- read_mismatch (total order): a read's balance is not the account's balance in the apply order
+  at the sequence number the read names (`SEQ`: everything up to it applied, nothing after).
 
-Checks that need every applied operation (lost_write, replay) run only when the replica still has
-all of them (its dedup window was not exceeded); otherwise the result says so in `notes`.
+Checks that need every applied operation (lost_write, replay, read_mismatch) run only when the
+replica still has all of them (its dedup window was not exceeded); otherwise the result says so
+in `notes`.
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ ANOMALY_TYPES = (
     "phantom_write",
     "outcome_mismatch",
     "real_time_order",
+    "failover_lost_write",
+    "stale_read",
+    "read_mismatch",
 )
 # Failures the bank records as the operation's outcome (a retry returns them again).
 RECORDED_ERRORS = frozenset({"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND", "BALANCE_LIMIT", "TOO_MANY_ACCOUNTS"})
@@ -111,17 +123,24 @@ def check(
     replicas: dict[str, StoreImage],
     *,
     total_order: bool,
+    read_your_writes: bool = False,
+    failover_may_lose: bool = False,
 ) -> CheckResult:
     result = CheckResult()
     writes = [r for r in history if _is_write(r)]
-    by_id = {r.op_id: r for r in writes}
+    epochs = [r.epoch for r in history if r.epoch is not None and r.outcome != "unknown"]
+    # Acknowledged in an epoch that a later primary replaced: what a failover can take.
+    superseded = {r.op_id for r in writes if r.epoch is not None and r.epoch < max(epochs)} if epochs else set()
 
     _check_negative_reads(history, result)
     _check_divergence(replicas, result)
     for name, image in replicas.items():
-        _check_replica(name, image, writes, by_id, result)
+        _check_replica(name, image, writes, superseded, failover_may_lose, result)
     if total_order:
         _check_real_time_order(writes, replicas, result)
+        _check_read_values(history, replicas, superseded_epochs_lose=failover_may_lose, result=result)
+    if read_your_writes:
+        _check_read_your_writes(history, result)
     return result
 
 
@@ -147,7 +166,8 @@ def _check_divergence(replicas: dict[str, StoreImage], result: CheckResult) -> N
             })
 
 
-def _check_replica(name: str, image: StoreImage, writes: list[OpRecord], by_id: dict[str, OpRecord], result: CheckResult) -> None:
+def _check_replica(name: str, image: StoreImage, writes: list[OpRecord], superseded: set[str], failover_may_lose: bool,
+                   result: CheckResult) -> None:
     balances = image.balances
     counters = image.counters
     for account, cents in balances.items():
@@ -155,7 +175,7 @@ def _check_replica(name: str, image: StoreImage, writes: list[OpRecord], by_id: 
             result.add("negative_balance", {"replica": name, "account": account, "stored": render_cents(cents)})
     total = sum(balances.values())
     if total != counters.deposited_cents_total - counters.withdrawn_cents_total:
-        result.add("money", {
+        result.add("corrupt_state", {
             "replica": name,
             "problem": "balances disagree with the replica's own counters",
             "balances_total": render_cents(total),
@@ -176,9 +196,11 @@ def _check_replica(name: str, image: StoreImage, writes: list[OpRecord], by_id: 
     unknown_down = 0
     for record in writes:
         delta = _money_delta(record.kind, record.amount_cents)
-        if record.outcome == "ok" and not record.accepted:
+        may_be_lost = failover_may_lose and record.op_id in superseded
+        if record.outcome == "ok" and not record.accepted and not may_be_lost:
             base += delta
-        elif record.outcome == "unknown" or record.accepted:  # decided at the replica: count what it recorded
+        elif record.outcome == "unknown" or record.accepted or (record.outcome == "ok" and may_be_lost):
+            # Decided at the replica (or possibly lost in a failover): count what it recorded.
             row = applied.get(record.op_id)
             if complete:
                 if row is not None and row.outcome.error is None:
@@ -201,8 +223,9 @@ def _check_replica(name: str, image: StoreImage, writes: list[OpRecord], by_id: 
         row = applied.get(record.op_id)
         if row is None:
             if complete and _acknowledged(record):
-                result.add("lost_write", {"replica": name, "op_id": record.op_id, "kind": record.kind,
-                                          "client_outcome": record.outcome, "error": record.error})
+                kind = "failover_lost_write" if record.op_id in superseded else "lost_write"
+                result.add(kind, {"replica": name, "op_id": record.op_id, "kind": record.kind,
+                                  "client_outcome": record.outcome, "error": record.error, "epoch": record.epoch})
             continue
         recorded_error = row.outcome.error
         if record.accepted:
@@ -274,3 +297,61 @@ def _check_real_time_order(writes: list[OpRecord], replicas: dict[str, StoreImag
                 "then": record.op_id, "then_invoked_s": round(record.invoke_s, 6),
                 "applied_positions": [latest_position, position[record.op_id]],
             })
+
+
+def _check_read_your_writes(history: list[OpRecord], result: CheckResult) -> None:
+    """Each read must be answered at or after the highest sequence number its client had been
+    given (by any reply) when it sent the read: the MIN_SEQ the client names."""
+    by_client: dict[int, list[OpRecord]] = defaultdict(list)
+    for record in history:
+        if record.seq is not None:
+            by_client[record.client].append(record)
+    for records in by_client.values():
+        by_complete = sorted(records, key=lambda r: r.complete_s)
+        done = 0
+        highest_seen = 0
+        for read in sorted((r for r in records if r.kind == "BALANCE" and r.outcome == "ok"), key=lambda r: r.invoke_s):
+            while done < len(by_complete) and by_complete[done].complete_s <= read.invoke_s:
+                highest_seen = max(highest_seen, by_complete[done].seq)
+                done += 1
+            if read.seq < highest_seen:
+                result.add("stale_read", {"op_id": read.op_id, "client": read.client, "account": read.account,
+                                          "read_at_seq": read.seq, "client_had_seen_seq": highest_seen})
+
+
+def _check_read_values(history: list[OpRecord], replicas: dict[str, StoreImage], *, superseded_epochs_lose: bool,
+                       result: CheckResult) -> None:
+    """Each read's balance against the apply order: the account's balance once every operation up
+    to the read's SEQ is applied. The order is a replica's whose applied operations are complete
+    (in a total order, every replica's is the same; divergence is reported on its own)."""
+    reads = [r for r in history if r.kind == "BALANCE" and r.outcome == "ok" and r.seq is not None
+             and r.balance_cents is not None]
+    if not reads:
+        return
+    if superseded_epochs_lose:  # a read of an epoch a failover replaced may have seen lost writes
+        epochs = [r.epoch for r in history if r.epoch is not None and r.outcome != "unknown"]
+        newest = max(epochs) if epochs else None
+        reads = [r for r in reads if r.epoch is None or r.epoch == newest]
+    reference = next((image for image in replicas.values() if image.recent and _rows_complete(image)), None)
+    if reference is None:
+        result.notes.append("no replica kept every applied operation: read values not checked")
+        return
+    rows = [row for row in reference.recent if row.seq is not None]
+    if len(rows) != len(reference.recent) or any(a.seq >= b.seq for a, b in zip(rows, rows[1:])):
+        result.notes.append("the apply order has no increasing sequence numbers: read values not checked")
+        return
+    balances: dict[str, int] = defaultdict(int)
+    applied = 0
+    for read in sorted(reads, key=lambda r: r.seq):
+        while applied < len(rows) and rows[applied].seq <= read.seq:
+            row = rows[applied]
+            if row.outcome.error is None:
+                for account, delta in _effect(row.op.kind, row.op.account, row.op.to_account, row.op.amount_cents).items():
+                    balances[account] += delta
+            applied += 1
+        if applied == len(rows) and read.seq > rows[-1].seq:
+            continue  # beyond the last applied operation: nothing to compare with
+        if balances[read.account] != read.balance_cents:
+            result.add("read_mismatch", {"op_id": read.op_id, "account": read.account, "seq": read.seq,
+                                         "read": render_cents(read.balance_cents),
+                                         "at_that_seq": render_cents(balances[read.account])})

@@ -228,7 +228,8 @@ def run_lab(options: RunOptions) -> RunResult:
         cluster.close()  # a clean stop: every replica's last group commit reaches its store
     states = {name: _load_state(url) for name, url in lab.stores().items()}
     history = workload.history
-    result = checker.check(history, states, total_order=lab.total_order)
+    result = checker.check(history, states, total_order=lab.total_order, read_your_writes=lab.read_your_writes,
+                           failover_may_lose=lab.failover_may_lose)
     reference = asyncio.run(_echo_reference(options, run_dir)) if options.reference else {}
     run_history = [r for r in history if r.client >= 0]
     _add_recovery_times(faults, run_history)

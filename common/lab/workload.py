@@ -51,6 +51,7 @@ class OpRecord(NamedTuple):
     attempts: int = 1
     applied_replicas: int | None = None  # multicast: how many replicas applied it
     accepted: bool = False  # the reply said ACCEPTED: durably queued, outcome decided later
+    epoch: int | None = None  # primary-backup: the epoch of the primary that answered
 
     @property
     def latency_ms(self) -> float:
@@ -220,10 +221,12 @@ class Workload:
 def _op_record(client_index: int, op: "_PendingOp", reply: dict, complete_s: float, outcome: str) -> OpRecord:
     seq = reply.get("SEQ")
     applied = reply.get("APPLIED")
+    epoch = reply.get("EPOCH")
     return _tuple_new(OpRecord, (
         client_index, op.op_id, op.kind, op.account, op.to_account, op.amount, op.invoke_s, complete_s, outcome,
         reply.get("ERROR"), _cents_from_reply(reply.get("BALANCE")), seq if type(seq) is int else None,
         op.attempts, applied if type(applied) is int else None, reply.get("ACCEPTED") is True,
+        epoch if type(epoch) is int else None,
     ))
 
 

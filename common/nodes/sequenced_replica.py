@@ -401,11 +401,16 @@ class SequencedReplica:
     def _read(self, stream: aio.MessageStream, request_id: object, query: Query) -> None:
         min_seq = query.min_seq or 0
         if self.committed_seq >= min_seq:
-            stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.committed_seq))
+            stream.send(self._balance_reply(query, request_id))
             return
         if len(self.read_waiters) >= MAX_WAITING_READS:
             raise SaldoError("OVERLOADED", f"{len(self.read_waiters)} reads are waiting for sequence numbers")
         self.read_waiters.append((min_seq, time.monotonic() + READ_WAIT_TIMEOUT_S, stream, request_id, query))
+
+    def _balance_reply(self, query: Query, request_id: object) -> dict:
+        # SEQ is what the balance reflects: every entry delivered so far. The commit may lag behind
+        # (it only gates MIN_SEQ reads); what it has not written, the log gives back after a crash.
+        return balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.core.last_delivered_seq)
 
     def _answer_reads(self) -> None:
         if not self.read_waiters:
@@ -414,7 +419,7 @@ class SequencedReplica:
         for waiter in self.read_waiters:
             min_seq, _deadline, stream, request_id, query = waiter
             if self.committed_seq >= min_seq:
-                stream.send(balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.committed_seq))
+                stream.send(self._balance_reply(query, request_id))
             else:
                 keep.append(waiter)
         self.read_waiters = keep
