@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The saldo client: bank operations against any architecture, and a status view of any process.
 
-    python client.py deposit alice 120.50                       (standalone on 127.0.0.1:7000)
+    python client.py deposit alice 120.50        (a standalone replica started by hand: 127.0.0.1:7000)
     python client.py --arch sequencer transfer alice bob 10
     python client.py --topology var/up/sequencer/topology.json balance alice   (after `make up`)
     python client.py status 127.0.0.1:7000
@@ -32,8 +32,16 @@ from common.money import parse_amount_cents
 EXIT_OK, EXIT_NOK, EXIT_UNKNOWN, EXIT_USAGE = 0, 1, 2, 64
 
 
+class UsageParser(argparse.ArgumentParser):
+    """argparse, exiting with EXIT_USAGE: its own code 2 would read as "outcome unknown"."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(bankclient.ARCHITECTURES), help="architecture (default: from --topology, else standalone)")
     parser.add_argument("--topology", help="topology file of a running cluster: addresses come from it")
     parser.add_argument("--address", action="append", default=[], metavar="HOST:PORT",
@@ -63,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                               add_help=False, prefix_chars="+")  # every flag belongs to the worker's own parser
     sub.add_argument("worker_args", nargs=argparse.REMAINDER)
     sub = commands.add_parser("status", help="the STATUS of any saldo process, as a table")
-    sub.add_argument("target", nargs="?", help="HOST:PORT (default: every node of --topology)")
+    sub.add_argument("target", nargs="?", help="HOST:PORT (default: --address, else every node of --topology)")
     return parser
 
 
@@ -98,6 +106,8 @@ def describe_reply(reply: dict, outcome: str) -> str:
     text = f"NOK {reply.get('ERROR')}"
     if reply.get("DETAIL"):
         text += f": {reply['DETAIL']}"
+    if reply.get("ERROR") == "NOT_READY" and "cannot connect" in str(reply.get("DETAIL")):
+        text += " (is a cluster running there? `make up` starts one; --topology FILE names its addresses)"
     if outcome == bankclient.UNKNOWN:
         text += " (outcome unknown: retry with --id " + str(reply.get("ID")) + ")"
     return text
@@ -151,14 +161,22 @@ def main(argv: list[str] | None = None) -> int:
         from common.nodes import farm_worker
 
         return farm_worker.main(args.worker_args)
-    topo = topology.load(args.topology) if args.topology else None
+    try:
+        topo = topology.load(args.topology) if args.topology else None
+    except (OSError, ValueError) as error:
+        parser.error(f"--topology: {error}")
     if args.command == "status":
-        if args.target:
-            targets = [(args.target, args.target)]
+        if args.target or args.address:
+            targets = [(address, address) for address in ([args.target] if args.target else args.address)]
         elif topo:
             targets = [(name, f"{node['host']}:{node['port']}") for name, node in topo["nodes"].items()]
         else:
-            parser.error("status needs HOST:PORT or --topology")
+            parser.error("status needs HOST:PORT, --address or --topology")
+        for _name, address in targets:
+            try:
+                topology.parse_address(address)
+            except ValueError:
+                parser.error(f"status: expected HOST:PORT, got {address!r}")
         return run_status(args, targets)
     arch = args.arch or bankclient.client_architecture((topo or {}).get("architecture") or "standalone")
     try:

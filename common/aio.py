@@ -357,8 +357,22 @@ def normal_address(address: str) -> str:
 
 async def start_server(handler: Handler, host: str, port: int, *, name: str, **options) -> Server:
     server = Server(handler, name=name, **options)
-    await server.start(host, port)
+    try:
+        await server.start(host, port)
+    except OSError as error:
+        raise SystemExit(listen_failure(name, host, port, error)) from None
     return server
+
+
+def listen_failure(name: str, host: str, port: int, error: OSError) -> str:
+    """One line (logged, and the process's exit message) for a port it cannot listen on."""
+    hint = {
+        errno.EADDRINUSE: "another process holds it (another saldo cluster?)",
+        errno.EADDRNOTAVAIL: "this machine has no such address",
+    }.get(error.errno, "")
+    reason = os.strerror(error.errno) if error.errno else str(error)  # (asyncio's strerror repeats the address)
+    log.error("listen_failed", server=name, host=host, port=port, error=reason)
+    return f"{name}: cannot listen on {host}:{port}: {reason}" + (f": {hint}" if hint else "")
 
 
 def indefinite_reply(code: str, detail: str, request_id: object) -> dict:

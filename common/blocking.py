@@ -23,6 +23,7 @@ import time
 from typing import Callable
 
 from common import wire
+from common.aio import listen_failure
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
 
@@ -215,7 +216,11 @@ class SelectorServer:
     def bind(self, host: str, port: int) -> tuple[str, int]:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
+        try:
+            listener.bind((host, port))
+        except OSError as error:
+            listener.close()
+            raise SystemExit(listen_failure(self.name, host, port, error)) from None
         listener.listen(128)
         listener.setblocking(False)
         self._selector.register(listener, selectors.EVENT_READ, None)

@@ -28,6 +28,7 @@ committed so far durable. See common/durable.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sqlite3
@@ -514,6 +515,21 @@ def open_store(url: str, *, default_synchronous: str = "full") -> Store:
     """Open (and create if needed) the store named by `url`; see the module docstring.
     `default_synchronous`: SQLite's level when the URL does not name one (a log-backed replica
     asks for normal: see common/durable.py)."""
+    scheme, settings = _parse_store_url(url)
+    if scheme == "sqlite":
+        return SQLiteStore(url, settings["path"], synchronous=settings.get("synchronous", default_synchronous).lower())
+    return MySQLStore(url, **settings)
+
+
+def check_store_url(url: str) -> None:
+    """Raise ValueError, with one clear line, for a store URL that cannot work: checked when a
+    process starts, before it waits on the store (a worker opens its store only for its first task)."""
+    scheme, _settings = _parse_store_url(url)
+    if scheme == "mysql" and importlib.util.find_spec("pymysql") is None:
+        raise ValueError("a mysql:// store needs PyMySQL: pip install -r requirements.txt (`make venv` does it)")
+
+
+def _parse_store_url(url: str) -> tuple[str, dict]:
     parsed = urllib.parse.urlsplit(url)
     options = dict(urllib.parse.parse_qsl(parsed.query))
     if parsed.scheme == "sqlite":
@@ -522,19 +538,18 @@ def open_store(url: str, *, default_synchronous: str = "full") -> Store:
         path = url[len("sqlite:///") :].split("?", 1)[0]
         if not path:
             raise ValueError("sqlite URL without a path")
-        return SQLiteStore(url, path, synchronous=options.get("synchronous", default_synchronous).lower())
+        return "sqlite", {"path": path, **({"synchronous": options["synchronous"]} if "synchronous" in options else {})}
     if parsed.scheme == "mysql":
         database = parsed.path.lstrip("/")
         if not _DATABASE_NAME_RE.fullmatch(database):
             raise ValueError(f"expected mysql://user:password@host:port/database, got database {database!r}")
-        return MySQLStore(
-            url,
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 3306,
-            user=urllib.parse.unquote(parsed.username or "root"),
-            password=urllib.parse.unquote(parsed.password or ""),
-            database=database,
-        )
+        return "mysql", {
+            "host": parsed.hostname or "127.0.0.1",
+            "port": parsed.port or 3306,
+            "user": urllib.parse.unquote(parsed.username or "root"),
+            "password": urllib.parse.unquote(parsed.password or ""),
+            "database": database,
+        }
     raise ValueError(f"unknown store URL scheme {parsed.scheme!r}: use sqlite:/// or mysql://")
 
 

@@ -50,6 +50,8 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
         if default_port is None:
             raise ValueError(f"expected host:port, got {text!r}")
         return text, default_port
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"expected host:port, got {text!r}")
     port = int(port_text)
     if not host or not 0 < port < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
@@ -61,10 +63,17 @@ def format_address(address: tuple[str, int]) -> str:
 
 
 def load(path: str | Path) -> dict:
-    data = Path(path).read_bytes()
+    """The topology file at `path`; ValueError with one clear line when it cannot be used."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"topology file {path}: {error.strerror or error}") from None
     if len(data) > MAX_TOPOLOGY_BYTES:
         raise ValueError(f"topology file {path} is larger than {MAX_TOPOLOGY_BYTES} bytes")
-    topology = json.loads(data)
+    try:
+        topology = json.loads(data)
+    except ValueError as error:
+        raise ValueError(f"topology file {path} is not JSON: {error}") from None
     if not isinstance(topology, dict) or not isinstance(topology.get("nodes"), dict):
         raise ValueError(f"topology file {path} has no 'nodes' object")
     return topology
@@ -83,7 +92,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     parser.add_argument("--topology", help="topology file (JSON); this node's entry gives flag defaults")
     first, _rest = parser.parse_known_args(argv)
     if first.topology:
-        topology = load(first.topology)
+        try:
+            topology = load(first.topology)
+        except ValueError as error:
+            parser.error(str(error))
         name = getattr(first, "name", None)
         if not name or name not in topology["nodes"]:
             parser.error(f"--name must be one of the nodes of {first.topology}: {', '.join(topology['nodes'])}")

@@ -13,7 +13,7 @@ from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS
 from common.durable import DurableBank
 from common.log import get_logger
 from common.standalone import BankService
-from common.store import open_store, redact
+from common.store import check_store_url, open_store, redact
 
 log = get_logger("replica")
 
@@ -24,7 +24,8 @@ DEFAULT_PORT = {
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", help="sqlite:///path or mysql://user:pass@host:port/db (default sqlite:///var/<name>.db)")
+    parser.add_argument("--store", help="sqlite:///path or mysql://user:pass@host:port/db "
+                        "(default sqlite:///var/<mode>/<name>.db)")
     parser.add_argument("--max-accounts", type=int, default=DEFAULT_MAX_ACCOUNTS)
     parser.add_argument(
         "--dedup-window", type=int, default=DEFAULT_DEDUP_WINDOW_OPS,
@@ -44,8 +45,19 @@ def prepare(args: argparse.Namespace) -> None:
         args.port = DEFAULT_PORT[args.mode]
     if args.name is None:
         args.name = f"{args.mode}-{args.port}"
+    prepare_store(args)
+
+
+def prepare_store(args: argparse.Namespace) -> None:
+    """--store: by default a file per mode and name, so that replicas of two architectures never
+    share one (a queue replica resuming from a primary-backup store would be refused by its server);
+    checked now, not when it is first used."""
     if args.store is None:
-        args.store = f"sqlite:///var/{args.name}.db"
+        args.store = f"sqlite:///var/{args.mode}/{args.name}.db"
+    try:
+        check_store_url(args.store)
+    except ValueError as error:
+        raise SystemExit(f"replica.py: --store: {error}") from None
 
 
 async def open_durable_bank(args: argparse.Namespace, *, sync_interval_s: float = 0.0) -> DurableBank:

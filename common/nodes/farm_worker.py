@@ -33,7 +33,7 @@ from common.errors import SaldoError, error_reply
 from common.farm import check_id
 from common.log import configure, get_logger
 from common.money import render_cents
-from common.store import open_store, redact
+from common.store import check_store_url, open_store, redact
 
 log = get_logger("farm_worker")
 
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         topology.parse_address(args.server)
         check_id(args.worker_id or "x", "--worker-id")
+        check_store_url(args.store)
     except (ValueError, SaldoError) as error:
         parser.error(str(error))
     stop = threading.Event()

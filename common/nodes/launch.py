@@ -18,7 +18,10 @@ def main(description: str, modes: dict[str, str], default_mode: str, argv: list[
     known, _rest = early.parse_known_args(argv)
     mode = known.mode
     if mode is None and known.topology and known.name:
-        mode = topology.load(known.topology)["nodes"].get(known.name, {}).get("mode")
+        try:
+            mode = topology.load(known.topology)["nodes"].get(known.name, {}).get("mode")
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     mode = mode or default_mode
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser)

@@ -34,7 +34,7 @@ from common.bank import Operation, Query, balance_reply, parse_request, parse_re
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
-from common.nodes.bank_replica import add_store_flags, open_durable_bank
+from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
 from common.peers import PeerCheck, source_address
 from common.primary_backup import (
     ASYNC,
@@ -144,8 +144,7 @@ def prepare(args: argparse.Namespace) -> None:
         args.name = f"pb-{args.port}"
     if args.name not in args.replica_peers:
         raise SystemExit(f"replica.py: --name {args.name} is not among --replicas ({', '.join(args.replica_peers)})")
-    if args.store is None:
-        args.store = f"sqlite:///var/{args.name}.db"
+    prepare_store(args)
     if args.advertise is None:
         args.advertise = f"{args.host}:{args.port}"
     args.timing = Timing(

@@ -33,7 +33,7 @@ from common.bank import Query, balance_reply, parse_request
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
-from common.nodes.bank_replica import add_store_flags, open_durable_bank
+from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
 from common.peers import PeerCheck, source_address
 from common.sequencing import MAX_RESULTS_PER_ACK, SequencedReplicaCore, applied_line, parse_entry, parse_entry_line
 from common.snapshot import SnapshotReader, image_to_lines
@@ -73,8 +73,7 @@ def prepare(args: argparse.Namespace) -> None:
         args.port = topology.DEFAULT_PORTS["queue_replica" if args.mode == "queue" else "sequencer_replica_client"]
     if args.name is None:
         args.name = f"replica-{args.port}"
-    if args.store is None:
-        args.store = f"sqlite:///var/{args.name}.db"
+    prepare_store(args)
 
 
 class SequencedReplica:

@@ -1,0 +1,88 @@
+"""The top-level scripts used the wrong way: one clear line, an exit code that says so, no traceback.
+
+client.py's exit codes mean something to scripts that call it (0 OK, 1 the bank said no, 2 the
+outcome is unknown, 64 bad usage), so a typo must not exit 2. A process that cannot listen on its
+port, or is given a store it cannot use, stops at once and says why.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common import store
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["depositt", "alice", "1"], "invalid choice: 'depositt'"),
+    (["deposit", "alice"], "required"),
+    (["--topology", "/nonexistent/topology.json", "balance", "alice"], "topology file /nonexistent/topology.json: No such file"),
+    (["status", "nonsense"], "expected HOST:PORT, got 'nonsense'"),
+    (["status"], "status needs HOST:PORT, --address or --topology"),
+])
+def test_client_py_bad_usage_exits_64_with_one_clear_line(args, message):
+    done = run_script("client.py", *args)
+    assert done.returncode == 64, (done.returncode, done.stderr)
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_client_py_against_a_port_where_nothing_listens_says_so_and_exits_1():
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = run_script("client.py", "--address", f"127.0.0.1:{port}", "--timeout", "1", "deposit", "alice", "1")
+    assert done.returncode == 1, done
+    assert done.stdout.startswith(f"NOK NOT_READY: cannot connect to 127.0.0.1:{port}") and "is a cluster running" in done.stdout
+    # status takes --address too.
+    done = run_script("client.py", "--address", f"127.0.0.1:{port}", "status")
+    assert done.returncode == 1 and "UNREACHABLE" in done.stdout.upper(), done
+
+
+def test_a_replica_whose_port_is_taken_stops_with_one_line_naming_the_address(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        done = run_script("replica.py", "--mode", "standalone", "--host", "127.0.0.1", "--port", str(port),
+                          "--store", f"sqlite:///{tmp_path}/r.db")
+    assert done.returncode == 1, done
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line == f"standalone-clients: cannot listen on 127.0.0.1:{port}: Address already in use: " \
+                        "another process holds it (another saldo cluster?)", done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_store_url_that_cannot_work_is_refused_before_the_process_starts(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="unknown store URL scheme"):
+        store.check_store_url("postgres://x/y")
+    with pytest.raises(ValueError, match="database"):
+        store.check_store_url("mysql://root@127.0.0.1:3306/bad-name")
+    store.check_store_url(f"sqlite:///{tmp_path}/ok.db")
+    # A MySQL store on a machine without PyMySQL: the worker would otherwise start and fail each task.
+    monkeypatch.setattr(store.importlib.util, "find_spec", lambda name: None if name == "pymysql" else object())
+    with pytest.raises(ValueError, match="needs PyMySQL: pip install -r requirements.txt"):
+        store.check_store_url("mysql://root@127.0.0.1:3306/farm")
+
+
+def test_replicas_of_different_architectures_get_different_default_stores():
+    from argparse import Namespace
+
+    from common.nodes.bank_replica import prepare_store
+
+    stores = set()
+    for mode in ("standalone", "multicast", "queue", "sequencer", "primary-backup"):
+        args = Namespace(mode=mode, name="replica1", store=None)
+        prepare_store(args)
+        stores.add(args.store)
+    assert stores == {f"sqlite:///var/{mode}/replica1.db"
+                      for mode in ("standalone", "multicast", "queue", "sequencer", "primary-backup")}
