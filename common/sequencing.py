@@ -37,6 +37,8 @@ Messages (one JSON object per line, like every saldo port):
                         {"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 9001}
                         {"TASK": "SUBSCRIBED", "SEND_RESULTS": true, "RESULTS_FROM_SEQ": 40}
                         {"TASK": "SEND_RESULTS", "FROM_SEQ": 40}
+                        {"TASK": "REPLACED", "DETAIL": ...}  (another connection subscribed under this
+                                                              name: the replica waits before it subscribes again)
   replica -> sequencer  {"TASK": "APPLIED", "UPTO": 43, "SYNCED": 40, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
                         {"TASK": "RESEND", "FROM": 43, "TO": 45}
   client -> sequencer   a bank operation (common/bank.py), optionally "WAIT": "SEQUENCED" | "APPLIED" | "ALL"

@@ -686,7 +686,7 @@ def test_a_rejected_feed_leaves_the_queue_servers_feed_in_place(clusters):
     running = clusters("queue")
     address = port_address(running, "replica1", "node")
     status = running.cluster.status("replica1")
-    assert status["CONNECTED_TO_SEQUENCER"] is True
+    assert status["CONNECTED_TO_SERVER"] is True
     subscribed = len(log_events(running.cluster.log_path("server"), "replica_subscribed"))
     before = running.state()
     # From the server's host, a malformed FEED; from any other host, a well-formed one and a forged
@@ -767,3 +767,36 @@ def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
     assert code == 1 and out.startswith("NOK SAME_ACCOUNT"), out
     code, out = client_py(running, "deposit", "cli-1", "12.345")
     assert code == 1 and out.startswith("NOK AMOUNT_TOO_PRECISE"), out
+
+
+def test_a_second_replica_under_the_same_name_is_told_and_the_two_do_not_push_each_other_out_without_end(clusters, tmp_path):
+    running = clusters("sequencer")
+    sequencer_log = running.cluster.log_path("sequencer")
+    takeovers_before = len(log_events(sequencer_log, "replica_reconnected_closing_old"))
+    real = running.node("replica1")
+    duplicate_log = tmp_path / "duplicate.log"
+    with duplicate_log.open("w") as log_file:
+        duplicate = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "replica.py"), "--topology", str(running.cluster.topology_path),
+             "--name", "replica1", "--port", str(free_port(real.host)), "--store", f"sqlite:///{tmp_path}/duplicate.db"],
+            cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(8.0)
+        finally:
+            duplicate.terminate()
+            duplicate.wait(timeout=15)
+    takeovers = len(log_events(sequencer_log, "replica_reconnected_closing_old")) - takeovers_before
+    # Without REPLACED and its back-off, the two took the name from each other thousands of times.
+    assert 1 <= takeovers <= 6, takeovers
+    told = log_events(running.cluster.log_path("replica1"), "replaced_by_another_subscriber") + \
+        log_events(duplicate_log, "replaced_by_another_subscriber")
+    assert told, "the replica pushed out was told why"
+    # The real replica1 takes its place back, and the cluster goes on.
+    deadline = time.monotonic() + 15
+    while not running.cluster.status("sequencer")["REPLICAS"]["replica1"]["CONNECTED"]:
+        assert time.monotonic() < deadline, "replica1 did not subscribe again"
+        time.sleep(0.1)
+    reply = running.cluster.request("sequencer", {"TASK": "DEPOSIT", "ID": "after-duplicate", "ACCOUNT": "dup-check",
+                                                  "AMOUNT": "1.00", "WAIT": "ALL"}, timeout_s=10.0)
+    assert reply["STATUS"] == "OK", reply
+    assert running.cluster.request("replica1", {"TASK": "BALANCE", "ACCOUNT": "dup-check"})["BALANCE"] == "1.00"

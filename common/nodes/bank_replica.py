@@ -33,7 +33,7 @@ def add_store_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="client port (default: the seed's port for the mode)")
     add_store_flags(parser)

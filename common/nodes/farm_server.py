@@ -62,7 +62,7 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help=f"port for clients, workers and peers (default {DEFAULT_PORT})")
     parser.add_argument("--advertise", help="HOST:PORT workers and peers use to reach this server (default host:port)")

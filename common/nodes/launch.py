@@ -29,7 +29,7 @@ def main(description: str, modes: dict[str, str], default_mode: str, argv: list[
     if mode not in modes:
         parser.error(f"--mode must be one of {', '.join(sorted(modes))}")
     module = importlib.import_module(modes[mode])
-    module.add_flags(parser)
+    module.add_flags(parser, mode)  # the flags of this mode (a module may serve two)
     args = topology.parse_args(parser, argv)
     args.mode = mode
     module.prepare(args)

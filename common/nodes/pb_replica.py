@@ -92,7 +92,7 @@ PEER_REPLY_TASKS = frozenset({"VOTE_REPLY", "LEASE_REPLY", "POSITION", "ACK"})
 GATE_NONE, GATE_COMMIT, GATE_DURABLE = 0, 1, 2
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     timing = Timing()
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["primary_client"], help="client port (default 6004)")

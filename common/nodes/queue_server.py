@@ -25,7 +25,7 @@ from common.nodes import sequencer as orderer
 from common.sequencing import WAIT_ALL, WAIT_APPLIED, WAIT_SEQUENCED
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["queue_rpc"],
                         help=f"RPC port for clients (default {topology.DEFAULT_PORTS['queue_rpc']})")

@@ -46,20 +46,26 @@ READ_WAIT_TIMEOUT_S = 2.0
 TICK_S = 0.25
 SNAPSHOT_TIMEOUT_S = 60.0
 SEQUENCER_LINE_BYTES = 1024 * 1024
+# How a subscription ended; after REPLACED (another process subscribed under this replica's name),
+# the replica waits this long before it subscribes again.
+SUBSCRIPTION_LOST, SUBSCRIPTION_NEEDS_SNAPSHOT, SUBSCRIPTION_REPLACED = "lost", "snapshot", "replaced"
+REPLACED_BACKOFF_S = 5.0
 # One commit in this interval also syncs the store (one fsync, instead of one per commit); the
 # orderer's log holds what is not synced yet.
 DEFAULT_SYNC_INTERVAL_MS = 50
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int,
                         help="port for reads, STATUS, SNAPSHOT and (queue mode) the server's FEED (default 6007; queue 6001)")
-    parser.add_argument("--sequencer", default="127.0.0.1:6003", help="sequencer mode: the sequencer's replica port")
+    # Each mode lists only the flags it uses (the other stays accepted, so a topology entry may carry it).
+    parser.add_argument("--sequencer", default="127.0.0.1:6003",
+                        help="the sequencer's replica port" if mode == "sequencer" else argparse.SUPPRESS)
     parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer")
     parser.add_argument("--peer-hosts", default="",
-                        help="queue mode: hosts the RPC server's FEED may come from, comma-separated "
-                             "(default: any host, with a warning; see common/peers.py)")
+                        help="hosts the RPC server's FEED may come from, comma-separated (default: any host, "
+                             "with a warning; see common/peers.py)" if mode == "queue" else argparse.SUPPRESS)
     parser.add_argument("--sync-interval-ms", type=int, default=DEFAULT_SYNC_INTERVAL_MS,
                         help="sync the store to disk at most this often; the orderer's log keeps what is not synced "
                              f"(0: at every commit; default {DEFAULT_SYNC_INTERVAL_MS})")
@@ -111,15 +117,23 @@ class SequencedReplica:
                 return
             self.sequencer_stream = stream
             try:
-                needs_snapshot = await self._run_subscription(stream)
+                ended = await self._run_subscription(stream)
             finally:
                 self.sequencer_stream = None
                 await stream.close()
-            if needs_snapshot:
+            if ended == SUBSCRIPTION_NEEDS_SNAPSHOT:
                 await self._state_transfer(stop)
+            elif ended == SUBSCRIPTION_REPLACED:
+                # Another process subscribed under this name: taking the place back at once would
+                # make the two push each other out without end.
+                try:
+                    async with asyncio.timeout(REPLACED_BACKOFF_S):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
 
-    async def _run_subscription(self, stream: aio.MessageStream) -> bool:
-        """Until the connection ends; True if the sequencer said SNAPSHOT_NEEDED."""
+    async def _run_subscription(self, stream: aio.MessageStream) -> str:
+        """Until the connection ends: how it ended (SUBSCRIPTION_*)."""
         await self.dbank.flush(sync=True)  # subscribe from what is on stable storage
         stream.send({"TASK": "SUBSCRIBE", "REPLICA": self.args.name, "LAST_APPLIED_SEQ": self.core.last_delivered_seq})
         self.reported_synced_seq = self.core.last_delivered_seq  # synced just now: the orderer counts it so
@@ -128,7 +142,7 @@ class SequencedReplica:
             lines = await stream.read_lines()
             if lines is None:
                 log.info("sequencer_connection_lost", last_applied_seq=self.core.last_delivered_seq)
-                return False
+                return SUBSCRIPTION_LOST
             entries = []
             for line in lines:
                 entry = parse_entry_line(line)  # the canonical form: one regular expression
@@ -167,7 +181,13 @@ class SequencedReplica:
                                 log_start_seq=message.get("LOG_START_SEQ"))
                     if entries:
                         self._deliver(entries)
-                    return True
+                    return SUBSCRIPTION_NEEDS_SNAPSHOT
+                elif task == "REPLACED":
+                    log.error("replaced_by_another_subscriber", replica=self.args.name, detail=message.get("DETAIL"),
+                              hint="two replicas share this --name?", retry_in_s=REPLACED_BACKOFF_S)
+                    if entries:
+                        self._deliver(entries)
+                    return SUBSCRIPTION_REPLACED
                 elif message.get("STATUS") == "NOK":
                     log.warning("sequencer_refused", error=message.get("ERROR"), detail=message.get("DETAIL"))
             if entries:
@@ -290,11 +310,11 @@ class SequencedReplica:
                 return
             self.sequencer_stream = stream
             try:
-                needs_snapshot = await self._run_subscription(stream)
+                ended = await self._run_subscription(stream)
             finally:
                 if self.sequencer_stream is stream:
                     self.sequencer_stream = None
-            if needs_snapshot:
+            if ended == SUBSCRIPTION_NEEDS_SNAPSHOT:
                 await stream.close()  # the server reconnects; that FEED waits for the transfer
                 await self._state_transfer(asyncio.Event())
 
@@ -446,7 +466,8 @@ class SequencedReplica:
             "LAST_APPLIED_SEQ": self.committed_seq,
             "SYNCED_SEQ": self.synced_seq,
             **self.dbank.status_fields(),
-            "CONNECTED_TO_SEQUENCER": self.sequencer_stream is not None,
+            # Fed by the sequencer (sequencer mode) or the RPC server (queue mode).
+            ("CONNECTED_TO_SEQUENCER" if self.args.mode == "sequencer" else "CONNECTED_TO_SERVER"): self.sequencer_stream is not None,
             "ENTRIES_RECEIVED": self.entries_received,
             "GAPS_SEEN": self.core.gaps_seen,
             "HELD_ENTRIES": self.core.held_count,

@@ -49,7 +49,7 @@ INLINE_LOG_WRITE_MAX_ENTRIES = 4
 BANK_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER", "BALANCE", "QUERY"})
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["sequencer_client"], help="client port (default 6002)")
     parser.add_argument("--replica-port", type=int, default=topology.DEFAULT_PORTS["sequencer_replica"], help="replica port (default 6003)")
@@ -117,6 +117,7 @@ class SequencerNode:
         self.writing = False
         self.truncating = False
         self.links: dict[str, ReplicaLink] = {}
+        self.closing_streams: set[asyncio.Future] = set()  # replaced links, closing (bounded by their timeout)
         self.started_at = time.monotonic()
         self.log_writes = 0
         self.source_host = source_address(args.host)  # the queue server connects to replicas from here
@@ -206,9 +207,9 @@ class SequencerNode:
                 if batch is None:
                     return
                 for message in batch:
+                    if stream.closed or (link is not None and self.links.get(link.name) is not link):
+                        return  # replaced by a newer subscription: nothing more from this one counts
                     link = self._on_replica_message(stream, link, message, expected_name)
-                    if stream.closed:
-                        return
         finally:
             if link is not None and self.links.get(link.name) is link:
                 del self.links[link.name]
@@ -267,10 +268,16 @@ class SequencerNode:
         kind, _data = self.core.on_subscribe(name, last)
         previous = self.links.get(name)
         if previous is not None and previous.stream is not stream:
+            # Usually the same replica back on a new connection, the old one not yet seen to end.
+            # If a second process uses the name, REPLACED tells the one pushed out to back off.
             log.info("replica_reconnected_closing_old", replica=name)
-            previous.stream.abort()
             if previous.catchup_task is not None:
                 previous.catchup_task.cancel()
+            previous.live = False
+            previous.stream.send({"TASK": "REPLACED", "DETAIL": f"another connection subscribed as {name}"})
+            closing = asyncio.ensure_future(previous.stream.close())  # (bounded: CLOSE_TIMEOUT_S)
+            self.closing_streams.add(closing)
+            closing.add_done_callback(self.closing_streams.discard)
         link = ReplicaLink(name, stream, last)
         self.links[name] = link
         log.info("replica_subscribed", replica=name, last_applied_seq=last, durable_seq=self.core.durable_seq,

@@ -48,7 +48,7 @@ MAX_STATE_FILE_BYTES = 64 * 1024
 BANK_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER", "BALANCE", "QUERY"})
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=topology.DEFAULT_PORTS["witness"], help="voter port (default 6008)")
     parser.add_argument("--replicas", help="names of the replicas that may be elected, comma-separated (required)")
