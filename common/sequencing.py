@@ -24,7 +24,9 @@ disk (a replica syncs its store once in a while, not at every commit: until it h
 what a power loss could take from it; replaying an entry gives the same outcome, since the replicas
 are deterministic). One of them, the results source, also sends each operation's outcome, which the sequencer relays to the client (the
 replicas are deterministic, so any one will do, and one is enough). When the results source goes
-away, another replica is asked to send the outcomes of everything still awaited. A restarted replica subscribes
+away, or stalls (no progress for `results_source_stall_s` while another replica applied what
+clients await: a paused process, a cut link that has not ended yet), another replica is asked to
+send the outcomes of everything still awaited. A restarted replica subscribes
 with the last sequence number it applied (stored in the same transaction as the balances) and the
 sequencer resends from there, or, if the log no longer holds it, says SNAPSHOT_NEEDED: the replica
 then copies a peer replica's state (balances, applied ids, last sequence number) and subscribes
@@ -37,6 +39,7 @@ Messages (one JSON object per line, like every saldo port):
                         {"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 9001}
                         {"TASK": "SUBSCRIBED", "SEND_RESULTS": true, "RESULTS_FROM_SEQ": 40}
                         {"TASK": "SEND_RESULTS", "FROM_SEQ": 40}
+                        {"TASK": "STOP_RESULTS"}     (another replica sends the outcomes now)
                         {"TASK": "REPLACED", "DETAIL": ...}  (another connection subscribed under this
                                                               name: the replica waits before it subscribes again)
   replica -> sequencer  {"TASK": "APPLIED", "UPTO": 43, "SYNCED": 40, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
@@ -68,6 +71,9 @@ DEFAULT_MAX_LOG_ENTRIES = 200_000
 DEFAULT_MAX_WAITING_REQUESTS = 100_000
 DEFAULT_RESULT_CACHE_ENTRIES = 100_000
 DEFAULT_MAX_HELD_ENTRIES = 100_000
+# A results source that applies nothing for this long, while another replica applied what clients
+# wait for, is replaced: well above a healthy source's lag (milliseconds), well below a client's patience.
+DEFAULT_RESULTS_SOURCE_STALL_S = 0.5
 MAX_RESULTS_PER_ACK = 4096  # bounds one APPLIED line well under the 64 KiB line limit
 
 _RECORDED_ERRORS = frozenset({"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND", "BALANCE_LIMIT", "TOO_MANY_ACCOUNTS"})
@@ -240,6 +246,7 @@ class SequencerStats:
     retries_answered_from_cache: int = 0
     truncated_to_seq: int = 0
     replicas_dropped_from_log: int = 0
+    results_source_changes: int = 0
 
 
 @dataclass
@@ -252,6 +259,7 @@ class SequencerCore:
     max_log_entries: int = DEFAULT_MAX_LOG_ENTRIES
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     result_cache_entries: int = DEFAULT_RESULT_CACHE_ENTRIES
+    results_source_stall_s: float = DEFAULT_RESULTS_SOURCE_STALL_S
     # (seq, op id, line) from log_start_seq up to the last durable entry, oldest first.
     log: deque = field(default_factory=deque)
     durable_seq: int = 0  # the log is durable up to here
@@ -277,6 +285,7 @@ class SequencerCore:
             progress.synced_seq = self.log_start_seq - 1
         self._highest_synced_seq = self.log_start_seq - 1  # the highest synced_seq of any replica
         self.results_source: str | None = None  # the replica that sends outcomes with its acks
+        self._source_progress: tuple[int, float] | None = None  # (its applied_seq, since when), by on_tick
         if self.durable_seq == 0:
             self.durable_seq = self.next_seq - 1
         self._logged_before_start = self.durable_seq  # numbered by an earlier run of the sequencer
@@ -435,6 +444,34 @@ class SequencerCore:
                 return progress.name, from_seq
         return None
 
+    def on_tick(self, now_s: float) -> tuple[str, str, int] | None:
+        """Called every so often. If the results source has applied nothing for
+        results_source_stall_s while another connected replica applied an operation a client
+        waits for, that replica takes over: (old source, new source, the first seq whose outcome
+        the new one must send). None otherwise."""
+        source = self.results_source
+        if source is None:
+            self._source_progress = None
+            return None
+        applied_seq = self.replicas[source].applied_seq
+        if self._source_progress is None or self._source_progress[0] != applied_seq or not self._waiters:
+            self._source_progress = (applied_seq, now_s)
+            return None
+        if now_s - self._source_progress[1] < self.results_source_stall_s:
+            return None
+        ahead = [p for p in self.replicas.values() if p.connected and p.name != source and p.applied_seq > applied_seq]
+        if not ahead:
+            return None  # nobody could answer sooner
+        best = max(ahead, key=lambda p: p.applied_seq)
+        oldest_awaited = min(seq for seq, waiters in self._waiters.items() if any(w.replicas_needed > 0 for w in waiters)) \
+            if self._waiting_count > self._waiting_for_log else None
+        if oldest_awaited is None or oldest_awaited > best.applied_seq:
+            return None  # what clients wait for is applied nowhere yet
+        self.results_source = best.name
+        self._source_progress = (best.applied_seq, now_s)
+        self.stats.results_source_changes += 1
+        return source, best.name, oldest_awaited
+
     def on_resend(self, replica: str, from_seq: int, to_seq: int) -> tuple[str, bytes]:
         self._replica(replica)
         if from_seq < self.log_start_seq:
@@ -554,6 +591,8 @@ class SequencerCore:
                 for p in self.replicas.values()
             },
             "SEQUENCED_TOTAL": self.stats.sequenced_total,
+            "RESULTS_SOURCE": self.results_source,
+            "RESULTS_SOURCE_CHANGES": self.stats.results_source_changes,
         }
 
 

@@ -8,7 +8,9 @@ listening port, and client.py against each architecture.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -800,3 +802,32 @@ def test_a_second_replica_under_the_same_name_is_told_and_the_two_do_not_push_ea
                                                   "AMOUNT": "1.00", "WAIT": "ALL"}, timeout_s=10.0)
     assert reply["STATUS"] == "OK", reply
     assert running.cluster.request("replica1", {"TASK": "BALANCE", "ACCOUNT": "dup-check"})["BALANCE"] == "1.00"
+
+
+def test_a_paused_results_source_is_replaced_and_writes_are_answered_by_the_other_replica(clusters):
+    running = clusters("sequencer")
+    source = running.cluster.status("sequencer")["RESULTS_SOURCE"]
+    other = next(name for name in running.lab.replicas if name != source)
+    pid = running.cluster.pid(source)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        reply = running.cluster.request("sequencer", {"TASK": "DEPOSIT", "ID": "while-source-paused", "ACCOUNT": "pause-check",
+                                                      "AMOUNT": "2.00", "WAIT": "APPLIED"}, timeout_s=10.0)
+        waited_s = time.monotonic() - started
+        assert reply["STATUS"] == "OK" and reply["BALANCE"] == "2.00", reply
+        # The stall bound (0.5 s) and a tick, not the length of the pause.
+        assert waited_s < 2.0, waited_s
+        status = running.cluster.status("sequencer")
+        assert status["RESULTS_SOURCE"] == other and status["RESULTS_SOURCE_CHANGES"] >= 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Back, the stalled one catches up and no longer sends outcomes; the other one does.
+    deadline = time.monotonic() + 10
+    while running.cluster.status(source)["SENDS_RESULTS"] or \
+            running.cluster.request(source, {"TASK": "BALANCE", "ACCOUNT": "pause-check"}).get("BALANCE") != "2.00":
+        assert time.monotonic() < deadline, running.cluster.status(source)
+        time.sleep(0.1)
+    assert running.cluster.status(other)["SENDS_RESULTS"] is True
+    events = log_events(running.cluster.log_path("sequencer"), "results_source_changed")
+    assert any(e.get("reason") == "stalled" and e.get("stalled") == source for e in events), events

@@ -298,6 +298,55 @@ def test_one_replica_sends_the_outcomes_and_another_takes_over_when_it_goes():
     assert core.on_disconnect("replica2") == ("replica1", 4)
 
 
+def test_a_results_source_that_stalls_while_another_replica_applied_is_replaced():
+    core = SequencerCore(REPLICAS, results_source_stall_s=0.5)
+    for name in REPLICAS:
+        core.on_subscribe(name, 0)
+        core.choose_results_source(name)
+    assert core.results_source == "replica1"
+    core.submit(deposit("op-1"), "c1", "op-1")
+    core.submit(deposit("op-2"), "c2", "op-2")
+    log_all(core)
+    assert core.on_tick(10.0) is None  # the clock starts for the source's progress
+    assert core.on_applied("replica2", 2, []) == []  # replica2 applied both; replica1 (paused) nothing
+    assert core.on_tick(10.4) is None  # not stalled long enough yet
+    assert core.on_tick(10.5) == ("replica1", "replica2", 1)
+    assert core.results_source == "replica2" and core.status()["RESULTS_SOURCE_CHANGES"] == 1
+    # replica2, asked (SEND_RESULTS from seq 1), sends what it applied: both clients answered.
+    replies = core.on_applied("replica2", 2, [(1, None, 100), (2, None, 200)])
+    assert sorted(r.client for r in replies) == ["c1", "c2"]
+    # replica1 wakes up and sends its now late outcomes: nobody is answered twice.
+    assert core.on_applied("replica1", 2, [(1, None, 100), (2, None, 200)]) == []
+    assert core.status()["WAITING_REQUESTS"] == 0
+
+
+def test_a_results_source_is_kept_while_it_progresses_or_while_nobody_could_answer_sooner():
+    core = SequencerCore(REPLICAS, results_source_stall_s=0.5)
+    for name in REPLICAS:
+        core.on_subscribe(name, 0)
+        core.choose_results_source(name)
+    for index in (1, 2, 3):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
+    log_all(core)
+    assert core.on_tick(0.0) is None
+    # It progresses (slowly): kept, however far replica2 is ahead.
+    core.on_applied("replica2", 3, [])
+    core.on_applied("replica1", 1, [(1, None, 100)])
+    assert core.on_tick(0.4) is None
+    core.on_applied("replica1", 2, [(2, None, 200)])
+    assert core.on_tick(0.8) is None
+    assert core.on_tick(1.2) is None  # 0.4 s since its last progress
+    # Nobody waits: nothing to gain from a change, however long it is quiet.
+    core.on_applied("replica1", 3, [(3, None, 300)])
+    assert core.status()["WAITING_REQUESTS"] == 0
+    assert core.on_tick(5.0) is None and core.on_tick(50.0) is None
+    # Waiting, stalled, but the other replica is no further: kept.
+    core.submit(deposit("op-4"), "c4", "op-4")
+    log_all(core)
+    assert core.on_tick(60.0) is None and core.on_tick(70.0) is None
+    assert core.results_source == "replica1"
+
+
 # --- Replicas: subscribe, resend, snapshot ------------------------------------------------------
 
 

@@ -176,6 +176,12 @@ class SequencedReplica:
                         self._deliver(entries)
                         entries = []
                     self._become_results_source(stream, message.get("FROM_SEQ"))
+                elif task == "STOP_RESULTS":  # this replica stalled; another one sends the outcomes now
+                    if entries:
+                        self._deliver(entries)
+                        entries = []
+                    self.send_results = False
+                    log.info("results_source_no_longer")
                 elif task == "SNAPSHOT_NEEDED":
                     log.warning("snapshot_needed", last_applied_seq=self.core.last_delivered_seq,
                                 log_start_seq=message.get("LOG_START_SEQ"))
@@ -468,6 +474,7 @@ class SequencedReplica:
             **self.dbank.status_fields(),
             # Fed by the sequencer (sequencer mode) or the RPC server (queue mode).
             ("CONNECTED_TO_SEQUENCER" if self.args.mode == "sequencer" else "CONNECTED_TO_SERVER"): self.sequencer_stream is not None,
+            "SENDS_RESULTS": self.send_results,
             "ENTRIES_RECEIVED": self.entries_received,
             "GAPS_SEEN": self.core.gaps_seen,
             "HELD_ENTRIES": self.core.held_count,

@@ -44,6 +44,7 @@ log = get_logger("sequencer")
 MAX_LIVE_BUFFER_BYTES = 16 * 1024 * 1024
 CATCHUP_CHUNK_ENTRIES = 2_000
 TRUNCATE_INTERVAL_S = 1.0
+RESULTS_WATCH_INTERVAL_S = 0.1
 REPLICA_LINE_BYTES = 1024 * 1024  # APPLIED lines carry up to 4096 results
 INLINE_LOG_WRITE_MAX_ENTRIES = 4
 BANK_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER", "BALANCE", "QUERY"})
@@ -307,6 +308,21 @@ class SequencerNode:
             await self.handle_replica(stream, expected_name=name)
             await stream.close()
 
+    async def watch_results_source(self) -> None:
+        """Replace a results source that stalls while another replica could answer (see on_tick)."""
+        while True:
+            await asyncio.sleep(RESULTS_WATCH_INTERVAL_S)
+            change = self.core.on_tick(time.monotonic())
+            if change is None:
+                continue
+            old_source, new_source, from_seq = change
+            log.warning("results_source_changed", replica=new_source, from_seq=from_seq, reason="stalled",
+                        stalled=old_source, stalled_applied_seq=self.core.replicas[old_source].applied_seq)
+            if old_source in self.links:
+                self.links[old_source].stream.send({"TASK": "STOP_RESULTS"})
+            if new_source in self.links:
+                self.links[new_source].stream.send({"TASK": "SEND_RESULTS", "FROM_SEQ": from_seq})
+
     async def truncate_periodically(self) -> None:
         while True:
             await asyncio.sleep(TRUNCATE_INTERVAL_S)
@@ -444,7 +460,8 @@ async def run_orderer(args: argparse.Namespace, stop: asyncio.Event, replica_nam
     node = SequencerNode(args, core, seqlog, default_wait=default_wait, role=role)
     clients = await aio.start_server(node.handle_client, args.host, args.port, name=f"{role}-clients",
                                      max_connections=args.max_connections)
-    tasks = [asyncio.create_task(aio.keep_running("truncate", node.truncate_periodically, stop))]
+    tasks = [asyncio.create_task(aio.keep_running("truncate", node.truncate_periodically, stop)),
+             asyncio.create_task(aio.keep_running("results_source", node.watch_results_source, stop))]
     replicas = None
     if outbound:
         tasks += [asyncio.create_task(aio.keep_running(name, partial(node.push_to_replica, name, address, stop), stop))
