@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
 import time
 import xml.etree.ElementTree as ElementTree
@@ -21,7 +22,7 @@ import pytest
 from common.blocking import BlockingConnection
 from common.lab import archs, checker
 from common.lab import report as report_module
-from common.lab.cluster import Cluster
+from common.lab.cluster import Cluster, PortInUse
 from common.lab.faults import Fault, FaultInjector
 from common.lab.report import REPORT_FIELDS
 from common.lab.runner import RunOptions, RunResult, run_lab
@@ -194,6 +195,41 @@ def test_a_restart_still_in_progress_when_the_run_ends_is_finished_once(tmp_path
         assert cluster.status("standalone")["STATUS"] == "OK"
         [record] = injector.records
         assert record["action"] == "kill" and record["until_s"] >= record["at_s"]
+
+
+# --- A port held by another process ---------------------------------------------------------------
+
+
+@pytest.fixture
+def held_port():
+    """A listener on a free loopback port, as a cluster left running would hold it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.12", 0))
+        listener.listen(1)
+        yield listener.getsockname()
+
+
+def test_a_cluster_whose_port_is_held_refuses_to_start_naming_the_address_and_starts_nothing(tmp_path, held_port):
+    host, port = held_port
+    lab = archs.build_standalone(archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    lab.nodes[0].port = port
+    with Cluster(tmp_path, lab.nodes, name="held") as cluster:
+        with pytest.raises(PortInUse, match=rf"{host}:{port} \(standalone\) is already in use") as caught:
+            cluster.start()
+        assert caught.value.addresses == [f"{host}:{port} (standalone)"]
+        assert cluster.pid("standalone") is None
+
+
+def test_a_node_that_exits_because_its_port_is_held_says_so_rather_than_see_the_log(tmp_path, held_port):
+    host, port = held_port
+    lab = archs.build_standalone(archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    lab.nodes[0].port = port
+    with Cluster(tmp_path, lab.nodes, name="held") as cluster:
+        cluster.spawn("standalone")  # past the check start() makes: the node itself finds the port taken
+        with pytest.raises(PortInUse, match=rf"{host}:{port}"):
+            cluster.wait_ready("standalone", timeout_s=15.0)
+        assert "exited with code 1" in cluster.describe_exit("standalone")
+        assert cluster.command_line("standalone").endswith(f">> {cluster.log_path('standalone')} 2>&1")
 
 
 # --- The fault proxy ----------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -50,6 +52,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether some process listens on host:port now: a bind the way saldo's servers bind fails."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Like the servers (asyncio's reuse_address): connections left in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+        return False
+
+
+class StartFailed(RuntimeError):
+    """A node exited while the launcher waited for it to answer STATUS."""
+
+
+class PortInUse(StartFailed):
+    """Addresses a node must listen on are held by another process (most often a cluster left running)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        verb = "is" if len(addresses) == 1 else "are"
+        super().__init__(f"{', '.join(addresses)} {verb} already in use by another process "
+                         f"(probably another saldo cluster still running)")
+
+
 @dataclass
 class Node:
     """One process of the cluster. `settings` are its flags (its topology entry)."""
@@ -61,6 +89,12 @@ class Node:
     settings: dict = field(default_factory=dict)
     role: str = "replica"
     store: str | None = None
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """Where it listens on its host: its STATUS port and any `*_port` setting (e.g. the
+        sequencer's port for replicas)."""
+        ports = [self.port] + [value for key, value in self.settings.items() if key.endswith("_port") and type(value) is int]
+        return [(self.host, port) for port in dict.fromkeys(ports)]
 
     def entry(self) -> dict:
         entry = {"script": self.script, "host": self.host, "port": self.port, **self.settings}
@@ -93,6 +127,35 @@ class Cluster:
         script = node.script.split() if node.script.startswith("-m ") else [str(REPO_ROOT / node.script)]
         return [sys.executable, *script, "--topology", str(self.topology_path), "--name", node.name]
 
+    def command_line(self, name: str) -> str:
+        """The shell command that starts `name` by hand the way spawn() does: same directory, same
+        flags, output appended to the same log."""
+        return (f"cd {shlex.quote(str(REPO_ROOT))} && {shlex.join(self._command(self.nodes[name]))} "
+                f">> {shlex.quote(str(self.log_path(name)))} 2>&1")
+
+    def describe_exit(self, name: str) -> str:
+        """How the process this cluster started for `name` ended: "(pid 12) was killed by SIGKILL",
+        "(pid 12) exited with code 1"; "is running" while it runs."""
+        process = self._processes.get(name)
+        if process is None:
+            return "was never started"
+        code = process.poll()
+        if code is None:
+            return f"(pid {process.pid}) is running"
+        if code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:  # a real-time signal has no name
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return f"(pid {process.pid}) {how}"
+
+    def _taken(self, names: list[str]) -> list[str]:
+        """The addresses the nodes `names` listen on that another process holds, as "host:port (node)"."""
+        return [f"{host}:{port} ({name})" for name in names for host, port in self.nodes[name].listen_addresses()
+                if port_in_use(host, port)]
+
     def spawn(self, name: str) -> int:
         """Start one node (not waiting for it); its PID."""
         assert name not in self._processes or self._processes[name].poll() is not None, f"{name} is running"
@@ -116,8 +179,12 @@ class Cluster:
         return process.pid
 
     def start(self, names: list[str] | None = None, *, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Start nodes (default: all, in the given order) and wait until each answers."""
+        """Start nodes (default: all, in the given order) and wait until each answers. Raises
+        PortInUse, before starting any, when another process holds an address one must listen on."""
         names = list(self.nodes) if names is None else names
+        taken = self._taken(names)
+        if taken:
+            raise PortInUse(taken)
         for name in names:
             self.spawn(name)
         for name in names:
@@ -133,7 +200,11 @@ class Cluster:
         while time.monotonic() < deadline:
             process = self._processes.get(name)
             if process is None or process.poll() is not None:
-                raise RuntimeError(f"{name} exited (code {process and process.returncode}); see {self.log_path(name)}")
+                # Most often it could not listen: say which address is taken rather than "see the log".
+                taken = self._taken([name])
+                if taken:
+                    raise PortInUse(taken)
+                raise StartFailed(f"{name} exited (code {process and process.returncode}); see {self.log_path(name)}")
             try:
                 status = self.status(name, timeout_s=1.0)
                 if status.get("STATUS") == "OK" and status.get("PID") == process.pid:
