@@ -114,6 +114,9 @@ class PBLabCluster(LabCluster):
             return max(serving)[1]
         return self.replicas[0]
 
+    def fault_roles(self) -> frozenset[str]:
+        return super().fault_roles() | {"primary", "backup"}  # asked of the replicas when the fault starts
+
     async def resolve(self, role: str) -> str:
         if role == "backup":
             primary = await self._find_primary()

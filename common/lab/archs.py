@@ -17,7 +17,7 @@ from typing import Callable
 from common import topology
 from common.bankclient import DirectClient, MulticastClient, SequencerClient
 from common.lab.cluster import Cluster, Node, free_port
-from common.lab.faults import Fault
+from common.lab.faults import SCHEDULES, Fault
 from common.log import get_logger
 
 log = get_logger("archs")
@@ -51,13 +51,17 @@ class LabCluster:
         return {name: by_name[name].store for name in self.replicas}
 
     # --- Faults ---------------------------------------------------------------------------------
+    def fault_roles(self) -> frozenset[str]:
+        """The roles a fault may name on this cluster (FAULT_ROLES says the same before a build)."""
+        return frozenset(self.roles) | {"replica"}
+
     async def resolve(self, role: str) -> str:
+        # A role the architecture lacks is refused: "primary" must not fall back to some replica.
+        if role not in self.fault_roles():
+            raise ValueError(f"{self.architecture} has no node in role {role!r}")
         if role == "primary":
             return await self._find_primary()
-        candidates = self.roles.get(role) or (self.replicas if role == "replica" else [])
-        if not candidates:
-            raise ValueError(f"{self.architecture} has no node in role {role!r}")
-        return candidates[0]
+        return (self.roles.get(role) or self.replicas)[0]
 
     async def _find_primary(self) -> str:
         assert self.cluster is not None
@@ -316,6 +320,47 @@ BUILDERS: dict[str, str] = {
     "primary-backup": "common.lab.arch_pb:build",
     "primary-backup-async": "common.lab.arch_pb:build_async",
 }
+
+
+# Architecture -> the roles a fault may name on it (LabCluster.fault_roles() of what it builds),
+# known without building a cluster so that lab.py refuses a fault schedule before its first run.
+FAULT_ROLES: dict[str, frozenset[str]] = {
+    "standalone": frozenset({"replica", "primary"}),
+    "sequencer": frozenset({"replica", "sequencer"}),
+    "multicast": frozenset({"replica"}),
+    "queue": frozenset({"replica", "server"}),
+    "farm": frozenset({"replica", "server", "worker"}),
+    "primary-backup": frozenset({"replica", "primary", "backup", "witness"}),
+    "primary-backup-async": frozenset({"replica", "primary", "backup", "witness"}),
+}
+
+
+# Architectures whose layout puts no fault proxy on any link: a partition, a delay or a drop has
+# nothing to act through.
+NO_PROXIES = frozenset({"farm"})
+PROXY_FAULTS = frozenset({"partition", "delay", "drop"})
+
+
+def _unfit(architecture: str, schedule: list[Fault]) -> str | None:
+    missing = sorted({fault.role for fault in schedule} - FAULT_ROLES[architecture])
+    if missing:
+        return f"needs a {' and a '.join(missing)}, which {architecture} does not have"
+    if architecture in NO_PROXIES and any(fault.kind in PROXY_FAULTS for fault in schedule):
+        return f"acts through fault proxies, which {architecture} does not have"
+    return None
+
+
+def schedules_for(architecture: str) -> list[str]:
+    """The named fault schedules that can run on `architecture`."""
+    return [name for name, schedule in SCHEDULES.items() if _unfit(architecture, schedule) is None]
+
+
+def unfit_schedule(architecture: str, schedule_name: str, schedule: list[Fault]) -> str | None:
+    """Why `schedule` cannot run on `architecture` (one line), or None when it can."""
+    reason = _unfit(architecture, schedule)
+    if reason is None:
+        return None
+    return f"{schedule_name} {reason}; schedules for {architecture}: {', '.join(schedules_for(architecture))}"
 
 
 def build(architecture: str, options: LayoutOptions) -> LabCluster:

@@ -219,6 +219,12 @@ def run_lab(options: RunOptions) -> RunResult:
         extra=options.extra,
     )
     lab = archs.build(options.architecture, layout)
+    # Refused before anything starts: a fault on a role the cluster lacks would hit some other node.
+    missing = sorted({fault.role for fault in schedule} - lab.fault_roles())
+    if missing:
+        raise ValueError(f"{lab.architecture} has no node in role {', '.join(missing)} for the fault schedule")
+    if needs_proxies and layout.proxies and not any(lab.proxies_of.values()):
+        raise ValueError(f"{lab.architecture} has no fault proxy for the schedule's partition, delay or drop")
     started_at = time.time()
     with Cluster(run_dir, lab.nodes, name=run_name, architecture=lab.architecture) as cluster:
         lab.cluster = cluster
