@@ -20,10 +20,12 @@ import argparse
 import signal
 import statistics
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 from common.lab import archs
-from common.lab.cluster import REPO_ROOT, Cluster
+from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, StartFailed
 from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
 from common.lab.runner import RunOptions, run_lab
@@ -31,32 +33,86 @@ from common.log import configure
 from common.process import tune_gc
 
 
-def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str) -> None:
-    parser.add_argument("--arch", default="standalone", help=f"architecture, or 'all': {', '.join(archs.BUILDERS)}")
-    parser.add_argument("--clients", default="8", help="client count, or a comma list for bench (e.g. 1,8)")
-    parser.add_argument("--window", default="16",
-                        help="operations in flight per client, or a comma list (bench: 16,64 = moderate load and "
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; a flag's default after its help text, unless it says nothing
+    (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        switch = isinstance(action, argparse.BooleanOptionalAction)  # its False is a choice, not "not given"
+        says_nothing = default is None or (default is False and not switch) or default == [] or default is argparse.SUPPRESS
+        if action.option_strings and "%(default)" not in text and not says_nothing:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """ "1,8" -> [1, 8]: a count, or a comma list of them."""
+    return [_positive_int(item.strip()) for item in str(text).split(",")]
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+ARCHITECTURES = ", ".join(archs.BUILDERS)
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _schedules_by_architecture() -> str:
+    """The epilog of run and chaos: which fault schedules fit which architecture."""
+    lines = ["fault schedules per architecture (a schedule names a role; the architecture says which node plays it):"]
+    for architecture in archs.BUILDERS:
+        lines += textwrap.wrap(", ".join(archs.schedules_for(architecture)), width=100,
+                               initial_indent=f"  {architecture:<22}", subsequent_indent=" " * 24, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, reference: bool, faults_help: str) -> None:
+    parser.add_argument("--arch", default="standalone",
+                        help=f"architecture, a comma list of them, or all (every one but farm): {ARCHITECTURES}")
+    parser.add_argument("--clients", type=_int_list, default="8",
+                        help="concurrent clients, or a comma list (e.g. 1,8): one run per count")
+    parser.add_argument("--window", type=_int_list, default="16",
+                        help="operations in flight per client, or a comma list (16,64 = moderate load and "
                              "saturation); a single client always has one at a time")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of workload per run")
-    parser.add_argument("--accounts", type=int, default=8)
-    parser.add_argument("--faults", default=default_faults, help=f"fault schedule: {', '.join(SCHEDULES)}")
-    parser.add_argument("--ports", choices=["seed", "free"], default="seed", help="the seed's port numbers, or free ones")
-    parser.add_argument("--store", default="sqlite", help="sqlite, or a MySQL base URL mysql://user:pass@host:port/prefix")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="architecture option (repeatable)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per combination; the summary shows medians")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
-                        help="measure the echo reference in the same run (default: on for bench)")
-    parser.add_argument("--keep-history", action="store_true", help="write the history even when the verdict is valid")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--accounts", type=_positive_int, default=8, help="bank accounts the workload moves money between")
+    parser.add_argument("--faults", choices=list(SCHEDULES), default=default_faults, metavar="SCHEDULE", help=faults_help)
+    parser.add_argument("--ports", choices=["seed", "free"], default="seed",
+                        help="the seed's port numbers (they clash with a running `lab.py up`), or ports the kernel says are free")
+    parser.add_argument("--store", default="sqlite",
+                        help="where replicas keep the bank: sqlite (a file per replica under var/lab/), or a MySQL "
+                             "base URL mysql://user:pass@host:port/prefix")
+    parser.add_argument("--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="architecture option, repeatable (e.g. replicas=3, replication=async, workers=4)")
+    parser.add_argument("--repeat", type=_positive_int, default=1, help="runs per combination; the summary shows medians")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the workload's random choices (run k uses seed+k)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=reference,
+                        help="measure the echo reference (a bare echo server, same clients) in the same run")
+    parser.add_argument("--keep-history", action="store_true",
+                        help="write results/<run>.history.jsonl even when the verdict is valid (always written when invalid)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line while a run goes")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
 
 
 def _options(args: argparse.Namespace, architecture: str, clients: int, window: int, repeat_index: int,
              reference: bool) -> RunOptions:
-    extra = {}
-    for item in args.option:
-        key, _, value = item.partition("=")
-        extra[key] = value
+    extra = dict(args.option)
     return RunOptions(
         architecture=architecture,
         clients=clients,
@@ -78,16 +134,26 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, window: 
 
 def _windows(args: argparse.Namespace, clients: int) -> list[int]:
     """The in-flight depths to run with `clients` clients: one at a time for a single client."""
-    if clients == 1 and args.window_for_one:
+    if clients == 1:
         return [1]
-    return [int(w) for w in str(args.window).split(",")]
+    return args.window
 
 
-def _run_all(args: argparse.Namespace, *, reference_default: bool) -> int:
-    # "all": the bank's architectures; the worker farm runs on MariaDB with its own bench (make bench-farm).
-    architectures = [a for a in archs.BUILDERS if a != "farm"] if args.arch == "all" else args.arch.split(",")
-    client_counts = [int(c) for c in str(args.clients).split(",")]
-    reference = reference_default if args.reference is None else args.reference
+def _architectures(arch: str) -> list[str]:
+    """--arch as a list; "all": the bank's architectures (the worker farm runs on MariaDB with its
+    own bench, make bench-farm). Raises ValueError naming an unknown one."""
+    if arch == "all":
+        return [a for a in archs.BUILDERS if a != "farm"]
+    architectures = [a.strip() for a in arch.split(",")]
+    for architecture in architectures:
+        if architecture not in archs.BUILDERS:
+            raise ValueError(f"unknown architecture {architecture!r}; choose from all, {ARCHITECTURES}")
+    return architectures
+
+
+def _run_all(args: argparse.Namespace, architectures: list[str]) -> int:
+    client_counts = args.clients
+    reference = args.reference
     summary = []
     all_valid = True
     combinations = [(clients, window) for clients in client_counts for window in _windows(args, clients)]
@@ -122,6 +188,7 @@ def _summarize(architecture: str, clients: int, runs: list[dict]) -> dict:
 
     return {
         "architecture": architecture,
+        "variant": runs[0].get("variant", ""),  # e.g. the farm's worker count: rows differ by it
         "clients": clients,
         "window": runs[0].get("window"),
         "runs": len(runs),
@@ -137,12 +204,14 @@ def _summarize(architecture: str, clients: int, runs: list[dict]) -> dict:
 
 def _print_summary(summary: list[dict]) -> None:
     print("\n== summary (medians)")
-    header = f"  {'architecture':<21}{'clients':>8}{'window':>7}{'acked ops/s':>13}{'applied/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'echo ops/s':>12}{'ratio':>7}  verdicts"
+    labels = [row["architecture"] + (f" ({row['variant']})" if row.get("variant") else "") for row in summary]
+    width = max([len("architecture")] + [len(label) for label in labels]) + 2
+    header = f"  {'architecture':<{width}}{'clients':>7}{'window':>7}{'acked ops/s':>13}{'applied/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'echo ops/s':>12}{'ratio':>7}  verdicts"
     print(header)
-    for row in summary:
+    for label, row in zip(labels, summary):
         def fmt(value, spec):
             return format(value, spec) if value is not None else "-"
-        print(f"  {row['architecture']:<21}{row['clients']:>8}{row['window']:>7}{fmt(row['throughput_ops_s'], ',.0f'):>13}"
+        print(f"  {label:<{width}}{row['clients']:>7}{row['window']:>7}{fmt(row['throughput_ops_s'], ',.0f'):>13}"
               f"{fmt(row['applied_ops_s'], ',.0f'):>11}{fmt(row['p50_ms'], '.3f'):>9}{fmt(row['p99_ms'], '.3f'):>9}"
               f"{fmt(row['echo_ops_s'], ',.0f'):>12}{fmt(row['ratio'], '.2f'):>7}  {','.join(row['verdicts'])}")
 
@@ -166,82 +235,181 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if result.report["verdict"] == "valid" else 1
 
 
+def _watch(cluster: Cluster, names: list[str], poll_s: float = 0.5) -> None:
+    """Until Ctrl-C or SIGTERM (KeyboardInterrupt): one line on stderr for each process of the
+    cluster that exits, naming it, how it ended and how to start it again. The others keep running:
+    killing one on purpose (the primary, to watch a failover) is what `up` is for."""
+    running = set(names)
+    while True:  # ends with KeyboardInterrupt only; each pass looks at each node once
+        for name in names:
+            if name in running and not cluster.is_running(name):
+                running.discard(name)
+                print(f"{name} {cluster.describe_exit(name)}; the rest of the cluster keeps running. "
+                      f"To start it again by hand (then it is yours to stop): {cluster.command_line(name)}",
+                      file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Start a cluster and keep it up until Ctrl-C, for client.py and for poking at it by hand."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the cluster like Ctrl-C
-    run_dir = REPO_ROOT / "var" / "up" / args.arch
+    run_dir = args.run_dir.resolve() if args.run_dir else REPO_ROOT / "var" / "up" / args.arch
     lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store))
     with Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch) as cluster:
         try:
             cluster.start()
-        except (RuntimeError, TimeoutError) as error:  # e.g. a port taken by a cluster left running
-            print(f"the {args.arch} cluster did not start: {error}", file=sys.stderr)
+        except PortInUse as error:
+            print(f"lab.py up: the {args.arch} cluster did not start: {error}; stop that cluster first "
+                  f"(Ctrl-C where it runs)", file=sys.stderr)
+            return 1
+        except (StartFailed, TimeoutError) as error:
+            print(f"lab.py up: the {args.arch} cluster did not start: {error}", file=sys.stderr)
             return 1
         print(f"saldo {args.arch} cluster is up (topology: {cluster.topology_path})")
         for node in lab.nodes:
             print(f"  {node.name:<28} {node.host}:{node.port:<6} pid {cluster.pid(node.name)}  log {cluster.log_path(node.name)}")
-        topo = cluster.topology_path.relative_to(REPO_ROOT)
+        topo = cluster.topology_path.relative_to(REPO_ROOT) if cluster.topology_path.is_relative_to(REPO_ROOT) else cluster.topology_path
         print(f"\nTry, in another terminal:\n"
               f"  python3 client.py --topology {topo} deposit alice 100\n"
               f"  python3 client.py --topology {topo} transfer alice bob 25.50\n"
               f"  python3 client.py --topology {topo} balance bob\n"
               f"  python3 client.py --topology {topo} status\n"
+              f"Kill any process above (kill -9 PID) to see what the others do: the cluster stays up.\n"
               f"Ctrl-C stops every process.", flush=True)
         try:
-            while all(cluster.is_running(node.name) for node in lab.nodes):
-                time.sleep(0.5)
-            print("a process exited; stopping the cluster", file=sys.stderr)
+            _watch(cluster, [node.name for node in lab.nodes])
         except KeyboardInterrupt:
-            print("\nstopping")
+            print("\nstopping", flush=True)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="a short sequencer run with a replica crash, then everything stops")
-    demo_parser.add_argument("--duration", type=float, default=8.0)
-    demo_parser.add_argument("--ports", choices=["seed", "free"], default="seed")
-    demo_parser.add_argument("--quiet", action="store_true")
-    demo_parser.add_argument("--log-level", default="warning")
-    up_parser = commands.add_parser("up", help="start a cluster and keep it up until Ctrl-C")
-    up_parser.add_argument("--arch", default="sequencer", help=f"one of {', '.join(archs.BUILDERS)}")
-    up_parser.add_argument("--ports", choices=["seed", "free"], default="seed")
-    up_parser.add_argument("--proxies", action="store_true", help="route replica links through fault proxies")
-    up_parser.add_argument("--store", default="sqlite")
-    up_parser.add_argument("--log-level", default="warning")
-    run_parser = commands.add_parser("run", help="one or more runs, no echo reference unless asked")
-    _add_run_flags(run_parser, default_faults="none")
-    bench_parser = commands.add_parser("bench", help="runs without faults, with the echo reference")
-    _add_run_flags(bench_parser, default_faults="none")
-    chaos_parser = commands.add_parser("chaos", help="runs with a fault schedule")
-    _add_run_flags(chaos_parser, default_faults="kill-replica")
-    for sub in (run_parser, bench_parser, chaos_parser):
-        sub.add_argument("--log-level", default="warning")
-        sub.set_defaults(window_for_one=True)
-    lending_parser = commands.add_parser("farm-lending", help="the worker farm: overload -> borrowed workers serving, underload -> returned")
+UP_DESCRIPTION = """\
+Start one architecture's cluster on the seed's local hosts (127.0.0.11-14) and keep it up, for
+client.py (use the topology file it prints) and for breaking things by hand. When a process exits
+(kill the primary and watch the failover), the others keep running: up prints one line naming the
+process, how it ended (exit code or signal) and the exact command that starts it again by hand, and
+does so for every exit. Ctrl-C or SIGTERM stops every process up started (not those you started by
+hand)."""
+
+DEMO_DESCRIPTION = """\
+The first thing to run (make demo): a sequencer cluster (the sequencer on 127.0.0.11, two replicas
+on 127.0.0.12 and .13, SQLite stores), 8 clients for a few seconds with replica1 SIGKILLed at 30% of
+the run and restarted at 60%, the checker's verdict and the report; then every process is stopped.
+It uses the seed's ports: stop a running `lab.py up` (make up) first, or pass --ports free."""
+
+RUN_DESCRIPTION = """\
+One run per architecture x client count x window: a bank workload against a live local cluster,
+a fault schedule if asked (--faults), the checker's verdict, a table, results/<run>.json and a
+timeline picture. No echo reference unless --reference. Exit code 1 when a verdict is invalid for
+a reason its architecture promises to avoid."""
+
+BENCH_DESCRIPTION = """\
+Throughput and latency without faults (make bench): like run, but each run also measures the echo
+reference (a bare echo server driven by the same clients), so a figure reads as a share of what this
+machine and the client library allow. With several combinations or --repeat, a summary of medians
+ends the output, one row per architecture (and variant, e.g. the farm's worker count)."""
+
+CHAOS_DESCRIPTION = """\
+Runs under a fault schedule (make chaos; --faults, default kill-replica): the injector kills,
+pauses, partitions, delays or resets the node that plays the schedule's role in the architecture,
+heals it, and the checker says whether anything acknowledged was lost or doubled. A schedule naming
+a role the architecture does not have (kill-primary on sequencer) is refused before any run."""
+
+LENDING_DESCRIPTION = """\
+The worker farm's lending measurement (make bench-farm): farm1 is overloaded until farm2 lends it
+workers, then the load stops until they return; prints how long each took (medians of --repeat),
+and checks the load's history like any run."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line: the top parser, and each command's parser by name."""
+    parser = argparse.ArgumentParser(prog="lab.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_command(name: str, summary: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=_HelpFormatter)
+
+    ports_help = "the seed's port numbers, or ports the kernel says are free (no clash with a running `lab.py up`)"
+    demo_parser = add_command("demo", "a short sequencer run with a replica crash, then everything stops", DEMO_DESCRIPTION)
+    demo_parser.add_argument("--duration", type=float, default=8.0, help="seconds of workload")
+    demo_parser.add_argument("--ports", choices=["seed", "free"], default="seed", help=ports_help)
+    demo_parser.add_argument("--quiet", action="store_true", help="no progress line while the run goes")
+    demo_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
+
+    up_parser = add_command("up", "start a cluster and keep it up until Ctrl-C, whatever exits", UP_DESCRIPTION)
+    up_parser.add_argument("--arch", choices=list(archs.BUILDERS), default="sequencer", metavar="ARCH",
+                           help=f"architecture: {ARCHITECTURES}")
+    up_parser.add_argument("--ports", choices=["seed", "free"], default="seed",
+                           help="the seed's port numbers, or ports the kernel says are free")
+    up_parser.add_argument("--proxies", action="store_true",
+                           help="route the replicas' links through fault proxies (their control ports are in the topology)")
+    up_parser.add_argument("--store", default="sqlite",
+                           help="sqlite (a file per replica in the run directory), or a MySQL base URL "
+                                "mysql://user:pass@host:port/prefix")
+    up_parser.add_argument("--run-dir", type=Path, default=None,
+                           help="where the topology file, the logs and the SQLite stores go (default: var/up/ARCH)")
+    up_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
+
+    schedules = _schedules_by_architecture()
+    run_parser = add_command("run", "one or more runs; faults and the echo reference only when asked", RUN_DESCRIPTION, schedules)
+    _add_run_flags(run_parser, default_faults="none", reference=False, faults_help="fault schedule: one of the list below")
+    bench_parser = add_command("bench", "runs without faults, each with the echo reference; a summary of medians",
+                               BENCH_DESCRIPTION)
+    _add_run_flags(bench_parser, default_faults="none", reference=True,
+                   faults_help="bench runs without faults: none only (use chaos for a schedule)")
+    chaos_parser = add_command("chaos", "runs under a fault schedule", CHAOS_DESCRIPTION, schedules)
+    _add_run_flags(chaos_parser, default_faults="kill-replica", reference=False, faults_help="fault schedule: one of the list below")
+
+    lending_parser = add_command("farm-lending", "the worker farm: overload -> borrowed workers serving, underload -> returned",
+                                 LENDING_DESCRIPTION)
     lending_parser.add_argument("--store", default="sqlite", help="sqlite, or a MySQL base URL mysql://user:pass@host:port/prefix")
-    lending_parser.add_argument("--repeat", type=int, default=3, help="runs; the summary shows medians")
+    lending_parser.add_argument("--repeat", type=_positive_int, default=3, help="runs; the summary shows medians")
     lending_parser.add_argument("--load-s", type=float, default=5.0, help="seconds of overload on farm1")
-    lending_parser.add_argument("--clients", type=int, default=8)
-    lending_parser.add_argument("--window", type=int, default=256, help="tasks in flight per client (far above what 2 workers finish)")
-    lending_parser.add_argument("--log-level", default="warning")
+    lending_parser.add_argument("--clients", type=_positive_int, default=8, help="concurrent clients, all at farm1")
+    lending_parser.add_argument("--window", type=_positive_int, default=256,
+                                help="tasks in flight per client (far above what 2 workers finish)")
+    lending_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
+    return parser, {"demo": demo_parser, "up": up_parser, "run": run_parser, "bench": bench_parser,
+                    "chaos": chaos_parser, "farm-lending": lending_parser}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, subparsers = build_parser()
     args = parser.parse_args(argv)
+    subparser = subparsers[args.command]
+    architectures: list[str] = []
+    if args.command in ("run", "bench", "chaos"):
+        # Refused here, before any run: a bad name, or a schedule whose role the architecture lacks.
+        try:
+            architectures = _architectures(args.arch)
+        except ValueError as error:
+            subparser.error(f"argument --arch: {error}")
+        if args.command == "bench" and args.faults != "none":
+            subparser.error("bench runs without faults; use chaos")
+        for architecture in architectures:
+            unfit = archs.unfit_schedule(architecture, args.faults, SCHEDULES[args.faults])
+            if unfit:
+                subparser.error(f"argument --faults: {unfit}")
     tune_gc()  # the clients of a run share this process with a history of every operation
+    configure("lab", args.log_level)
     if args.command == "farm-lending":
         from common.lab import farm_lending
 
-        configure("lab", args.log_level)
         summary = farm_lending.run(args.store, repeat=args.repeat, load_s=args.load_s, clients=args.clients, window=args.window)
         return 0 if all(verdict == "valid" for verdict in summary["verdicts"]) else 1
-    configure("lab", args.log_level)
-    if args.command == "demo":
-        return run_demo(args)
     if args.command == "up":
         return run_up(args)
-    if args.command == "bench" and args.faults != "none":
-        parser.error("bench runs without faults; use chaos")
-    return _run_all(args, reference_default=args.command == "bench")
+    try:
+        return run_demo(args) if args.command == "demo" else _run_all(args, architectures)
+    except PortInUse as error:
+        advice = "stop that cluster (Ctrl-C where `make up` or `lab.py up` runs)"
+        if args.ports == "seed":
+            advice += ", or pass --ports free"
+        print(f"lab.py {args.command}: the cluster did not start: {error}; {advice}", file=sys.stderr)
+        return 1
+    except StartFailed as error:
+        print(f"lab.py {args.command}: the cluster did not start: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

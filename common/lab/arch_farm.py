@@ -85,6 +85,6 @@ def build(options: LayoutOptions) -> LabCluster:
         replicas=["farm1"],
         make_client=make_client,
         total_order=True,  # one store serialises every transaction (they all lock its counters)
-        variant=f"{worker_count} workers",
+        variant=f"{worker_count} worker{'' if worker_count == 1 else 's'}",
         roles={"replica": ["farm1"], "server": names, "worker": workers},
     )

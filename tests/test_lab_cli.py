@@ -1,0 +1,259 @@
+"""The lab's command line (lab.py) as a new user meets it.
+
+A bad argument ends in one usage error naming the valid values, never a traceback; a fault schedule
+the architecture cannot play is refused before any run; every command and flag explains itself; a
+port held by another cluster is named; `up` keeps the cluster up when one of its processes dies,
+says which and how to start it again, and stops everything on SIGTERM; the bench summary tells the
+farm's worker counts apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lab
+from common.blocking import BlockingConnection
+from common.lab import archs
+from common.lab.faults import SCHEDULES
+from common.lab.runner import RunOptions, run_lab
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLI_TIMEOUT_S = 60.0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "lab.py"), *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S)
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+# --- Bad arguments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["up", "--arch", "bogus"], ["lab.py up: error: argument --arch", "'bogus'", "'sequencer'", "'primary-backup'"]),
+    (["run", "--arch", "bogus"], ["lab.py run: error: argument --arch", "'bogus'", "standalone", "primary-backup"]),
+    (["run", "--arch", "standalone,bogus"], ["lab.py run: error: argument --arch", "'bogus'", "sequencer"]),
+    (["run", "--faults", "bogus"], ["lab.py run: error: argument --faults", "'bogus'", "'kill-replica'"]),
+    (["chaos", "--arch", "sequencer", "--faults", "kill-primary"],
+     ["lab.py chaos: error: argument --faults: kill-primary needs a primary, which sequencer does not have",
+      "kill-replica", "kill-sequencer"]),
+    (["chaos", "--arch", "farm", "--faults", "partition-replica"],
+     ["lab.py chaos: error: argument --faults: partition-replica", "farm", "kill-server"]),
+    (["bench", "--faults", "kill-replica"], ["lab.py bench: error: bench runs without faults; use chaos"]),
+    (["run", "--clients", "1,x"], ["lab.py run: error: argument --clients", "'x'"]),
+    (["run", "--option", "replicas"], ["lab.py run: error: argument --option: expected KEY=VALUE"]),
+])
+def test_a_bad_argument_is_one_usage_error_naming_the_valid_values(args, expected):
+    result = run_cli(*args)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    message = last_line(result.stderr)
+    for text in expected:
+        assert text in message, (text, message)
+    assert result.stdout == ""
+
+
+def test_a_fault_schedule_the_sequencer_cannot_play_is_refused_and_the_fitting_ones_are_named():
+    assert "kill-primary" not in archs.schedules_for("sequencer")
+    assert {"kill-replica", "kill-sequencer"} <= set(archs.schedules_for("sequencer"))
+    assert archs.unfit_schedule("sequencer", "kill-replica", SCHEDULES["kill-replica"]) is None
+    reason = archs.unfit_schedule("sequencer", "kill-primary", SCHEDULES["kill-primary"])
+    assert reason is not None and "kill-sequencer" in reason and "\n" not in reason
+
+
+def test_a_cluster_resolves_no_role_it_does_not_have(tmp_path):
+    lab_cluster = archs.build("sequencer", archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    with pytest.raises(ValueError, match="no node in role 'primary'"):
+        asyncio.run(lab_cluster.resolve("primary"))  # refused before asking any node: none is running
+
+
+def test_run_lab_refuses_a_schedule_with_a_missing_role_before_starting_anything(tmp_path):
+    options = RunOptions(architecture="sequencer", faults="kill-primary", progress=False, duration_s=1.0,
+                         results_dir=tmp_path / "results", run_root=tmp_path / "runs", run_name="refused")
+    with pytest.raises(ValueError, match="primary"):
+        run_lab(options)
+    assert not (tmp_path / "runs" / "refused").exists()  # no cluster was even laid out on disk
+
+
+@pytest.mark.parametrize("architecture", list(archs.BUILDERS))
+def test_the_fault_roles_known_before_a_build_are_those_of_the_built_cluster(architecture, tmp_path):
+    built = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    assert built.fault_roles() == archs.FAULT_ROLES[architecture]
+    proxied = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="free", proxies=True))
+    assert any(proxied.proxies_of.values()) == (architecture not in archs.NO_PROXIES)
+
+
+# --- Help ----------------------------------------------------------------------------------------
+
+
+def help_text(command: str) -> str:
+    _parser, subparsers = lab.build_parser()
+    return subparsers[command].format_help()
+
+
+@pytest.mark.parametrize("command", ["demo", "up", "run", "bench", "chaos", "farm-lending"])
+def test_every_command_has_a_description_and_every_flag_a_help_text(command):
+    _parser, subparsers = lab.build_parser()
+    parser = subparsers[command]
+    assert parser.description and len(parser.description) > 100
+    for action in parser._actions:
+        assert action.help, (command, action.option_strings)
+    assert "(default: " in help_text(command)
+
+
+def test_run_bench_and_chaos_tell_themselves_apart_and_show_their_defaults():
+    texts = {command: " ".join(help_text(command).split()) for command in ("run", "bench", "chaos")}
+    assert len(set(texts.values())) == 3
+    squashed = {command: "".join(text.split()) for command, text in texts.items()}  # help wraps at hyphens too
+    assert "--faultsSCHEDULEfaultschedule" in squashed["chaos"] and "(default:kill-replica)" in squashed["chaos"]
+    assert "(default:none)" in squashed["run"]
+    assert re.search(r"--reference, --no-reference [^-]*\(default: True\)", texts["bench"])
+    assert "kill-sequencer" in texts["chaos"]  # the schedules that fit each architecture
+
+
+def test_the_up_help_says_a_dead_process_leaves_the_cluster_up():
+    text = " ".join(help_text("up").split())
+    assert "the others keep running" in text and "command that starts it again" in text
+    assert "Ctrl-C or SIGTERM stops every process" in text
+
+
+# --- Ports held by another cluster ---------------------------------------------------------------
+
+
+def hold(host: str, port: int) -> socket.socket | None:
+    """A listener on host:port, or None when some other process already holds it (also a clash)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        return None
+    listener.listen(1)
+    return listener
+
+
+@pytest.mark.parametrize("args, address, advice", [
+    (["demo", "--duration", "1"], "127.0.0.11:6002", "--ports free"),
+    (["up", "--arch", "standalone"], "127.0.0.12:7000", "stop that cluster first"),
+])
+def test_a_seed_port_held_by_another_cluster_is_named_in_one_line(args, address, advice, tmp_path):
+    host, port = address.split(":")
+    listener = hold(host, int(port))
+    try:
+        extra = ["--run-dir", str(tmp_path / "up")] if args[0] == "up" else []
+        result = run_cli(*args, *extra)
+    finally:
+        if listener is not None:
+            listener.close()
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    message = last_line(result.stderr)
+    assert f"{address} (" in message and "already in use" in message and advice in message, message
+
+
+# --- up: a process exits, the cluster stays up ---------------------------------------------------
+
+
+def wait_for(path: Path, pattern: str, timeout_s: float = 30.0) -> re.Match:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(pattern, path.read_text() if path.exists() else "")
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} not in {path}: {path.read_text() if path.exists() else ''}")
+
+
+def answers_status(host: str, port: int, pid: int | None = None) -> bool:
+    try:
+        with BlockingConnection(host, port, connect_timeout_s=1.0) as connection:
+            status = connection.request({"TASK": "STATUS"}, 1.0)
+    except OSError:
+        return False
+    return status.get("STATUS") == "OK" and (pid is None or status.get("PID") == pid)
+
+
+def test_up_survives_a_killed_process_names_it_and_prints_a_command_that_restarts_it(tmp_path):
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    run_dir = tmp_path / "cluster"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        up = subprocess.Popen([sys.executable, str(REPO_ROOT / "lab.py"), "up", "--arch", "standalone", "--ports", "free",
+                               "--run-dir", str(run_dir)], cwd=REPO_ROOT, stdout=stdout, stderr=stderr)
+    by_hand = None
+    try:
+        node = wait_for(out, r"standalone\s+(\S+):(\d+)\s+pid (\d+)")
+        host, port, pid = node.group(1), int(node.group(2)), int(node.group(3))
+        os.kill(pid, signal.SIGKILL)  # a process the test's own `up` started
+        exited = wait_for(err, r"standalone \(pid (\d+)\) was killed by SIGKILL.*: (cd .*)\n")
+        assert int(exited.group(1)) == pid
+        command = exited.group(2)
+        assert "--name standalone" in command and str(run_dir / "standalone.log") in command
+        time.sleep(1.0)
+        assert up.poll() is None, "up stopped when one of its processes died"
+        assert "stopping" not in out.read_text()
+        # The printed command really starts the node again (in its own session: stopped below by its group).
+        by_hand = subprocess.Popen(command, shell=True, cwd=tmp_path, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20.0
+        while not answers_status(host, port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answers_status(host, port)
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=20) == 0
+        assert "stopping" in out.read_text()
+        assert "Traceback" not in err.read_text()
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+        if by_hand is not None:
+            try:
+                os.killpg(by_hand.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            by_hand.wait(timeout=20)
+
+
+# --- The bench summary ---------------------------------------------------------------------------
+
+
+def test_the_summary_row_names_the_variant_so_the_farms_worker_counts_differ(capsys):
+    def report(workers: int) -> dict:
+        return {"variant": f"{workers} worker{'' if workers == 1 else 's'}", "window": 16, "throughput_ops_s": 1000.0 * workers,
+                "applied_ops_s": 900.0, "latency_ms": {"p50": 1.0, "p99": 2.0}, "reference": {}, "verdict": "valid",
+                "anomalies_expected": False}
+
+    summary = [lab._summarize("farm", 8, [report(workers)] * 3) for workers in (1, 2, 4)]
+    lab._print_summary(summary)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("farm")]
+    assert [row.split(")")[0].strip() for row in rows] == ["farm (1 worker", "farm (2 workers", "farm (4 workers"]
+    assert len(set(rows)) == 3
+
+
+def test_the_help_formatter_leaves_out_defaults_that_say_nothing():
+    parser = argparse.ArgumentParser(formatter_class=lab._HelpFormatter)
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    parser.add_argument("--count", type=int, default=3, help="how many")
+    text = parser.format_help()
+    assert "a switch\n" in text and "how many (default: 3)" in text
