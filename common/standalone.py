@@ -61,9 +61,9 @@ def fast_outcome_line(op_id: str, outcome, suffix: str = "") -> bytes:
     ).encode()
 
 
-def fast_balance_line(request_id: str, balance_cents: int) -> bytes:
+def fast_balance_line(request_id: str, balance_cents: int, seq: int) -> bytes:
     """The reply line for a balance read whose request ID is a plain string (see fast_outcome_line)."""
-    return f'{{"ID":"{request_id}","STATUS":"OK","BALANCE":"{render_cents(balance_cents)}"}}\n'.encode()
+    return f'{{"ID":"{request_id}","STATUS":"OK","BALANCE":"{render_cents(balance_cents)}","SEQ":{seq}}}\n'.encode()
 
 
 def reply_for_operation(message: dict, request_id: object, op: Operation, outcome, extra: dict | None = None) -> bytes:
@@ -91,6 +91,9 @@ class BankService:
         self.dbank = dbank
         self.node_name = node_name
         self.mode = mode
+        # Standalone's reads name the apply index they reflect (its one order); a multicast replica's
+        # own index would mean nothing to a client that writes to every replica.
+        self.reads_name_seq = mode == "standalone"
         self.started_at = time.monotonic()
         self.requests_total = 0
 
@@ -144,8 +147,8 @@ class BankService:
         read = parse_balance_line(line)
         if read is not None:
             balance_cents = self.dbank.bank.balance(read[1])
-            if balance_cents is not None:  # an unknown account: the full path writes the error
-                return fast_balance_line(read[0], balance_cents)
+            if balance_cents is not None and self.reads_name_seq:  # (else the full path answers)
+                return fast_balance_line(read[0], balance_cents, self.dbank.bank.counters.ops_applied_total)
         try:
             message = wire.decode_line(line)
         except SaldoError as error:
@@ -173,7 +176,9 @@ class BankService:
                     raise classify_unknown(item) from None
                 raise
             if isinstance(request, Query):
-                return wire.encode(balance_reply(request, self.dbank.bank.balance(request.account), request_id))
+                bank = self.dbank.bank
+                seq = {"SEQ": bank.counters.ops_applied_total} if self.reads_name_seq else {}
+                return wire.encode(balance_reply(request, bank.balance(request.account), request_id, **seq))
             outcome, _duplicate = self.dbank.apply(request)
             return reply_for_operation(item, request_id, request, outcome)
         except SaldoError as error:

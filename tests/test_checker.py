@@ -381,3 +381,16 @@ def test_a_write_lost_in_the_newest_epoch_is_a_lost_write_even_where_failovers_m
     result = checker.check(history, {"r1": without_d2}, total_order=True, failover_may_lose=True)
     assert found(result) == {"lost_write": 1, "money": 1}
     assert result.examples["lost_write"][0]["op_id"] == "d2"
+
+
+def test_read_mismatch_in_a_store_without_sequence_numbers_counts_in_apply_order():
+    # Standalone: no sequencer numbers; a read names how many operations its answer reflects.
+    history = seeded_history() + [
+        record("t1", TRANSFER, "a", 3_000, to="b", invoke=1.0, complete=1.1),
+        record("r1", "BALANCE", "b", invoke=1.2, complete=1.3, balance=SEED_CENTS + 3_000, seq=3),
+        record("r2", "BALANCE", "b", invoke=1.2, complete=1.3, balance=SEED_CENTS + 3_000, seq=2),  # too early
+    ]
+    state = {"r1": image_after([op_of(r) for r in history if r.kind != "BALANCE"], seqs=False)}
+    result = checker.check(history, state, total_order=True)
+    assert found(result) == {"read_mismatch": 1}
+    assert result.examples["read_mismatch"][0]["op_id"] == "r2"

@@ -93,12 +93,12 @@ def test_a_canonical_request_line_parses_to_the_same_operation_both_ways(op: Ope
 
 
 @settings(max_examples=300, deadline=None)
-@given(op_ids, names, st.integers(min_value=0, max_value=MAX_AMOUNT_CENTS))
-def test_a_canonical_balance_read_parses_and_is_answered_the_same_both_ways(request_id, account, balance_cents) -> None:
+@given(op_ids, names, st.integers(min_value=0, max_value=MAX_AMOUNT_CENTS), st.integers(min_value=0, max_value=2**62))
+def test_a_canonical_balance_read_parses_and_is_answered_the_same_both_ways(request_id, account, balance_cents, seq) -> None:
     line = balance_line(request_id, account).rstrip(b"\n")
     assert parse_balance_line(line) == (request_id, account) == slow_balance(line)
-    fast_reply = wire.decode_line(fast_balance_line(request_id, balance_cents).rstrip(b"\n"))
-    assert fast_reply == balance_reply(Query(account), balance_cents, request_id)
+    fast_reply = wire.decode_line(fast_balance_line(request_id, balance_cents, seq).rstrip(b"\n"))
+    assert fast_reply == balance_reply(Query(account), balance_cents, request_id, SEQ=seq)
 
 
 @settings(max_examples=500, deadline=None)

@@ -336,21 +336,22 @@ def _check_read_values(history: list[OpRecord], replicas: dict[str, StoreImage],
     if reference is None:
         result.notes.append("no replica kept every applied operation: read values not checked")
         return
-    rows = [row for row in reference.recent if row.seq is not None]
-    if len(rows) != len(reference.recent) or any(a.seq >= b.seq for a, b in zip(rows, rows[1:])):
+    # A read's SEQ counts in sequence numbers where the order has them, else (standalone) in
+    # the replica's apply index.
+    positions = [row.seq if row.seq is not None else row.apply_index for row in reference.recent]
+    if any(a >= b for a, b in zip(positions, positions[1:])):
         result.notes.append("the apply order has no increasing sequence numbers: read values not checked")
         return
+    rows = reference.recent
     balances: dict[str, int] = defaultdict(int)
     applied = 0
     for read in sorted(reads, key=lambda r: r.seq):
-        while applied < len(rows) and rows[applied].seq <= read.seq:
+        while applied < len(rows) and positions[applied] <= read.seq:
             row = rows[applied]
             if row.outcome.error is None:
                 for account, delta in _effect(row.op.kind, row.op.account, row.op.to_account, row.op.amount_cents).items():
                     balances[account] += delta
             applied += 1
-        if applied == len(rows) and read.seq > rows[-1].seq:
-            continue  # beyond the last applied operation: nothing to compare with
         if balances[read.account] != read.balance_cents:
             result.add("read_mismatch", {"op_id": read.op_id, "account": read.account, "seq": read.seq,
                                          "read": render_cents(read.balance_cents),
