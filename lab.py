@@ -390,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
             unfit = archs.unfit_schedule(architecture, args.faults, SCHEDULES[args.faults])
             if unfit:
                 subparser.error(f"argument --faults: {unfit}")
+            try:  # the --option values: building the layout checks them (nothing starts, nothing is written)
+                archs.build(architecture, archs.LayoutOptions(run_dir=Path("var/option-check"), ports="free",
+                                                              store=args.store, extra=dict(args.option)))
+            except ValueError as error:
+                subparser.error(f"argument --option: {error}")
     tune_gc()  # the clients of a run share this process with a history of every operation
     configure("lab", args.log_level)
     if args.command == "farm-lending":
