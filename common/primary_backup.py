@@ -72,6 +72,8 @@ Messages (one JSON object per line; peer port 6005, witness port 6008):
   primary -> backup   {"TASK": "APPEND", "EPOCH": 4, "FROM_SEQ": 1042, "ENTRY_EPOCH": 4, "PRIMARY_SEQ": 1090,
                        "ENTRIES": [["<op id>", "TRANSFER", "alice", "bob", 150, null], ...]}
                       or a state transfer: SNAPSHOT_BEGIN ... SNAPSHOT_END (common/snapshot.py)
+  primary -> backup   {"TASK": "CAUGHT_UP", "EPOCH": 4, "SEQ": 1090}  (its log is the primary's up to
+                       here; from now on it may serve reads, until its link to the primary ends)
   backup -> primary   {"TASK": "ACK", "EPOCH": 4, "SEQ": 1090}
   refusal             {"STATUS": "NOK", "ERROR": "STALE_EPOCH", "DETAIL": ..., "DEFINITE": true, "PROMISED_EPOCH": 5}
 """

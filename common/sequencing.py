@@ -285,7 +285,7 @@ class SequencerCore:
             progress.synced_seq = self.log_start_seq - 1
         self._highest_synced_seq = self.log_start_seq - 1  # the highest synced_seq of any replica
         self.results_source: str | None = None  # the replica that sends outcomes with its acks
-        self._source_progress: tuple[int, float] | None = None  # (its applied_seq, since when), by on_tick
+        self._source_behind_since: tuple[str, int, float] | None = None  # (source, its applied_seq, since when)
         if self.durable_seq == 0:
             self.durable_seq = self.next_seq - 1
         self._logged_before_start = self.durable_seq  # numbered by an earlier run of the sequencer
@@ -437,40 +437,50 @@ class SequencerCore:
         if self.results_source != replica:
             return None
         self.results_source = None
-        for progress in self.replicas.values():
-            if progress.connected:
-                self.results_source = progress.name
-                from_seq = min(self._waiters) if self._waiters else self.durable_seq + 1
-                return progress.name, from_seq
-        return None
+        connected = [p for p in self.replicas.values() if p.connected]
+        if not connected:
+            return None
+        # The one furthest ahead: the others may be the reason the source was already replaced once.
+        successor = max(connected, key=lambda p: p.applied_seq)
+        self.results_source = successor.name
+        from_seq = min(self._waiters) if self._waiters else self.durable_seq + 1
+        return successor.name, from_seq
 
     def on_tick(self, now_s: float) -> tuple[str, str, int] | None:
-        """Called every so often. If the results source has applied nothing for
-        results_source_stall_s while another connected replica applied an operation a client
-        waits for, that replica takes over: (old source, new source, the first seq whose outcome
-        the new one must send). None otherwise."""
+        """Called every so often. If, for results_source_stall_s, the results source has applied
+        nothing while another connected replica had applied an operation a client waits for, that
+        replica takes over: (old source, new source, the first seq whose outcome the new one must
+        send). None otherwise. The clock starts when the source is first seen behind and stops
+        as soon as it progresses: a source idle for a while and then a millisecond late, or
+        slower but moving, is not stalled."""
         source = self.results_source
-        if source is None:
-            self._source_progress = None
+        lag = self._source_lag(source) if source is not None else None
+        if lag is None:
+            self._source_behind_since = None
             return None
         applied_seq = self.replicas[source].applied_seq
-        if self._source_progress is None or self._source_progress[0] != applied_seq or not self._waiters:
-            self._source_progress = (applied_seq, now_s)
+        if self._source_behind_since is None or self._source_behind_since[:2] != (source, applied_seq):
+            self._source_behind_since = (source, applied_seq, now_s)
             return None
-        if now_s - self._source_progress[1] < self.results_source_stall_s:
+        if now_s - self._source_behind_since[2] < self.results_source_stall_s:
             return None
-        ahead = [p for p in self.replicas.values() if p.connected and p.name != source and p.applied_seq > applied_seq]
-        if not ahead:
-            return None  # nobody could answer sooner
-        best = max(ahead, key=lambda p: p.applied_seq)
-        oldest_awaited = min(seq for seq, waiters in self._waiters.items() if any(w.replicas_needed > 0 for w in waiters)) \
-            if self._waiting_count > self._waiting_for_log else None
-        if oldest_awaited is None or oldest_awaited > best.applied_seq:
-            return None  # what clients wait for is applied nowhere yet
-        self.results_source = best.name
-        self._source_progress = (best.applied_seq, now_s)
+        best, from_seq = lag
+        self.results_source = best
+        self._source_behind_since = None
         self.stats.results_source_changes += 1
-        return source, best.name, oldest_awaited
+        return source, best, from_seq
+
+    def _source_lag(self, source: str) -> tuple[str, int] | None:
+        """(the connected replica furthest ahead, the first awaited seq it applied and `source` did
+        not), or None when no awaited outcome could come sooner from another replica."""
+        applied_seq = self.replicas[source].applied_seq
+        ahead = [p for p in self.replicas.values() if p.connected and p.name != source and p.applied_seq > applied_seq]
+        if not ahead or self._waiting_count == self._waiting_for_log:
+            return None
+        best = max(ahead, key=lambda p: p.applied_seq)
+        awaited = [seq for seq, waiters in self._waiters.items()
+                   if applied_seq < seq <= best.applied_seq and any(w.replicas_needed > 0 for w in waiters)]
+        return (best.name, min(awaited)) if awaited else None
 
     def on_resend(self, replica: str, from_seq: int, to_seq: int) -> tuple[str, bytes]:
         self._replica(replica)

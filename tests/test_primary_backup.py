@@ -156,6 +156,20 @@ def test_async_sigkill_loses_acknowledged_writes_and_the_checker_counts_exactly_
     assert_same_state(result.states)
 
 
+@pytest.mark.parametrize("replication, fault", [("sync", "partition"), ("async", "kill")])
+def test_reads_from_backups_never_show_a_former_primarys_writes_that_no_primary_kept(tmp_path, replication, fault):
+    # The deposed primary rejoins as a backup with a tail of its own; until the new primary has
+    # confirmed (CAUGHT_UP) or replaced its log, it answers backup reads NOT_READY, not from that tail.
+    result = lab_run(tmp_path, duration_s=6.0, schedule=[Fault(fault, "primary", 0.3, 0.6)],
+                     extra={"replication": replication, "reads": "backup"})
+    report = result.report
+    anomalies = {kind: count for kind, count in report["anomalies"].items() if count}
+    assert "read_mismatch" not in anomalies and "stale_read" not in anomalies, report["anomaly_examples"]
+    assert set(anomalies) <= ({"failover_lost_write"} if replication == "async" else set()), anomalies
+    reads = [r for r in result.history if r.kind == "BALANCE"]
+    assert sum(1 for r in reads if r.outcome == "ok" and r.seq is not None) > 100, "backups served reads"
+
+
 # --- SIGSTOP past the lease ---------------------------------------------------------------------
 
 

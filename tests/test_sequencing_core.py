@@ -307,10 +307,11 @@ def test_a_results_source_that_stalls_while_another_replica_applied_is_replaced(
     core.submit(deposit("op-1"), "c1", "op-1")
     core.submit(deposit("op-2"), "c2", "op-2")
     log_all(core)
-    assert core.on_tick(10.0) is None  # the clock starts for the source's progress
+    assert core.on_tick(10.0) is None  # nobody applied anything: nothing could come sooner
     assert core.on_applied("replica2", 2, []) == []  # replica2 applied both; replica1 (paused) nothing
-    assert core.on_tick(10.4) is None  # not stalled long enough yet
-    assert core.on_tick(10.5) == ("replica1", "replica2", 1)
+    assert core.on_tick(10.1) is None  # seen behind: the clock starts
+    assert core.on_tick(10.5) is None  # not stalled long enough yet
+    assert core.on_tick(10.6) == ("replica1", "replica2", 1)
     assert core.results_source == "replica2" and core.status()["RESULTS_SOURCE_CHANGES"] == 1
     # replica2, asked (SEND_RESULTS from seq 1), sends what it applied: both clients answered.
     replies = core.on_applied("replica2", 2, [(1, None, 100), (2, None, 200)])
@@ -318,6 +319,25 @@ def test_a_results_source_that_stalls_while_another_replica_applied_is_replaced(
     # replica1 wakes up and sends its now late outcomes: nobody is answered twice.
     assert core.on_applied("replica1", 2, [(1, None, 100), (2, None, 200)]) == []
     assert core.status()["WAITING_REQUESTS"] == 0
+
+
+def test_a_source_a_moment_late_after_a_quiet_spell_is_kept_and_a_handover_goes_to_the_most_advanced():
+    core = SequencerCore(REPLICAS + ["replica3"], results_source_stall_s=0.5)
+    for name in REPLICAS + ["replica3"]:
+        core.on_subscribe(name, 0)
+        core.choose_results_source(name)
+    assert core.on_tick(0.0) is None
+    core.submit(deposit("op-1"), "c1", "op-1")
+    log_all(core)
+    core.on_applied("replica2", 1, [])  # a millisecond before the source, after a quiet minute
+    assert core.on_tick(60.0) is None
+    assert [r.client for r in core.on_applied("replica1", 1, [(1, None, 100)])] == ["c1"]
+    assert core.on_tick(60.6) is None and core.results_source == "replica1"
+    # The source goes: the replica furthest ahead takes over, whatever the order of the names.
+    core.submit(deposit("op-2"), "c2", "op-2")
+    log_all(core)
+    core.on_applied("replica3", 2, [])
+    assert core.on_disconnect("replica1") == ("replica3", 2)
 
 
 def test_a_results_source_is_kept_while_it_progresses_or_while_nobody_could_answer_sooner():

@@ -128,9 +128,9 @@ def check(
 ) -> CheckResult:
     result = CheckResult()
     writes = [r for r in history if _is_write(r)]
-    epochs = [r.epoch for r in history if r.epoch is not None and r.outcome != "unknown"]
+    newest_epoch = _newest_epoch(history)
     # Acknowledged in an epoch that a later primary replaced: what a failover can take.
-    superseded = {r.op_id for r in writes if r.epoch is not None and r.epoch < max(epochs)} if epochs else set()
+    superseded = {r.op_id for r in writes if r.epoch is not None and r.epoch < newest_epoch} if newest_epoch else set()
 
     _check_negative_reads(history, result)
     _check_divergence(replicas, result)
@@ -142,6 +142,13 @@ def check(
     if read_your_writes:
         _check_read_your_writes(history, result)
     return result
+
+
+def _newest_epoch(history: list[OpRecord]) -> int | None:
+    """The highest epoch in which a primary acknowledged a write (None: no architecture with
+    epochs). Only acknowledgements count: a refusal or a backup's read names the epoch a replica
+    promised, which may never have had a primary."""
+    return max((r.epoch for r in history if r.epoch is not None and r.outcome == "ok" and _is_write(r)), default=None)
 
 
 def _check_negative_reads(history: list[OpRecord], result: CheckResult) -> None:
@@ -329,8 +336,7 @@ def _check_read_values(history: list[OpRecord], replicas: dict[str, StoreImage],
     if not reads:
         return
     if superseded_epochs_lose:  # a read of an epoch a failover replaced may have seen lost writes
-        epochs = [r.epoch for r in history if r.epoch is not None and r.outcome != "unknown"]
-        newest = max(epochs) if epochs else None
+        newest = _newest_epoch(history)
         reads = [r for r in reads if r.epoch is None or r.epoch == newest]
     reference = next((image for image in replicas.values() if image.recent and _rows_complete(image)), None)
     if reference is None:

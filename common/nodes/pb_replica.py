@@ -474,6 +474,11 @@ class PBReplica:
 
     def _backup_read(self, request_id: object, query: Query) -> tuple[int, int, bytes, object]:
         core = self.core
+        if not self.session_synced or self.diverged or core.installing:
+            # Until the primary confirmed this log as a prefix of its own, it may hold a tail no
+            # primary kept (a former primary's unreplicated writes): a read must not show it.
+            raise SaldoError("NOT_READY", "this backup is not in step with a primary now; read from the primary, "
+                                          "or retry")
         seq = core.log.last_seq
         if query.min_seq is not None and seq < query.min_seq:
             raise SaldoError("TOO_STALE", f"this backup is at seq {seq}, the read needs {query.min_seq}")
@@ -565,6 +570,9 @@ class PBReplica:
             while still_valid():
                 last = self._ship_upto()
                 if sent_seq >= last:
+                    # Its log is now this primary's up to sent_seq (even when nothing had to be sent):
+                    # from here on it may serve reads from its own state.
+                    stream.send({"TASK": "CAUGHT_UP", "EPOCH": epoch, "SEQ": sent_seq})
                     link.sent_seq = sent_seq
                     link.live = True
                     self.apply(core.on_caught_up(link.name, time.monotonic()))
@@ -755,6 +763,15 @@ class PBReplica:
             if reply["GRANTED"] and not request.pre:
                 log.info("voted", epoch=request.epoch, candidate=request.candidate)
             self.apply(effects, stream, reply)
+        elif task == "CAUGHT_UP":
+            if stream is not self.primary_stream or self.diverged:
+                raise SaldoError("STALE_EPOCH", "CAUGHT_UP outside the current primary's session")
+            epoch, seq = int_field(message, "EPOCH", 1), int_field(message, "SEQ")
+            if epoch != core.following_epoch:
+                raise SaldoError("STALE_EPOCH", f"this replica follows epoch {core.following_epoch}")
+            if seq != core.log.last_seq:
+                raise SaldoError("FIELD_INVALID", f"CAUGHT_UP at seq {seq}; this log ends at {core.log.last_seq}")
+            self.session_synced = True
         elif task == "HELLO":
             epoch = int_field(message, "EPOCH", 1)
             session = int_field(message, "SESSION", 1)
