@@ -170,7 +170,7 @@ def long_run(tmp_path_factory):
             states[name] = store.load()
         finally:
             store.close()
-    result = checker.check(workload.history, states, total_order=True)
+    result = checker.check(workload.history, states, total_order=True, read_your_writes=run.lab.read_your_writes)
     report = {"ops": run.ops(workload), "peak_rss_mb": peak_rss_mb, "samples": run.samples, **result.to_json()}
     (run.run_dir / "long-run.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\nlong run:", json.dumps({k: report[k] for k in ("ops", "peak_rss_mb", "verdict")}))

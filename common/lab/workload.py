@@ -112,6 +112,7 @@ class Workload:
         self.config = config
         self.make_client = make_client
         self._history: list[OpRecord] = []
+        self._max_seq_seen: dict[int, int] = {}  # client index -> the highest SEQ it was given (read your writes)
         # Completed operations not yet turned into OpRecords: (client, op, reply, complete_s,
         # outcome). A reply is filed as it is and read later (see `history`), so the work a lab
         # client does while the bank is measured stays small.
@@ -147,6 +148,9 @@ class Workload:
         config = self.config
         duration_s = config.duration_s if duration_s is None else duration_s
         clients = [self.make_client(index) for index in range(config.clients)]
+        for index, client in enumerate(clients):  # a client's session spans every run of the workload
+            if hasattr(client, "max_seq_seen"):
+                client.max_seq_seen = self._max_seq_seen.get(index, 0)
         self.run_started_s = self.now_s()
         stop_at = time.monotonic() + duration_s
         hard_deadline = stop_at + config.drain_s
@@ -165,7 +169,9 @@ class Workload:
                 reporter.cancel()
                 await asyncio.gather(reporter, return_exceptions=True)
                 self._print_progress(final=True)
-            for client in clients:
+            for index, client in enumerate(clients):
+                if hasattr(client, "max_seq_seen"):
+                    self._max_seq_seen[index] = client.max_seq_seen
                 await client.close()
         return self.history
 
