@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+from pathlib import Path
 
 from common import aio, topology
 from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS
@@ -54,6 +56,11 @@ def prepare_store(args: argparse.Namespace) -> None:
     checked now, not when it is first used."""
     if args.store is None:
         args.store = f"sqlite:///var/{args.mode}/{args.name}.db"
+        earlier = Path(f"var/{args.name}.db")
+        if earlier.exists() and not Path(args.store[len("sqlite:///"):]).exists():
+            print(f"replica.py: note: {earlier} (the default store of earlier versions) is not used; "
+                  f"this replica starts from {args.store[len('sqlite:///'):]} (pass --store sqlite:///{earlier} "
+                  "to go on from it)", file=sys.stderr)
     try:
         check_store_url(args.store)
     except ValueError as error:
