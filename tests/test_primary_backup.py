@@ -19,6 +19,7 @@ the processes' logs and STATUS:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -221,6 +222,16 @@ def serving_primary(cluster: Cluster, names: list[str], min_epoch: int = 0):
     return None
 
 
+@contextlib.contextmanager
+def serving_cluster(root: Path, name: str):
+    """A primary-backup cluster whose primary serves: (lab, nodes by name, cluster, primary's name)."""
+    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=root, ports="free"))
+    with Cluster(root, lab.nodes, name=name) as cluster:
+        cluster.start()
+        primary, _status = wait_for(lambda: serving_primary(cluster, lab.replicas), 15, "a primary")
+        yield lab, {node.name: node for node in lab.nodes}, cluster, primary
+
+
 def raw_send(address: tuple[str, int], lines: list[bytes]) -> socket.socket:
     sock = socket.create_connection(address, timeout=2.0)
     sock.sendall(b"".join(lines))
@@ -358,11 +369,7 @@ def send_lines(host: str, port: int, lines: list[tuple[bytes, str | None]], sour
 
 
 def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_path):
-    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=tmp_path, ports="free"))
-    nodes = {node.name: node for node in lab.nodes}
-    with Cluster(tmp_path, lab.nodes, name="pb-bad-input") as cluster:
-        cluster.start()
-        primary, _status = wait_for(lambda: serving_primary(cluster, lab.replicas), 15, "a primary")
+    with serving_cluster(tmp_path, "pb-bad-input") as (lab, nodes, cluster, primary):
         assert deposits(lab, 1)[0]["STATUS"] == "OK"
         wait_for(lambda: len({s["OPS_APPLIED_TOTAL"] for s in statuses(cluster, lab.replicas).values()}) == 1 or None, 10,
                  "the backup to apply the deposit")
@@ -414,11 +421,7 @@ def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_pat
 def test_a_read_naming_a_seq_the_primary_never_reached_is_too_stale_not_an_old_balance(tmp_path):
     # A client that saw seq N and then reads from a primary at a lower seq (after an asynchronous
     # failover lost its write) must learn that, not get a balance without its write.
-    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=tmp_path, ports="free"))
-    nodes = {node.name: node for node in lab.nodes}
-    with Cluster(tmp_path, lab.nodes, name="pb-min-seq") as cluster:
-        cluster.start()
-        primary, _status = wait_for(lambda: serving_primary(cluster, lab.replicas), 15, "a primary")
+    with serving_cluster(tmp_path, "pb-min-seq") as (lab, nodes, _cluster, primary):
         written = deposits(lab, 2)
         assert [reply["STATUS"] for reply in written] == ["OK", "OK"]
         last_seq = written[-1]["SEQ"]

@@ -298,11 +298,17 @@ def test_one_replica_sends_the_outcomes_and_another_takes_over_when_it_goes():
     assert core.on_disconnect("replica2") == ("replica1", 4)
 
 
-def test_a_results_source_that_stalls_while_another_replica_applied_is_replaced():
-    core = SequencerCore(REPLICAS, results_source_stall_s=0.5)
-    for name in REPLICAS:
+def subscribed_core(names: list[str]) -> SequencerCore:
+    """Every replica subscribed from nothing; the first one is the results source."""
+    core = SequencerCore(names, results_source_stall_s=0.5)
+    for name in names:
         core.on_subscribe(name, 0)
         core.choose_results_source(name)
+    return core
+
+
+def test_a_results_source_that_stalls_while_another_replica_applied_is_replaced():
+    core = subscribed_core(REPLICAS)
     assert core.results_source == "replica1"
     core.submit(deposit("op-1"), "c1", "op-1")
     core.submit(deposit("op-2"), "c2", "op-2")
@@ -322,10 +328,7 @@ def test_a_results_source_that_stalls_while_another_replica_applied_is_replaced(
 
 
 def test_a_source_a_moment_late_after_a_quiet_spell_is_kept_and_a_handover_goes_to_the_most_advanced():
-    core = SequencerCore(REPLICAS + ["replica3"], results_source_stall_s=0.5)
-    for name in REPLICAS + ["replica3"]:
-        core.on_subscribe(name, 0)
-        core.choose_results_source(name)
+    core = subscribed_core(REPLICAS + ["replica3"])
     assert core.on_tick(0.0) is None
     core.submit(deposit("op-1"), "c1", "op-1")
     log_all(core)
@@ -341,10 +344,7 @@ def test_a_source_a_moment_late_after_a_quiet_spell_is_kept_and_a_handover_goes_
 
 
 def test_a_results_source_is_kept_while_it_progresses_or_while_nobody_could_answer_sooner():
-    core = SequencerCore(REPLICAS, results_source_stall_s=0.5)
-    for name in REPLICAS:
-        core.on_subscribe(name, 0)
-        core.choose_results_source(name)
+    core = subscribed_core(REPLICAS)
     for index in (1, 2, 3):
         core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
     log_all(core)
