@@ -14,7 +14,9 @@ Decoding rules, each answered with its own error code by the transports:
   string: FIELD_TYPE, so no handler ever meets a list or an object where it expects a name.
 
 JSON numbers with a fraction or exponent decode as `decimal.Decimal`, so an amount sent as a number
-is read exactly (see common/money.py). Integers stay `int`.
+is read exactly (see common/money.py). Integers stay `int`. Encoding writes such a number back
+as the float with the same digits (a decoded reply can be printed or forwarded); one whose digits a
+float cannot hold is written as a string of them rather than changed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,27 @@ READ_CHUNK_BYTES = 256 * 1024
 # A request id ("ID") is echoed in replies, so it is bounded and plain.
 MAX_REQUEST_ID_CHARS = 64
 
-_DECODER = json.JSONDecoder(parse_float=Decimal, strict=True)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_refuse_constant, strict=True)
 _scan_once = _DECODER.scan_once
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _encode_decimal(value: object) -> float | str:
+    if type(value) is not Decimal:
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    if value.is_finite():
+        as_float = float(value)
+        if Decimal(repr(as_float)) == value:
+            return as_float
+    return str(value)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_encode_decimal)
 _WHITESPACE = " \t\r"
 
 

@@ -8,6 +8,7 @@ listening port, and client.py against each architecture.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -769,6 +770,17 @@ def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
     assert code == 1 and out.startswith("NOK SAME_ACCOUNT"), out
     code, out = client_py(running, "deposit", "cli-1", "12.345")
     assert code == 1 and out.startswith("NOK AMOUNT_TOO_PRECISE"), out
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "sequencer"])
+def test_client_py_status_of_every_node_prints_one_json_object_each(clusters, architecture):
+    running = clusters(architecture)
+    code, out = client_py(running, "--json", "status", arch=False)
+    assert code == 0, out
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert {row["NODE"] for row in rows} == set(running.cluster.nodes)
+    # STATUS carries fractions (UPTIME_S), which the wire decodes exactly: they print back as numbers.
+    assert all(row["STATUS"] == "OK" and type(row["UPTIME_S"]) is float for row in rows), rows
 
 
 def test_a_second_replica_under_the_same_name_is_told_and_the_two_do_not_push_each_other_out_without_end(clusters, tmp_path):

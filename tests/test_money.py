@@ -170,8 +170,10 @@ def test_a_non_finite_amount(value):
 
 
 def test_a_json_nan_is_not_an_amount():
-    # The JSON decoder lets NaN through as a float; money refuses it.
-    assert refusal(wire.decode_line(b'{"v": NaN}')["v"]) == "AMOUNT_NOT_FINITE"
+    # The wire refuses NaN before any handler sees it; money refuses a float NaN all the same.
+    with pytest.raises(SaldoError, match="INVALID_JSON"):
+        wire.decode_line(b'{"v": NaN}')
+    assert refusal(float("nan")) == "AMOUNT_NOT_FINITE"
 
 
 @pytest.mark.parametrize("value", ["-1", "-0.01", -1, Decimal("-0.01"), -0.5, Decimal("-1E+999999")])
