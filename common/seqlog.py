@@ -157,7 +157,14 @@ class SequencerLog:
         return remaining[0][0] if remaining else self._last_seq + 1
 
     def disk_bytes(self) -> int:
-        return sum(path.stat().st_size for _first, path in self.segments())
+        """The segments' size (for STATUS). Truncation may delete one meanwhile, on the log's thread."""
+        total = 0
+        for _first, path in self.segments():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                continue
+        return total
 
     def close(self) -> None:
         if self._active_fd is not None:

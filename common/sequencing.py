@@ -57,7 +57,7 @@ from typing import Any
 
 from common.bank import ACCOUNT_RE, OP_ID_RE, OPERATION_KINDS, TRANSFER, Operation, Outcome
 from common.errors import DETAIL_JSON, ERROR_CODES, SaldoError
-from common.money import MAX_AMOUNT_CENTS, render_cents
+from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, render_cents
 
 WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL = "SEQUENCED", "APPLIED", "ALL"
 WAIT_MODES = (WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL)
@@ -187,10 +187,12 @@ def parse_applied(message: dict) -> tuple[int, int, list[tuple[int, str | None, 
         seq, error, balance = item
         if type(seq) is not int or not 0 < seq <= upto:
             raise SaldoError("FIELD_INVALID", "a result's seq must be in (0, UPTO]")
-        if error is not None and (type(error) is not str or error not in ERROR_CODES):
-            raise SaldoError("FIELD_INVALID", "a result's error must be an error code or null")
-        if balance is not None and type(balance) is not int:
-            raise SaldoError("FIELD_TYPE", "a result's balance must be integer cents or null")
+        # An outcome is an error code without a balance, or a balance without an error (Outcome).
+        if error is None:
+            if type(balance) is not int or not 0 <= balance <= MAX_BALANCE_CENTS:
+                raise SaldoError("FIELD_INVALID", f"a result without an error needs a balance in [0, {MAX_BALANCE_CENTS}] cents")
+        elif type(error) is not str or error not in ERROR_CODES or balance is not None:
+            raise SaldoError("FIELD_INVALID", "a result's error must be an error code, and then its balance null")
         parsed.append((seq, error, balance))
     return upto, synced, parsed
 
@@ -308,6 +310,10 @@ class SequencerCore:
                 return [Reply(client, result_reply_line(request_id, earlier_seq, *cached))]
             if earlier_seq > self._highest_applied_seq or cached is not None:
                 # Its answer is still coming (not applied anywhere yet, or not yet by enough replicas).
+                # A retry waits like a new request, under the same bound: a client resending one id
+                # while replicas are away must not fill memory.
+                if self._waiting_count >= self.max_waiting_requests:
+                    raise SaldoError("OVERLOADED", f"{self._waiting_count} requests are waiting")
                 self._add_waiter(earlier_seq, Waiter(client, request_id, needed))
                 self.stats.retries_attached += 1
                 return []
@@ -372,15 +378,19 @@ class SequencerCore:
         return bool(self._pending_entries)
 
     # Replicas ----------------------------------------------------------------------------------
-    def on_subscribe(self, replica: str, last_applied_seq: int) -> tuple[str, bytes]:
-        """A replica (re)connects. ("entries", bytes from its next seq) or ("snapshot", b"")."""
+    def on_subscribe(self, replica: str, last_applied_seq: int, *, replies: list[Reply]) -> tuple[str, bytes]:
+        """A replica (re)connects. ("entries", bytes from its next seq) or ("snapshot", b"").
+        Clients who waited for several replicas and whose operation this replica is now known to
+        have applied (its APPLIED was lost with the last connection, or it installed a snapshot)
+        are answered into `replies`."""
         progress = self._replica(replica)
         if last_applied_seq > self.durable_seq:
             # It applied entries this log no longer has (the log lost its tail): refuse rather
             # than number those seqs again with other operations.
             raise SaldoError("FIELD_INVALID", f"LAST_APPLIED_SEQ {last_applied_seq} is beyond the log ({self.durable_seq})")
         progress.connected = True
-        progress.applied_seq = max(progress.applied_seq, last_applied_seq)
+        previous = progress.applied_seq
+        progress.applied_seq = max(previous, last_applied_seq)
         # A replica syncs its store before it subscribes: what it names here is on its disk.
         progress.synced_seq = max(progress.synced_seq, last_applied_seq)
         self._highest_synced_seq = max(self._highest_synced_seq, progress.synced_seq)
@@ -389,6 +399,7 @@ class SequencerCore:
         # clients who attached to such a seq before this replica came back are renumbered now.
         self._highest_applied_seq = max(self._highest_applied_seq, last_applied_seq)
         self._renumber_orphans(last_applied_seq)
+        self._release_several(previous, last_applied_seq, replies)
         if last_applied_seq + 1 < self.log_start_seq:
             return "snapshot", b""
         return "entries", self.entries_between(last_applied_seq + 1, self.durable_seq)
@@ -518,12 +529,18 @@ class SequencerCore:
                 self._release(seq, 1, (error, balance), replies)
         if upto_seq > self._highest_applied_seq:
             self._highest_applied_seq = upto_seq
-        if self._waiting_for_several and upto_seq > previous:
-            for seq in [s for s in waiters if previous < s <= upto_seq]:
-                cached = self._results.get(seq)
-                if cached is not None:  # else: applied before this process restarted; a retry renumbers it
-                    self._release(seq, self._applied_count(seq), cached, replies)
+        self._release_several(previous, upto_seq, replies)
         return replies
+
+    def _release_several(self, previous_seq: int, applied_seq: int, replies: list[Reply]) -> None:
+        """A replica's applied seq rose from `previous_seq` to `applied_seq`: answer the clients on
+        those seqs who waited for more than one replica and now have enough."""
+        if not self._waiting_for_several or applied_seq <= previous_seq:
+            return
+        for seq in [s for s in self._waiters if previous_seq < s <= applied_seq]:
+            cached = self._results.get(seq)
+            if cached is not None:  # else: applied before this process restarted; a retry renumbers it
+                self._release(seq, self._applied_count(seq), cached, replies)
 
     def _release(self, seq: int, applied_count: int, result: tuple[str | None, int | None] | None, replies: list[Reply]) -> None:
         """Answer the clients waiting on `seq` that need at most `applied_count` replicas (with the

@@ -665,8 +665,13 @@ def test_wrong_types_from_a_subscribed_replica_get_error_replies_and_change_noth
             for message, code in [
                 ({"TASK": "APPLIED", "UPTO": "2", "RESULTS": []}, "FIELD_TYPE"),
                 ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [["2", None, 100]]}, "FIELD_INVALID"),
-                ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [[2, None, "1.00"]]}, "FIELD_TYPE"),
+                ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [[2, None, "1.00"]]}, "FIELD_INVALID"),
+                # An outcome with neither an error nor a balance (once stored, it broke every reply).
+                ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [[2, None, None]]}, "FIELD_INVALID"),
+                ({"TASK": "APPLIED", "UPTO": 2, "RESULTS": [[2, None, -100]]}, "FIELD_INVALID"),
                 ({"TASK": "APPLIED", "UPTO": 10**6, "RESULTS": []}, "FIELD_INVALID"),  # beyond the log
+                # One connection is one replica: a second name is refused.
+                ({"TASK": "SUBSCRIBE", "REPLICA": "replica2", "LAST_APPLIED_SEQ": 0}, "FIELD_INVALID"),
                 ({"TASK": "APPLIED", "UPTO": 2, "SYNCED": 3, "RESULTS": []}, "FIELD_INVALID"),  # more on disk than applied
                 ({"TASK": "APPLIED", "UPTO": 2, "SYNCED": "2", "RESULTS": []}, "FIELD_INVALID"),
                 ({"TASK": "RESEND", "FROM": "1", "TO": 2}, "FIELD_INVALID"),
@@ -681,6 +686,10 @@ def test_wrong_types_from_a_subscribed_replica_get_error_replies_and_change_noth
             assert after == before
             assert after[0]["replica3"] == {"APPLIED_SEQ": 0, "SYNCED_SEQ": 0, "CONNECTED": True}
             assert cluster.status("sequencer")["DURABLE_SEQ"] == 2
+            # The connection still works, and a retry of seq 2's operation is answered with its outcome.
+            assert cluster.request("sequencer", {"TASK": "DEPOSIT", "ID": "seed-2", "ACCOUNT": "acct-a",
+                                                 "AMOUNT": "10.00"}, timeout_s=10.0) == \
+                {"ID": "seed-2", "STATUS": "OK", "BALANCE": "20.00", "SEQ": 2}
         finally:
             connection.close()
 

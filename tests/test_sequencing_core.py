@@ -86,19 +86,19 @@ def test_nothing_is_broadcast_or_resent_before_the_log_write_is_durable():
     core.submit(deposit("op-1"), "c1", "op-1", needed=0)
     core.submit(deposit("op-2"), "c2", "op-2", needed=0)
     # Numbered, not yet handed to the log writer: a subscriber gets nothing, a resend nothing.
-    assert core.on_subscribe("replica1", 0) == ("entries", b"")
+    assert core.on_subscribe("replica1", 0, replies=[]) == ("entries", b"")
     assert core.on_resend("replica1", 1, 2) == ("entries", b"")
     entries = core.take_unlogged()
     # Being written (fsync in flight): still nothing, and a new op waits for the next write.
     core.submit(deposit("op-3"), "c3", "op-3", needed=0)
-    assert core.on_subscribe("replica2", 0) == ("entries", b"")
+    assert core.on_subscribe("replica2", 0, replies=[]) == ("entries", b"")
     assert core.on_resend("replica1", 1, 3) == ("entries", b"")
     with pytest.raises(AssertionError):
         core.take_unlogged()  # one log write at a time
     data, replies = core.on_logged(entries[-1][0])
     assert seqs_in(data) == [1, 2]
     assert sorted(r.client for r in replies) == ["c1", "c2"]  # op-3 is not durable yet
-    assert seqs_in(core.on_subscribe("replica2", 0)[1]) == [1, 2]
+    assert seqs_in(core.on_subscribe("replica2", 0, replies=[])[1]) == [1, 2]
     data, replies = log_all(core)
     assert seqs_in(data) == [3] and [r.client for r in replies] == ["c3"]
 
@@ -135,7 +135,7 @@ def test_numbering_continues_after_a_restart_from_the_log_with_no_gap_and_no_reu
     restarted.submit(deposit("a2"), "retry", "a2")
     assert not restarted.has_unlogged and restarted.next_seq == 10
     # What a replica that saw nothing gets: everything, each number once.
-    assert seqs_in(restarted.on_subscribe("replica1", 0)[1]) == list(range(1, 10))
+    assert seqs_in(restarted.on_subscribe("replica1", 0, replies=[])[1]) == list(range(1, 10))
     reopened.close()
     again = SequencerLog(tmp_path / "log", segment_entries=3)
     assert [seq for seq, _id, _line in again.load()[0]] == list(range(1, 10))
@@ -252,8 +252,8 @@ def test_after_a_restart_a_retry_of_an_operation_the_replicas_already_applied_is
     # from its log, it knows op-2 is seq 2 but holds no result for it, and no replica will apply
     # seq 2 again: attaching the retry to seq 2 would leave it unanswered.
     restarted = SequencerCore(REPLICAS, next_seq=4, log=deque(before_crash.log))
-    assert restarted.on_subscribe("replica1", 3) == ("entries", b"")
-    assert restarted.on_subscribe("replica2", 3) == ("entries", b"")
+    assert restarted.on_subscribe("replica1", 3, replies=[]) == ("entries", b"")
+    assert restarted.on_subscribe("replica2", 3, replies=[]) == ("entries", b"")
     assert restarted.submit(deposit("op-2"), "retry", "op-2") == []
     assert [seq for seq, _id, _line in restarted.take_unlogged()] == [4]
     restarted.on_logged(4)
@@ -275,9 +275,9 @@ def test_too_many_waiting_requests_is_refused_as_overloaded():
 
 def test_one_replica_sends_the_outcomes_and_another_takes_over_when_it_goes():
     core = SequencerCore(REPLICAS)
-    core.on_subscribe("replica1", 0)
+    core.on_subscribe("replica1", 0, replies=[])
     assert core.choose_results_source("replica1") == 1  # the source; nothing awaited yet: from the next seq
-    core.on_subscribe("replica2", 0)
+    core.on_subscribe("replica2", 0, replies=[])
     assert core.choose_results_source("replica2") is None  # one results source at a time
     for index in (1, 2, 3):
         core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
@@ -285,11 +285,11 @@ def test_one_replica_sends_the_outcomes_and_another_takes_over_when_it_goes():
     assert core.on_applied("replica2", 3, []) == []  # acknowledges only: nobody is answered
     assert [r.client for r in core.on_applied("replica1", 1, [(1, None, 100)])] == ["c1"]
     assert core.on_disconnect("replica2") is None  # not the source: nothing to hand over
-    core.on_subscribe("replica2", 3)
+    core.on_subscribe("replica2", 3, replies=[])
     assert core.choose_results_source("replica2") is None
     # The source goes before sending 2 and 3: replica2 is asked for outcomes from seq 2 on.
     assert core.on_disconnect("replica1") == ("replica2", 2)
-    core.on_subscribe("replica1", 1)
+    core.on_subscribe("replica1", 1, replies=[])
     assert core.choose_results_source("replica1") is None
     replies = core.on_applied("replica2", 3, [(2, None, 200), (3, None, 300)])
     assert sorted(r.client for r in replies) == ["c2", "c3"]
@@ -302,7 +302,7 @@ def subscribed_core(names: list[str]) -> SequencerCore:
     """Every replica subscribed from nothing; the first one is the results source."""
     core = SequencerCore(names, results_source_stall_s=0.5)
     for name in names:
-        core.on_subscribe(name, 0)
+        core.on_subscribe(name, 0, replies=[])
         core.choose_results_source(name)
     return core
 
@@ -380,10 +380,10 @@ def sequenced_core(count: int, **options) -> SequencerCore:
 
 def test_subscribe_from_an_old_seq_returns_exactly_the_missing_entries():
     core = sequenced_core(10)
-    assert core.on_subscribe("replica1", 6) == ("entries", core.entries_between(7, 10))
-    assert seqs_in(core.on_subscribe("replica1", 6)[1]) == [7, 8, 9, 10]
-    assert [m["ID"] for m in decode(core.on_subscribe("replica2", 0)[1])] == [f"op-{i}" for i in range(1, 11)]
-    assert core.on_subscribe("replica1", 10) == ("entries", b"")
+    assert core.on_subscribe("replica1", 6, replies=[]) == ("entries", core.entries_between(7, 10))
+    assert seqs_in(core.on_subscribe("replica1", 6, replies=[])[1]) == [7, 8, 9, 10]
+    assert [m["ID"] for m in decode(core.on_subscribe("replica2", 0, replies=[])[1])] == [f"op-{i}" for i in range(1, 11)]
+    assert core.on_subscribe("replica1", 10, replies=[]) == ("entries", b"")
     assert core.status()["REPLICAS"]["replica1"] == {"APPLIED_SEQ": 10, "SYNCED_SEQ": 10, "CONNECTED": True}
     core.on_disconnect("replica1")
     assert core.status()["REPLICAS"]["replica1"]["CONNECTED"] is False
@@ -402,8 +402,8 @@ def test_subscribe_or_resend_before_the_log_start_asks_for_a_snapshot():
     assert core.truncation_point() == 6
     assert core.truncate(6) == 5
     assert core.status()["LOG_START_SEQ"] == 6 and core.status()["LOG_ENTRIES"] == 5
-    assert core.on_subscribe("replica2", 4) == ("snapshot", b"")
-    assert seqs_in(core.on_subscribe("replica2", 5)[1]) == [6, 7, 8, 9, 10]
+    assert core.on_subscribe("replica2", 4, replies=[]) == ("snapshot", b"")
+    assert seqs_in(core.on_subscribe("replica2", 5, replies=[])[1]) == [6, 7, 8, 9, 10]
     assert core.on_resend("replica2", 5, 7) == ("snapshot", b"")
     assert seqs_in(core.on_resend("replica2", 6, 7)[1]) == [6, 7]
     # A retry of a truncated operation can no longer attach to its number: it is numbered again.
@@ -414,12 +414,12 @@ def test_subscribe_or_resend_before_the_log_start_asks_for_a_snapshot():
 def test_a_replica_ahead_of_the_log_or_unknown_is_refused():
     core = sequenced_core(3)
     with pytest.raises(SaldoError) as ahead:
-        core.on_subscribe("replica1", 4)
+        core.on_subscribe("replica1", 4, replies=[])
     assert ahead.value.code == "FIELD_INVALID"
     with pytest.raises(SaldoError):
         core.on_applied("replica1", 4, [])
     with pytest.raises(SaldoError):
-        core.on_subscribe("stranger", 0)
+        core.on_subscribe("stranger", 0, replies=[])
     with pytest.raises(SaldoError):
         core.on_resend("stranger", 1, 2)
 
@@ -454,7 +454,7 @@ def test_truncation_point_follows_the_slowest_replica_within_the_max_log_entries
     grow_log(core, 20, follower="replica1")
     core.truncate(core.truncation_point())
     assert core.stats.replicas_dropped_from_log == 1
-    assert core.on_subscribe("replica2", 0) == ("snapshot", b"")
+    assert core.on_subscribe("replica2", 0, replies=[]) == ("snapshot", b"")
 
 
 def test_the_bound_never_drops_what_no_replica_has_on_disk_and_a_full_log_takes_no_more():
@@ -474,7 +474,7 @@ def test_the_bound_never_drops_what_no_replica_has_on_disk_and_a_full_log_takes_
     assert core.submit(deposit("op-3"), "c3-again", "op-3", needed=0) == [Reply("c3-again", sequenced_reply_line("op-3", 3))]
     # replica1 comes back and has five of them on disk: the log takes five more, and keeps what
     # replica2 lacks as long as the bound allows, never what nobody has.
-    core.on_subscribe("replica1", 0)
+    core.on_subscribe("replica1", 0, replies=[])
     core.on_applied("replica1", 5, [], synced_seq=5)
     for index in range(9, 14):
         core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}", needed=0)
@@ -510,7 +510,7 @@ def test_the_log_keeps_what_a_replica_applied_until_that_replica_has_it_on_disk(
     # The power goes out at replica2; its disk kept up to 12: it subscribes from there, and the
     # log still has every entry it lost.
     core.on_disconnect("replica2")
-    assert seqs_in(core.on_subscribe("replica2", 12)[1]) == list(range(13, 21))
+    assert seqs_in(core.on_subscribe("replica2", 12, replies=[])[1]) == list(range(13, 21))
     # Later acknowledgements move the point on; one that reports less on disk never moves it back.
     core.on_applied("replica2", 20, [], synced_seq=18)
     core.on_applied("replica2", 20, [], synced_seq=15)
@@ -726,7 +726,12 @@ def test_applied_line_round_trips_through_the_wire_codec():
     ({"UPTO": 5, "RESULTS": [["5", None, 1]]}, "FIELD_INVALID"),
     ({"UPTO": 5, "RESULTS": [[5, "NOT_A_CODE", None]]}, "FIELD_INVALID"),
     ({"UPTO": 5, "RESULTS": [[5, 7, None]]}, "FIELD_INVALID"),
-    ({"UPTO": 5, "RESULTS": [[5, None, "1.00"]]}, "FIELD_TYPE"),
+    ({"UPTO": 5, "RESULTS": [[5, None, "1.00"]]}, "FIELD_INVALID"),
+    # An outcome is an error without a balance or a balance without an error, never neither.
+    ({"UPTO": 5, "RESULTS": [[5, None, None]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [[5, None, -1]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [[5, None, 10**30]]}, "FIELD_INVALID"),
+    ({"UPTO": 5, "RESULTS": [[5, "INSUFFICIENT_FUNDS", 100]]}, "FIELD_INVALID"),
     ({"UPTO": 10**9, "RESULTS": [[1, None, 1]] * (MAX_RESULTS_PER_ACK + 1)}, "FIELD_TYPE"),
     ({"UPTO": 5, "SYNCED": 6, "RESULTS": []}, "FIELD_INVALID"),
     ({"UPTO": 5, "SYNCED": -1, "RESULTS": []}, "FIELD_INVALID"),
@@ -748,7 +753,7 @@ def test_a_client_attached_to_an_applied_seq_before_the_replicas_return_is_renum
     first.on_logged(first.take_unlogged()[-1][0])
     restarted = SequencerCore(replica_names=["r1", "r2"], next_seq=first.next_seq, log=deque(first.log))
     assert restarted.submit(op, "client-b", op.op_id, 1) == []  # attached to seq 1: nothing applied yet, as far as it knows
-    restarted.on_subscribe("r1", last_applied_seq=1)  # r1 applied seq 1 before the restart
+    restarted.on_subscribe("r1", last_applied_seq=1, replies=[])  # r1 applied seq 1 before the restart
     renumbered = restarted.take_unlogged()
     assert [(seq, op_id) for seq, op_id, _line in renumbered] == [(2, "retry-1")]
     restarted.on_logged(2)
@@ -760,15 +765,42 @@ def test_a_replica_that_becomes_the_results_source_when_none_is_left_is_asked_fo
     """Both replicas went away after applying; the first to come back must send the outcomes
     of what clients still wait for, or they would wait until their own timeouts."""
     core = SequencerCore(REPLICAS)
-    core.on_subscribe("replica1", 0)
+    core.on_subscribe("replica1", 0, replies=[])
     core.choose_results_source("replica1")
-    core.on_subscribe("replica2", 0)
+    core.on_subscribe("replica2", 0, replies=[])
     for index in (1, 2, 3):
         core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
     log_all(core)
     assert core.on_disconnect("replica2") is None
     assert core.on_disconnect("replica1") is None  # the source went, and nobody is left to take over
-    core.on_subscribe("replica2", 3)  # it had applied 1..3 before going
+    core.on_subscribe("replica2", 3, replies=[])  # it had applied 1..3 before going
     assert core.choose_results_source("replica2") == 1  # the oldest seq a client awaits
     replies = core.on_applied("replica2", 3, [(1, None, 100), (2, None, 200), (3, None, 300)])
     assert sorted(r.client for r in replies) == ["c1", "c2", "c3"]
+
+
+def test_a_client_waiting_for_every_replica_is_answered_when_the_last_one_resubscribes_past_its_seq():
+    """replica2 applied op-1 but its APPLIED was lost with the connection: it names the seq when it
+    subscribes again, and that is the news the client waits for."""
+    core = subscribed_core(REPLICAS)
+    core.submit(deposit("op-1"), "client", "op-1", needed=2)
+    log_all(core)
+    assert core.on_applied("replica1", 1, [(1, None, 100)]) == []  # one of two
+    core.on_disconnect("replica2")
+    released = []
+    core.on_subscribe("replica2", 1, replies=released)
+    assert [(reply.client, b'"STATUS":"OK"' in reply.line) for reply in released] == [("client", True)]
+    assert core.status()["WAITING_REQUESTS"] == 0
+
+
+def test_retries_of_one_operation_wait_under_the_same_bound_as_new_requests():
+    core = SequencerCore(["replica1"], max_waiting_requests=10)
+    core.on_subscribe("replica1", 0, replies=[])
+    op = deposit("op-1")
+    core.submit(op, "client", "op-1")
+    log_all(core)  # numbered and logged, but the replica is away: no answer comes
+    for _ in range(9):
+        assert core.submit(op, "client", "op-1") == []
+    with pytest.raises(SaldoError, match="OVERLOADED"):
+        core.submit(op, "client", "op-1")
+    assert core.status()["WAITING_REQUESTS"] == 10

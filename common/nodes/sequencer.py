@@ -239,7 +239,7 @@ class SequencerNode:
             elif task == "SUBSCRIBE":
                 if expected_name is not None and message.get("REPLICA") != expected_name:
                     raise SaldoError("FIELD_INVALID", f"this connection feeds {expected_name}")
-                return self._subscribe(stream, message)
+                return self._subscribe(stream, link, message)
             elif link is None:
                 raise SaldoError("FIELD_INVALID", "SUBSCRIBE first")
             elif task == "APPLIED":
@@ -261,12 +261,18 @@ class SequencerNode:
             stream.send(error_reply(error.code, error.detail, message.get("ID") if type(message.get("ID")) in (str, int) else None))
         return link
 
-    def _subscribe(self, stream: aio.MessageStream, message: dict) -> ReplicaLink:
+    def _subscribe(self, stream: aio.MessageStream, link: ReplicaLink | None, message: dict) -> ReplicaLink:
         name = message.get("REPLICA")
         last = message.get("LAST_APPLIED_SEQ")
         if type(name) is not str or type(last) is not int or last < 0:
             raise SaldoError("FIELD_TYPE", "SUBSCRIBE needs REPLICA (a name) and LAST_APPLIED_SEQ (an integer)")
-        kind, _data = self.core.on_subscribe(name, last)
+        if link is not None and link.name != name:
+            # One connection, one replica: a second name would leave the first one's link behind,
+            # counted as connected (holding back truncation) after this connection ends.
+            raise SaldoError("FIELD_INVALID", f"this connection subscribed as {link.name[:64]}")
+        released: list = []
+        kind, _data = self.core.on_subscribe(name, last, replies=released)
+        self._send_replies(released)
         previous = self.links.get(name)
         if previous is not None and previous.stream is not stream:
             # Usually the same replica back on a new connection, the old one not yet seen to end.
