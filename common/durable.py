@@ -120,6 +120,11 @@ class DurableBank:
         return self._done
 
     @property
+    def replacing(self) -> bool:
+        """A state transfer is being installed: nothing may be applied until it is done."""
+        return self._replacing
+
+    @property
     def idle(self) -> bool:
         """No commit pending or running, and no install: the store's connection is free."""
         return not self._uncommitted and self._inflight_commit is None and not self._replacing
@@ -216,7 +221,9 @@ class DurableBank:
 
     async def replace(self, image: StoreImage) -> None:
         """Install a whole new state (a state transfer): on disk in one transaction, then in
-        memory. The caller stops applying while this runs."""
+        memory. The caller stops applying while this runs. Metadata set meanwhile (primary-backup's
+        voter record: a vote or a lease answered during the install) is newer than the image's,
+        so it stays, and the commit after the install writes it."""
         await self.flush()
         assert not self._replacing
         self._replacing = True
@@ -226,13 +233,15 @@ class DurableBank:
             self._replacing = False
             if self._uncommitted:
                 self._loop.call_soon(self._start_commit)
+        changed_during_install = self._meta_changes
         bank = Bank(max_accounts=self.bank.max_accounts, dedup_window_ops=self.bank.dedup_window_ops)
         image.to_bank(bank)
         self.bank = bank
-        self.meta = dict(image.meta)
+        self.meta = {**image.meta, **changed_during_install}
         self.synced_meta = dict(image.meta)
         self._unsynced = False
-        self._meta_changes = {}
+        self._meta_changes = changed_during_install
+        assert not changed_during_install or self._uncommitted, "what changed during the install is committed next"
 
     def snapshot(self) -> StoreImage:
         """The in-memory state now, as an image (durable once `durable()` at this moment resolves)."""

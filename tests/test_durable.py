@@ -160,6 +160,32 @@ def test_nothing_syncs_or_applies_while_a_state_transfer_installs(tmp_path):
     asyncio.run(scenario())
 
 
+def test_metadata_changed_while_a_state_transfer_installs_reaches_the_disk(tmp_path):
+    """Primary-backup keeps its voter record in the metadata, and a vote or lease answered during
+    an install must be on disk when `durable()` says so, not dropped with the old state."""
+    async def scenario():
+        source = await open_bank(tmp_path / "a.db", default_synchronous="full", sync_interval_s=0.0)
+        for seq in range(1, 4):
+            await apply_and_commit(source, deposit(f"op-{seq}"), seq)
+        target = await open_bank(tmp_path / "b.db", default_synchronous="full", sync_interval_s=0.0)
+        target.set_meta("promised_epoch", 1)
+        await target.durable()
+        installing = asyncio.ensure_future(target.replace(source.snapshot()))
+        while not target._replacing:  # the install is on the commit thread
+            await asyncio.sleep(0)
+        target.set_meta("promised_epoch", 2)  # a vote granted meanwhile
+        await target.durable()
+        await installing
+        assert target.meta["promised_epoch"] == 2 and target.meta["last_applied_seq"] == 3
+        await target.close()
+        reopened = open_store(f"sqlite:///{tmp_path / 'b.db'}")
+        assert reopened.load(1_000).meta["promised_epoch"] == 2
+        reopened.close()
+        await source.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("meta", [
     {"last_applied_seq": 3, "x" * 65: 1},  # longer than the store's names
     {"last_applied_seq": 2**63},  # beyond the store's integers

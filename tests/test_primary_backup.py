@@ -432,3 +432,89 @@ def test_a_read_naming_a_seq_the_primary_never_reached_is_too_stale_not_an_old_b
         assert reached["STATUS"] == "OK" and reached["BALANCE"] == "10.00" and reached["SEQ"] == last_seq, reached
         assert beyond["STATUS"] == "NOK" and beyond["ERROR"] == "TOO_STALE", beyond
         assert beyond["ID"] == "r2" and str(last_seq) in beyond["DETAIL"], beyond
+
+
+# --- A backup installing a state transfer, while other messages arrive ------------------------------
+
+
+class RecordingStream:
+    """Stands in for a peer connection: keeps what the replica sends on it."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.closed = False
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def test_a_backup_keeps_what_it_promised_and_refuses_entries_while_a_state_transfer_installs(tmp_path):
+    """A lease answered during an install must be on disk when the answer says so (its voter record
+    was dropped with the old state), and a new session's APPEND meanwhile drops that link instead
+    of applying to the state being replaced."""
+    import argparse
+
+    from common.bank import DEPOSIT, Bank, Operation
+    from common.durable import DurableBank
+    from common.nodes.pb_replica import PBReplica
+    from common.primary_backup import Append, Position, ReplicaCore, Timing, VoterRecord, record_from_meta
+    from common.snapshot import SnapshotReader, image_to_lines
+
+    replicas = ["r1", "r2", "r3"]
+    url = f"sqlite:///{tmp_path}/r2.db"
+
+    async def scenario():
+        dbank = await DurableBank.open(open_store(url), max_accounts=100, dedup_window_ops=1_000)
+        core = ReplicaCore("r2", replicas, ["w"], mode="sync", timing=Timing(), record=VoterRecord(1, None, None),
+                           position=Position(0, 0), now_s=time.monotonic() - 100, client_address="127.0.0.1:1")
+        args = argparse.Namespace(replica_peers={name: ("127.0.0.1", 1) for name in replicas},
+                                  witness_peers={"w": ("127.0.0.1", 2)}, name="r2", host="127.0.0.1", peer_hosts="127.0.0.1")
+        node = PBReplica(args, dbank, core)
+        # The state r1, primary of epoch 1, transfers: 2,000 deposits.
+        source = Bank(max_accounts=100, dedup_window_ops=1_000)
+        for index in range(2_000):
+            source.apply(Operation(f"op-{index}", DEPOSIT, f"a{index % 50}", None, 100), index + 1)
+        image = StoreImage(dict(source.balances), list(source.recent.values()), source.counters.copy(),
+                           {"last_applied_seq": 2_000, "last_entry_epoch": 1})
+        reader = SnapshotReader()
+        for line in image_to_lines(image, "s"):
+            reader.feed(wire.decode_line(line.rstrip(b"\n")))
+        session = RecordingStream()
+        node.primary_stream = session
+        core.following_epoch = 1
+        install = asyncio.create_task(node._install_snapshot(session, reader))
+        while not dbank.replacing:  # the install is on the store's thread now
+            await asyncio.sleep(0)
+        # r1's lease renewal, naming a new sync set, arrives on the voter connection.
+        voter_link = RecordingStream()
+        lease = {"TASK": "LEASE", "ID": 5, "EPOCH": 1, "PRIMARY": "r1", "DURATION_MS": 1000,
+                 "SYNC_SET": {"EPOCH": 1, "VERSION": 2, "MEMBERS": ["r1", "r2"]}, "PRIMARY_SEQ": 2_000}
+        node._on_peer_request(voter_link, lease, 5)
+        # A new session of r1 sends entries that follow the position before the install.
+        new_session = RecordingStream()
+        node.primary_stream = new_session
+        entry = (Operation("late-1", DEPOSIT, "a1", None, 100), None)
+        assert node._on_append(new_session, Append(1, 1, 1, 1, [entry]), None) is False
+        assert new_session.closed
+        await install
+        for _ in range(20):  # the lease's reply goes once its record is committed
+            if voter_link.sent:
+                break
+            await asyncio.sleep(0.01)
+        await dbank.close()
+        return voter_link.sent, dbank.bank.counters.ops_applied_total
+
+    sent, applied = asyncio.run(scenario())
+    assert sent and sent[0]["GRANTED"] is True and sent[0]["SYNC_STORED"] == [1, 2], sent
+    assert applied == 2_000  # the install's state, without the late entry
+    on_disk = open_store(url)
+    try:
+        assert record_from_meta(on_disk.load(1_000).meta, replicas).sync_set.version == 2
+    finally:
+        on_disk.close()

@@ -803,8 +803,15 @@ class PBReplica:
         if stream is not self.primary_stream or self.diverged:
             raise SaldoError("STALE_EPOCH", "entries outside the current primary's session")
         core = self.core
-        core.check_append(append)
         dbank = self.dbank
+        if dbank.replacing:
+            # A new session's entries while an earlier session's state transfer installs: they
+            # follow a position this replica is about to leave. Drop the link; the primary's next
+            # HELLO learns the position after the install.
+            log.warning("append_during_install_dropping_link", from_seq=append.from_seq)
+            stream.abort()
+            return False
+        core.check_append(append)
         bank = dbank.bank
         seq = append.from_seq
         entry_epoch = append.entry_epoch
