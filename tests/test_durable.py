@@ -306,3 +306,38 @@ def test_a_snapshot_of_long_names_and_ids_stays_within_the_line_limit_and_reads_
     copy = reader.image(max_accounts=10_000, dedup_window_ops=10_000)
     assert copy.balances == image.balances and copy.counters == image.counters and copy.meta == image.meta
     assert [(a.apply_index, a.seq, a.op, a.outcome) for a in copy.recent] == [(a.apply_index, a.seq, a.op, a.outcome) for a in image.recent]
+
+
+def test_a_replica_that_becomes_the_results_source_resends_the_outcomes_of_renumbered_retries(tmp_path):
+    """A retry the sequencer numbered again (seq 3 for op-1, first applied at seq 1) waits on its
+    new seq. The replica applied both before it became the source: it must resend seq 3's outcome
+    too, though its dedup window knows op-1 by seq 1 only."""
+    import argparse
+
+    from common import wire
+    from common.nodes import sequenced_replica
+    from common.sequencing import parse_applied
+
+    class RecordingStream:
+        def __init__(self) -> None:
+            self.lines: list[bytes] = []
+
+        def send_bytes(self, data: bytes) -> None:
+            self.lines.append(data)
+
+    async def scenario():
+        args = argparse.Namespace(
+            host="127.0.0.1", port=0, name="replica2", mode="sequencer", store=f"sqlite:///{tmp_path / 'r.db'}",
+            sequencer="127.0.0.1:1", peers="", sync_interval_ms=50, max_accounts=100, dedup_window=1_000)
+        dbank = await sequenced_replica.open_durable_bank(args, sync_interval_s=0.05)
+        replica = sequenced_replica.SequencedReplica(args, dbank)
+        replica._deliver([(1, deposit("op-1")), (2, deposit("op-2", 50)), (3, deposit("op-1"))])
+        source_link = RecordingStream()
+        replica._become_results_source(source_link, 1)
+        await dbank.close()
+        results = []
+        for line in source_link.lines:
+            results += parse_applied(wire.decode_line(line.rstrip(b"\n")))[2]
+        return results
+
+    assert asyncio.run(scenario()) == [(1, None, 100), (2, None, 150), (3, None, 100)]

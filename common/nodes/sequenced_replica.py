@@ -46,6 +46,10 @@ READ_WAIT_TIMEOUT_S = 2.0
 TICK_S = 0.25
 SNAPSHOT_TIMEOUT_S = 60.0
 SEQUENCER_LINE_BYTES = 1024 * 1024
+# Outcomes of operations delivered again under a new seq (a retry the orderer numbered again):
+# the dedup window holds each operation's first seq only, so a replica that becomes the results
+# source resends these from here. Renumbering is rare; the latest ones are enough.
+MAX_RECENT_DUPLICATES = 4_096
 # How a subscription ended; after REPLACED (another process subscribed under this replica's name),
 # the replica waits this long before it subscribes again.
 SUBSCRIPTION_LOST, SUBSCRIPTION_NEEDS_SNAPSHOT, SUBSCRIPTION_REPLACED = "lost", "snapshot", "replaced"
@@ -96,6 +100,7 @@ class SequencedReplica:
         self.feed_lock = asyncio.Lock()
         self.latest_feed: aio.MessageStream | None = None
         self.send_results = False  # the sequencer chose this replica to send outcomes
+        self.recent_duplicates: deque = deque(maxlen=MAX_RECENT_DUPLICATES)  # (seq, error, balance_cents)
         self.read_waiters: deque = deque()  # (min_seq, deadline, stream, request_id, query)
         self.started_at = time.monotonic()
         self.snapshots_installed = 0
@@ -209,8 +214,11 @@ class SequencedReplica:
         dbank = self.dbank
         results = []
         for seq, op in deliver:
-            outcome, _duplicate = dbank.apply(op, seq)
-            results.append((seq, outcome.error, outcome.balance_cents))
+            outcome, duplicate = dbank.apply(op, seq)
+            result = (seq, outcome.error, outcome.balance_cents)
+            results.append(result)
+            if duplicate:
+                self.recent_duplicates.append(result)
         upto = deliver[-1][0]
         dbank.set_meta("last_applied_seq", upto)
         # Acknowledged before the commit lands: the outcome is fixed by the log's order, and the log
@@ -272,7 +280,8 @@ class SequencedReplica:
                 break
             if applied.seq <= applied_seq:
                 results.append((applied.seq, applied.outcome.error, applied.outcome.balance_cents))
-        results.reverse()
+        results.extend(result for result in self.recent_duplicates if from_seq <= result[0] <= applied_seq)
+        results.sort(key=lambda result: result[0])
         log.info("became_results_source", from_seq=from_seq, outcomes_resent=len(results))
         for start in range(0, len(results), MAX_RESULTS_PER_ACK):
             chunk = results[start : start + MAX_RESULTS_PER_ACK]
