@@ -40,6 +40,16 @@ class UsageParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _timeout_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(bankclient.ARCHITECTURES), help="architecture (default: from --topology, else standalone)")
@@ -48,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to send (repeat for several: replicas of multicast / primary-backup)")
     parser.add_argument("--read-address", action="append", default=[], metavar="HOST:PORT",
                         help="replicas to read from (sequencer architecture)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to retry before giving up (default 10)")
+    parser.add_argument("--timeout", type=_timeout_s, default=10.0, help="seconds to retry before giving up (default 10)")
     parser.add_argument("--id", help="operation id (default: a new UUID); reuse it to retry safely")
     parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
     parser.add_argument("--wait", choices=["sequenced", "applied", "all"],

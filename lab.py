@@ -57,6 +57,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a transfer needs two accounts): {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most a day: {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     """ "1,8" -> [1, 8]: a count, or a comma list of them."""
     return [_positive_int(item.strip()) for item in str(text).split(",")]
@@ -90,8 +107,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, refe
     parser.add_argument("--window", type=_int_list, default="16",
                         help="operations in flight per client, or a comma list (16,64 = moderate load and "
                              "saturation); a single client always has one at a time")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of workload per run")
-    parser.add_argument("--accounts", type=_positive_int, default=8, help="bank accounts the workload moves money between")
+    parser.add_argument("--duration", type=_seconds, default=10.0, help="seconds of workload per run")
+    parser.add_argument("--accounts", type=_at_least_two, default=8, help="bank accounts the workload moves money between")
     parser.add_argument("--faults", choices=list(SCHEDULES), default=default_faults, metavar="SCHEDULE", help=faults_help)
     parser.add_argument("--ports", choices=["seed", "free"], default="seed",
                         help="the seed's port numbers (they clash with a running `lab.py up`), or ports the kernel says are free")
@@ -219,9 +236,12 @@ def _print_summary(summary: list[dict]) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts, a short workload
     with a replica killed and restarted half-way, the report, and everything stopped."""
-    print("saldo demo: the sequencer architecture on three local hosts\n"
-          "  127.0.0.11  sequencer (clients on :6002, replicas on :6003)\n"
-          "  127.0.0.12  replica1 (reads on :6007)      127.0.0.13  replica2 (reads on :6007)\n"
+    if args.ports == "seed":
+        layout = ("  127.0.0.11  sequencer (clients on :6002, replicas on :6003)\n"
+                  "  127.0.0.12  replica1 (reads on :6007)      127.0.0.13  replica2 (reads on :6007)\n")
+    else:  # the ports are chosen at start: the run's topology.json names them
+        layout = "  127.0.0.11  sequencer      127.0.0.12  replica1      127.0.0.13  replica2   (on free ports)\n"
+    print("saldo demo: the sequencer architecture on three local hosts\n" + layout +
           f"  8 clients for {args.duration:g} s; replica1 is SIGKILLed at 30% of the run and restarted at 60%\n", flush=True)
     options = RunOptions(
         architecture="sequencer", clients=8, window=16, duration_s=args.duration, faults="kill-replica",
@@ -331,7 +351,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     ports_help = "the seed's port numbers, or ports the kernel says are free (no clash with a running `lab.py up`)"
     demo_parser = add_command("demo", "a short sequencer run with a replica crash, then everything stops", DEMO_DESCRIPTION)
-    demo_parser.add_argument("--duration", type=float, default=8.0, help="seconds of workload")
+    demo_parser.add_argument("--duration", type=_seconds, default=8.0, help="seconds of workload")
     demo_parser.add_argument("--ports", choices=["seed", "free"], default="seed", help=ports_help)
     demo_parser.add_argument("--quiet", action="store_true", help="no progress line while the run goes")
     demo_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
@@ -364,7 +384,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                  LENDING_DESCRIPTION)
     lending_parser.add_argument("--store", default="sqlite", help="sqlite, or a MySQL base URL mysql://user:pass@host:port/prefix")
     lending_parser.add_argument("--repeat", type=_positive_int, default=3, help="runs; the summary shows medians")
-    lending_parser.add_argument("--load-s", type=float, default=5.0, help="seconds of overload on farm1")
+    lending_parser.add_argument("--load-s", type=_seconds, default=5.0, help="seconds of overload on farm1")
     lending_parser.add_argument("--clients", type=_positive_int, default=8, help="concurrent clients, all at farm1")
     lending_parser.add_argument("--window", type=_positive_int, default=256,
                                 help="tasks in flight per client (far above what 2 workers finish)")

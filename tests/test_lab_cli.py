@@ -58,6 +58,14 @@ def last_line(text: str) -> str:
     (["bench", "--faults", "kill-replica"], ["lab.py bench: error: bench runs without faults; use chaos"]),
     (["run", "--clients", "1,x"], ["lab.py run: error: argument --clients", "'x'"]),
     (["run", "--option", "replicas"], ["lab.py run: error: argument --option: expected KEY=VALUE"]),
+    # A misspelt option would leave the run on its defaults (a sync run taken for an async one).
+    (["run", "--arch", "primary-backup", "--option", "replcation=async"],
+     ["lab.py run: error: argument --option: primary-backup has no option replcation", "replication"]),
+    (["run", "--arch", "standalone", "--option", "replicas=3"], ["standalone has no option replicas"]),
+    (["run", "--option", "synchronous=sometimes"], ["synchronous must be one of full, normal, off"]),
+    (["run", "--accounts", "1"], ["lab.py run: error: argument --accounts: must be at least 2"]),
+    (["run", "--duration", "0"], ["lab.py run: error: argument --duration: must be more than 0"]),
+    (["demo", "--duration", "-1"], ["lab.py demo: error: argument --duration: must be more than 0"]),
 ])
 def test_a_bad_argument_is_one_usage_error_naming_the_valid_values(args, expected):
     result = run_cli(*args)

@@ -29,6 +29,8 @@ def run_script(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProce
     (["--topology", "/nonexistent/topology.json", "balance", "alice"], "topology file /nonexistent/topology.json: No such file"),
     (["status", "nonsense"], "expected HOST:PORT, got 'nonsense'"),
     (["status"], "status needs HOST:PORT, --address or --topology"),
+    (["--timeout", "0", "deposit", "alice", "1"], "argument --timeout: must be more than 0"),
+    (["--timeout", "-1", "balance", "alice"], "argument --timeout: must be more than 0"),
 ])
 def test_client_py_bad_usage_exits_64_with_one_clear_line(args, message):
     done = run_script("client.py", *args)
