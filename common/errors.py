@@ -94,6 +94,15 @@ class SaldoError(Exception):
         return is_definite(self.code)
 
 
+def with_id_msg(reply: dict, message: dict) -> dict:
+    """Seed 002's clients match replies by their request's "id_msg": echo it (a string) on any
+    reply to such a request, errors included."""
+    id_msg = message.get("id_msg")
+    if type(id_msg) is str:
+        reply["id_msg"] = id_msg
+    return reply
+
+
 def error_reply(code: str, detail: str = "", request_id: object = None) -> dict:
     """The reply object for an error; echoes the request id when there was one."""
     assert code in ERROR_CODES, code

@@ -30,7 +30,7 @@ from common.bank import (
     parse_request_line,
 )
 from common.durable import DurableBank
-from common.errors import DETAIL_JSON, SaldoError, error_reply
+from common.errors import DETAIL_JSON, SaldoError, error_reply, with_id_msg
 from common.log import get_logger
 from common.money import render_cents
 
@@ -182,4 +182,4 @@ class BankService:
             outcome, _duplicate = self.dbank.apply(request)
             return reply_for_operation(item, request_id, request, outcome)
         except SaldoError as error:
-            return wire.encode(error_reply(error.code, error.detail, request_id))
+            return wire.encode(with_id_msg(error_reply(error.code, error.detail, request_id), item))

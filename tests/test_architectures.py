@@ -781,6 +781,19 @@ def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
     assert code == 1 and out.startswith("NOK AMOUNT_TOO_PRECISE"), out
 
 
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "sequencer"])
+def test_a_seed_request_gets_its_id_msg_back_on_an_error_as_on_success(clusters, architecture):
+    """Seed 002's clients pipeline and match replies by id_msg, so an error must carry it too."""
+    running = clusters(architecture)
+    writer = {"standalone": "standalone", "multicast": "replica1", "sequencer": "sequencer"}[architecture]
+    bad = {"id_msg": "seed-bad-1", "tipo": "SAQUE", "conta_origem": "acct-a", "valor": "abc"}
+    reply = running.cluster.request(writer, bad, timeout_s=10.0)
+    assert (reply["STATUS"], reply["ERROR"], reply.get("id_msg")) == ("NOK", "AMOUNT_MALFORMED", "seed-bad-1"), reply
+    good = {"id_msg": "seed-good-1", "tipo": "DEPOSITO", "conta_destino": "acct-seed", "valor": "1.00"}
+    reply = running.cluster.request(writer, good, timeout_s=10.0)
+    assert (reply["STATUS"], reply.get("id_msg")) == ("OK", "seed-good-1"), reply
+
+
 @pytest.mark.parametrize("architecture", ["standalone", "sequencer"])
 def test_client_py_status_of_every_node_prints_one_json_object_each(clusters, architecture):
     running = clusters(architecture)

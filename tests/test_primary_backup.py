@@ -432,6 +432,16 @@ def test_a_read_naming_a_seq_the_primary_never_reached_is_too_stale_not_an_old_b
         assert reached["STATUS"] == "OK" and reached["BALANCE"] == "10.00" and reached["SEQ"] == last_seq, reached
         assert beyond["STATUS"] == "NOK" and beyond["ERROR"] == "TOO_STALE", beyond
         assert beyond["ID"] == "r2" and str(last_seq) in beyond["DETAIL"], beyond
+        # Seed 002's clients match replies by id_msg: errors and a backup's redirect carry it too.
+        backup = nodes[next(name for name in lab.replicas if name != primary)]
+        bad = {"id_msg": "seed-bad-1", "tipo": "SAQUE", "conta_origem": "alice", "valor": "abc"}
+        good = {"id_msg": "seed-2", "tipo": "DEPOSITO", "conta_destino": "alice", "valor": "1.00"}
+        with BlockingConnection(node.host, node.port, connect_timeout_s=2.0) as connection:
+            refused = connection.request(bad)
+        with BlockingConnection(backup.host, backup.port, connect_timeout_s=2.0) as connection:
+            redirected = connection.request(good)
+        assert (refused["ERROR"], refused.get("id_msg")) == ("AMOUNT_MALFORMED", "seed-bad-1"), refused
+        assert (redirected["ERROR"], redirected.get("id_msg")) == ("NOT_PRIMARY", "seed-2"), redirected
 
 
 # --- A backup installing a state transfer, while other messages arrive ------------------------------

@@ -32,7 +32,7 @@ from functools import partial
 from common import aio, topology, wire
 from common.bank import Operation, Query, balance_reply, parse_request, parse_request_line
 from common.durable import DurableBank
-from common.errors import SaldoError, error_reply
+from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
 from common.peers import PeerCheck, source_address
@@ -412,7 +412,7 @@ class PBReplica:
                 return self._backup_read(request_id, request)
             refusal_reason = self._refusal_reason()
             if refusal_reason is not None:
-                return GATE_NONE, 0, self._not_primary(request_id, refusal_reason), request_id
+                return GATE_NONE, 0, self._not_primary(request_id, refusal_reason, item), request_id
             if not isinstance(request, Query):
                 return self._apply_write(request_id, request, item)
             # Up to date: answered once everything applied before it is committed, under the lease.
@@ -426,7 +426,7 @@ class PBReplica:
             self.pending_replies += 1
             return GATE_COMMIT, seq, wire.encode(reply), request_id
         except SaldoError as error:
-            return GATE_NONE, 0, wire.encode(error_reply(error.code, error.detail, request_id)), request_id
+            return GATE_NONE, 0, wire.encode(with_id_msg(error_reply(error.code, error.detail, request_id), item)), request_id
 
     def _refusal_reason(self) -> str | None:
         """Why this replica cannot take a write or an up-to-date read now ("" for the default words
@@ -487,7 +487,7 @@ class PBReplica:
                               EPOCH=core.epoch, BEHIND=behind, ROLE=core.role)
         return GATE_DURABLE, seq, wire.encode(reply), request_id
 
-    def _not_primary(self, request_id: object, detail: str = "") -> bytes:
+    def _not_primary(self, request_id: object, detail: str = "", message: dict | None = None) -> bytes:
         """The seed's redirect: where the primary is, when this replica knows."""
         core = self.core
         target = None if core.primary is not None else core.redirect_target(time.monotonic())
@@ -500,7 +500,7 @@ class PBReplica:
             host, port = topology.parse_address(target)
             reply["TARGET_MASTER"] = {"IP": host, "PORT": port}
         reply["EPOCH"] = core.epoch
-        return wire.encode(reply)
+        return wire.encode(with_id_msg(reply, message) if message is not None else reply)
 
     # --- The replication stream (as primary) ----------------------------------------------------
     def _ship_upto(self) -> int:

@@ -23,7 +23,7 @@ from functools import partial
 from common import aio, topology, wire
 from common.bank import Operation, Query, parse_request, parse_request_line
 from common.durable import EXIT_STORE_FAILURE
-from common.errors import SaldoError, error_reply
+from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
 from common.peers import PeerCheck, source_address
 from common.seqlog import DEFAULT_SEGMENT_ENTRIES, SequencerLog
@@ -401,10 +401,7 @@ class SequencerNode:
             needed = replicas_needed(wait, len(core.replicas))
             self._send_replies(core.submit(request, client, request.op_id, needed))
         except SaldoError as error:
-            reply = error_reply(error.code, error.detail, request_id)
-            if "id_msg" in message and type(message["id_msg"]) is str:
-                reply["id_msg"] = message["id_msg"]
-            stream.send(reply)
+            stream.send(with_id_msg(error_reply(error.code, error.detail, request_id), message))
 
     @staticmethod
     def _client_ref(stream: aio.MessageStream, message: dict, request_id: object, op: Operation):
