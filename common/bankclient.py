@@ -233,6 +233,23 @@ async def execute_with_retries(
         backoff_s = min(backoff_s * 2, 0.25)
 
 
+# A read that failed with one of these moves the client's reads to the next replica (the retry goes there).
+READ_ELSEWHERE_ERRORS = frozenset({"NOT_READY", "CONNECTION_LOST", "TIMEOUT"})
+
+
+def _read_from_one(owner, readers: list, request_id: str, line: bytes, on_reply, timeout_s: float | None) -> None:
+    """Send a read to the replica `owner._read_index` names; if that replica cannot answer, the
+    next read (the caller's retry) goes to the one after it."""
+    reader_index = owner._read_index
+
+    def on_read_reply(reply: dict) -> None:
+        if reply.get("STATUS") != "OK" and reply.get("ERROR") in READ_ELSEWHERE_ERRORS:
+            owner._read_index = (reader_index + 1) % len(readers)
+        on_reply(reply)
+
+    readers[reader_index].submit(request_id, line, on_read_reply, timeout_s)
+
+
 class SequencerClient(BankClient):
     """Writes go to the sequencer; reads go to a replica and name the highest sequence number this
     client has been told of (`max_seq_seen`, kept by whoever reads the replies: the lab's workload),
@@ -247,14 +264,7 @@ class SequencerClient(BankClient):
 
     def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
         if is_read and self.readers:
-            reader_index = self._read_index
-
-            def on_read_reply(reply: dict) -> None:
-                if reply.get("STATUS") != "OK" and reply.get("ERROR") in ("NOT_READY", "CONNECTION_LOST", "TIMEOUT"):
-                    self._read_index = (reader_index + 1) % len(self.readers)  # try another replica next time
-                on_reply(reply)
-
-            self.readers[reader_index].submit(request_id, line, on_read_reply, timeout_s)
+            _read_from_one(self, self.readers, request_id, line, on_reply, timeout_s)
             return
         self.writer.submit(request_id, line, on_reply, timeout_s)
 
@@ -296,7 +306,7 @@ class MulticastClient(BankClient):
 
     def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
         if is_read:  # a read asks one replica: what that replica has applied
-            self.replicas[self._read_index].submit(request_id, line, on_reply, timeout_s)
+            _read_from_one(self, self.replicas, request_id, line, on_reply, timeout_s)
             return
         gather = _Gather(len(self.replicas), on_reply)
         for replica in self.replicas:

@@ -781,6 +781,35 @@ def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
     assert code == 1 and out.startswith("NOK AMOUNT_TOO_PRECISE"), out
 
 
+def test_a_multicast_read_goes_to_another_replica_when_the_first_is_down():
+    """Writes reach whichever replicas are up; a read must too, not keep asking a dead one."""
+    import asyncio
+
+    from common import bankclient
+
+    async def scenario():
+        async def replica2(reader, writer):  # answers every read with a balance
+            while line := await reader.readline():
+                request = json.loads(line)
+                writer.write(wire.encode({"ID": request["ID"], "STATUS": "OK", "BALANCE": "7.00"}))
+                await writer.drain()
+
+        server = await asyncio.start_server(replica2, "127.0.0.1", 0)
+        down = ("127.0.0.1", free_port())  # replica1: nothing listens there
+        up = ("127.0.0.1", server.sockets[0].getsockname()[1])
+        client = bankclient.MulticastClient([down, up], request_timeout_s=1.0)
+        line = wire.encode({"TASK": "BALANCE", "ID": "read-1", "ACCOUNT": "alice"})
+        try:
+            return await bankclient.execute_with_retries(client, "read-1", line, deadline_s=time.monotonic() + 5.0,
+                                                         is_read=True)
+        finally:
+            await client.close()
+            server.close()
+
+    reply, attempts, outcome = asyncio.run(scenario())
+    assert outcome == "ok" and reply["BALANCE"] == "7.00" and attempts == 2, (reply, attempts)
+
+
 @pytest.mark.parametrize("architecture", ["standalone", "multicast", "sequencer"])
 def test_a_seed_request_gets_its_id_msg_back_on_an_error_as_on_success(clusters, architecture):
     """Seed 002's clients pipeline and match replies by id_msg, so an error must carry it too."""
