@@ -109,6 +109,7 @@ _OUTCOME_TOO_MANY_ACCOUNTS = Outcome("TOO_MANY_ACCOUNTS", None)
 _OUTCOME_BALANCE_LIMIT = Outcome("BALANCE_LIMIT", None)
 _OUTCOME_ACCOUNT_NOT_FOUND = Outcome("ACCOUNT_NOT_FOUND", None)
 _OUTCOME_INSUFFICIENT_FUNDS = Outcome("INSUFFICIENT_FUNDS", None)
+_OUTCOME_ID_REUSED = Outcome("ID_REUSED", None)
 
 
 # --- Parsing requests ---------------------------------------------------------------------------
@@ -368,10 +369,12 @@ class Bank:
 
     def apply(self, op: Operation, seq: int | None = None) -> tuple[Outcome, bool]:
         """Apply `op` once. Returns (outcome, duplicate): a duplicate id changes nothing and
-        returns the outcome recorded the first time."""
+        returns the outcome recorded the first time, or ID_REUSED when the id named another
+        operation (a retry is the same operation; telling a withdrawal that a deposit under its id
+        succeeded would be a lie)."""
         earlier = self.recent.get(op.op_id)
         if earlier is not None:
-            return earlier.outcome, True
+            return (earlier.outcome if earlier.op == op else _OUTCOME_ID_REUSED), True
         assert op.amount_cents > 0 and (op.to_account is None) == (op.kind != TRANSFER), op
         outcome = self._decide_and_change(op)
         counters = self.counters

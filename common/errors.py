@@ -46,6 +46,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "INSUFFICIENT_FUNDS": (True, "the balance is short; nothing changed"),
     "BALANCE_LIMIT": (True, "the operation would take a balance above the maximum"),
     "TOO_MANY_ACCOUNTS": (True, "the bank holds the maximum number of accounts"),
+    "ID_REUSED": (True, "this id was given to another operation, which it still names; nothing changed (a new operation needs a new id)"),
     # Roles, routing and load.
     "WRONG_ROLE": (True, "this process does not accept that message in its role"),
     "NOT_PRIMARY": (True, "this replica is not the primary; see TARGET_MASTER"),

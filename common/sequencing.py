@@ -302,6 +302,9 @@ class SequencerCore:
         assert 0 <= needed <= len(self.replicas), needed
         earlier_seq = self._seq_of_op.get(op.op_id)
         if earlier_seq is not None:
+            earlier_line = self._entry_line_at(earlier_seq)
+            if earlier_line is not None and earlier_line != entry_line(earlier_seq, op):
+                raise SaldoError("ID_REUSED", f"id {op.op_id} names the operation at seq {earlier_seq}; nothing changed")
             if needed == 0 and earlier_seq <= self.durable_seq:
                 return [Reply(client, sequenced_reply_line(request_id, earlier_seq))]
             cached = self._results.get(earlier_seq)
@@ -333,6 +336,16 @@ class SequencerCore:
         self._add_waiter(seq, Waiter(client, request_id, needed))
         self.stats.sequenced_total += 1
         return []
+
+    def _entry_line_at(self, seq: int) -> bytes | None:
+        """The entry numbered `seq`, wherever it is now (the log, the write in flight, or waiting
+        for the next write); None once truncated (a replica then judges a reused id: Bank.apply)."""
+        for entries in (self._pending_entries, self._in_log_write):
+            if entries and entries[0][0] <= seq <= entries[-1][0]:
+                return entries[seq - entries[0][0]][2]
+        if self.log_start_seq <= seq <= self.durable_seq and seq - self.log_start_seq < len(self.log):
+            return self.log[seq - self.log_start_seq][2]
+        return None
 
     def _applied_count(self, seq: int) -> int:
         return sum(1 for progress in self.replicas.values() if progress.applied_seq >= seq)

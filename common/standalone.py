@@ -177,7 +177,12 @@ class BankService:
                 raise
             if isinstance(request, Query):
                 bank = self.dbank.bank
-                seq = {"SEQ": bank.counters.ops_applied_total} if self.reads_name_seq else {}
+                applied = bank.counters.ops_applied_total
+                if self.reads_name_seq and request.min_seq is not None and request.min_seq > applied:
+                    # The client saw a seq this replica never reached (its store was replaced or
+                    # lost): a balance without that write would hide it.
+                    raise SaldoError("TOO_STALE", f"this replica is at seq {applied}, the read needs {request.min_seq}")
+                seq = {"SEQ": applied} if self.reads_name_seq else {}
                 return wire.encode(balance_reply(request, bank.balance(request.account), request_id, **seq))
             outcome, _duplicate = self.dbank.apply(request)
             return reply_for_operation(item, request_id, request, outcome)

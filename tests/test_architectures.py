@@ -779,6 +779,25 @@ def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
     assert code == 1 and out.startswith("NOK SAME_ACCOUNT"), out
     code, out = client_py(running, "deposit", "cli-1", "12.345")
     assert code == 1 and out.startswith("NOK AMOUNT_TOO_PRECISE"), out
+    # An id names one operation: its retry gets the first outcome, another operation under it is refused.
+    code, out = client_py(running, "--id", f"reused-{architecture}", "deposit", "cli-3", "5")
+    assert code == 0, out
+    code, out = client_py(running, "--id", f"reused-{architecture}", "deposit", "cli-3", "5")
+    assert code == 0 and (architecture == "queue" or out.startswith("OK balance=5.00")), out
+    for other in (["withdraw", "cli-3", "5"], ["deposit", "cli-2", "5"], ["deposit", "cli-3", "6"]):
+        code, out = client_py(running, "--id", f"reused-{architecture}", *other)
+        assert code == 1 and out.startswith("NOK ID_REUSED"), (other, out)
+    code, out = client_py(running, "balance", "cli-3", *(["--min-seq", "1"] if seq else []))
+    assert code == 0 and out.startswith("OK balance=5.00"), out
+
+
+def test_a_standalone_read_naming_a_seq_it_never_reached_is_too_stale(clusters):
+    running = clusters("standalone")
+    applied = running.cluster.status("standalone")["OPS_APPLIED_TOTAL"]
+    reached = running.cluster.request("standalone", {"TASK": "BALANCE", "ACCOUNT": "acct-a", "MIN_SEQ": applied})
+    beyond = running.cluster.request("standalone", {"TASK": "BALANCE", "ACCOUNT": "acct-a", "MIN_SEQ": 10**6})
+    assert reached["STATUS"] == "OK" and reached["SEQ"] >= applied, reached
+    assert (beyond["STATUS"], beyond["ERROR"]) == ("NOK", "TOO_STALE"), beyond
 
 
 def test_a_multicast_read_goes_to_another_replica_when_the_first_is_down():

@@ -303,10 +303,10 @@ def test_the_dedup_window_forgets_the_oldest_id():
     bank.check_invariants()
 
 
-def test_a_retried_id_returns_the_first_outcome_even_with_other_content():
+def test_a_retried_id_with_other_content_is_refused_and_changes_nothing():
     bank = Bank()
     bank.apply(deposit("x", "alice", 100))
-    assert bank.apply(withdraw("x", "alice", 100)) == (Outcome(None, 100), True)
+    assert bank.apply(withdraw("x", "alice", 100)) == (Outcome("ID_REUSED", None), True)
     assert bank.balance("alice") == 100
 
 
@@ -423,7 +423,8 @@ class BankMachine(RuleBasedStateMachine):
     @rule(data=st.data(), cents=amounts, account=st.sampled_from(ACCOUNTS))
     def reuse_an_id_for_another_operation(self, data, cents, account):
         op, first = data.draw(st.sampled_from(self.history))
-        self._retry([(withdraw(op.op_id, account, cents), first)])
+        other = withdraw(op.op_id, account, cents)
+        self._retry([(other, first if other == op else Outcome("ID_REUSED", None))])
 
     @precondition(lambda self: self.history)
     @rule(data=st.data())
@@ -501,3 +502,14 @@ def test_a_restored_bank_continues_like_the_original(ops):
     restored.restore(dict(original.balances), recent, original.counters)
     assert [original.apply(op) for op in ops[half:]] == [restored.apply(op) for op in ops[half:]]
     assert snapshot(original) == snapshot(restored)
+
+
+def test_an_id_given_to_another_operation_changes_nothing_and_says_so():
+    bank = Bank(max_accounts=10, dedup_window_ops=100)
+    first = Operation("op-1", DEPOSIT, "alice", None, 500)
+    assert bank.apply(first) == (Outcome(None, 500), False)
+    assert bank.apply(first) == (Outcome(None, 500), True)  # a retry: the first outcome
+    for other in (Operation("op-1", WITHDRAW, "alice", None, 500), Operation("op-1", DEPOSIT, "bob", None, 500),
+                  Operation("op-1", DEPOSIT, "alice", None, 501)):
+        assert bank.apply(other) == (Outcome("ID_REUSED", None), True)
+    assert bank.balances == {"alice": 500} and bank.counters.ops_applied_total == 1

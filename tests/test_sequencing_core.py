@@ -804,3 +804,17 @@ def test_retries_of_one_operation_wait_under_the_same_bound_as_new_requests():
     with pytest.raises(SaldoError, match="OVERLOADED"):
         core.submit(op, "client", "op-1")
     assert core.status()["WAITING_REQUESTS"] == 10
+
+
+def test_an_id_given_to_another_operation_is_refused_while_a_retry_of_the_same_one_waits():
+    core = subscribed_core(REPLICAS)
+    core.submit(deposit("op-1"), "c1", "op-1")
+    for stage in ("pending", "logged"):
+        with pytest.raises(SaldoError, match="ID_REUSED"):
+            core.submit(deposit("op-1", cents=200), "c2", "op-1")  # another amount under the same id
+        with pytest.raises(SaldoError, match="ID_REUSED"):
+            core.submit(deposit("op-1", account="bob"), "c2", "op-1")
+        assert core.submit(deposit("op-1"), "c3", "op-1") == []  # the same operation: a retry, it waits
+        if stage == "pending":
+            log_all(core)
+    assert core.status()["SEQUENCED_TOTAL"] == 1

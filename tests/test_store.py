@@ -217,7 +217,8 @@ def test_apply_batch_applies_exactly_once(open_store):
         (deposit("d-1", "alice", 1000), 1),
         (transfer("t-1", "alice", "bob", 300), 2),
         (withdraw("w-1", "bob", 500), 3),
-        (deposit("d-1", "alice", 999), 4),  # the same id again, in the same batch
+        (deposit("d-1", "alice", 1000), 4),  # the same operation again, in the same batch
+        (deposit("d-1", "alice", 999), 5),  # its id for another operation
     ]
     first = store.apply_batch(ops, max_accounts=100, dedup_window_ops=1_000)
     assert first == [
@@ -225,6 +226,7 @@ def test_apply_batch_applies_exactly_once(open_store):
         (Outcome(None, 700), False),
         (Outcome("INSUFFICIENT_FUNDS", None), False),
         (Outcome(None, 1000), True),
+        (Outcome("ID_REUSED", None), True),
     ]
     image = store.load()
     assert image.balances == {"alice": 700, "bob": 300}
