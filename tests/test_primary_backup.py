@@ -223,9 +223,9 @@ def serving_primary(cluster: Cluster, names: list[str], min_epoch: int = 0):
 
 
 @contextlib.contextmanager
-def serving_cluster(root: Path, name: str):
+def serving_cluster(root: Path, name: str, **options: str):
     """A primary-backup cluster whose primary serves: (lab, nodes by name, cluster, primary's name)."""
-    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=root, ports="free"))
+    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=root, ports="free", extra=options))
     with Cluster(root, lab.nodes, name=name) as cluster:
         cluster.start()
         primary, _status = wait_for(lambda: serving_primary(cluster, lab.replicas), 15, "a primary")
@@ -369,7 +369,9 @@ def send_lines(host: str, port: int, lines: list[tuple[bytes, str | None]], sour
 
 
 def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_path):
-    with serving_cluster(tmp_path, "pb-bad-input") as (lab, nodes, cluster, primary):
+    # Longer clocks than the defaults: the test compares roles and epochs before and after, and a
+    # second's stall of a loaded machine must not pass for an effect of the bad input.
+    with serving_cluster(tmp_path, "pb-bad-input", lease_duration="4", backup_timeout="4") as (lab, nodes, cluster, primary):
         assert deposits(lab, 1)[0]["STATUS"] == "OK"
         wait_for(lambda: len({s["OPS_APPLIED_TOTAL"] for s in statuses(cluster, lab.replicas).values()}) == 1 or None, 10,
                  "the backup to apply the deposit")
