@@ -64,9 +64,10 @@ def resolve(hosts: list[str]) -> frozenset[str]:
 class PeerCheck:
     """The hosts a node accepts replication messages from; None: from any host (not configured)."""
 
-    def __init__(self, allowed: frozenset[str] | None, *, role: str) -> None:
+    def __init__(self, allowed: frozenset[str] | None, *, role: str, flag: str = "--peer-hosts") -> None:
         self.allowed = allowed
         self.role = role
+        self.flag = flag  # the flag that names the hosts, for the refusal's words
         self.refused_total = 0
         if allowed is None:
             log.warning("peer_hosts_unchecked", role=role,
@@ -88,7 +89,7 @@ class PeerCheck:
             if self.refused_total & (self.refused_total - 1) == 0:  # 1, 2, 4, 8, ...: a flood logs little
                 log.warning("not_peer_refused", role=self.role, peer=stream.peer, message=what,
                             refused_total=self.refused_total)
-            raise SaldoError("NOT_PEER", f"{what} is taken only from this {self.role}'s peer hosts (--peer-hosts)")
+            raise SaldoError("NOT_PEER", f"{what} is taken only from this {self.role}'s peer hosts ({self.flag})")
 
     async def answer_stranger(self, stream: aio.MessageStream, status: Callable[[object], dict]) -> None:
         """Serve a whole connection from a host that is not a peer's: STATUS is answered (`status`

@@ -744,6 +744,27 @@ def test_a_subscribe_from_a_host_that_runs_no_replica_is_refused_and_the_replica
     assert running.state() == before
 
 
+@pytest.mark.parametrize("architecture", ["sequencer", "queue"])
+def test_a_replicas_snapshot_goes_only_to_the_replicas_it_names_as_peers(clusters, architecture):
+    """A SNAPSHOT is every balance and the applied history: a state transfer for a peer replica,
+    not something to hand a stranger who reaches the read port."""
+    running = clusters(architecture)
+    replica1 = running.node("replica1")
+    stranger = RawConnection((replica1.host, replica1.port), STRANGER_HOST)
+    try:
+        reply = stranger.reply_to(b'{"TASK":"SNAPSHOT","ID":"take-1"}\n')
+        assert (reply["ERROR"], "--peers" in reply["DETAIL"]) == ("NOT_PEER", True), reply
+    finally:
+        stranger.close()
+    peer = RawConnection((replica1.host, replica1.port), running.node("replica2").host)
+    try:
+        peer.sock.sendall(b'{"TASK":"SNAPSHOT","ID":"take-2"}\n')
+        begin = peer.next_matching(lambda m: m.get("TASK") == "SNAPSHOT_BEGIN")
+        assert begin["ID"] == "take-2", begin
+    finally:
+        peer.close()
+
+
 # --- client.py against each architecture --------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
-from common.peers import PeerCheck, source_address
+from common.peers import PeerCheck, resolve, source_address
 from common.sequencing import MAX_RESULTS_PER_ACK, SequencedReplicaCore, applied_line, parse_entry, parse_entry_line
 from common.snapshot import SnapshotReader, image_to_lines
 from common.standalone import classify_unknown
@@ -110,6 +110,10 @@ class SequencedReplica:
         self.source_host = source_address(args.host)  # where this replica connects from
         # Queue mode: who may FEED this replica (the port also serves reads to anyone).
         self.feeders = PeerCheck.from_flag(args.peer_hosts, role="queue replica") if args.mode == "queue" else None
+        # Who may take a SNAPSHOT (every balance and the applied history): the replicas named in
+        # --peers, the only ones that fetch one from here. Without --peers, anyone (as before).
+        self.snapshot_takers = (PeerCheck(resolve([host for host, _port in self.peers]), role="replica", flag="--peers")
+                                if self.peers else None)
 
     # --- The sequencer link ---------------------------------------------------------------------
     async def follow_sequencer(self, stop: asyncio.Event) -> None:
@@ -365,7 +369,9 @@ class SequencedReplica:
         await asyncio.sleep(1.0)
 
     async def _fetch_snapshot(self, host: str, port: int):
-        reader_stream, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+        # From this replica's own address: the peer admits SNAPSHOT from the hosts in its --peers.
+        local = (self.source_host, 0) if self.source_host else None
+        reader_stream, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local), 2.0)
         stream = aio.MessageStream(reader_stream, writer)
         try:
             stream.send({"TASK": "SNAPSHOT", "ID": f"snapshot-{self.args.name}"})
@@ -417,6 +423,8 @@ class SequencedReplica:
                         await self._be_fed(stream)
                         return
                     elif task == "SNAPSHOT":
+                        if self.snapshot_takers is not None:
+                            self.snapshot_takers.check(stream, "SNAPSHOT")
                         await self._serve_snapshot(stream, request_id)
                     else:
                         try:
