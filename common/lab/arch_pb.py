@@ -44,6 +44,8 @@ _REPLICA_SETTINGS = {
     "max_log_entries": int,
     "dedup_window": int,
 }
+# Every `--option` this layout reads (lab.py refuses others: see archs.build).
+OPTIONS = frozenset({"synchronous", "replication", "reads", "replicas"}) | frozenset(_REPLICA_SETTINGS)
 
 
 class AckJournal:
