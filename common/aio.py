@@ -286,28 +286,48 @@ class Server:
         self._server = None
 
 
+async def open_stream(
+    address: tuple[str, int], *, max_line_bytes: int, peer: str, connect_timeout_s: float = 2.0,
+    source_host: str | None = None,
+) -> MessageStream:
+    """One connection attempt to `address` from `source_host` (the address the peer checks, see
+    common/peers.py). If that address cannot reach the peer (a node listening on 127.0.0.1 whose
+    peer is on another machine, or another address family), it connects from wherever the system
+    routes instead: the peer's --peer-hosts must then name that address. Raises OSError or
+    TimeoutError when the peer cannot be reached."""
+    if source_host:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(*address, local_addr=(source_host, 0)), connect_timeout_s)
+            return MessageStream(reader, writer, max_line_bytes=max_line_bytes)
+        except (OSError, asyncio.TimeoutError) as error:
+            if not _cannot_connect_from(error):
+                raise
+            if (peer, source_host) not in _unusable_sources:  # said once per peer, not per retry
+                _unusable_sources.add((peer, source_host))
+                log.warning("source_address_unusable", peer=peer, source_host=source_host, error=repr(error))
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), connect_timeout_s)
+    return MessageStream(reader, writer, max_line_bytes=max_line_bytes)
+
+
+# (peer, source host) pairs already reported unusable; a node has a handful of peers.
+_unusable_sources: set[tuple[str, str]] = set()
+
+
 async def connect_with_backoff(
     address: tuple[str, int], stop: asyncio.Event, *, max_line_bytes: int, peer: str, connect_timeout_s: float = 2.0,
     source_host: str | None = None,
 ) -> MessageStream | None:
-    """A stream to `address`, retrying with exponential backoff (RECONNECT_BACKOFF_S) until it
-    connects; None once `stop` is set. For the long-lived links one node keeps to another;
-    `source_host`: the address to connect from (the one the peer checks, see common/peers.py)."""
+    """A stream to `address` (see open_stream), retrying with exponential backoff
+    (RECONNECT_BACKOFF_S) until it connects; None once `stop` is set. For the long-lived links
+    one node keeps to another."""
     backoff_s = RECONNECT_BACKOFF_S[0]
-    local_addr = (source_host, 0) if source_host else None
     failures = 0
     while not stop.is_set():
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*address, local_addr=local_addr),
-                                                    connect_timeout_s)
+            return await open_stream(address, max_line_bytes=max_line_bytes, peer=peer,
+                                     connect_timeout_s=connect_timeout_s, source_host=source_host)
         except (OSError, asyncio.TimeoutError) as error:
-            if local_addr is not None and _cannot_connect_from(error):
-                # E.g. a node listening on 127.0.0.1 whose peer is on another machine, or another
-                # address family: connect from wherever the system routes (the peer's --peer-hosts
-                # must then name that address).
-                log.warning("source_address_unusable", peer=peer, source_host=local_addr[0], error=repr(error))
-                local_addr = None
-                continue
             failures += 1
             # Every failure at debug level; the 8th, 16th, 32nd, ... also at info, so that a link
             # that stays down leaves a trace in an ordinary log.
@@ -315,8 +335,6 @@ async def connect_with_backoff(
             report("peer_unreachable", peer=peer, failures=failures, error=repr(error))
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
-            continue
-        return MessageStream(reader, writer, max_line_bytes=max_line_bytes)
     return None
 
 

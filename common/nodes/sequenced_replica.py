@@ -370,9 +370,8 @@ class SequencedReplica:
 
     async def _fetch_snapshot(self, host: str, port: int):
         # From this replica's own address: the peer admits SNAPSHOT from the hosts in its --peers.
-        local = (self.source_host, 0) if self.source_host else None
-        reader_stream, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local), 2.0)
-        stream = aio.MessageStream(reader_stream, writer)
+        stream = await aio.open_stream((host, port), max_line_bytes=wire.MAX_LINE_BYTES, peer=f"{host}:{port}",
+                                       source_host=self.source_host)
         try:
             stream.send({"TASK": "SNAPSHOT", "ID": f"snapshot-{self.args.name}"})
             reader = SnapshotReader()
