@@ -5,11 +5,13 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Lab parameters: make bench ARCH=sequencer CLIENTS=8 DURATION=10 REPEAT=3; make chaos FAULTS=kill-replica
 # WINDOW: operations in flight per client (8 clients: 16 = moderate load, 64 = saturation).
+# MIX: mixed (with 20% balance reads), writes (only operations the replicas apply), or weights.
 ARCH ?= all
 CLIENTS ?= 1,8
 WINDOW ?= 16,64
 DURATION ?= 10
 REPEAT ?= 3
+MIX ?= mixed
 FAULTS ?= kill-replica
 PORTS ?= seed
 comma := ,
@@ -46,7 +48,7 @@ bench:
 ifeq ($(ARCH),farm)
 	$(MAKE) bench-farm
 else
-	$(PYTHON) lab.py bench --arch $(ARCH) --clients $(CLIENTS) --window $(WINDOW) --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
+	$(PYTHON) lab.py bench --arch $(ARCH) --clients $(CLIENTS) --window $(WINDOW) --mix $(MIX) --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
 ifeq ($(ARCH),all)
 	$(MAKE) bench-farm
 endif

@@ -29,6 +29,7 @@ from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, StartFailed
 from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
 from common.lab.runner import RunOptions, run_lab
+from common.lab.workload import parse_mix
 from common.log import configure
 from common.process import tune_gc
 
@@ -79,6 +80,13 @@ def _int_list(text: str) -> list[int]:
     return [_positive_int(item.strip()) for item in str(text).split(",")]
 
 
+def _mix(text: str) -> tuple[float, float, float, float]:
+    try:
+        return parse_mix(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -109,6 +117,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, refe
                              "saturation); a single client always has one at a time")
     parser.add_argument("--duration", type=_seconds, default=10.0, help="seconds of workload per run")
     parser.add_argument("--accounts", type=_at_least_two, default=8, help="bank accounts the workload moves money between")
+    parser.add_argument("--mix", type=_mix, default="mixed",
+                        help="the workload's kinds of operation: mixed (transfer 60%%, deposit 10%%, withdraw 10%%, "
+                             "balance 20%%), writes (transfer 60%%, deposit 20%%, withdraw 20%%: only operations the "
+                             "replicas apply), reads, or weights such as transfer=80,balance=20")
     parser.add_argument("--faults", choices=list(SCHEDULES), default=default_faults, metavar="SCHEDULE", help=faults_help)
     parser.add_argument("--ports", choices=["seed", "free"], default="seed",
                         help="the seed's port numbers (they clash with a running `lab.py up`), or ports the kernel says are free")
@@ -136,6 +148,7 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, window: 
         window=window,
         duration_s=args.duration,
         accounts=args.accounts,
+        mix=args.mix,
         faults=args.faults,
         ports=args.ports,
         store=args.store,
@@ -208,6 +221,7 @@ def _summarize(architecture: str, clients: int, runs: list[dict]) -> dict:
         "variant": runs[0].get("variant", ""),  # e.g. the farm's worker count: rows differ by it
         "clients": clients,
         "window": runs[0].get("window"),
+        "mix": runs[0].get("mix", ""),
         "runs": len(runs),
         "throughput_ops_s": median("throughput_ops_s"),
         "applied_ops_s": median("applied_ops_s"),
@@ -220,7 +234,8 @@ def _summarize(architecture: str, clients: int, runs: list[dict]) -> dict:
 
 
 def _print_summary(summary: list[dict]) -> None:
-    print("\n== summary (medians)")
+    mixes = sorted({row["mix"] for row in summary if row.get("mix")})
+    print("\n== summary (medians" + (f"; mix {', '.join(mixes)})" if mixes else ")"))
     labels = [row["architecture"] + (f" ({row['variant']})" if row.get("variant") else "") for row in summary]
     width = max([len("architecture")] + [len(label) for label in labels]) + 2
     header = f"  {'architecture':<{width}}{'clients':>7}{'window':>7}{'acked ops/s':>13}{'applied/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'echo ops/s':>12}{'ratio':>7}  verdicts"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sqlite3
 import time
@@ -26,6 +27,7 @@ from common.lab.cluster import Cluster, PortInUse
 from common.lab.faults import Fault, FaultInjector
 from common.lab.report import REPORT_FIELDS
 from common.lab.runner import RunOptions, RunResult, run_lab
+from common.lab.workload import MIXES, describe_mix, parse_mix
 from common.store import open_store
 
 pytestmark = pytest.mark.slow
@@ -76,6 +78,26 @@ def test_the_standalone_architecture_passes_a_lab_run_with_8_clients(standalone_
     image = standalone_run.states["standalone"]
     assert image.counters.ops_applied_total == len(write_ids(standalone_run, acknowledged=True))
     assert {row.op.op_id for row in image.recent} == write_ids(standalone_run, acknowledged=True)
+
+
+def test_a_writes_only_mix_sends_no_read_and_every_acknowledged_operation_is_applied(tmp_path):
+    result = lab_run(tmp_path, architecture="standalone", clients=4, duration_s=1.5, mix=MIXES["writes"],
+                     run_name="standalone-writes")
+    report = result.report
+    assert report["verdict"] == "valid", report["anomaly_examples"]
+    assert report["mix"] == "transfer 60% deposit 20% withdraw 20%"
+    assert report["ops_by_kind"]["BALANCE"] == 0
+    assert min(report["ops_by_kind"][kind] for kind in ("TRANSFER", "DEPOSIT", "WITHDRAW")) > 0
+    assert re.search(r"^  mix +transfer 60% deposit 20% withdraw 20%$", report_module.format_table(report), re.M)
+
+
+def test_a_mix_is_read_from_a_name_or_from_weights_and_a_kind_weighted_zero_is_never_drawn():
+    assert parse_mix("mixed") == (0.6, 0.1, 0.1, 0.2)
+    assert parse_mix("transfer=3, balance=1") == (0.75, 0.0, 0.0, 0.25)
+    assert describe_mix(parse_mix("transfer=3,balance=1")) == "transfer 75% balance 25%"
+    for text in ("transfer", "transfer=1,bogus=1", "deposit=nan", "withdraw=1e9", "balance=0"):
+        with pytest.raises(ValueError):
+            parse_mix(text)
 
 
 def test_the_report_has_every_contract_field_and_latest_json_is_a_copy_of_it(standalone_run):

@@ -64,6 +64,10 @@ def last_line(text: str) -> str:
     (["run", "--arch", "standalone", "--option", "replicas=3"], ["standalone has no option replicas"]),
     (["run", "--option", "synchronous=sometimes"], ["synchronous must be one of full, normal, off"]),
     (["run", "--accounts", "1"], ["lab.py run: error: argument --accounts: must be at least 2"]),
+    (["run", "--mix", "bogus"], ["lab.py run: error: argument --mix", "mixed, writes, reads", "transfer, deposit"]),
+    (["bench", "--mix", "transfer=lots"], ["lab.py bench: error: argument --mix: the weight of transfer is not a number"]),
+    (["run", "--mix", "balance=0"], ["lab.py run: error: argument --mix: a mix needs at least one kind with a positive weight"]),
+    (["run", "--mix", "deposit=-1"], ["lab.py run: error: argument --mix: the weight of deposit must be between 0"]),
     (["run", "--duration", "0"], ["lab.py run: error: argument --duration: must be more than 0"]),
     (["demo", "--duration", "-1"], ["lab.py demo: error: argument --duration: must be more than 0"]),
 ])

@@ -78,6 +78,7 @@ def format_table(report: dict) -> str:
     rows = [
         ("architecture", report["architecture"] + (f" ({report['variant']})" if report.get("variant") else "")),
         ("clients", f"{report['clients']} x window {report.get('window', 1)}"),
+        *([("mix", report["mix"])] if report.get("mix") else []),
         ("duration", f"{report['duration_s']:.1f} s"),
         ("operations", f"ok {ops['ok']}  failed {ops['failed']}  unknown {ops['unknown']}"),
         ("throughput", f"{report['throughput_ops_s']:,.0f} ops/s acknowledged, {report['applied_ops_s']:,.0f} ops/s applied at every replica"),

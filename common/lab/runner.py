@@ -18,7 +18,7 @@ from pathlib import Path
 from common.lab import archs, checker, report
 from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port
 from common.lab.faults import SCHEDULES, Fault, FaultInjector
-from common.lab.workload import OpRecord, Workload, WorkloadConfig
+from common.lab.workload import DEFAULT_MIX, OpRecord, Workload, WorkloadConfig, describe_mix
 from common.log import get_logger
 from common.store import StoreImage, open_store
 
@@ -35,6 +35,7 @@ class RunOptions:
     window: int = 16
     duration_s: float = 10.0
     accounts: int = 8
+    mix: tuple[float, float, float, float] = DEFAULT_MIX  # shares of transfers, deposits, withdrawals, reads
     faults: str = "none"
     schedule: list[Fault] | None = None  # overrides `faults` (tests build their own)
     ports: str = "free"
@@ -138,6 +139,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
         clients=options.clients,
         window=options.window,
         accounts=options.accounts,
+        mix=options.mix,
         duration_s=options.duration_s,
         read_your_writes=lab.read_your_writes,
         seed=options.seed,
@@ -192,7 +194,7 @@ async def _echo_reference(options: RunOptions, run_dir: Path) -> dict:
     try:
         cluster.start()
         config = WorkloadConfig(clients=options.clients, window=options.window, accounts=options.accounts,
-                                duration_s=options.reference_duration_s, seed=options.seed)
+                                mix=options.mix, duration_s=options.reference_duration_s, seed=options.seed)
         workload = Workload(
             config, lambda _i: DirectClient((host, port), max_in_flight=options.window), progress=False
         )
@@ -255,6 +257,7 @@ def run_lab(options: RunOptions) -> RunResult:
         "clients": options.clients,
         "window": options.window,
         "accounts": options.accounts,
+        "mix": describe_mix(options.mix),
         "duration_s": round(window_s, 3),
         "ops": ops,
         "ops_by_kind": {kind: sum(1 for r in run_history if r.kind == kind) for kind in ("TRANSFER", "DEPOSIT", "WITHDRAW", "BALANCE")},

@@ -30,6 +30,43 @@ from common.bankclient import (
 from common.errors import is_definite
 
 KINDS = ("TRANSFER", "DEPOSIT", "WITHDRAW", "BALANCE")
+DEFAULT_MIX = (0.6, 0.1, 0.1, 0.2)
+# Named mixes for --mix. "writes": only operations the replicas apply, for the throughput of
+# applied operations without the reads beside them.
+MIXES = {"mixed": DEFAULT_MIX, "writes": (0.6, 0.2, 0.2, 0.0), "reads": (0.0, 0.0, 0.0, 1.0)}
+MAX_MIX_WEIGHT = 1_000_000
+
+
+def parse_mix(text: str) -> tuple[float, float, float, float]:
+    """A workload mix: a name from MIXES, or weights such as "transfer=60,deposit=20,withdraw=20"
+    (kinds left out weigh 0). Raises ValueError with a line a person can act on."""
+    text = text.strip()
+    if text in MIXES:
+        return MIXES[text]
+    weights = dict.fromkeys(KINDS, 0.0)
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        kind = name.strip().upper()
+        if not sep or kind not in weights:
+            raise ValueError(f"expected a mix name ({', '.join(MIXES)}) or KIND=WEIGHT pairs with KIND one of "
+                             f"{', '.join(k.lower() for k in KINDS)}; got {item.strip()!r}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"the weight of {name.strip()} is not a number: {value!r}") from None
+        if not 0 <= weight <= MAX_MIX_WEIGHT:
+            raise ValueError(f"the weight of {name.strip()} must be between 0 and {MAX_MIX_WEIGHT}")
+        weights[kind] = weight
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("a mix needs at least one kind with a positive weight")
+    return tuple(weights[kind] / total for kind in KINDS)
+
+
+def describe_mix(mix: tuple[float, ...]) -> str:
+    """ "transfer 60% deposit 10% withdraw 10% balance 20%" (kinds with no share left out)."""
+    total = sum(mix)
+    return " ".join(f"{kind.lower()} {100 * share / total:.0f}%" for kind, share in zip(KINDS, mix) if share > 0)
 _tuple_new = tuple.__new__  # builds an OpRecord without its generated constructor (hot path)
 
 
@@ -69,7 +106,7 @@ class WorkloadConfig:
     initial_balance_cents: int = 100_000  # each account is seeded with a deposit of this much
     duration_s: float = 10.0
     # Share of each kind, in KINDS order: transfers, deposits, withdrawals, reads.
-    mix: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)
+    mix: tuple[float, float, float, float] = DEFAULT_MIX
     max_amount_cents: int = 5_000
     # An operation is retried (same id) until this long after its invocation. It must stay well
     # inside the replicas' dedup horizon (--dedup-window operations applied since it), or a late
@@ -280,13 +317,11 @@ class _ClientDriver:
         self.active_slots = 0
         config = workload.config
         self.accounts = config.account_names()
+        assert len(config.mix) == len(KINDS) and min(config.mix) >= 0 and sum(config.mix) > 0, config.mix
         total = sum(config.mix)
-        edges = []
-        running = 0.0
-        for share in config.mix:
-            running += share / total
-            edges.append(running)
-        self.edges = edges
+        # Cumulative shares; the kinds after the last one with a share end exactly at 1.0, so a
+        # kind weighted 0 is never drawn.
+        self.edges = [sum(config.mix[: index + 1]) / total for index in range(len(KINDS))]
         self.max_amount = config.max_amount_cents
         self.read_your_writes = config.read_your_writes
         self.op_deadline_s = config.op_deadline_s
