@@ -246,7 +246,7 @@ class DurableBank:
     def snapshot(self) -> StoreImage:
         """The in-memory state now, as an image (durable once `durable()` at this moment resolves)."""
         bank = self.bank
-        return StoreImage(dict(bank.balances), list(bank.recent.values()), bank.counters.copy(), dict(self.meta))
+        return StoreImage(dict(bank.balances), list(bank.recent_applied()), bank.counters.copy(), dict(self.meta))
 
     async def run_in_store_thread(self, function, *args):
         """Run a store call on the commit thread, in order with the commits (e.g. install)."""

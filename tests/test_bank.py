@@ -54,7 +54,7 @@ def snapshot(bank: Bank) -> tuple:
     """Everything observable about a bank's state."""
     return (
         dict(bank.balances),
-        [(op_id, applied.apply_index, applied.op, applied.outcome) for op_id, applied in bank.recent.items()],
+        [(applied.op.op_id, applied.apply_index, applied.op, applied.outcome) for applied in bank.recent_applied()],
         bank.counters.copy(),
     )
 
@@ -293,13 +293,13 @@ def test_the_dedup_window_forgets_the_oldest_id():
     for index in range(1, 5):
         bank.apply(deposit(f"d{index}", "alice", 100))
     assert bank.balance("alice") == 400
-    assert set(bank.recent) == {"d2", "d3", "d4"}
+    assert {applied.op.op_id for applied in bank.recent_applied()} == {"d2", "d3", "d4"}
     assert bank.apply(deposit("d4", "alice", 100)) == (Outcome(None, 400), True)
     assert bank.apply(deposit("d2", "alice", 100)) == (Outcome(None, 200), True)
     # d1 fell out of the window: the same id applies again.
     assert bank.apply(deposit("d1", "alice", 100)) == (Outcome(None, 500), False)
     assert bank.balance("alice") == 500
-    assert set(bank.recent) == {"d3", "d4", "d1"}
+    assert {applied.op.op_id for applied in bank.recent_applied()} == {"d3", "d4", "d1"}
     bank.check_invariants()
 
 
@@ -497,7 +497,7 @@ def test_a_restored_bank_continues_like_the_original(ops):
     original = Bank(dedup_window_ops=1_000)
     for op in ops[:half]:
         original.apply(op)
-    recent: list[AppliedOp] = list(original.recent.values())
+    recent: list[AppliedOp] = list(original.recent_applied())
     restored = Bank(dedup_window_ops=1_000)
     restored.restore(dict(original.balances), recent, original.counters)
     assert [original.apply(op) for op in ops[half:]] == [restored.apply(op) for op in ops[half:]]
@@ -513,3 +513,19 @@ def test_an_id_given_to_another_operation_changes_nothing_and_says_so():
                   Operation("op-1", DEPOSIT, "alice", None, 501)):
         assert bank.apply(other) == (Outcome("ID_REUSED", None), True)
     assert bank.balances == {"alice": 500} and bank.counters.ops_applied_total == 1
+
+
+def test_the_dedup_window_is_out_of_the_collectors_sight_once_a_collection_has_seen_it():
+    """A full collection must not walk the window: 200,000 operations would make it a long pause."""
+    import gc
+
+    bank = Bank(dedup_window_ops=1_000)
+    for index in range(1_500):
+        bank.apply(transfer(f"t{index}", "alice", "bob", 1) if index else deposit("d0", "alice", 10_000), index + 1)
+    gc.collect()
+    assert not any(gc.is_tracked(row) for row in bank._recent.values())
+    # What the window gives back is what was applied, retries included.
+    assert bank.applied("t1499") == AppliedOp(1500, 1500, transfer("t1499", "alice", "bob", 1), Outcome(None, 8_501))
+    assert bank.apply(transfer("t1499", "alice", "bob", 1), 1501) == (Outcome(None, 8_501), True)
+    assert bank.apply(transfer("t1499", "alice", "bob", 2), 1501) == (Outcome("ID_REUSED", None), True)
+    assert [a.op.op_id for a in bank.recent_applied(newest_first=True)][:2] == ["t1499", "t1498"]

@@ -39,7 +39,7 @@ def image_after(ops: list[Operation], *, seqs: bool = True) -> StoreImage:
     bank = Bank()
     for seq, op in enumerate(ops, start=1):
         bank.apply(op, seq if seqs else None)
-    return StoreImage(dict(bank.balances), list(bank.recent.values()), bank.counters.copy(), {})
+    return StoreImage(dict(bank.balances), list(bank.recent_applied()), bank.counters.copy(), {})
 
 
 def seeded_history() -> list[OpRecord]:

@@ -294,7 +294,7 @@ def test_a_snapshot_of_long_names_and_ids_stays_within_the_line_limit_and_reads_
         transfer = Operation(f"t{seq}".ljust(MAX_OP_ID_CHARS, "x"), "TRANSFER", names[index], names[index + 1], MAX_AMOUNT_CENTS)
         outcome, _duplicate = bank.apply(transfer, seq)
         assert outcome.error == "INSUFFICIENT_FUNDS"
-    image = StoreImage(dict(bank.balances), list(bank.recent.values()), bank.counters.copy(), {"last_applied_seq": seq})
+    image = StoreImage(dict(bank.balances), list(bank.recent_applied()), bank.counters.copy(), {"last_applied_seq": seq})
 
     lines = image_to_lines(image, "s1")
     assert max(len(line) for line in lines) <= SNAPSHOT_LINE_MAX_BYTES < wire.MAX_LINE_BYTES

@@ -47,7 +47,7 @@ def persist_ops(store, bank: Bank, ops: list[Operation], *, window: int, meta: d
 
 
 def image_of(bank: Bank, meta: dict[str, int]) -> StoreImage:
-    return StoreImage(dict(bank.balances), list(bank.recent.values()), bank.counters.copy(), dict(meta))
+    return StoreImage(dict(bank.balances), list(bank.recent_applied()), bank.counters.copy(), dict(meta))
 
 
 def all_rows(store) -> list[AppliedOp]:
@@ -97,7 +97,7 @@ def test_persist_then_load_round_trips_everything(open_store):
     image = open_store().load()  # a second connection: what is on disk, not what one Store holds
     assert image.balances == {"rich": MAX_BALANCE_CENTS, "alice": 0, "b.o-b@example_9": 700, "carol": 1}
     assert image.balances == bank.balances
-    assert image.recent == list(bank.recent.values())
+    assert image.recent == list(bank.recent_applied())
     assert [applied.op.op_id for applied in image.recent] == ["d-1", "uuid:2.x_y-z", "t-1", "w-1", "w-2", "w-3", "d-2"]
     assert [applied.seq for applied in image.recent] == [1, 2, 3, 4, 5, 6, 7]
     assert image.recent[3].outcome == Outcome("ACCOUNT_NOT_FOUND", None)
@@ -125,7 +125,7 @@ def test_a_bank_restored_from_load_passes_its_invariants_and_continues_identical
     restored.check_invariants()
     assert restored.balances == live.balances
     assert restored.counters == live.counters
-    assert restored.recent == live.recent
+    assert list(restored.recent_applied()) == list(live.recent_applied())
     later = ops[1_000:] + ops[950:1_000]  # new operations, then retries inside the window
     assert [restored.apply(op) for op in later] == [live.apply(op) for op in later]
     assert restored.balances == live.balances
@@ -197,7 +197,7 @@ def test_pruning_keeps_exactly_the_last_window_of_applied_ops(open_store):
         total += len(ops)
         on_disk = all_rows(store)
         assert [applied.apply_index for applied in on_disk] == list(range(max(1, total - window + 1), total + 1))
-        assert on_disk == list(bank.recent.values())
+        assert on_disk == list(bank.recent_applied())
     assert store.load(window).recent == all_rows(store)
     assert store.load(2).recent == all_rows(store)[-2:]
     assert store.load().counters.ops_applied_total == 16

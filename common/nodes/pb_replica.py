@@ -450,7 +450,8 @@ class PBReplica:
         seq = core.log.last_seq + 1
         outcome, duplicate = dbank.apply(op, seq)
         if duplicate:
-            earlier = dbank.bank.recent[op.op_id]
+            earlier = dbank.bank.applied(op.op_id)
+            assert earlier is not None, op.op_id  # a duplicate is one the window remembers
             seq = earlier.seq if earlier.seq is not None else earlier.apply_index
         else:
             assert dbank.bank.counters.ops_applied_total == seq, (dbank.bank.counters.ops_applied_total, seq)
@@ -855,7 +856,7 @@ class PBReplica:
             # operations that no new primary ever had. Logged, so a lost acknowledgement is traceable.
             kept = {applied.op.op_id for applied in image.recent}
             first_kept = image.recent[0].apply_index if image.recent else seq + 1
-            discarded = [a.op.op_id for a in bank.recent.values() if a.op.op_id not in kept and a.apply_index >= first_kept]
+            discarded = [a.op.op_id for a in bank.recent_applied() if a.op.op_id not in kept and a.apply_index >= first_kept]
             image.meta = {"last_applied_seq": seq, "last_entry_epoch": entry_epoch,
                           **record_to_meta(core.voter.record, core.replicas)}
             previous = core.position

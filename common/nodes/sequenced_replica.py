@@ -279,7 +279,7 @@ class SequencedReplica:
             return
         applied_seq = self.core.last_delivered_seq
         results = []
-        for applied in reversed(self.dbank.bank.recent.values()):
+        for applied in self.dbank.bank.recent_applied(newest_first=True):
             if applied.seq is None or applied.seq < from_seq:
                 break
             if applied.seq <= applied_seq:
