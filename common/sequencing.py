@@ -604,19 +604,25 @@ class SequencerCore:
         assert point <= self._highest_synced_seq + 1 or point == self.log_start_seq, (point, self.replicas)
         return point
 
-    def truncate(self, new_start_seq: int) -> int:
-        """Drop entries before `new_start_seq` (the driver deleted them on disk). Returns how many."""
+    def truncate(self, new_start_seq: int, max_entries: int | None = None) -> int:
+        """Drop entries before `new_start_seq` (the driver deleted them on disk), at most
+        `max_entries` of them: the driver calls again for the rest, so that no turn of its event
+        loop runs long (20,000 entries take 6 ms). Returns how many; `log_start_seq` says how far."""
         assert self.log_start_seq <= new_start_seq <= self.durable_seq + 1
+        assert max_entries is None or max_entries > 0
+        stop_seq = new_start_seq if max_entries is None else min(new_start_seq, self.log_start_seq + max_entries)
         dropped = 0
-        while self.log and self.log[0][0] < new_start_seq:
+        while self.log and self.log[0][0] < stop_seq:
             _seq, op_id, _line = self.log.popleft()
             if self._seq_of_op.get(op_id) == _seq:
                 del self._seq_of_op[op_id]
             dropped += 1
-        lagging = [p.name for p in self.replicas.values() if p.synced_seq + 1 < new_start_seq]
-        self.stats.replicas_dropped_from_log += len(lagging)
-        self.log_start_seq = new_start_seq
-        self.stats.truncated_to_seq = new_start_seq - 1
+        if stop_seq == new_start_seq:
+            lagging = [p.name for p in self.replicas.values() if p.synced_seq + 1 < new_start_seq]
+            self.stats.replicas_dropped_from_log += len(lagging)
+        self.log_start_seq = stop_seq
+        self.stats.truncated_to_seq = stop_seq - 1
+        assert not self.log or self.log[0][0] == self.log_start_seq, (self.log[0][0], self.log_start_seq)
         return dropped
 
     def status(self) -> dict:

@@ -411,6 +411,20 @@ def test_subscribe_or_resend_before_the_log_start_asks_for_a_snapshot():
     assert [seq for seq, _id, _line in core.take_unlogged()] == [11]
 
 
+def test_truncation_in_chunks_drops_a_bounded_number_per_call_and_ends_where_one_call_would():
+    chunked, whole = sequenced_core(10), sequenced_core(10)
+    for core in (chunked, whole):
+        core.on_applied("replica1", 10, [])
+        core.on_applied("replica2", 8, [])
+    assert whole.truncate(9) == 8
+    assert chunked.truncate(9, max_entries=3) == 3 and chunked.log_start_seq == 4
+    assert chunked.on_resend("replica1", 3, 4) == ("snapshot", b"")  # what a chunk dropped is gone
+    assert seqs_in(chunked.on_resend("replica1", 4, 5)[1]) == [4, 5]
+    assert chunked.truncate(9, max_entries=3) == 3 and chunked.truncate(9, max_entries=3) == 2
+    assert chunked.status() == whole.status() and chunked.stats == whole.stats
+    assert chunked.truncate(9, max_entries=3) == 0  # nothing left before 9
+
+
 def test_a_replica_ahead_of_the_log_or_unknown_is_refused():
     core = sequenced_core(3)
     with pytest.raises(SaldoError) as ahead:

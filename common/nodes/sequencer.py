@@ -44,6 +44,7 @@ log = get_logger("sequencer")
 MAX_LIVE_BUFFER_BYTES = 16 * 1024 * 1024
 CATCHUP_CHUNK_ENTRIES = 2_000
 TRUNCATE_INTERVAL_S = 1.0
+TRUNCATE_CHUNK_ENTRIES = 1_000  # entries dropped from memory per turn of the loop (about 0.3 ms)
 RESULTS_WATCH_INTERVAL_S = 0.1
 REPLICA_LINE_BYTES = 1024 * 1024  # APPLIED lines carry up to 4096 results
 INLINE_LOG_WRITE_MAX_ENTRIES = 4
@@ -342,13 +343,16 @@ class SequencerNode:
         if point <= self.core.log_start_seq:
             return
         self.truncating = True
+        dropped = 0
         try:
             start = await self.loop.run_in_executor(self.executor, self.seqlog.truncate_before, point)
+            while self.core.log_start_seq < start:  # a segment's entries, a chunk per turn of the loop
+                dropped += self.core.truncate(start, max_entries=TRUNCATE_CHUNK_ENTRIES)
+                await asyncio.sleep(0)
         finally:
             self.truncating = False
-        if start > self.core.log_start_seq:
-            dropped = self.core.truncate(start)
-            log.info("log_prefix_dropped", entries=dropped, log_start_seq=start)
+        if dropped:
+            log.info("log_prefix_dropped", entries=dropped, log_start_seq=self.core.log_start_seq)
 
     # --- Clients --------------------------------------------------------------------------------
     async def handle_client(self, stream: aio.MessageStream) -> None:
