@@ -35,6 +35,7 @@ from common.lab import archs, checker
 from common.lab.cluster import Cluster
 from common.lab.faults import Fault
 from common.lab.runner import RunOptions, RunResult, run_lab
+from common.nodes.pb_replica import PEER_LINE_BYTES
 from common.store import StoreImage, open_store
 
 pytestmark = pytest.mark.slow
@@ -381,25 +382,28 @@ def test_bad_input_at_every_port_gets_an_error_reply_and_changes_nothing(tmp_pat
         for name in lab.replicas:
             node = nodes[name]
             other = next(nodes[r].host for r in lab.replicas if r != name)
-            targets.append((name, "client", node.host, node.port, BAD_LINES, None))
+            targets.append((name, "client", node.host, node.port, BAD_LINES, None, wire.MAX_LINE_BYTES))
             # The peer port takes protocol messages from the other replicas' hosts only: from there.
-            targets.append((name, "peer", node.host, node.settings["peer_port"], BAD_LINES[:3] + PEER_ONLY_BAD_LINES, other))
+            targets.append((name, "peer", node.host, node.settings["peer_port"], BAD_LINES[:3] + PEER_ONLY_BAD_LINES, other,
+                            PEER_LINE_BYTES))
             targets.append((name, "peer, from a stranger's host", node.host, node.settings["peer_port"],
-                            BAD_LINES[:2] + STRANGER_LINES, "127.0.0.1"))
+                            BAD_LINES[:2] + STRANGER_LINES, "127.0.0.1", PEER_LINE_BYTES))
         replica_host = nodes[lab.replicas[0]].host
-        targets.append(("witness", "witness", witness.host, witness.port, BAD_LINES[:3] + WITNESS_BAD_LINES, replica_host))
+        targets.append(("witness", "witness", witness.host, witness.port, BAD_LINES[:3] + WITNESS_BAD_LINES, replica_host,
+                        wire.MAX_LINE_BYTES))
         targets.append(("witness", "witness, from a stranger's host", witness.host, witness.port,
-                        BAD_LINES[:2] + STRANGER_LINES[2:], "127.0.0.1"))
-        for name, port_kind, host, port, lines, source_host in targets:
+                        BAD_LINES[:2] + STRANGER_LINES[2:], "127.0.0.1", wire.MAX_LINE_BYTES))
+        for name, port_kind, host, port, lines, source_host, max_line_bytes in targets:
             replies = send_lines(host, port, lines, source_host)
             for (line, code), reply in zip(lines, replies):
                 assert reply.get("STATUS") == "NOK", (name, port_kind, line, reply)
                 assert type(reply.get("DEFINITE")) is bool and reply.get("DETAIL"), reply
                 if code is not None:
                     assert reply["ERROR"] == code, (name, port_kind, line, reply)
-            # An oversize line: LINE_TOO_LONG, and that connection is closed.
+            # An oversize line: LINE_TOO_LONG, and that connection is closed. Just over the port's
+            # limit: bytes still on their way when the port closes would reset the connection.
             with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
-                connection.send_bytes(b'{"TASK": "' + b"x" * (2 * 1024 * 1024) + b'"}\n')
+                connection.send_bytes(b'{"TASK": "' + b"x" * (max_line_bytes + 1024) + b'"}\n')
                 assert connection.receive(timeout_s=5.0)["ERROR"] == "LINE_TOO_LONG"
         # A stranger that keeps trying holds its connection only for a bounded number of refusals.
         node = nodes[lab.replicas[0]]
@@ -492,7 +496,7 @@ def test_a_backup_keeps_what_it_promised_and_refuses_entries_while_a_state_trans
         source = Bank(max_accounts=100, dedup_window_ops=1_000)
         for index in range(2_000):
             source.apply(Operation(f"op-{index}", DEPOSIT, f"a{index % 50}", None, 100), index + 1)
-        image = StoreImage(dict(source.balances), list(source.recent.values()), source.counters.copy(),
+        image = StoreImage(dict(source.balances), list(source.recent_applied()), source.counters.copy(),
                            {"last_applied_seq": 2_000, "last_entry_epoch": 1})
         reader = SnapshotReader()
         for line in image_to_lines(image, "s"):
