@@ -10,6 +10,7 @@ fault proxy really cuts, delays and resets a link; the timeline shades the fault
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import socket
@@ -27,7 +28,7 @@ from common.lab.cluster import Cluster, PortInUse
 from common.lab.faults import Fault, FaultInjector
 from common.lab.report import REPORT_FIELDS
 from common.lab.runner import RunOptions, RunResult, run_lab
-from common.lab.workload import MIXES, describe_mix, parse_mix
+from common.lab.workload import MIXES, Workload, WorkloadConfig, describe_mix, parse_mix
 from common.store import open_store
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,27 @@ def test_a_writes_only_mix_sends_no_read_and_every_acknowledged_operation_is_app
     assert report["ops_by_kind"]["BALANCE"] == 0
     assert min(report["ops_by_kind"][kind] for kind in ("TRANSFER", "DEPOSIT", "WITHDRAW")) > 0
     assert re.search(r"^  mix +transfer 60% deposit 20% withdraw 20%$", report_module.format_table(report), re.M)
+
+
+def test_the_collector_is_off_while_the_clients_measure_and_back_on_after_the_run():
+    """A collection walking the history would stop every client: the run would report it as latency."""
+
+    class InstantClient:  # answers at the next turn of the loop, noting whether the collector ran
+        collector_on: list[bool] = []
+
+        def submit(self, request_id, line, on_reply, timeout_s=None, is_read=False):
+            self.collector_on.append(gc.isenabled())
+            asyncio.get_running_loop().call_soon(on_reply, {"ID": request_id, "STATUS": "OK", "BALANCE": "1.00"})
+
+        async def close(self):
+            pass
+
+    assert gc.isenabled()
+    workload = Workload(WorkloadConfig(clients=2, window=4, duration_s=0.2), lambda _index: InstantClient(), progress=False)
+    history = asyncio.run(workload.run())
+    assert len(history) == len(InstantClient.collector_on) > 0
+    assert not any(InstantClient.collector_on)
+    assert gc.isenabled()
 
 
 def test_a_mix_is_read_from_a_name_or_from_weights_and_a_kind_weighted_zero_is_never_drawn():
