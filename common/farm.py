@@ -19,7 +19,8 @@ worker's lease runs out, or at once when a saldo worker (one that keeps its conn
 Redelivery is safe because workers apply updates through common/store.py, which records each
 operation id with its outcome in the same transaction: a second apply returns the first outcome.
 The server also remembers the ids it has queued, handed out and (for `completed_memory` updates)
-finished, so a client's retry joins the task or gets the recorded reply instead of a second run.
+finished, so a client's retry joins the task or gets the recorded reply instead of a second run;
+an id that names another operation is refused with ID_REUSED, like the store does.
 The queue holds at most `max_queue` tasks; past that a client gets QUEUE_FULL.
 
 Workers. A worker says `{"WORKER": "ALIVE", ...}` to ask for work; the server answers with work,
@@ -285,7 +286,8 @@ class FarmCore:
         self.queue_updates: deque[Task] = deque()
         self.queue_queries: deque[Task] = deque()
         self.tasks: dict[str, Task] = {}  # queued or held, by id
-        self.completed: OrderedDict[str, dict] = OrderedDict()  # update id -> reply (without "ID")
+        # update id -> (the operation, its reply without "ID"): a retry must be the same operation.
+        self.completed: OrderedDict[str, tuple[Operation, dict]] = OrderedDict()
         self.workers: dict[str, Worker] = {}
         self.by_conn: dict[int, str] = {}  # connection -> worker id
         self.parked: OrderedDict[str, None] = OrderedDict()  # idle workers waiting, oldest first
@@ -389,10 +391,16 @@ class FarmCore:
             task_id = request.op_id
             done = self.completed.get(task_id)
             if done is not None:  # a retry of a finished update: its recorded answer
+                if done[0] != request:
+                    self._send(conn, _id_reused(task_id, request_id))
+                    return
                 self.completed.move_to_end(task_id)
-                self._send(conn, _with_id(done, request_id))
+                self._send(conn, _with_id(done[1], request_id))
                 return
             task = self.tasks.get(task_id)
+            if task is not None and task.update != request:
+                self._send(conn, _id_reused(task_id, request_id))
+                return
             if task is not None:  # a retry of a queued or held update: wait for the same run
                 if len(task.waiters) < MAX_WAITERS_PER_TASK:
                     task.waiters.append((conn, request_id))
@@ -425,7 +433,7 @@ class FarmCore:
             if worker.placement == BORROWED:
                 self.tasks_by_borrowed_total += 1
         if task.update is not None:
-            self.completed[task.task_id] = reply
+            self.completed[task.task_id] = (task.update, reply)
             if len(self.completed) > self.config.completed_memory:
                 self.completed.popitem(last=False)
         for conn, request_id in task.waiters:
@@ -1130,6 +1138,12 @@ def parse_client_request(message: dict) -> Operation | Query:
             raise SaldoError("UNKNOWN_MESSAGE", "expected a task (QUERY, UPDATE, DEPOSIT, WITHDRAW, TRANSFER, BALANCE), "
                                                 "STATUS, a worker's ALIVE or a peer server's message") from None
         raise
+
+
+def _id_reused(task_id: str, request_id: object) -> dict:
+    """A request whose id names another operation (finished or still running): refused, so no
+    client is told that its operation had another's outcome; nothing changes."""
+    return error_reply("ID_REUSED", f"id {task_id} names another operation; nothing changed", request_id)
 
 
 def _with_id(reply: dict, request_id: object) -> dict:

@@ -356,3 +356,21 @@ def test_bad_input_on_the_server_port_gets_a_clear_error_and_changes_nothing(tmp
         # Still serving.
         task = deposit("carol", "5.00")
         assert run_tasks(farm1, [task], 10.0)[task["ID"]]["BALANCE"] == "5.00"
+
+
+def test_an_id_retried_at_the_other_server_answers_the_first_outcome_and_an_id_reused_changes_nothing(tmp_path, mysql_url):
+    """The servers share one store: a retry is recognised wherever it arrives, and an id that names
+    another operation is refused (ID_REUSED) without touching a balance."""
+    cluster, lab = start_farm(tmp_path, mysql_url, workers=2)
+    with cluster:
+        farm1, farm2 = address(cluster, "farm1"), address(cluster, "farm2")
+        first = deposit("dora", "7.00")
+        assert run_tasks(farm1, [first], 10.0)[first["ID"]]["BALANCE"] == "7.00"
+        retry = dict(first)  # the same operation, the same id, at the other server
+        assert run_tasks(farm2, [retry], 10.0)[first["ID"]]["BALANCE"] == "7.00"
+        reused = {"TASK": "WITHDRAW", "ID": first["ID"], "ACCOUNT": "dora", "AMOUNT": "2.00"}
+        reply = run_tasks(farm1, [reused], 10.0)[first["ID"]]
+        assert reply["STATUS"] == "NOK" and reply["ERROR"] == "ID_REUSED", reply
+        query = {"TASK": "QUERY", "ID": "q-dora", "USER": "dora"}
+        assert run_tasks(farm2, [query], 10.0)["q-dora"]["BALANCE"] == "7.00"
+        assert applied_rows(store_url_of(lab), first["ID"]) == 1

@@ -83,6 +83,29 @@ def test_a_retry_joins_the_task_in_flight_and_a_late_retry_gets_the_recorded_ans
     assert core.queue_length == 0 and not core.tasks
 
 
+def test_an_id_reused_for_another_operation_is_refused_whether_its_task_runs_or_finished():
+    """Telling a withdrawal that a deposit under its id succeeded would be a lie."""
+    core = make_core()
+    core.on_message(2, deposit("op-1"), 0.0)
+    withdrawal = {"TASK": "WITHDRAW", "ID": "op-1", "ACCOUNT": "alice", "AMOUNT": "10.00"}
+    core.on_message(3, withdrawal, 0.1)  # while the deposit is queued
+    (refused,) = sends(core, 3)
+    assert refused["STATUS"] == "NOK" and refused["ERROR"] == "ID_REUSED" and refused["DEFINITE"] is True
+    core.on_message(4, deposit("op-1", amount="99.00"), 0.1)  # the same id, another amount
+    assert sends(core, 4)[0]["ERROR"] == "ID_REUSED"
+    core.on_message(1, alive("w1"), 0.2)
+    core.pump(0.2)
+    (batch,) = sends(core, 1)
+    assert [t["ID"] for t in batch["TASKS"]] == ["op-1"] and batch["TASKS"][0]["TASK"] == "DEPOSIT"
+    core.on_message(1, alive("w1", results=[ok("op-1")]), 0.3)
+    assert sends(core, 2) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]  # only the deposit's client
+    core.on_message(5, withdrawal, 1.0)  # after it finished
+    assert sends(core, 5)[0]["ERROR"] == "ID_REUSED"
+    core.on_message(6, deposit("op-1"), 1.1)  # a true retry still gets the recorded answer
+    assert sends(core, 6) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
+    assert core.queue_length == 0 and not core.tasks
+
+
 def test_a_full_queue_refuses_with_queue_full_and_holds_no_more():
     core = make_core(max_queue=2)
     for index in range(3):
