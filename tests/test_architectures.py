@@ -765,6 +765,25 @@ def test_a_replicas_snapshot_goes_only_to_the_replicas_it_names_as_peers(cluster
         peer.close()
 
 
+def test_a_replica_without_peers_gives_its_snapshot_to_no_one(tmp_path):
+    """No replica fetches from one that names no peers: a SNAPSHOT asked of it is a stranger's."""
+    lab = archs.build("sequencer", archs.LayoutOptions(run_dir=tmp_path, ports="free", extra={"replicas": 1}))
+    (name,) = lab.replicas
+    cluster = Cluster(tmp_path, lab.nodes, name="lone-replica-test", architecture="sequencer")
+    with cluster:
+        cluster.start()
+        replica = cluster.nodes[name]
+        assert not replica.settings.get("peers")
+        for source_host in (replica.host, STRANGER_HOST):
+            asker = RawConnection((replica.host, replica.port), source_host)
+            try:
+                reply = asker.reply_to(b'{"TASK":"SNAPSHOT","ID":"take-1"}\n')
+                assert (reply["ERROR"], "--peers" in reply["DETAIL"]) == ("NOT_PEER", True), reply
+                assert asker.reply_to(b'{"TASK":"STATUS","ID":"s"}\n')["STATUS"] == "OK"  # still serving
+            finally:
+                asker.close()
+
+
 # --- client.py against each architecture --------------------------------------------------------
 
 

@@ -66,7 +66,8 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     # Each mode lists only the flags it uses (the other stays accepted, so a topology entry may carry it).
     parser.add_argument("--sequencer", default="127.0.0.1:6003",
                         help="the sequencer's replica port" if mode == "sequencer" else argparse.SUPPRESS)
-    parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer")
+    parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer: fetched from them, "
+                             "and given only to their hosts (none without --peers)")
     parser.add_argument("--peer-hosts", default="",
                         help="hosts the RPC server's FEED may come from, comma-separated (default: any host, "
                              "with a warning; see common/peers.py)" if mode == "queue" else argparse.SUPPRESS)
@@ -111,9 +112,8 @@ class SequencedReplica:
         # Queue mode: who may FEED this replica (the port also serves reads to anyone).
         self.feeders = PeerCheck.from_flag(args.peer_hosts, role="queue replica") if args.mode == "queue" else None
         # Who may take a SNAPSHOT (every balance and the applied history): the replicas named in
-        # --peers, the only ones that fetch one from here. Without --peers, anyone (as before).
-        self.snapshot_takers = (PeerCheck(resolve([host for host, _port in self.peers]), role="replica", flag="--peers")
-                                if self.peers else None)
+        # --peers, the only ones that fetch one from here. Without --peers, no one.
+        self.snapshot_takers = PeerCheck(resolve([host for host, _port in self.peers]), role="replica", flag="--peers")
 
     # --- The sequencer link ---------------------------------------------------------------------
     async def follow_sequencer(self, stop: asyncio.Event) -> None:
@@ -422,8 +422,7 @@ class SequencedReplica:
                         await self._be_fed(stream)
                         return
                     elif task == "SNAPSHOT":
-                        if self.snapshot_takers is not None:
-                            self.snapshot_takers.check(stream, "SNAPSHOT")
+                        self.snapshot_takers.check(stream, "SNAPSHOT")
                         await self._serve_snapshot(stream, request_id)
                     else:
                         try:
