@@ -414,11 +414,10 @@ class Bank:
         outcome = self._decide_and_change(op)
         counters = self.counters
         counters.ops_applied_total += 1
-        apply_index = counters.ops_applied_total
-        self._recent[op.op_id] = (apply_index, seq, op.kind, op.account, op.to_account, op.amount_cents,
-                                  outcome.error, outcome.balance_cents)
+        applied = _tuple_new(AppliedOp, (counters.ops_applied_total, seq, op, outcome))
+        self._recent[op.op_id] = _recent_row(applied)
         self._recent_order.append(op.op_id)
-        self._new_applied.append(_tuple_new(AppliedOp, (apply_index, seq, op, outcome)))
+        self._new_applied.append(applied)
         if len(self._recent_order) > self.dedup_window_ops:
             del self._recent[self._recent_order.popleft()]
         return outcome, False
