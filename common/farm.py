@@ -393,16 +393,15 @@ class FarmCore:
             if done is not None:  # a retry of a finished update: its recorded answer
                 if done[0] != request:
                     self._send(conn, _id_reused(task_id, request_id))
-                    return
-                self.completed.move_to_end(task_id)
-                self._send(conn, _with_id(done[1], request_id))
+                else:
+                    self.completed.move_to_end(task_id)
+                    self._send(conn, _with_id(done[1], request_id))
                 return
             task = self.tasks.get(task_id)
-            if task is not None and task.update != request:
-                self._send(conn, _id_reused(task_id, request_id))
-                return
             if task is not None:  # a retry of a queued or held update: wait for the same run
-                if len(task.waiters) < MAX_WAITERS_PER_TASK:
+                if task.update != request:
+                    self._send(conn, _id_reused(task_id, request_id))
+                elif len(task.waiters) < MAX_WAITERS_PER_TASK:
                     task.waiters.append((conn, request_id))
                 else:
                     self._send(conn, error_reply("OVERLOADED", "too many retries wait for this id", request_id))
