@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from common.lab import archs
-from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, StartFailed
+from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, RunDirInUse, StartFailed
 from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
 from common.lab.runner import RunOptions, run_lab
@@ -290,7 +290,12 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the cluster like Ctrl-C
     run_dir = args.run_dir.resolve() if args.run_dir else REPO_ROOT / "var" / "up" / args.arch
     lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store))
-    with Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch) as cluster:
+    try:
+        cluster = Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch)
+    except RunDirInUse as error:
+        print(f"lab.py up: the {args.arch} cluster did not start: {error} (--run-dir DIR)", file=sys.stderr)
+        return 1
+    with cluster:
         try:
             cluster.start()
         except PortInUse as error:
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUse as error:
         advice = "stop that cluster (Ctrl-C where `make up` or `lab.py up` runs)"
         if args.ports == "seed":
-            advice += ", or pass --ports free"
+            advice += ", or pass --ports free (make demo PORTS=free)" if args.command == "demo" else ", or pass --ports free"
         print(f"lab.py {args.command}: the cluster did not start: {error}; {advice}", file=sys.stderr)
         return 1
     except StartFailed as error:

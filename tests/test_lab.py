@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -24,7 +25,7 @@ import pytest
 from common.blocking import BlockingConnection
 from common.lab import archs, checker
 from common.lab import report as report_module
-from common.lab.cluster import Cluster, PortInUse
+from common.lab.cluster import Cluster, PortInUse, RunDirInUse
 from common.lab.faults import Fault, FaultInjector
 from common.lab.report import REPORT_FIELDS
 from common.lab.runner import RunOptions, RunResult, run_lab
@@ -262,6 +263,18 @@ def test_a_cluster_whose_port_is_held_refuses_to_start_naming_the_address_and_st
             cluster.start()
         assert caught.value.addresses == [f"{host}:{port} (standalone)"]
         assert cluster.pid("standalone") is None
+
+
+def test_a_second_cluster_in_a_directory_in_use_is_refused_and_the_first_keeps_its_files(tmp_path):
+    first_lab = archs.build_standalone(archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    second_lab = archs.build_standalone(archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    with Cluster(tmp_path, first_lab.nodes, name="first") as first:
+        topology = first.topology_path.read_text()
+        with pytest.raises(RunDirInUse, match=rf"in use by another cluster \(pid {os.getpid()}: "):
+            Cluster(tmp_path, second_lab.nodes, name="second")
+        assert first.topology_path.read_text() == topology
+    with Cluster(tmp_path, second_lab.nodes, name="second") as second:  # free once the first closed
+        assert '"name": "second"' in second.topology_path.read_text()
 
 
 def test_a_node_that_exits_because_its_port_is_held_says_so_rather_than_see_the_log(tmp_path, held_port):

@@ -212,6 +212,12 @@ def test_up_survives_a_killed_process_names_it_and_prints_a_command_that_restart
     try:
         node = wait_for(out, r"standalone\s+(\S+):(\d+)\s+pid (\d+)")
         host, port, pid = node.group(1), int(node.group(2)), int(node.group(3))
+        # A second cluster in the same directory (other ports) would share its store: refused.
+        topology = (run_dir / "topology.json").read_text()
+        second = run_cli("up", "--arch", "standalone", "--ports", "free", "--run-dir", str(run_dir))
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second
+        assert f"{run_dir} is in use by another cluster (pid {up.pid}:" in last_line(second.stderr), second.stderr
+        assert (run_dir / "topology.json").read_text() == topology
         os.kill(pid, signal.SIGKILL)  # a process the test's own `up` started
         exited = wait_for(err, r"standalone \(pid (\d+)\) was killed by SIGKILL.*: (cd .*)\n")
         assert int(exited.group(1)) == pid

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import errno
+import fcntl
 import os
 import shlex
 import signal
@@ -68,6 +69,15 @@ class StartFailed(RuntimeError):
     """A node exited while the launcher waited for it to answer STATUS."""
 
 
+class RunDirInUse(StartFailed):
+    """Another launcher's cluster runs from the same directory (its stores, logs and topology file)."""
+
+    def __init__(self, run_dir: Path, holder: str) -> None:
+        self.run_dir = run_dir
+        super().__init__(f"{run_dir} is in use by another cluster ({holder}): its stores, logs and topology "
+                         f"file are there; stop that cluster first, or give this one a directory of its own")
+
+
 class PortInUse(StartFailed):
     """Addresses a node must listen on are held by another process (most often a cluster left running)."""
 
@@ -103,10 +113,32 @@ class Node:
         return entry
 
 
+RUN_DIR_LOCK_FILE = ".cluster.lock"
+
+
+def _lock_run_dir(run_dir: Path) -> int:
+    """Hold run_dir for this process: two clusters in one directory would share SQLite stores
+    (one's replicas then fail on the other's rows) and overwrite each other's topology file. The
+    lock is the kernel's (flock), so a launcher that died without cleaning up holds nothing. The
+    file says who holds it. The descriptor is not inherited by the nodes (Popen closes it)."""
+    path = run_dir / RUN_DIR_LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        raise RunDirInUse(run_dir, holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv)[:150]}\n".encode())
+    return fd
+
+
 class Cluster:
     def __init__(self, run_dir: str | Path, nodes: list[Node], *, name: str = "lab", architecture: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_run_dir(self.run_dir)  # raises RunDirInUse; released by close() or at exit
         self.nodes = {node.name: node for node in nodes}
         assert len(self.nodes) == len(nodes), "node names must be unique"
         self.topology_path = self.run_dir / "topology.json"
@@ -298,6 +330,9 @@ class Cluster:
         for log_file in self._log_files.values():
             log_file.close()
         self._log_files.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # (closing the descriptor releases the lock)
+            self._lock_fd = None
         atexit.unregister(self.close)
 
     def __enter__(self) -> "Cluster":
