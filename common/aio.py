@@ -269,7 +269,9 @@ class Server:
         try:
             await self._handler(stream)
         except asyncio.CancelledError:
-            raise
+            # The process is stopping (asyncio.run cancels what still runs). Nothing awaits this
+            # task, and ending it cancelled makes Python 3.11's stream callback log a traceback.
+            return
         except Exception as error:  # A handler bug must not take the process down with it.
             log.exception("handler_failed", server=self.name, peer=stream.peer, error=repr(error))
         finally:

@@ -785,3 +785,27 @@ def test_a_link_that_fails_unexpectedly_is_started_again_not_lost():
 
     asyncio.run(scenario())
     assert len(calls) == 2 and calls[1] - calls[0] >= aio.RECONNECT_BACKOFF_S[1] * 0.9
+
+
+def test_a_connection_still_served_when_the_process_stops_ends_without_an_error_logged() -> None:
+    """At a stop, asyncio.run cancels the handlers still running (a replica's FEED connection):
+    that is how they end, not an "Exception in callback" with a traceback in the node's log."""
+    reported: list[dict] = []
+    handler_waiting = []
+
+    async def hold_the_connection(stream: aio.MessageStream) -> None:
+        handler_waiting.append(True)
+        await stream.read_batch()  # the client never writes: this waits until cancelled
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
+        server = await aio.start_server(hold_the_connection, "127.0.0.1", 0, name="held")
+        client = await aio.open_stream(server.address, max_line_bytes=1024, peer="held")
+        while not handler_waiting:
+            await asyncio.sleep(0.01)
+        client.abort()
+        # Returning here leaves the handler running: asyncio.run cancels it.
+
+    asyncio.run(scenario())
+    assert handler_waiting == [True]
+    assert reported == []
