@@ -28,6 +28,7 @@ from common.bank import check_account, check_op_id
 from common.blocking import BlockingConnection
 from common.errors import SaldoError
 from common.money import parse_amount_cents
+from common.sequencing import MIN_SEQ_WAIT_S
 
 EXIT_OK, EXIT_NOK, EXIT_UNKNOWN, EXIT_USAGE = 0, 1, 2, 64
 
@@ -102,8 +103,9 @@ def build_request(args: argparse.Namespace) -> tuple[str, bytes]:
 
 def describe_reply(reply: dict, outcome: str) -> str:
     if reply.get("STATUS") == "OK" and reply.get("ACCEPTED") is True:
-        return (f"ACCEPTED seq={reply.get('SEQ')}: queued for every replica; its outcome is decided when they apply"
-                " it (--wait applied waits for that)")
+        return (f"ACCEPTED seq={reply.get('SEQ')} id={reply.get('ID')}: queued for every replica; its outcome is"
+                f" decided when they apply it (the same command with --id {reply.get('ID')} --wait applied waits"
+                " for that, and applies nothing twice)")
     if reply.get("STATUS") == "OK":
         parts = ["OK"]
         for key, label in (("BALANCE", "balance"), ("SEQ", "seq"), ("APPLIED", "applied"), ("BEHIND", "behind")):
@@ -126,9 +128,13 @@ def describe_reply(reply: dict, outcome: str) -> str:
 async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) -> int:
     request_id, line = build_request(args)
     client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
+    is_read = args.command == "balance"
+    # A read naming --min-seq may wait at the replica (MIN_SEQ_WAIT_S): each attempt waits longer.
+    attempt_timeout_s = min(MIN_SEQ_WAIT_S + 1.0, args.timeout) if is_read and args.min_seq else None
     try:
         reply, _attempts, outcome = await bankclient.execute_with_retries(
-            client, request_id, line, deadline_s=time.monotonic() + args.timeout, is_read=args.command == "balance"
+            client, request_id, line, deadline_s=time.monotonic() + args.timeout, attempt_timeout_s=attempt_timeout_s,
+            is_read=is_read,
         )
     finally:
         await client.close()
@@ -189,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"status: expected HOST:PORT, got {address!r}")
         return run_status(args, targets)
     arch = args.arch or bankclient.client_architecture((topo or {}).get("architecture") or "standalone")
+    if args.wait and arch not in ("sequencer", "queue"):
+        print(f"client.py: note: --wait is for the sequencer and queue architectures; {arch} answers once the "
+              "operation is applied (and durable) anyway", file=sys.stderr)
+    if getattr(args, "min_seq", None) is not None and arch == "multicast":
+        print("client.py: note: multicast numbers nothing (each replica applies on receipt): --min-seq changes "
+              "nothing there", file=sys.stderr)
     try:
         addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
         return asyncio.run(run_operation(args, arch, addresses))

@@ -226,6 +226,8 @@ async def execute_with_retries(
         if definite and code not in NOT_NOW_ERRORS:
             return reply, attempts, FAILED
         outcome = classify(reply, indefinite_seen)
+        if is_read:
+            outcome = FAILED  # a read changes nothing: without an answer it failed, it is not "unknown"
         indefinite_seen = indefinite_seen or not definite
         if time.monotonic() + backoff_s >= deadline_s:
             return reply, attempts, outcome

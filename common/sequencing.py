@@ -75,6 +75,9 @@ DEFAULT_MAX_HELD_ENTRIES = 100_000
 # wait for, is replaced: well above a healthy source's lag (milliseconds), well below a client's patience.
 DEFAULT_RESULTS_SOURCE_STALL_S = 0.5
 MAX_RESULTS_PER_ACK = 4096  # bounds one APPLIED line well under the 64 KiB line limit
+# A read naming MIN_SEQ waits this long at a replica that is not there yet, then gets TOO_STALE;
+# a client waits longer than this for its answer.
+MIN_SEQ_WAIT_S = 2.0
 
 _RECORDED_ERRORS = frozenset({"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND", "BALANCE_LIMIT", "TOO_MANY_ACCOUNTS"})
 

@@ -829,6 +829,14 @@ def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
         assert code == 1 and out.startswith("NOK ID_REUSED"), (other, out)
     code, out = client_py(running, "balance", "cli-3", *(["--min-seq", "1"] if seq else []))
     assert code == 0 and out.startswith("OK balance=5.00"), out
+    if seq:
+        # A read naming a seq no replica reached: a definite refusal once the replica's wait is over,
+        # not a timeout; a read has no "unknown" outcome (it changes nothing).
+        command = [sys.executable, str(REPO_ROOT / "client.py"), "--topology", str(running.cluster.topology_path),
+                   "--timeout", "3", "balance", "cli-3", "--min-seq", "999999"]
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and done.stdout.startswith("NOK TOO_STALE"), done
+        assert "unknown" not in done.stdout, done
 
 
 def test_a_standalone_read_naming_a_seq_it_never_reached_is_too_stale(clusters):

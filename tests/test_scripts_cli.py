@@ -88,3 +88,30 @@ def test_replicas_of_different_architectures_get_different_default_stores():
         stores.add(args.store)
     assert stores == {f"sqlite:///var/{mode}/replica1.db"
                       for mode in ("standalone", "multicast", "queue", "sequencer", "primary-backup")}
+
+
+def test_a_queued_operation_is_reported_with_the_id_that_waits_for_its_outcome():
+    import client
+
+    text = client.describe_reply({"ID": "op-7", "STATUS": "OK", "ACCEPTED": True, "SEQ": 3}, "ok")
+    assert text.startswith("ACCEPTED seq=3 id=op-7: ") and "--id op-7 --wait applied" in text, text
+
+
+def test_a_read_that_got_no_answer_failed_and_is_not_unknown():
+    import asyncio
+    import time
+
+    from common import bankclient
+
+    class Silent:  # every attempt times out, as a replica that never answers
+        async def execute(self, request_id, line, timeout_s=None, is_read=False):
+            return {"ID": request_id, "STATUS": "NOK", "ERROR": "TIMEOUT", "DETAIL": "no reply in time"}
+
+    async def attempt(is_read: bool) -> str:
+        deadline_s = time.monotonic() + 0.05
+        _reply, _attempts, outcome = await bankclient.execute_with_retries(Silent(), "r-1", b"", deadline_s=deadline_s,
+                                                                          is_read=is_read)
+        return outcome
+
+    assert asyncio.run(attempt(is_read=True)) == bankclient.FAILED
+    assert asyncio.run(attempt(is_read=False)) == bankclient.UNKNOWN  # a write may have happened

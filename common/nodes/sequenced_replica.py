@@ -35,14 +35,13 @@ from common.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
 from common.peers import PeerCheck, resolve, source_address
-from common.sequencing import MAX_RESULTS_PER_ACK, SequencedReplicaCore, applied_line, parse_entry, parse_entry_line
+from common.sequencing import MAX_RESULTS_PER_ACK, MIN_SEQ_WAIT_S, SequencedReplicaCore, applied_line, parse_entry, parse_entry_line
 from common.snapshot import SnapshotReader, image_to_lines
 from common.standalone import classify_unknown
 
 log = get_logger("seqreplica")
 
 MAX_WAITING_READS = 10_000
-READ_WAIT_TIMEOUT_S = 2.0
 TICK_S = 0.25
 SNAPSHOT_TIMEOUT_S = 60.0
 SEQUENCER_LINE_BYTES = 1024 * 1024
@@ -445,7 +444,7 @@ class SequencedReplica:
             return
         if len(self.read_waiters) >= MAX_WAITING_READS:
             raise SaldoError("OVERLOADED", f"{len(self.read_waiters)} reads are waiting for sequence numbers")
-        self.read_waiters.append((min_seq, time.monotonic() + READ_WAIT_TIMEOUT_S, stream, request_id, query))
+        self.read_waiters.append((min_seq, time.monotonic() + MIN_SEQ_WAIT_S, stream, request_id, query))
 
     def _balance_reply(self, query: Query, request_id: object) -> dict:
         # SEQ is what the balance reflects: every entry delivered so far. The commit may lag behind
