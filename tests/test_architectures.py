@@ -524,6 +524,7 @@ PORTS = {
         (b'{"TASK":"FEED","REPLICA":"replica1"}\n', "FIELD_TYPE"),
     ], [
         (b'{"TASK":"DEPOSIT","ID":"w-1","ACCOUNT":"acct-a","AMOUNT":"9999"}\n', "WRONG_ROLE"),
+        (b'{"TASK":"WITHDRAW","ID":"w-5","ACCOUNT":"acct-a","AMOUNT":"-5"}\n', "WRONG_ROLE"),  # a write, however malformed
         (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
     ]),
     "sequencer-client": ("sequencer", "sequencer", "node", MAX_LINE, CLIENT_PORT_WRONG_TYPES + [
@@ -548,6 +549,8 @@ PORTS = {
         (b'{"TASK":"FEED","SERVER":"x","REPLICA":"replica1"}\n', "WRONG_ROLE"),
     ], [
         (b'{"TASK":"DEPOSIT","ID":"w-4","ACCOUNT":"acct-a","AMOUNT":"9999"}\n', "WRONG_ROLE"),
+        (b'{"TASK":"TRANSFER","ID":"w-6","FROM":"acct-a","AMOUNT":"1.234"}\n', "WRONG_ROLE"),
+        (b'{"id_msg":"w-7","tipo":"SAQUE","conta_origem":"acct-a","valor":-1}\n', "WRONG_ROLE"),
         (ORDERED_DEPOSIT + b"\n", "WRONG_ROLE"),
     ]),
 }

@@ -45,6 +45,7 @@ MAX_WAITING_READS = 10_000
 TICK_S = 0.25
 SNAPSHOT_TIMEOUT_S = 60.0
 SEQUENCER_LINE_BYTES = 1024 * 1024
+WRITE_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER"})
 # Outcomes of operations delivered again under a new seq (a retry the orderer numbered again):
 # the dedup window holds each operation's first seq only, so a replica that becomes the results
 # source resends these from here. Renumbering is rare; the latest ones are enough.
@@ -424,13 +425,14 @@ class SequencedReplica:
                         self.snapshot_takers.check(stream, "SNAPSHOT")
                         await self._serve_snapshot(stream, request_id)
                     else:
+                        if (type(task) is str and task in WRITE_TASKS) or "tipo" in message:  # a write, however malformed
+                            orderer = "sequencer" if self.args.mode == "sequencer" else "RPC server"
+                            raise SaldoError("WRONG_ROLE", f"writes go to the {orderer}; a replica serves reads")
                         try:
                             request = parse_request(message)
                         except SaldoError as error:
                             raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
-                        if not isinstance(request, Query):
-                            orderer = "sequencer" if self.args.mode == "sequencer" else "RPC server"
-                            raise SaldoError("WRONG_ROLE", f"writes go to the {orderer}; a replica serves reads")
+                        assert isinstance(request, Query), request
                         self._read(stream, request_id, request)
                 except SaldoError as error:
                     stream.send(error_reply(error.code, error.detail, request_id))
