@@ -408,7 +408,8 @@ class FarmCore:
                 return
         else:
             self._next_seq += 1
-            task_id = f"q.{self.config.server_id}.{self._next_seq}"
+            # '#' is in no operation id (bank.OP_ID_RE): a client's update cannot take a query's id.
+            task_id = f"q#{self.config.server_id}#{self._next_seq}"
         if self.queue_length >= self.config.max_queue:
             self.rejected_full_total += 1
             self._send(conn, error_reply("QUEUE_FULL", f"{self.queue_length} tasks are queued, the bound", request_id))

@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from common.bank import check_op_id
 from common.errors import SaldoError
 from common.farm import BORROWED, DOWN, HOME, LENT, UP, Close, FarmConfig, FarmCore, PeerRequest, Send
 
@@ -104,6 +105,25 @@ def test_an_id_reused_for_another_operation_is_refused_whether_its_task_runs_or_
     core.on_message(6, deposit("op-1"), 1.1)  # a true retry still gets the recorded answer
     assert sends(core, 6) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
     assert core.queue_length == 0 and not core.tasks
+
+
+def test_a_query_has_an_internal_id_that_no_client_update_can_take():
+    core = make_core()
+    core.on_message(2, {"TASK": "QUERY", "USER": "alice"}, 0.0)
+    ((query_id, query_task),) = core.tasks.items()
+    with pytest.raises(SaldoError):
+        check_op_id(query_id)  # not an id a client may send
+    core.on_message(3, deposit("q.srv-a.1"), 0.1)  # the form an internal id could once take
+    assert sends(core, 3) == [] and len(core.tasks) == 2  # queued as its own task, not refused
+    core.on_message(1, alive("w1"), 0.2)
+    core.pump(0.2)
+    (batch,) = sends(core, 1)
+    assert sorted(t["ID"] for t in batch["TASKS"]) == sorted([query_id, "q.srv-a.1"])
+    core.on_message(1, alive("w1", results=[ok(query_id, "0.00"), ok("q.srv-a.1", "10.00")]), 0.3)
+    answers = {e.conn: e.message for e in core.take_outbox() if type(e) is Send}
+    assert answers[2]["SALDO"] == "0.00" and answers[2]["USER"] == "alice"  # the query's client
+    assert answers[3] == {"ID": "q.srv-a.1", "STATUS": "OK", "BALANCE": "10.00"}  # the deposit's
+    assert not core.tasks
 
 
 def test_a_full_queue_refuses_with_queue_full_and_holds_no_more():
