@@ -233,6 +233,17 @@ def serving_cluster(root: Path, name: str, **options: str):
         yield lab, {node.name: node for node in lab.nodes}, cluster, primary
 
 
+def test_the_lab_faults_a_backup_by_role_whichever_replica_the_election_made_primary(tmp_path):
+    """kill-backup, pause-backup and partition-backup fault the replica that is not the primary
+    when the fault starts ("replica" names replica1, which may be either)."""
+    assert {"kill-backup", "pause-backup", "partition-backup"} <= set(archs.schedules_for("primary-backup"))
+    assert "kill-backup" not in archs.schedules_for("sequencer")
+    with serving_cluster(tmp_path, "pb-backup-role") as (lab, _nodes, cluster, primary):
+        lab.cluster = cluster
+        backup = asyncio.run(lab.resolve("backup"))
+        assert backup in lab.replicas and backup != primary
+
+
 def raw_send(address: tuple[str, int], lines: list[bytes]) -> socket.socket:
     sock = socket.create_connection(address, timeout=2.0)
     sock.sendall(b"".join(lines))

@@ -45,6 +45,11 @@ SCHEDULES: dict[str, list[Fault]] = {
     "kill-primary": [Fault("kill", "primary", 0.3, 0.6)],
     "pause-primary": [Fault("pause", "primary", 0.3, 0.6)],
     "partition-primary": [Fault("partition", "primary", 0.3, 0.6)],
+    # A replica that is a backup when the fault starts ("replica" names replica1, which may be
+    # the primary or a backup, whichever the first election made it).
+    "kill-backup": [Fault("kill", "backup", 0.3, 0.6)],
+    "pause-backup": [Fault("pause", "backup", 0.3, 0.6)],
+    "partition-backup": [Fault("partition", "backup", 0.3, 0.6)],
 }
 
 

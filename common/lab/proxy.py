@@ -154,6 +154,10 @@ class LinkProxy:
                 self._pump(target_reader, client_writer, "down"),
                 return_exceptions=True,
             )
+        except asyncio.CancelledError:
+            # The proxy is stopping: nothing awaits this task, and ending it cancelled makes
+            # Python 3.11's stream callback log a traceback (see common/aio.py Server).
+            return
         finally:
             self._connections.discard(pair)
             for writer in pair:
