@@ -51,6 +51,19 @@ def _timeout_s(text: str) -> float:
     return value
 
 
+def add_operation_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--timeout, --id, --json, --wait: on the main parser with their defaults, and on each
+    operation's parser with none (argparse.SUPPRESS), so that there they only override."""
+    none = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--timeout", type=_timeout_s, **({"default": 10.0} if defaults else none),
+                        help="seconds to retry before giving up (default 10)")
+    parser.add_argument("--id", help="operation id (default: a new UUID); reuse it to retry safely", **none)
+    parser.add_argument("--json", action="store_true", help="print the raw reply as JSON", **none)
+    parser.add_argument("--wait", choices=["sequenced", "applied", "all"], **none,
+                        help="sequencer and queue: answer once the operation is in the log (sequenced), applied "
+                             "by one replica, or by all (default: the server's; the queue server answers once queued)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(bankclient.ARCHITECTURES), help="architecture (default: from --topology, else standalone)")
@@ -59,23 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to send (repeat for several: replicas of multicast / primary-backup)")
     parser.add_argument("--read-address", action="append", default=[], metavar="HOST:PORT",
                         help="replicas to read from (sequencer architecture)")
-    parser.add_argument("--timeout", type=_timeout_s, default=10.0, help="seconds to retry before giving up (default 10)")
-    parser.add_argument("--id", help="operation id (default: a new UUID); reuse it to retry safely")
-    parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
-    parser.add_argument("--wait", choices=["sequenced", "applied", "all"],
-                        help="sequencer and queue: answer once the operation is in the log (sequenced), applied "
-                             "by one replica, or by all (default: the server's; the queue server answers once queued)")
+    add_operation_flags(parser, defaults=True)
+    # The same flags after an operation's name too (`deposit alice 5 --id X`): what a printed hint
+    # suggests adding to a command works wherever it is added.
+    after = argparse.ArgumentParser(add_help=False)
+    add_operation_flags(after, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
     amount_help = "a decimal amount with at most two places, e.g. 120.50"
     for kind, preposition in (("deposit", "into"), ("withdraw", "from")):
-        sub = commands.add_parser(kind, help=f"{kind} AMOUNT {preposition} ACCOUNT")
+        sub = commands.add_parser(kind, help=f"{kind} AMOUNT {preposition} ACCOUNT", parents=[after])
         sub.add_argument("account", metavar="ACCOUNT", help="account name (letters, digits, _ . @ -)")
         sub.add_argument("amount", metavar="AMOUNT", help=amount_help)
-    sub = commands.add_parser("transfer", help="move AMOUNT from SOURCE to TARGET")
+    sub = commands.add_parser("transfer", help="move AMOUNT from SOURCE to TARGET", parents=[after])
     sub.add_argument("source", metavar="SOURCE", help="the account the money leaves")
     sub.add_argument("target", metavar="TARGET", help="the account the money goes to")
     sub.add_argument("amount", metavar="AMOUNT", help=amount_help)
-    sub = commands.add_parser("balance", help="the balance of ACCOUNT")
+    sub = commands.add_parser("balance", help="the balance of ACCOUNT", parents=[after])
     sub.add_argument("account", metavar="ACCOUNT")
     sub.add_argument("--min-seq", type=int, help="the read must reflect at least this sequence number")
     sub = commands.add_parser("worker", help="run a worker of the worker farm (client.py worker --help)",
@@ -130,7 +142,7 @@ async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) ->
     client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
     is_read = args.command == "balance"
     # A read naming --min-seq may wait at the replica (MIN_SEQ_WAIT_S): each attempt waits longer.
-    attempt_timeout_s = min(MIN_SEQ_WAIT_S + 1.0, args.timeout) if is_read and args.min_seq else None
+    attempt_timeout_s = MIN_SEQ_WAIT_S + 1.0 if is_read and args.min_seq else min(2.0, args.timeout)
     try:
         reply, _attempts, outcome = await bankclient.execute_with_retries(
             client, request_id, line, deadline_s=time.monotonic() + args.timeout, attempt_timeout_s=attempt_timeout_s,
@@ -198,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait and arch not in ("sequencer", "queue"):
         print(f"client.py: note: --wait is for the sequencer and queue architectures; {arch} answers once the "
               "operation is applied (and durable) anyway", file=sys.stderr)
-    if getattr(args, "min_seq", None) is not None and arch == "multicast":
-        print("client.py: note: multicast numbers nothing (each replica applies on receipt): --min-seq changes "
-              "nothing there", file=sys.stderr)
+    if getattr(args, "min_seq", None) is not None and arch in ("multicast", "farm"):
+        print(f"client.py: note: {arch} reads name no sequence number (its operations are not numbered): "
+              "--min-seq changes nothing there", file=sys.stderr)
     try:
         addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
         return asyncio.run(run_operation(args, arch, addresses))

@@ -216,9 +216,13 @@ async def execute_with_retries(
     attempts = 0
     backoff_s = 0.01
     indefinite_seen = False
+    refusal = None  # a read's last definite "not now" (TOO_STALE): says more than a final TIMEOUT
     while True:
         attempts += 1
-        reply = await client.execute(request_id, line, attempt_timeout_s, is_read)
+        timeout_s = attempt_timeout_s
+        if timeout_s is not None:  # no attempt outlasts the deadline
+            timeout_s = max(0.05, min(timeout_s, deadline_s - time.monotonic()))
+        reply = await client.execute(request_id, line, timeout_s, is_read)
         if reply.get("STATUS") == "OK":
             return reply, attempts, OK
         code = reply.get("ERROR")
@@ -228,9 +232,10 @@ async def execute_with_retries(
         outcome = classify(reply, indefinite_seen)
         if is_read:
             outcome = FAILED  # a read changes nothing: without an answer it failed, it is not "unknown"
+            refusal = reply if definite else refusal
         indefinite_seen = indefinite_seen or not definite
         if time.monotonic() + backoff_s >= deadline_s:
-            return reply, attempts, outcome
+            return (refusal if is_read and not definite and refusal is not None else reply), attempts, outcome
         await asyncio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, 0.25)
 

@@ -842,6 +842,16 @@ def test_client_py_end_to_end_against_a_cluster(clusters, architecture):
         assert "unknown" not in done.stdout, done
 
 
+def test_a_replica_takes_a_read_with_a_stray_seed_field_as_a_read(clusters):
+    """A write in seed 002's form is refused at a replica whatever it holds; a field named like
+    one of its keys does not make a TASK read a write."""
+    running = clusters("sequencer")
+    read = running.cluster.request("replica1", {"TASK": "BALANCE", "ID": "r-tipo", "ACCOUNT": "acct-a", "tipo": "SAQUE"})
+    assert read.get("ERROR") != "WRONG_ROLE", read
+    write = running.cluster.request("replica1", {"id_msg": "w-tipo", "tipo": "SAQUE", "conta_origem": "acct-a", "valor": 1})
+    assert write["ERROR"] == "WRONG_ROLE", write
+
+
 def test_a_standalone_read_naming_a_seq_it_never_reached_is_too_stale(clusters):
     running = clusters("standalone")
     applied = running.cluster.status("standalone")["OPS_APPLIED_TOTAL"]

@@ -233,9 +233,9 @@ def serving_cluster(root: Path, name: str, **options: str):
         yield lab, {node.name: node for node in lab.nodes}, cluster, primary
 
 
-def test_the_lab_faults_a_backup_by_role_whichever_replica_the_election_made_primary(tmp_path):
-    """kill-backup, pause-backup and partition-backup fault the replica that is not the primary
-    when the fault starts ("replica" names replica1, which may be either)."""
+def test_the_lab_resolves_the_backup_role_to_the_replica_the_election_did_not_make_primary(tmp_path):
+    """kill-backup, pause-backup and partition-backup fault the replica that `resolve("backup")`
+    names when the fault starts ("replica" names replica1, which may be either)."""
     assert {"kill-backup", "pause-backup", "partition-backup"} <= set(archs.schedules_for("primary-backup"))
     assert "kill-backup" not in archs.schedules_for("sequencer")
     with serving_cluster(tmp_path, "pb-backup-role") as (lab, _nodes, cluster, primary):

@@ -115,3 +115,41 @@ def test_a_read_that_got_no_answer_failed_and_is_not_unknown():
 
     assert asyncio.run(attempt(is_read=True)) == bankclient.FAILED
     assert asyncio.run(attempt(is_read=False)) == bankclient.UNKNOWN  # a write may have happened
+
+
+def test_a_read_refused_as_too_stale_says_so_even_if_its_last_attempt_timed_out_and_no_attempt_outlasts_the_deadline():
+    import asyncio
+    import time
+
+    from common import bankclient
+
+    class StaleThenSilent:  # a replica behind the read's MIN_SEQ, then one that does not answer
+        def __init__(self) -> None:
+            self.timeouts_s: list[float] = []
+
+        async def execute(self, request_id, line, timeout_s=None, is_read=False):
+            self.timeouts_s.append(timeout_s)
+            if len(self.timeouts_s) == 1:
+                return {"ID": request_id, "STATUS": "NOK", "ERROR": "TOO_STALE", "DETAIL": "not yet", "DEFINITE": True}
+            await asyncio.sleep(timeout_s)
+            return {"ID": request_id, "STATUS": "NOK", "ERROR": "TIMEOUT", "DETAIL": "no reply in time"}
+
+    async def scenario():
+        client = StaleThenSilent()
+        deadline_s = time.monotonic() + 0.3
+        reply, _attempts, outcome = await bankclient.execute_with_retries(
+            client, "r-1", b"", deadline_s=deadline_s, attempt_timeout_s=3.0, is_read=True)
+        return client, reply, outcome
+
+    client, reply, outcome = asyncio.run(scenario())
+    assert (reply["ERROR"], outcome) == ("TOO_STALE", bankclient.FAILED)
+    assert len(client.timeouts_s) >= 2 and all(t <= 0.3 for t in client.timeouts_s), client.timeouts_s
+
+
+def test_the_flags_of_an_operation_may_follow_its_name_as_a_printed_hint_suggests():
+    import client
+
+    args = client.build_parser().parse_args(["deposit", "alice", "5", "--id", "op-9", "--wait", "applied"])
+    assert (args.id, args.wait, args.timeout) == ("op-9", "applied", 10.0)
+    args = client.build_parser().parse_args(["--id", "op-8", "--timeout", "3", "balance", "alice"])
+    assert (args.id, args.timeout, args.json) == ("op-8", 3.0, False)  # before it, as always

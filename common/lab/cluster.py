@@ -139,13 +139,17 @@ class Cluster:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_run_dir(self.run_dir)  # raises RunDirInUse; released by close() or at exit
-        self.nodes = {node.name: node for node in nodes}
-        assert len(self.nodes) == len(nodes), "node names must be unique"
-        self.topology_path = self.run_dir / "topology.json"
-        document = {"name": name, "nodes": {n.name: n.entry() for n in nodes}}
-        if architecture is not None:
-            document["architecture"] = architecture
-        topology_file.write(self.topology_path, document)
+        try:
+            self.nodes = {node.name: node for node in nodes}
+            assert len(self.nodes) == len(nodes), "node names must be unique"
+            self.topology_path = self.run_dir / "topology.json"
+            document = {"name": name, "nodes": {n.name: n.entry() for n in nodes}}
+            if architecture is not None:
+                document["architecture"] = architecture
+            topology_file.write(self.topology_path, document)
+        except BaseException:
+            os.close(self._lock_fd)  # no cluster: the directory is free again
+            raise
         self._processes: dict[str, subprocess.Popen] = {}
         self._paused: set[str] = set()
         self._log_files: dict[str, object] = {}

@@ -155,7 +155,7 @@ class LinkProxy:
                 return_exceptions=True,
             )
         except asyncio.CancelledError:
-            # The proxy is stopping: nothing awaits this task, and ending it cancelled makes
+            # The proxy is stopping (stop() cancels its connections): ending cancelled would make
             # Python 3.11's stream callback log a traceback (see common/aio.py Server).
             return
         finally:

@@ -425,7 +425,7 @@ class SequencedReplica:
                         self.snapshot_takers.check(stream, "SNAPSHOT")
                         await self._serve_snapshot(stream, request_id)
                     else:
-                        if (type(task) is str and task in WRITE_TASKS) or "tipo" in message:  # a write, however malformed
+                        if (type(task) is str and task in WRITE_TASKS) or (task is None and "tipo" in message):  # a write, however malformed
                             orderer = "sequencer" if self.args.mode == "sequencer" else "RPC server"
                             raise SaldoError("WRONG_ROLE", f"writes go to the {orderer}; a replica serves reads")
                         try:
