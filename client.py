@@ -139,10 +139,11 @@ def describe_reply(reply: dict, outcome: str) -> str:
 
 async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) -> int:
     request_id, line = build_request(args)
-    client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
+    request_timeout_s = min(2.0, args.timeout)
+    client = bankclient.make_client(arch, addresses, request_timeout_s=request_timeout_s)
     is_read = args.command == "balance"
     # A read naming --min-seq may wait at the replica (MIN_SEQ_WAIT_S): each attempt waits longer.
-    attempt_timeout_s = MIN_SEQ_WAIT_S + 1.0 if is_read and args.min_seq else min(2.0, args.timeout)
+    attempt_timeout_s = MIN_SEQ_WAIT_S + 1.0 if is_read and args.min_seq else request_timeout_s
     try:
         reply, _attempts, outcome = await bankclient.execute_with_retries(
             client, request_id, line, deadline_s=time.monotonic() + args.timeout, attempt_timeout_s=attempt_timeout_s,

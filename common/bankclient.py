@@ -235,7 +235,7 @@ async def execute_with_retries(
             refusal = reply if definite else refusal
         indefinite_seen = indefinite_seen or not definite
         if time.monotonic() + backoff_s >= deadline_s:
-            return (refusal if is_read and not definite and refusal is not None else reply), attempts, outcome
+            return (refusal if refusal is not None and not definite else reply), attempts, outcome
         await asyncio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, 0.25)
 

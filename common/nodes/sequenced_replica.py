@@ -29,7 +29,7 @@ from collections import deque
 from functools import partial
 
 from common import aio, topology, wire
-from common.bank import Query, balance_reply, parse_request
+from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Query, balance_reply, parse_request
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
@@ -45,7 +45,7 @@ MAX_WAITING_READS = 10_000
 TICK_S = 0.25
 SNAPSHOT_TIMEOUT_S = 60.0
 SEQUENCER_LINE_BYTES = 1024 * 1024
-WRITE_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER"})
+WRITE_TASKS = frozenset({DEPOSIT, WITHDRAW, TRANSFER})
 # Outcomes of operations delivered again under a new seq (a retry the orderer numbered again):
 # the dedup window holds each operation's first seq only, so a replica that becomes the results
 # source resends these from here. Renumbering is rare; the latest ones are enough.
