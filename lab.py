@@ -29,7 +29,7 @@ from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, RunDirInUse, Start
 from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
 from common.lab.runner import RunOptions, run_lab
-from common.lab.workload import parse_mix
+from common.lab.workload import MIXES, describe_mix, parse_mix
 from common.log import configure
 from common.process import tune_gc
 
@@ -118,9 +118,9 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, refe
     parser.add_argument("--duration", type=_seconds, default=10.0, help="seconds of workload per run")
     parser.add_argument("--accounts", type=_at_least_two, default=8, help="bank accounts the workload moves money between")
     parser.add_argument("--mix", type=_mix, default="mixed",
-                        help="the workload's kinds of operation: mixed (transfer 60%%, deposit 10%%, withdraw 10%%, "
-                             "balance 20%%), writes (transfer 60%%, deposit 20%%, withdraw 20%%: only operations the "
-                             "replicas apply), reads, or weights such as transfer=80,balance=20")
+                        help="the workload's kinds of operation: "
+                             + ", ".join(f"{name} ({describe_mix(mix)})" for name, mix in MIXES.items()).replace("%", "%%")
+                             + " (writes: only operations the replicas apply), or weights such as transfer=80,balance=20")
     parser.add_argument("--faults", choices=list(SCHEDULES), default=default_faults, metavar="SCHEDULE", help=faults_help)
     parser.add_argument("--ports", choices=["seed", "free"], default="seed",
                         help="the seed's port numbers (they clash with a running `lab.py up`), or ports the kernel says are free")
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUse as error:
         advice = "stop that cluster (Ctrl-C where `make up` or `lab.py up` runs)"
         if args.ports == "seed":
-            advice += ", or pass --ports free (make demo PORTS=free)" if args.command == "demo" else ", or pass --ports free"
+            advice += ", or pass --ports free" + (" (make demo PORTS=free)" if args.command == "demo" else "")
         print(f"lab.py {args.command}: the cluster did not start: {error}; {advice}", file=sys.stderr)
         return 1
     except StartFailed as error:
