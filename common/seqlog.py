@@ -11,7 +11,8 @@ whole segments that end before `seq`; the active segment is never deleted, so th
 is always known. `load` reads every segment back, checks that the numbers run without a gap, and
 cuts off a torn last line (a crash in the middle of a write: that entry was never acknowledged).
 
-Appends run on one writer thread; nothing else touches the files while the sequencer runs.
+Appends run on one writer thread. `truncate_before` may run on another one at the same time: it
+only deletes segments below the active one, and never touches the writer's open file.
 """
 
 from __future__ import annotations

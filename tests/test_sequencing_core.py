@@ -832,3 +832,59 @@ def test_an_id_given_to_another_operation_is_refused_while_a_retry_of_the_same_o
         if stage == "pending":
             log_all(core)
     assert core.status()["SEQUENCED_TOTAL"] == 1
+
+
+# --- The node: the log's writer is never held up by truncation ---------------------------------
+
+
+def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments(tmp_path, monkeypatch):
+    """Deleting a segment takes the filesystem milliseconds; the writer of the next group must
+    not queue behind it (it did, once a second under load)."""
+    import argparse
+    import asyncio
+    import threading
+
+    from common.nodes.sequencer import INLINE_LOG_WRITE_MAX_ENTRIES, SequencerNode
+
+    class Client:
+        def __init__(self) -> None:
+            self.lines: list[bytes] = []
+
+        def send_bytes(self, line: bytes) -> None:
+            self.lines.append(line)
+
+    async def scenario() -> None:
+        seqlog = SequencerLog(tmp_path / "log", segment_entries=2)
+        core = SequencerCore(REPLICAS)
+        args = argparse.Namespace(host="127.0.0.1", peer_hosts="127.0.0.1", name="sequencer")
+        node = SequencerNode(args, core, seqlog)
+        deleting, release = threading.Event(), threading.Event()
+
+        def slow_truncate_before(seq: int) -> int:
+            deleting.set()
+            release.wait(30)
+            return 1
+
+        monkeypatch.setattr(seqlog, "truncate_before", slow_truncate_before)
+        monkeypatch.setattr(core, "truncation_point", lambda: 2)
+        truncation = asyncio.ensure_future(node._truncate())
+        assert await asyncio.to_thread(deleting.wait, 10)
+        client = Client()
+        count = INLINE_LOG_WRITE_MAX_ENTRIES + 4  # a group large enough for the writer's thread
+        for index in range(count):
+            assert core.submit(deposit(f"op-{index}"), client, f"op-{index}", needed=0) == []
+        node.schedule_log_write()
+        for _ in range(1000):  # (at most 10 s)
+            if len(client.lines) == count:
+                break
+            await asyncio.sleep(0.01)
+        truncation_was_running = not release.is_set() and not truncation.done()
+        release.set()
+        await truncation
+        node.executor.shutdown(wait=True)
+        node.trim_executor.shutdown(wait=True)
+        seqlog.close()
+        assert truncation_was_running
+        assert [json.loads(line)["SEQ"] for line in client.lines] == list(range(1, count + 1))
+
+    asyncio.run(scenario())
