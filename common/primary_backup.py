@@ -905,7 +905,9 @@ class ReplicaCore:
         self.highest_epoch_seen = record.promised_epoch
         self.retry_election_at_s = now_s
         self.installing = False  # a state transfer is being installed: no election meanwhile
-        self.last_election_failure = ""  # why the last attempt was abandoned (STATUS, logs)
+        # Why this replica's last candidacy ended without it becoming primary (STATUS, logs). Often
+        # ordinary: two replicas stood at once and this one gave way.
+        self.last_candidacy_end = ""
         self.last_step_down = ""
         self._next_request_id = 1
         self.elections_started = 0
@@ -1029,7 +1031,7 @@ class ReplicaCore:
         self.election = None
         self.role = BACKUP
         self.retry_election_at_s = now_s + extra_wait_s + self.timing.election_stagger_s * (1 + self._rank())
-        self.last_election_failure = why
+        self.last_candidacy_end = why
         if election is not None:
             effects.events.append(("election_abandoned", {"epoch": election.epoch, "pre_vote": election.pre, "why": why,
                                                           "refusals": ",".join(f"{v}:{r}" for v, r in election.refusals.items())}))
@@ -1058,7 +1060,7 @@ class ReplicaCore:
         decision = self.voter.decide_vote(request.epoch, request.candidate, request.position, self.position, now_s,
                                           pre=request.pre)
         if decision.granted and not request.pre and self.election is not None and request.candidate != self.name:
-            self._abandon_election(now_s, f"voted for {request.candidate} in epoch {request.epoch}", effects)
+            self._abandon_election(now_s, f"gave way: voted for {request.candidate} in epoch {request.epoch}", effects)
         effects.persist = self.voter.take_dirty()
         self.highest_epoch_seen = max(self.highest_epoch_seen, request.epoch if decision.granted else 0)
         reply = vote_reply_message(request_id, self.name, request, decision, self.voter.record.promised_epoch, self.position)
@@ -1336,7 +1338,7 @@ class ReplicaCore:
             "LOG_START_SEQ": self.log.base.seq + 1,
             "ELECTIONS_STARTED": self.elections_started,
             "ELECTIONS_WON": self.elections_won,
-            "LAST_ELECTION_FAILURE": self.last_election_failure,
+            "LAST_CANDIDACY_END": self.last_candidacy_end,
         }
         primary = self.primary
         if primary is not None:

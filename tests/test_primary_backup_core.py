@@ -35,6 +35,7 @@ from common.primary_backup import (
     ASYNC,
     BACKUP,
     BEHIND,
+    CANDIDATE,
     EPOCH_HAS_PRIMARY,
     LEASE_ACTIVE,
     LEASE_TOO_LONG,
@@ -56,6 +57,7 @@ from common.primary_backup import (
     SyncSet,
     Timing,
     Voter,
+    VoteRequest,
     VoterRecord,
     append_line,
     entry_text,
@@ -388,6 +390,18 @@ def test_a_new_primary_commits_nothing_beyond_its_own_disk():
     assert core.primary.committed.members == ("r2",)
     assert core.commit_seq == 10, "entries 11 and 12 are not on this replica's disk yet"
     assert core.on_local_durable(12).commit_advanced and core.commit_seq == 12
+
+
+def test_a_candidate_that_votes_for_another_one_reports_that_it_gave_way():
+    """Two replicas standing at once is ordinary: STATUS says the one that yielded gave way."""
+    core = ReplicaCore("r1", ["r1", "r2"], ["w"], mode=SYNC, timing=TIMING, record=VoterRecord(),
+                       position=Position(0, 0), now_s=0.0, client_address="r1.example:6004")
+    epoch = core.tick(1.0).send[0][1]["EPOCH"]  # r1 stands (a pre-vote round)
+    assert core.role == CANDIDATE and core.status(1.0)["LAST_CANDIDACY_END"] == ""
+    reply, _effects = core.on_vote_request(VoteRequest(epoch, "r2", Position(0, 0), pre=False), 7, 1.001)
+    assert reply["GRANTED"] is True
+    assert core.role == BACKUP
+    assert core.status(1.001)["LAST_CANDIDACY_END"] == f"gave way: voted for r2 in epoch {epoch}"
 
 
 def parse_vote_reply_for(fields: dict, *, pre: bool):
