@@ -65,7 +65,7 @@ from typing import NamedTuple
 
 from common import wire
 from common.bank import TRANSFER, Operation, Query, balance_reply, make_operation, parse_request
-from common.errors import ERROR_CODES, SaldoError, error_reply, is_definite
+from common.errors import ERROR_CODES, SaldoError, error_reply, is_definite, with_id_msg
 from common.log import get_logger
 from common.money import parse_amount_cents, render_cents
 
@@ -192,6 +192,14 @@ def address_fields(address: tuple[str, int]) -> dict:
 # --- Tasks, workers, peers --------------------------------------------------------------------
 
 
+class Waiter(NamedTuple):
+    """A client waiting for a task's answer: its connection, and what its request asks echoed."""
+
+    conn: int
+    request_id: object  # the request's "ID" (None: none given)
+    id_msg: str | None  # seed 002's "id_msg"
+
+
 class Task:
     """One client request on its way through the farm."""
 
@@ -203,7 +211,7 @@ class Task:
         self.update = update
         self.query = query
         self.body = body  # what a worker receives
-        self.waiters: list[tuple[int, object]] = []  # (connection, the client's request id)
+        self.waiters: list[Waiter] = []  # the clients to answer
         self.worker: str | None = None
         self.attempts = 0
         self.submitted_at = now
@@ -339,7 +347,7 @@ class FarmCore:
             else:
                 self._on_client_task(conn, message, request_id, now)
         except SaldoError as error:
-            self._send(conn, error_reply(error.code, error.detail, request_id))
+            self._send(conn, with_id_msg(error_reply(error.code, error.detail, request_id), message))
 
     def on_disconnect(self, conn: int, now: float) -> None:
         """Connection `conn` closed. A saldo worker's tasks go back to the queue at once (it kept
@@ -387,24 +395,26 @@ class FarmCore:
     # --- Clients -------------------------------------------------------------------------------
     def _on_client_task(self, conn: int, message: dict, request_id: object, now: float) -> None:
         request = parse_client_request(message)
+        id_msg = message.get("id_msg")  # seed 002's clients match replies by it
+        waiter = Waiter(conn, request_id, id_msg if type(id_msg) is str else None)
         if isinstance(request, Operation):
             task_id = request.op_id
             done = self.completed.get(task_id)
             if done is not None:  # a retry of a finished update: its recorded answer
                 if done[0] != request:
-                    self._send(conn, _id_reused(task_id, request_id))
+                    self._answer(waiter, _id_reused(task_id))
                 else:
                     self.completed.move_to_end(task_id)
-                    self._send(conn, _with_id(done[1], request_id))
+                    self._answer(waiter, done[1])
                 return
             task = self.tasks.get(task_id)
             if task is not None:  # a retry of a queued or held update: wait for the same run
                 if task.update != request:
-                    self._send(conn, _id_reused(task_id, request_id))
+                    self._answer(waiter, _id_reused(task_id))
                 elif len(task.waiters) < MAX_WAITERS_PER_TASK:
-                    task.waiters.append((conn, request_id))
+                    task.waiters.append(waiter)
                 else:
-                    self._send(conn, error_reply("OVERLOADED", "too many retries wait for this id", request_id))
+                    self._answer(waiter, error_reply("OVERLOADED", "too many retries wait for this id"))
                 return
         else:
             self._next_seq += 1
@@ -412,7 +422,7 @@ class FarmCore:
             task_id = f"q#{self.config.server_id}#{self._next_seq}"
         if self.queue_length >= self.config.max_queue:
             self.rejected_full_total += 1
-            self._send(conn, error_reply("QUEUE_FULL", f"{self.queue_length} tasks are queued, the bound", request_id))
+            self._answer(waiter, error_reply("QUEUE_FULL", f"{self.queue_length} tasks are queued, the bound"))
             return
         self._next_seq += 1
         if isinstance(request, Operation):
@@ -421,8 +431,15 @@ class FarmCore:
         else:
             task = Task(task_id, self._next_seq, None, request, _task_body(task_id, request), now)
             self.queue_queries.append(task)
-        task.waiters.append((conn, request_id))
+        task.waiters.append(waiter)
         self.tasks[task_id] = task
+
+    def _answer(self, waiter: Waiter, reply: dict) -> None:
+        """A client's reply (`reply` without "ID"), with what its request asks to be echoed."""
+        reply = _with_id(reply, waiter.request_id)
+        if waiter.id_msg is not None:
+            reply = {**reply, "id_msg": waiter.id_msg}
+        self._send(waiter.conn, reply)
 
     def _finish(self, task: Task, reply: dict, worker: Worker | None, now: float) -> None:
         """The task is done: answer every waiter and remember an update's answer."""
@@ -436,8 +453,8 @@ class FarmCore:
             self.completed[task.task_id] = (task.update, reply)
             if len(self.completed) > self.config.completed_memory:
                 self.completed.popitem(last=False)
-        for conn, request_id in task.waiters:
-            self._send(conn, _with_id(reply, request_id))
+        for waiter in task.waiters:
+            self._answer(waiter, reply)
         self.tasks_completed_total += 1
         second = int(now)
         if self._rate and self._rate[-1][0] == second:
@@ -633,8 +650,8 @@ class FarmCore:
         if task.attempts >= self.config.max_task_attempts:
             log.warning("task_given_up", task=task.task_id, attempts=task.attempts, reason=reason)
             del self.tasks[task.task_id]
-            for conn, request_id in task.waiters:
-                self._send(conn, error_reply("UNAVAILABLE", f"no worker completed the task in {task.attempts} attempts", request_id))
+            for waiter in task.waiters:
+                self._answer(waiter, error_reply("UNAVAILABLE", f"no worker completed the task in {task.attempts} attempts"))
             return
         self.tasks_requeued_total += 1
         (self.queue_updates if task.update is not None else self.queue_queries).appendleft(task)
@@ -1140,10 +1157,10 @@ def parse_client_request(message: dict) -> Operation | Query:
         raise
 
 
-def _id_reused(task_id: str, request_id: object) -> dict:
+def _id_reused(task_id: str) -> dict:
     """A request whose id names another operation (finished or still running): refused, so no
     client is told that its operation had another's outcome; nothing changes."""
-    return error_reply("ID_REUSED", f"id {task_id} names another operation; nothing changed", request_id)
+    return error_reply("ID_REUSED", f"id {task_id} names another operation; nothing changed")
 
 
 def _with_id(reply: dict, request_id: object) -> dict:

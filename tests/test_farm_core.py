@@ -107,6 +107,25 @@ def test_an_id_reused_for_another_operation_is_refused_whether_its_task_runs_or_
     assert core.queue_length == 0 and not core.tasks
 
 
+def test_a_seed_002_operation_gets_its_id_msg_back_on_its_answer_as_on_an_error():
+    """Seed 002's clients match replies by id_msg: the farm echoes it like the bank's servers."""
+    core = make_core()
+    core.on_message(2, {"id_msg": "seed-bad-1", "tipo": "SAQUE", "conta_origem": "alice", "valor": "abc"}, 0.0)
+    (refused,) = sends(core, 2)
+    assert (refused["STATUS"], refused["ERROR"], refused["id_msg"]) == ("NOK", "AMOUNT_MALFORMED", "seed-bad-1")
+    assert not core.tasks
+    seed_deposit = {"id_msg": "seed-good-1", "tipo": "DEPOSITO", "conta_destino": "alice", "valor": "1.00"}
+    core.on_message(2, seed_deposit, 0.1)
+    core.on_message(1, alive("w1"), 0.2)
+    core.pump(0.2)
+    ((task,),) = [batch["TASKS"] for batch in sends(core, 1)]
+    core.on_message(1, alive("w1", results=[ok(task["ID"], "1.00")]), 0.3)
+    (answer,) = sends(core, 2)
+    assert (answer["STATUS"], answer["BALANCE"], answer["id_msg"]) == ("OK", "1.00", "seed-good-1")
+    core.on_message(3, seed_deposit, 0.4)  # a retry is answered from the record, id_msg again
+    assert sends(core, 3)[0]["id_msg"] == "seed-good-1"
+
+
 def test_a_query_has_an_internal_id_that_no_client_update_can_take():
     core = make_core()
     core.on_message(2, {"TASK": "QUERY", "USER": "alice"}, 0.0)
