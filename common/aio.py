@@ -528,6 +528,9 @@ class Connection:
                     self._in_flight -= len(waiters)
                     for _deadline, on_reply in waiters:
                         on_reply(reply)
+                # What the callbacks sent back on this connection (a pipelining client's next
+                # requests) leaves now, not after whatever else this turn of the loop runs.
+                self.stream.flush()
         finally:
             self._fail_all("CONNECTION_LOST", "the connection closed before the reply")
 

@@ -179,6 +179,7 @@ class SequencerNode:
             self._start_catchup(link)
             return
         link.stream.send_bytes(data)
+        link.stream.flush()  # the replicas start applying while this turn goes on
         link.sent_upto = upto
 
     def _start_catchup(self, link: ReplicaLink) -> None:
@@ -417,6 +418,9 @@ class SequencerNode:
         return ClientRef(stream, request_id, op.op_id if "id_msg" in message else None)
 
     def _send_replies(self, replies) -> None:
+        if not replies:
+            return
+        streams = set()
         for reply in replies:
             client = reply.client
             if type(client) is ClientRef:
@@ -427,8 +431,12 @@ class SequencerNode:
                 if client.id_msg is not None:
                     message["id_msg"] = client.id_msg
                 client.stream.send(message)
+                streams.add(client.stream)
             else:
                 client.send_bytes(reply.line)
+                streams.add(client)
+        for stream in streams:  # the clients send their next requests while this turn goes on
+            stream.flush()
 
     def status(self, request_id: object = None) -> dict:
         reply = {"ID": request_id} if request_id is not None else {}
