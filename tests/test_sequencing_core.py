@@ -853,6 +853,9 @@ def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments
         def send_bytes(self, line: bytes) -> None:
             self.lines.append(line)
 
+        def flush(self) -> None:
+            pass
+
     async def scenario() -> None:
         seqlog = SequencerLog(tmp_path / "log", segment_entries=2)
         core = SequencerCore(REPLICAS)
@@ -888,3 +891,53 @@ def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments
         assert [json.loads(line)["SEQ"] for line in client.lines] == list(range(1, count + 1))
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("group", ["inline", "thread"])
+def test_a_log_write_that_fails_stops_the_sequencer_before_anything_is_broadcast_or_answered(tmp_path, monkeypatch, group):
+    """A failed write leaves numbers handed out that the disk may not hold: fail-stop, and a
+    restart continues from what the log kept."""
+    import argparse
+    import asyncio
+
+    from common.durable import EXIT_STORE_FAILURE
+    from common.nodes import sequencer as sequencer_node
+
+    class Client:
+        def __init__(self) -> None:
+            self.lines: list[bytes] = []
+
+        def send_bytes(self, line: bytes) -> None:
+            self.lines.append(line)
+
+        def flush(self) -> None:
+            pass
+
+    exits: list = []
+    client = Client()
+
+    async def scenario() -> None:
+        seqlog = SequencerLog(tmp_path / "log")
+        core = SequencerCore(REPLICAS)
+        node = sequencer_node.SequencerNode(argparse.Namespace(host="127.0.0.1", peer_hosts="127.0.0.1", name="sequencer"),
+                                            core, seqlog)
+
+        def full_disk(entries) -> None:
+            raise OSError(28, "No space left on device")
+
+        def exit_now(code: int) -> None:
+            exits.append(code)
+            raise SystemExit(code)  # out of the loop, as the process would end
+
+        monkeypatch.setattr(seqlog, "append", full_disk)
+        monkeypatch.setattr(sequencer_node.os, "_exit", exit_now)
+        count = 1 if group == "inline" else sequencer_node.INLINE_LOG_WRITE_MAX_ENTRIES + 1
+        for index in range(count):
+            core.submit(deposit(f"op-{index}"), client, f"op-{index}", needed=0)
+        node.schedule_log_write()
+        await asyncio.sleep(10)  # (the failed write ends the run long before)
+
+    with pytest.raises(SystemExit):
+        asyncio.run(scenario())
+    assert exits == [EXIT_STORE_FAILURE]
+    assert client.lines == []

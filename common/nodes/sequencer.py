@@ -141,19 +141,23 @@ class SequencerNode:
             # A small group (light load): write and fsync here; a thread's round trip would cost
             # more than the 0.2 ms the loop waits. A large group is written by the thread, so the
             # loop goes on numbering the next group meanwhile.
-            work = self.loop.create_future()
-            try:
-                self.seqlog.append(entries)
-                work.set_result(None)
-            except Exception as error:
-                work.set_exception(error)
-            self.loop.call_soon(self._on_log_written, work, upto)
+            self.loop.call_soon(self._on_log_written, self._append(entries), upto)
             return
-        work = self.loop.run_in_executor(self.executor, self.seqlog.append, entries)
-        work.add_done_callback(lambda done: self._on_log_written(done, upto))
+        self.executor.submit(self._append_in_thread, entries, upto)
 
-    def _on_log_written(self, work: asyncio.Future, upto: int) -> None:
-        error = work.exception()
+    def _append(self, entries: list) -> BaseException | None:
+        try:
+            self.seqlog.append(entries)
+        except Exception as error:
+            return error
+        return None
+
+    def _append_in_thread(self, entries: list, upto: int) -> None:
+        # Straight back to the loop: through an asyncio future, the news would take one more
+        # turn of the loop (its done callbacks are scheduled, not run, when it resolves).
+        self.loop.call_soon_threadsafe(self._on_log_written, self._append(entries), upto)
+
+    def _on_log_written(self, error: BaseException | None, upto: int) -> None:
         if error is not None:
             log.error("log_write_failed_stopping", error=repr(error), upto_seq=upto)
             os._exit(EXIT_STORE_FAILURE)
