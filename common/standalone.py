@@ -118,6 +118,7 @@ class BankService:
         def send_durable_replies(_done: object = None) -> None:
             while awaiting and awaiting[0][0].done():
                 stream.send_bytes(awaiting.popleft()[1])
+            stream.flush()  # the client sends its next requests while this turn goes on
 
         while True:
             lines = await stream.read_lines()
