@@ -834,33 +834,44 @@ def test_an_id_given_to_another_operation_is_refused_while_a_retry_of_the_same_o
     assert core.status()["SEQUENCED_TOTAL"] == 1
 
 
-# --- The node: the log's writer is never held up by truncation ---------------------------------
+# --- The node (common/nodes/sequencer.py) around its log, without sockets ----------------------
+
+
+class FakeClient:
+    """A client connection as the node sees it: what it was sent."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def send_bytes(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def sequencer_node_on(seqlog: SequencerLog):
+    """A SequencerNode (for two replicas) on this log; call it inside the running loop."""
+    import argparse
+
+    from common.nodes.sequencer import SequencerNode
+
+    args = argparse.Namespace(host="127.0.0.1", peer_hosts="127.0.0.1", name="sequencer")
+    return SequencerNode(args, SequencerCore(REPLICAS), seqlog)
 
 
 def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments(tmp_path, monkeypatch):
     """Deleting a segment takes the filesystem milliseconds; the writer of the next group must
     not queue behind it (it did, once a second under load)."""
-    import argparse
     import asyncio
     import threading
 
-    from common.nodes.sequencer import INLINE_LOG_WRITE_MAX_ENTRIES, SequencerNode
-
-    class Client:
-        def __init__(self) -> None:
-            self.lines: list[bytes] = []
-
-        def send_bytes(self, line: bytes) -> None:
-            self.lines.append(line)
-
-        def flush(self) -> None:
-            pass
+    from common.nodes.sequencer import INLINE_LOG_WRITE_MAX_ENTRIES
 
     async def scenario() -> None:
         seqlog = SequencerLog(tmp_path / "log", segment_entries=2)
-        core = SequencerCore(REPLICAS)
-        args = argparse.Namespace(host="127.0.0.1", peer_hosts="127.0.0.1", name="sequencer")
-        node = SequencerNode(args, core, seqlog)
+        node = sequencer_node_on(seqlog)
+        core = node.core
         deleting, release = threading.Event(), threading.Event()
 
         def slow_truncate_before(seq: int) -> int:
@@ -872,7 +883,7 @@ def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments
         monkeypatch.setattr(core, "truncation_point", lambda: 2)
         truncation = asyncio.ensure_future(node._truncate())
         assert await asyncio.to_thread(deleting.wait, 10)
-        client = Client()
+        client = FakeClient()
         count = INLINE_LOG_WRITE_MAX_ENTRIES + 4  # a group large enough for the writer's thread
         for index in range(count):
             assert core.submit(deposit(f"op-{index}"), client, f"op-{index}", needed=0) == []
@@ -897,30 +908,18 @@ def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments
 def test_a_log_write_that_fails_stops_the_sequencer_before_anything_is_broadcast_or_answered(tmp_path, monkeypatch, group):
     """A failed write leaves numbers handed out that the disk may not hold: fail-stop, and a
     restart continues from what the log kept."""
-    import argparse
     import asyncio
 
     from common.durable import EXIT_STORE_FAILURE
     from common.nodes import sequencer as sequencer_node
 
-    class Client:
-        def __init__(self) -> None:
-            self.lines: list[bytes] = []
-
-        def send_bytes(self, line: bytes) -> None:
-            self.lines.append(line)
-
-        def flush(self) -> None:
-            pass
-
     exits: list = []
-    client = Client()
+    client = FakeClient()
 
     async def scenario() -> None:
         seqlog = SequencerLog(tmp_path / "log")
-        core = SequencerCore(REPLICAS)
-        node = sequencer_node.SequencerNode(argparse.Namespace(host="127.0.0.1", peer_hosts="127.0.0.1", name="sequencer"),
-                                            core, seqlog)
+        node = sequencer_node_on(seqlog)
+        core = node.core
 
         def full_disk(entries) -> None:
             raise OSError(28, "No space left on device")
