@@ -17,16 +17,19 @@ stops at once (fail-stop) and recovers from the store when restarted.
 A replica fed from a durable log (the sequencer's, the queue server's) may relax that, because the
 log can give back whatever a crash takes (common/nodes/sequenced_replica.py acknowledges before
 the commit). With `sync_interval_s` > 0 and a store that allows it, `durable()` means committed
-(it survives a process crash), and one commit every `sync_interval_s` also puts everything before
-it on stable storage. `synced_meta` is the metadata as of that point (its last_applied_seq is what
-the replica lets the log forget); `sync_if_idle()` syncs what a quiet period left behind. One
-fsync per interval instead of one per commit.
+(it survives a process crash), and at most once every `sync_interval_s` the store's write-ahead
+log is flushed to stable storage on the commit thread (`os.fsync` lets go of the GIL), while the
+loop goes on applying and committing: a flush in the middle of a commit would hold the loop for
+milliseconds, and every acknowledgement with it. `synced_meta` is the metadata of the last commit
+that had landed when a flush began (its last_applied_seq is what the replica lets the log
+forget); `on_synced` is called when it moves. One fsync per interval instead of one per commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from common.bank import Bank, Operation, Outcome
@@ -52,8 +55,11 @@ class DurableBank:
         # 0, or a store that syncs every commit anyway: every commit is on stable storage.
         self.sync_interval_s = 0.0 if store.syncs_every_commit else sync_interval_s
         self.synced_meta: dict[str, int] = dict(self.meta)  # the caller syncs what it loaded: see open()
+        self._committed_meta: dict[str, int] = dict(self.meta)  # as of the last commit that landed
         self._last_sync_started_s = float("-inf")
-        self._unsynced = False  # a commit since the last sync skipped it
+        self._unsynced = False  # a commit landed after the last flush began
+        self._sync_inflight: asyncio.Future | None = None  # a flush running on the commit thread
+        self.on_synced: Callable[[], None] | None = None  # called when synced_meta moves
         self.synced_commits_total = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self._loop = asyncio.get_running_loop()
@@ -141,8 +147,8 @@ class DurableBank:
         self._inflight_commit = commit
         ops_count = len(applied)
         window = self.bank.dedup_window_ops
-        sync = self._sync_due()
-        synced_meta = dict(self.meta) if sync else None  # what is on stable storage once this lands
+        sync = self.sync_interval_s == 0.0  # relaxed: flushed later, off the loop (_start_sync)
+        landed_meta = dict(self.meta)  # everything in memory joins this commit, metadata too
         if not self.store.commits_in_thread:
             work = self._loop.create_future()
             try:
@@ -150,36 +156,28 @@ class DurableBank:
                 work.set_result(None)
             except Exception as error:  # handled (fatally) by _on_committed, like a thread's failure
                 work.set_exception(error)
-            self._loop.call_soon(self._on_committed, work, commit, ops_count, synced_meta)
+            self._loop.call_soon(self._on_committed, work, commit, ops_count, landed_meta, sync)
             return
         work = self._loop.run_in_executor(
             self._executor,
             lambda: self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window, sync=sync),
         )
-        work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count, synced_meta))
-
-    def _sync_due(self, *, force: bool = False) -> bool:
-        """Whether a sync starts now (every commit's, without an interval); the interval then
-        counts from now."""
-        now_s = self._loop.time()
-        if not force and now_s - self._last_sync_started_s < self.sync_interval_s:
-            return False
-        self._last_sync_started_s = now_s
-        return True
+        work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count, landed_meta, sync))
 
     def _on_committed(self, work: asyncio.Future, commit: asyncio.Future, ops_count: int,
-                      synced_meta: dict[str, int] | None) -> None:
+                      landed_meta: dict[str, int], synced: bool) -> None:
         error = work.exception()
         if error is not None:
             # Memory is ahead of the disk: stop now; a restart recovers from the last commit.
             log.error("commit_failed_stopping", error=repr(error), ops=ops_count)
             os._exit(EXIT_STORE_FAILURE)
-        if synced_meta is None:
-            self._unsynced = True
-        else:
-            self.synced_meta = synced_meta
+        self._committed_meta = landed_meta
+        if synced:
+            self.synced_meta = landed_meta
             self.synced_commits_total += 1
-            self._unsynced = False
+        else:
+            self._unsynced = True
+            self.start_sync_if_due()
         self.commits_total += 1
         self.ops_committed_total += ops_count
         if ops_count > self.largest_commit_ops:
@@ -196,23 +194,45 @@ class DurableBank:
         while not self.idle:
             await self.durable()
         if sync:
-            self.sync_if_idle(force=True)
+            await self.wait_for_sync()
+            if self.start_sync_if_due(force=True):
+                await self.wait_for_sync()
 
-    def sync_if_idle(self, *, force: bool = False) -> bool:
-        """Put relaxed commits on stable storage when no commit is running and the interval has
-        passed since the last sync (or `force`). True if this synced something."""
-        if not self._unsynced or not self.idle or not self._sync_due(force=force):
+    async def wait_for_sync(self) -> None:
+        """Wait until no flush is running (synced_meta then says all that the flushes covered)."""
+        while self._sync_inflight is not None:  # (one flush at a time; each bounded by the disk)
+            await asyncio.shield(self._sync_inflight)
+
+    def start_sync_if_due(self, *, force: bool = False) -> bool:
+        """Flush relaxed commits to stable storage on the commit thread, if some landed since the
+        last flush began, none is running, and the interval has passed (or `force`). True if a
+        flush started. The caller hears of its end through `on_synced`."""
+        if not self._unsynced or self._sync_inflight is not None or self._replacing:
             return False
-        assert not self.store.commits_in_thread, "a relaxed store commits on the loop: nothing runs beside this"
-        try:
-            self.store.sync_to_disk()
-        except Exception as error:
+        now_s = self._loop.time()
+        if not force and now_s - self._last_sync_started_s < self.sync_interval_s:
+            return False
+        assert not self.store.commits_in_thread, "a relaxed store commits on the loop; the thread only flushes"
+        self._last_sync_started_s = now_s
+        self._unsynced = False
+        # What the flush covers: every commit that landed before it begins (a commit landing
+        # meanwhile may or may not be covered, so it counts for the next flush).
+        covered_meta = self._committed_meta
+        flushing = self._loop.run_in_executor(self._executor, self.store.sync_to_disk)
+        self._sync_inflight = flushing
+        flushing.add_done_callback(lambda done: self._on_synced(done, covered_meta))
+        return True
+
+    def _on_synced(self, work: asyncio.Future, covered_meta: dict[str, int]) -> None:
+        error = work.exception()
+        if error is not None:
             log.error("sync_failed_stopping", error=repr(error))
             os._exit(EXIT_STORE_FAILURE)
-        self.synced_meta = dict(self.meta)
+        self._sync_inflight = None
+        self.synced_meta = covered_meta
         self.synced_commits_total += 1
-        self._unsynced = False
-        return True
+        if self.on_synced is not None:
+            self.on_synced()
 
     async def close(self) -> None:
         await self.flush(sync=True)
@@ -225,6 +245,7 @@ class DurableBank:
         voter record: a vote or a lease answered during the install) is newer than the image's,
         so it stays, and the commit after the install writes it."""
         await self.flush()
+        await self.wait_for_sync()  # a flush that ends after the install would report the old state
         assert not self._replacing
         self._replacing = True
         try:
@@ -239,6 +260,7 @@ class DurableBank:
         self.bank = bank
         self.meta = {**image.meta, **changed_during_install}
         self.synced_meta = dict(image.meta)
+        self._committed_meta = dict(image.meta)
         self._unsynced = False
         self._meta_changes = changed_during_install
         assert not changed_during_install or self._uncommitted, "what changed during the install is committed next"

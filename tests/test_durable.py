@@ -1,6 +1,6 @@
 """common.durable: group commit, and the relaxed sync of a log-backed replica.
 
-A replica fed from the sequencer's log commits without waiting for the disk and syncs once per
+A replica fed from the sequencer's log commits without waiting for the disk and flushes once per
 interval; `synced_meta` must then say exactly how far its store is on stable storage, because the
 sequencer forgets log entries below that point.
 """
@@ -35,21 +35,26 @@ async def open_bank(path, *, default_synchronous: str, sync_interval_s: float) -
     return await DurableBank.open(store, max_accounts=100, dedup_window_ops=1_000, sync_interval_s=sync_interval_s)
 
 
-def test_a_relaxed_bank_syncs_the_first_commit_of_each_interval_and_reports_how_far(tmp_path):
+def test_a_relaxed_bank_flushes_after_the_first_commit_of_each_interval_and_reports_how_far(tmp_path):
     async def scenario():
         dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=3600.0)
         assert not dbank.store.syncs_every_commit and dbank.sync_interval_s == 3600.0
-        await apply_and_commit(dbank, deposit("op-1"), 1)  # the first commit of an interval syncs
-        assert dbank.synced_meta["last_applied_seq"] == 1
-        await apply_and_commit(dbank, deposit("op-2"), 2)  # within the interval: committed, not synced
+        flushes_reported = []
+        dbank.on_synced = lambda: flushes_reported.append(dbank.synced_meta["last_applied_seq"])
+        await apply_and_commit(dbank, deposit("op-1"), 1)  # the first commit of an interval: a flush starts
+        await dbank.wait_for_sync()
+        assert dbank.synced_meta["last_applied_seq"] == 1 and flushes_reported == [1]
+        await apply_and_commit(dbank, deposit("op-2"), 2)  # within the interval: committed, not flushed
         await apply_and_commit(dbank, deposit("op-3"), 3)
+        await dbank.wait_for_sync()
         assert dbank.meta["last_applied_seq"] == 3
         assert dbank.synced_meta["last_applied_seq"] == 1
-        assert synchronous_level(dbank) == 1  # a sync commit puts the relaxed level back
-        assert dbank.sync_if_idle() is False  # the interval has not passed
-        assert dbank.sync_if_idle(force=True) is True
-        assert dbank.synced_meta["last_applied_seq"] == 3
-        assert dbank.sync_if_idle(force=True) is False  # nothing left unsynced
+        assert synchronous_level(dbank) == 1  # every commit at the relaxed level
+        assert dbank.start_sync_if_due() is False  # the interval has not passed
+        assert dbank.start_sync_if_due(force=True) is True
+        await dbank.wait_for_sync()
+        assert dbank.synced_meta["last_applied_seq"] == 3 and flushes_reported == [1, 3]
+        assert dbank.start_sync_if_due(force=True) is False  # nothing left unsynced
         assert dbank.status_fields()["SYNCED_COMMITS_TOTAL"] == 2
         await dbank.close()
         # Everything committed is in the store, synced or not.
@@ -73,20 +78,23 @@ def test_every_commit_is_synced_without_an_interval_or_with_a_store_that_syncs_a
         for seq in range(1, 4):
             await apply_and_commit(dbank, deposit(f"op-{seq}"), seq)
             assert dbank.synced_meta["last_applied_seq"] == seq
-        assert dbank.sync_if_idle(force=True) is False  # nothing is ever left unsynced
+        assert dbank.start_sync_if_due(force=True) is False  # nothing is ever left unsynced
         await dbank.close()
 
     asyncio.run(scenario())
 
 
-def test_an_interval_that_passed_makes_the_next_commit_a_sync(tmp_path):
+def test_an_interval_that_passed_makes_the_next_commit_start_a_flush(tmp_path):
     async def scenario():
         dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=0.05)
         await apply_and_commit(dbank, deposit("op-1"), 1)
+        await dbank.wait_for_sync()
         await apply_and_commit(dbank, deposit("op-2"), 2)
+        await dbank.wait_for_sync()
         assert dbank.synced_meta["last_applied_seq"] == 1
         await asyncio.sleep(0.06)
         await apply_and_commit(dbank, deposit("op-3"), 3)
+        await dbank.wait_for_sync()
         assert dbank.synced_meta["last_applied_seq"] == 3
         await dbank.close()
 
@@ -117,7 +125,8 @@ def test_syncing_a_quiet_store_flushes_its_log_even_while_a_reader_holds_a_snaps
 
     async def scenario():
         dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=3600.0)
-        await apply_and_commit(dbank, deposit("op-1"), 1)  # the first commit of the interval syncs
+        await apply_and_commit(dbank, deposit("op-1"), 1)  # the first commit of the interval: a flush
+        await dbank.wait_for_sync()
         await apply_and_commit(dbank, deposit("op-2"), 2)  # relaxed
         reader = sqlite3.connect(tmp_path / "r.db")
         reader.execute("BEGIN")
@@ -125,7 +134,8 @@ def test_syncing_a_quiet_store_flushes_its_log_even_while_a_reader_holds_a_snaps
         flushed = []
         real_fsync = os.fsync
         monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
-        assert dbank.sync_if_idle(force=True)
+        assert dbank.start_sync_if_due(force=True)
+        await dbank.wait_for_sync()
         assert any(path.endswith("r.db-wal") for path in flushed), flushed
         assert dbank.synced_meta["last_applied_seq"] == 2
         reader.rollback()
@@ -144,12 +154,15 @@ def test_nothing_syncs_or_applies_while_a_state_transfer_installs(tmp_path):
             await apply_and_commit(source, deposit(f"op-{seq}"), seq)
         target = await open_bank(tmp_path / "b.db", default_synchronous="normal", sync_interval_s=3600.0)
         await apply_and_commit(target, deposit("other-1"), 1)
-        await apply_and_commit(target, deposit("other-2"), 2)  # relaxed: a sync is due when idle
+        await target.wait_for_sync()
+        await apply_and_commit(target, deposit("other-2"), 2)  # relaxed: a forced flush would run
         installing = asyncio.ensure_future(target.replace(source.snapshot()))
-        await asyncio.sleep(0)  # flush() returned at once; the install is on the commit thread
-        await asyncio.sleep(0)
-        assert not target.idle
-        assert target.sync_if_idle(force=True) is False
+        for _ in range(1000):  # until the install is on the commit thread (bounded)
+            if target.replacing:
+                break
+            await asyncio.sleep(0)
+        assert target.replacing and not target.idle
+        assert target.start_sync_if_due(force=True) is False
         with pytest.raises(AssertionError):
             target.apply(deposit("op-late"), 4)
         await installing
@@ -341,3 +354,36 @@ def test_a_replica_that_becomes_the_results_source_resends_the_outcomes_of_renum
         return results
 
     assert asyncio.run(scenario()) == [(1, None, 100), (2, None, 150), (3, None, 100)]
+
+
+def test_commits_go_on_while_a_flush_runs_and_the_flush_reports_only_what_had_landed_when_it_began(tmp_path, monkeypatch):
+    """The flush runs on the commit thread so that the loop (and every acknowledgement) never waits
+    for the disk; what lands during it is not counted as synced until the next flush."""
+    import threading
+
+    async def scenario():
+        dbank = await open_bank(tmp_path / "r.db", default_synchronous="normal", sync_interval_s=3600.0)
+        flushing, release = threading.Event(), threading.Event()
+        real_sync = dbank.store.sync_to_disk
+
+        def slow_sync() -> None:
+            flushing.set()
+            release.wait(30)
+            real_sync()
+
+        monkeypatch.setattr(dbank.store, "sync_to_disk", slow_sync)
+        await apply_and_commit(dbank, deposit("op-1"), 1)  # a flush starts, and hangs on the disk
+        assert await asyncio.to_thread(flushing.wait, 10)
+        await apply_and_commit(dbank, deposit("op-2"), 2)  # committed meanwhile
+        await apply_and_commit(dbank, deposit("op-3"), 3)
+        assert dbank.meta["last_applied_seq"] == 3 and "last_applied_seq" not in dbank.synced_meta
+        assert dbank.start_sync_if_due(force=True) is False  # one flush at a time
+        release.set()
+        await dbank.wait_for_sync()
+        assert dbank.synced_meta["last_applied_seq"] == 1  # not 2 or 3: they may have missed it
+        assert dbank.start_sync_if_due(force=True) is True
+        await dbank.wait_for_sync()
+        assert dbank.synced_meta["last_applied_seq"] == 3
+        await dbank.close()
+
+    asyncio.run(scenario())

@@ -54,7 +54,7 @@ MAX_RECENT_DUPLICATES = 4_096
 # the replica waits this long before it subscribes again.
 SUBSCRIPTION_LOST, SUBSCRIPTION_NEEDS_SNAPSHOT, SUBSCRIPTION_REPLACED = "lost", "snapshot", "replaced"
 REPLACED_BACKOFF_S = 5.0
-# One commit in this interval also syncs the store (one fsync, instead of one per commit); the
+# The store is flushed at most once in this interval (one fsync, instead of one per commit); the
 # orderer's log holds what is not synced yet.
 DEFAULT_SYNC_INTERVAL_MS = 50
 
@@ -91,6 +91,7 @@ class SequencedReplica:
     def __init__(self, args: argparse.Namespace, dbank: DurableBank) -> None:
         self.args = args
         self.dbank = dbank
+        dbank.on_synced = self._report_synced  # a flush of the store ended: the log may forget more
         last = dbank.meta.get("last_applied_seq", 0)
         self.core = SequencedReplicaCore(last_delivered_seq=last)
         self.committed_seq = last  # applied and committed (it survives a crash of this process)
@@ -254,7 +255,7 @@ class SequencedReplica:
     def _on_committed(self, upto: int) -> None:
         self.committed_seq = max(self.committed_seq, upto)
         self._answer_reads()
-        self._report_synced()  # the commit may have been a synced one
+        self._report_synced()  # the commit may have been a synced one (no sync interval)
 
     def _report_synced(self) -> None:
         """Tell the orderer how far this store is on disk, when that moved since the last
@@ -265,11 +266,6 @@ class SequencedReplica:
             return
         stream.send_bytes(applied_line(self.core.last_delivered_seq, [], synced))
         self.reported_synced_seq = synced
-
-    def _sync_if_idle(self) -> None:
-        """A quiet period left commits unsynced: sync them, and tell the orderer it may forget them."""
-        if self.dbank.sync_if_idle():
-            self._report_synced()
 
     def _become_results_source(self, stream: aio.MessageStream, from_seq: object) -> None:
         """The results source went away: send the outcomes of what this replica already applied
@@ -304,7 +300,7 @@ class SequencedReplica:
             if resend is not None:
                 self._ask_resend(resend)
             self._expire_reads()
-            self._sync_if_idle()
+            self.dbank.start_sync_if_due()  # what a quiet period left unsynced (see on_synced)
 
     @staticmethod
     def _check_feed(message: dict) -> None:
