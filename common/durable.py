@@ -147,7 +147,7 @@ class DurableBank:
         self._inflight_commit = commit
         ops_count = len(applied)
         window = self.bank.dedup_window_ops
-        sync = self.sync_interval_s == 0.0  # relaxed: flushed later, off the loop (_start_sync)
+        sync = self.sync_interval_s == 0.0  # relaxed: flushed later, off the loop (start_sync_if_due)
         landed_meta = dict(self.meta)  # everything in memory joins this commit, metadata too
         if not self.store.commits_in_thread:
             work = self._loop.create_future()

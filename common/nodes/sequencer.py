@@ -146,6 +146,7 @@ class SequencerNode:
         self.executor.submit(self._append_in_thread, entries, upto)
 
     def _append(self, entries: list) -> BaseException | None:
+        """Write and fsync a group; the failure, if any, as a value (the loop stops on it)."""
         try:
             self.seqlog.append(entries)
         except Exception as error:
