@@ -61,7 +61,7 @@ import random
 import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from common import wire
 from common.bank import TRANSFER, Operation, Query, balance_reply, make_operation, parse_request
@@ -314,6 +314,7 @@ class FarmCore:
         self.loans_received_total = 0
         self._rate: deque[list[int]] = deque()  # [second, completions]
         self.status_extra: dict = {}  # what the driver adds to STATUS (node name, pid, store counter)
+        self.status_probe: Callable[[], dict] | None = None  # figures the driver reads at each STATUS
 
     # --- The driver's side ---------------------------------------------------------------------
     def take_outbox(self) -> list[Send | Close | PeerRequest]:
@@ -1051,6 +1052,7 @@ class FarmCore:
         return {
             "STATUS": "OK",
             **self.status_extra,
+            **(self.status_probe() if self.status_probe is not None else {}),
             "ROLE": "farm-server",
             "SERVER_UUID": config.server_id,
             "ADDRESS": address_key(config.address),

@@ -1,7 +1,8 @@
 """How a saldo process starts and stops: logging, signals, the event loop.
 
 Owns the life cycle every top-level script shares: `run(main)` configures key=value logging with
-the node's name, tunes the garbage collector, runs `main(stop)` on a fresh event loop, and turns
+the node's name, tunes the garbage collector, runs `main(stop)` on a fresh event loop (with the
+loop monitor that STATUS reports, common/aio.py), and turns
 SIGTERM / SIGINT into `stop` being set, so the process closes its listeners, lets its last group
 commit reach the disk, and exits 0. SIGKILL is the lab's business: nothing here is needed for a
 killed process to recover.
@@ -14,6 +15,7 @@ import gc
 import signal
 from typing import Awaitable, Callable
 
+from common import aio
 from common import log as saldo_log
 
 log = saldo_log.get_logger("process")
@@ -47,7 +49,11 @@ def run(main: Callable[[asyncio.Event], Awaitable[int | None]], *, node_name: st
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        code = await main(stop)
+        monitor = asyncio.create_task(aio.LoopMonitor.run(stop))
+        try:
+            code = await main(stop)
+        finally:
+            monitor.cancel()
         return 0 if code is None else code
 
     try:

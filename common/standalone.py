@@ -108,6 +108,7 @@ class BankService:
             **self.dbank.status_fields(),
             "REQUESTS_TOTAL": self.requests_total,
             "IO": aio.IOCounters.snapshot(),
+            "LOOP": aio.LoopMonitor.snapshot(),
         }
 
     async def handle(self, stream: MessageStream) -> None:

@@ -133,6 +133,8 @@ def test_a_burst_on_one_server_borrows_workers_completes_every_task_and_returns_
         assert watch.max_borrowed >= 1  # farm2 lent a worker while farm1's queue was long
         farm1 = cluster.status("farm1")
         assert farm1["TASKS_BY_BORROWED_TOTAL"] > 0 and farm1["LOANS_RECEIVED_TOTAL"] >= 1
+        # Like every asyncio process, a server reports its transport and its event loop.
+        assert farm1["IO"]["MESSAGES_READ"] > 600 and type(farm1["LOOP"]["STALLS_TOTAL"]) is int
         # The right balances: 60 deposits of 1.00 into each account, read through the farm too.
         store = open_store(store_url_of(lab))
         try:

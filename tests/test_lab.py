@@ -80,6 +80,9 @@ def test_the_standalone_architecture_passes_a_lab_run_with_8_clients(standalone_
     image = standalone_run.states["standalone"]
     assert image.counters.ops_applied_total == len(write_ids(standalone_run, acknowledged=True))
     assert {row.op.op_id for row in image.recent} == write_ids(standalone_run, acknowledged=True)
+    # The process's event loop was watched through the run (how many stalls depends on the machine).
+    stalls = report["loop_stalls"]["standalone"]
+    assert type(stalls["stalls"]) is int and stalls["stalls"] >= 0 and stalls["stalled_ms"] >= 0
 
 
 def test_a_writes_only_mix_sends_no_read_and_every_acknowledged_operation_is_applied(tmp_path):
@@ -205,6 +208,22 @@ def test_sigkill_and_restart_of_the_standalone_process_loses_no_acknowledged_ope
     assert image.counters.ops_applied_total == len(stored)
     # The timeline shades the crash window, in both panels.
     assert len(shaded_rects(Path(report["timeline_svg"]))) == 2
+
+
+def test_a_paused_process_shows_in_the_report_as_a_loop_stall_as_long_as_the_pause(tmp_path):
+    result = lab_run(tmp_path, architecture="standalone", duration_s=3.0, run_name="standalone-pause",
+                     schedule=[Fault("pause", "replica", 0.3, 0.6)])
+    report = result.report
+    assert report["verdict"] == "valid", report["anomaly_examples"]
+    [fault] = report["faults"]
+    paused_ms = (fault["until_s"] - fault["at_s"]) * 1000
+    assert paused_ms > 500
+    # Stopped, the process ran no timer; its first one after SIGCONT was as late as the pause.
+    stalls = report["loop_stalls"]["standalone"]
+    assert stalls["stalls"] >= 1
+    assert stalls["stalled_ms"] >= paused_ms - 100
+    assert stalls["lag_max_ms"] >= paused_ms - 100
+    assert re.search(r"^  loop stalls +standalone \d+ \([\d,]+ ms\)", report_module.format_table(report), re.M)
 
 
 def test_a_restart_still_in_progress_when_the_run_ends_is_finished_once(tmp_path):

@@ -809,3 +809,38 @@ def test_a_connection_still_served_when_the_process_stops_ends_without_an_error_
     asyncio.run(scenario())
     assert handler_waiting == [True]
     assert reported == []
+
+
+# --- The loop monitor -----------------------------------------------------------------------------
+
+
+def test_the_loop_monitor_counts_a_blocked_loop_as_one_stall_as_long_as_the_block():
+    before = aio.LoopMonitor.snapshot()
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        monitor = asyncio.create_task(aio.LoopMonitor.run(stop))
+        await asyncio.sleep(3 * aio.LOOP_MONITOR_PERIOD_S)  # on time: no stall
+        time.sleep(0.12)  # a callback that holds the loop (a blocking call)
+        await asyncio.sleep(3 * aio.LOOP_MONITOR_PERIOD_S)
+        stop.set()
+        await monitor
+
+    asyncio.run(scenario())
+    after = aio.LoopMonitor.snapshot()
+    assert after["STALLS_TOTAL"] - before["STALLS_TOTAL"] >= 1
+    # The timer due during the block ran late by the rest of the block (at most one period less).
+    stalled_ms = after["STALLED_MS_TOTAL"] - before["STALLED_MS_TOTAL"]
+    assert 120 - 1000 * aio.LOOP_MONITOR_PERIOD_S - 5 <= stalled_ms < 1000
+    assert after["LAG_MAX_MS"] >= 120 - 1000 * aio.LOOP_MONITOR_PERIOD_S - 5
+
+
+def test_a_lag_under_the_threshold_is_not_a_stall():
+    before = aio.LoopMonitor.snapshot()
+    aio.LoopMonitor.record(aio.LOOP_STALL_MS / 2)
+    aio.LoopMonitor.record(0.0)
+    assert aio.LoopMonitor.snapshot()["STALLS_TOTAL"] == before["STALLS_TOTAL"]
+    aio.LoopMonitor.record(aio.LOOP_STALL_MS)
+    after = aio.LoopMonitor.snapshot()
+    assert after["STALLS_TOTAL"] == before["STALLS_TOTAL"] + 1
+    assert after["STALLED_MS_TOTAL"] == pytest.approx(before["STALLED_MS_TOTAL"] + aio.LOOP_STALL_MS, abs=0.1)

@@ -5,7 +5,10 @@ architecture, clients, duration_s, ops {ok, failed, unknown}, throughput_ops_s (
 operations per second as the clients saw them), applied_ops_s (operations applied at every replica
 per second, from the replicas' own counts), latency_ms {p50, p95, p99}, faults (what was injected
 and when), anomalies (type -> count), verdict ("valid" | "invalid") and reference (the echo figure
-of the same run). Extra fields may be added; none of these is ever renamed or removed.
+of the same run). Extra fields may be added; none of these is ever renamed or removed. Among them:
+cpu_us_per_op (CPU microseconds per acknowledged operation, by process) and loop_stalls (by
+process: how often its event loop ran LOOP_STALL_MS or more late during the run, and for how long
+in all): a latency spike with a stall beside it was a process that could not run.
 
 The timeline is an SVG drawn by hand (no plotting library): throughput and latency per time bucket,
 with the fault windows shaded, so a person can see what a partition did.
@@ -18,6 +21,7 @@ import math
 import shutil
 from pathlib import Path
 
+from common.aio import LOOP_STALL_MS
 from common.lab.workload import OpRecord
 
 REPORT_FIELDS = (
@@ -86,6 +90,10 @@ def format_table(report: dict) -> str:
     ]
     if reference.get("echo_ops_s"):
         rows.append(("reference", f"echo {reference['echo_ops_s']:,.0f} ops/s; this run {reference['ratio']:.2f} of it"))
+    stalled = [(name, n) for name, n in (report.get("loop_stalls") or {}).items() if n["stalls"]]
+    if "loop_stalls" in report:
+        rows.append(("loop stalls", ", ".join(f"{name} {n['stalls']} ({n['stalled_ms']:,.0f} ms)" for name, n in stalled)
+                     or f"none of {LOOP_STALL_MS:g} ms or more"))
     rows.append(("faults", faults))
     rows.append(("anomalies", ", ".join(f"{k} {v}" for k, v in anomalies.items()) or "none"))
     verdict = report["verdict"].upper()

@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from common.lab import archs, checker, report
@@ -115,6 +116,40 @@ async def _applied_counts(lab: archs.LabCluster) -> dict[str, int | None]:
     return counts
 
 
+async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict]:
+    """Every node's loop monitor (STATUS "LOOP", common/aio.py), where it has one."""
+    counters: dict[str, dict] = {}
+    for name in lab.cluster.nodes:
+        if not lab.cluster.is_running(name):
+            continue
+        try:
+            status = await asyncio.to_thread(lab.cluster.status, name, timeout_s=2.0)
+        except OSError:
+            continue
+        loop = status.get("LOOP")
+        if isinstance(loop, dict) and type(loop.get("STALLS_TOTAL")) is int:
+            counters[name] = loop
+    return counters
+
+
+def _loop_stalls(start: dict[str, dict], end: dict[str, dict]) -> dict[str, dict]:
+    """The stalls of each node's event loop within the run (a node restarted meanwhile counts from
+    its restart), with the largest lag since the node started."""
+    def ms(counters: dict, key: str) -> float:  # a number on the wire decodes as a Decimal
+        value = counters.get(key)
+        return float(value) if isinstance(value, (int, float, Decimal)) else 0.0
+
+    stalls = {}
+    for name, last in sorted(end.items()):
+        first = start.get(name)
+        if first is None or last["STALLS_TOTAL"] < first["STALLS_TOTAL"]:
+            first = {"STALLS_TOTAL": 0}
+        stalls[name] = {"stalls": last["STALLS_TOTAL"] - first["STALLS_TOTAL"],
+                        "stalled_ms": round(max(0.0, ms(last, "STALLED_MS_TOTAL") - ms(first, "STALLED_MS_TOTAL")), 1),
+                        "lag_max_ms": ms(last, "LAG_MAX_MS")}
+    return stalls
+
+
 async def _wait_quiet(lab: archs.LabCluster, timeout_s: float = QUIET_TIMEOUT_S) -> dict[str, int | None]:
     """Until every replica answers with the same applied count, unchanged for a moment."""
     deadline = time.monotonic() + timeout_s
@@ -152,6 +187,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     await seeder.close()
     await _wait_quiet(lab, timeout_s=10.0)
     applied_start = await _applied_counts(lab)
+    loop_start = await _loop_counters(lab)
     cpu_start = _cpu_snapshot(lab.cluster)
     injector = FaultInjector(lab, schedule, options.duration_s, workload.now_s)
     run_started = workload.now_s()
@@ -161,6 +197,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     run_ended = workload.now_s()
     cpu_end = _cpu_snapshot(lab.cluster)
     applied_end = await _applied_counts(lab)
+    loop_end = await _loop_counters(lab)
     if not fault_task.done():
         fault_task.cancel()
         await asyncio.gather(fault_task, return_exceptions=True)
@@ -179,7 +216,8 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     cpu_s = {name: round(cpu_end[name] - cpu_start[name], 3) for name in cpu_end
              if cpu_end[name] is not None and cpu_start.get(name) is not None}
     applied = {"start": applied_start, "end": applied_end, "quiet": quiet_counts,
-               "applied_ops_s": max(0.0, min(deltas) / window_s) if deltas else 0.0, "cpu_s": cpu_s}
+               "applied_ops_s": max(0.0, min(deltas) / window_s) if deltas else 0.0, "cpu_s": cpu_s,
+               "loop_stalls": _loop_stalls(loop_start, loop_end)}
     return workload, injector.records, applied, {"run_started_s": run_started, "run_ended_s": run_ended}, window_s
 
 
@@ -275,6 +313,7 @@ def run_lab(options: RunOptions) -> RunResult:
         "reference": reference,
         "peak_rss_mb": peak_rss,
         "cpu_us_per_op": {name: round(cpu / max(1, acknowledged) * 1e6, 1) for name, cpu in applied["cpu_s"].items()},
+        "loop_stalls": applied["loop_stalls"],
         "store": options.store.split("@")[-1] if options.store != "sqlite" else "sqlite",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "run_window_s": [round(window["run_started_s"], 3), round(window["run_ended_s"], 3)],

@@ -923,6 +923,7 @@ class PBReplica:
             "PENDING_REPLIES": self.pending_replies,
             "REQUESTS_TOTAL": self.requests_total,
             "IO": aio.IOCounters.snapshot(),
+            "LOOP": aio.LoopMonitor.snapshot(),
         })
         return reply
 

@@ -492,6 +492,7 @@ class SequencedReplica:
             "HELD_ENTRIES": self.core.held_count,
             "SNAPSHOTS_INSTALLED": self.snapshots_installed,
             "IO": aio.IOCounters.snapshot(),
+            "LOOP": aio.LoopMonitor.snapshot(),
         })
         return reply
 

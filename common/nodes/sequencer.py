@@ -456,6 +456,7 @@ class SequencerNode:
             "LIVE_REPLICAS": sorted(n for n, link in self.links.items() if link.live),
             **self.core.status(),
             "IO": aio.IOCounters.snapshot(),
+            "LOOP": aio.LoopMonitor.snapshot(),
         })
         return reply
 

@@ -230,6 +230,7 @@ class Witness:
             "LEASES_GRANTED": self.leases_granted,
             "REQUESTS_REFUSED": self.requests_refused,
             "IO": aio.IOCounters.snapshot(),
+            "LOOP": aio.LoopMonitor.snapshot(),
         })
         return reply
 
