@@ -72,6 +72,10 @@ def format_status(reply: dict) -> str:
     ]
     if "OPS_APPLIED_TOTAL" in reply:
         lines.append(f"  {'store ops applied':<22}{reply['OPS_APPLIED_TOTAL']}")
+    loop = reply.get("LOOP")
+    if isinstance(loop, dict):
+        lines.append(f"  {'event loop':<22}stalls {loop.get('STALLS_TOTAL')} ({loop.get('STALLED_MS_TOTAL')} ms in all), "
+                     f"largest lag {loop.get('LAG_MAX_MS')} ms")
     rows = reply.get("WORKER_LIST") or []
     if rows:
         lines.append(f"  {'WORKER':<38}{'OWNER':<22}{'PLACEMENT':<10}{'HELD':>5}{'DONE':>9}  STATE")

@@ -67,6 +67,17 @@ def test_an_update_goes_to_a_waiting_worker_and_its_result_to_the_client():
     assert core.status(0.2)["WORKERS"] == {"OWN": 1, "HOME": 1, "LENT_OUT": 0, "BORROWED": 0, "IDLE": 1, "BUSY": 0}
 
 
+def test_status_asks_the_driver_for_its_figures_at_each_request_and_they_cannot_hide_the_cores():
+    core = make_core()
+    reads = []
+    core.status_probe = lambda: reads.append(1) or {"LOOP": {"STALLS_TOTAL": len(reads)}, "ROLE": "not-a-farm-server"}
+    core.on_message(7, {"TASK": "STATUS", "ID": "s-1"}, 0.0)
+    core.on_message(7, {"TASK": "STATUS", "ID": "s-2"}, 0.1)
+    first, second = sends(core, 7)
+    assert (first["LOOP"], second["LOOP"]) == ({"STALLS_TOTAL": 1}, {"STALLS_TOTAL": 2})  # read fresh each time
+    assert first["ROLE"] == second["ROLE"] == "farm-server"
+
+
 def test_a_retry_joins_the_task_in_flight_and_a_late_retry_gets_the_recorded_answer():
     core = make_core()
     core.on_message(2, deposit("op-1"), 0.0)

@@ -31,7 +31,8 @@ async def handle_echo(stream: aio.MessageStream) -> None:
             if isinstance(message, SaldoError):
                 lines.append(encode(error_reply(message.code, message.detail)))
             elif message.get("TASK") == "STATUS":
-                lines.append(encode({"ID": message.get("ID"), "STATUS": "OK", "ROLE": "echo", "PID": os.getpid()}))
+                lines.append(encode({"ID": message.get("ID"), "STATUS": "OK", "ROLE": "echo", "PID": os.getpid(),
+                                     "LOOP": aio.LoopMonitor.snapshot()}))
             else:
                 lines.append(encode({"ID": message.get("ID"), "STATUS": "OK", "ECHO": message.get("TASK")}))
         stream.send_bytes(b"".join(lines))

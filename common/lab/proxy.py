@@ -227,7 +227,8 @@ def control_reply(proxy: LinkProxy, message: dict | SaldoError) -> dict:
     try:
         task = message.get("TASK")
         if task == "STATUS":
-            return {"ID": request_id, "STATUS": "OK", "ROLE": "proxy", "NODE": proxy.name, "PID": os.getpid(), **proxy.state()}
+            return {"ID": request_id, "STATUS": "OK", "ROLE": "proxy", "NODE": proxy.name, "PID": os.getpid(),
+                    "LOOP": aio.LoopMonitor.snapshot(), **proxy.state()}
         if task != "FAULT":
             raise SaldoError("UNKNOWN_MESSAGE", "expected TASK STATUS or FAULT")
         action = message.get("ACTION")

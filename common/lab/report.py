@@ -7,8 +7,10 @@ per second, from the replicas' own counts), latency_ms {p50, p95, p99}, faults (
 and when), anomalies (type -> count), verdict ("valid" | "invalid") and reference (the echo figure
 of the same run). Extra fields may be added; none of these is ever renamed or removed. Among them:
 cpu_us_per_op (CPU microseconds per acknowledged operation, by process) and loop_stalls (by
-process: how often its event loop ran LOOP_STALL_MS or more late during the run, and for how long
-in all): a latency spike with a stall beside it was a process that could not run.
+process: how often its event loop ran LOOP_STALL_THRESHOLD_MS or more late during the run, for how
+long in all, and the largest lag since the process started; null for a process that could not be
+asked, e.g. still paused when the run ended): while a process stalls, every operation that needs it
+waits.
 
 The timeline is an SVG drawn by hand (no plotting library): throughput and latency per time bucket,
 with the fault windows shaded, so a person can see what a partition did.
@@ -21,7 +23,7 @@ import math
 import shutil
 from pathlib import Path
 
-from common.aio import LOOP_STALL_MS
+from common.aio import LOOP_STALL_THRESHOLD_MS
 from common.lab.workload import OpRecord
 
 REPORT_FIELDS = (
@@ -73,6 +75,12 @@ def _describe_fault(fault: dict, run_window_s: list[float] | None) -> str:
     return text
 
 
+def _describe_stalls(loop_stalls: dict) -> str:
+    parts = [f"{name} not read" if n is None else f"{name} {n['stalls']} ({n['stalled_ms']:,.0f} ms)"
+             for name, n in loop_stalls.items() if n is None or n["stalls"]]
+    return ", ".join(parts) or f"none of {LOOP_STALL_THRESHOLD_MS:g} ms or more"
+
+
 def format_table(report: dict) -> str:
     ops = report["ops"]
     latency = report["latency_ms"]
@@ -90,10 +98,8 @@ def format_table(report: dict) -> str:
     ]
     if reference.get("echo_ops_s"):
         rows.append(("reference", f"echo {reference['echo_ops_s']:,.0f} ops/s; this run {reference['ratio']:.2f} of it"))
-    stalled = [(name, n) for name, n in (report.get("loop_stalls") or {}).items() if n["stalls"]]
     if "loop_stalls" in report:
-        rows.append(("loop stalls", ", ".join(f"{name} {n['stalls']} ({n['stalled_ms']:,.0f} ms)" for name, n in stalled)
-                     or f"none of {LOOP_STALL_MS:g} ms or more"))
+        rows.append(("loop stalls", _describe_stalls(report["loop_stalls"])))
     rows.append(("faults", faults))
     rows.append(("anomalies", ", ".join(f"{k} {v}" for k, v in anomalies.items()) or "none"))
     verdict = report["verdict"].upper()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from common import aio
 from common.lab import archs, checker, report
 from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port
 from common.lab.faults import SCHEDULES, Fault, FaultInjector
@@ -116,37 +117,51 @@ async def _applied_counts(lab: archs.LabCluster) -> dict[str, int | None]:
     return counts
 
 
-async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict]:
-    """Every node's loop monitor (STATUS "LOOP", common/aio.py), where it has one."""
-    counters: dict[str, dict] = {}
+async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
+    """Every node's loop monitor (STATUS "LOOP", common/aio.py) with the pid that answered; None
+    for a node that did not answer (paused, or down). Nodes without a monitor are left out."""
+    counters: dict[str, dict | None] = {}
     for name in lab.cluster.nodes:
-        if not lab.cluster.is_running(name):
+        pid = lab.cluster.pid(name)
+        if pid is None:
+            counters[name] = None
             continue
         try:
-            status = await asyncio.to_thread(lab.cluster.status, name, timeout_s=2.0)
+            status = await asyncio.to_thread(lab.cluster.status, name, timeout_s=1.0)
         except OSError:
+            counters[name] = None
             continue
         loop = status.get("LOOP")
-        if isinstance(loop, dict) and type(loop.get("STALLS_TOTAL")) is int:
-            counters[name] = loop
+        if status.get("STATUS") != "OK":
+            counters[name] = None
+        elif isinstance(loop, dict) and type(loop.get("STALLS_TOTAL")) is int:
+            counters[name] = {**loop, "PID": pid}
+    counters["lab"] = {**aio.LoopMonitor.snapshot(), "PID": os.getpid()}
     return counters
 
 
-def _loop_stalls(start: dict[str, dict], end: dict[str, dict]) -> dict[str, dict]:
-    """The stalls of each node's event loop within the run (a node restarted meanwhile counts from
-    its restart), with the largest lag since the node started."""
-    def ms(counters: dict, key: str) -> float:  # a number on the wire decodes as a Decimal
+def _loop_stalls(start: dict[str, dict | None], end: dict[str, dict | None]) -> dict[str, dict | None]:
+    """The stalls of each node's event loop within the run (a node restarted meanwhile, by its
+    pid, counts from its restart), with the largest lag since the node started; None for a node
+    whose counters could not be read at the end."""
+
+    def ms(counters: dict, key: str) -> float:  # a number with a fraction decodes as a Decimal
         value = counters.get(key)
         return float(value) if isinstance(value, (int, float, Decimal)) else 0.0
 
-    stalls = {}
+    stalls: dict[str, dict | None] = {}
     for name, last in sorted(end.items()):
+        if last is None:
+            stalls[name] = None
+            continue
         first = start.get(name)
-        if first is None or last["STALLS_TOTAL"] < first["STALLS_TOTAL"]:
+        restarted = first is None or first["PID"] != last["PID"]
+        if restarted:
             first = {"STALLS_TOTAL": 0}
         stalls[name] = {"stalls": last["STALLS_TOTAL"] - first["STALLS_TOTAL"],
                         "stalled_ms": round(max(0.0, ms(last, "STALLED_MS_TOTAL") - ms(first, "STALLED_MS_TOTAL")), 1),
-                        "lag_max_ms": ms(last, "LAG_MAX_MS")}
+                        "largest_lag_ms_since_start": ms(last, "LAG_MAX_MS"),
+                        "restarted": restarted and name in start}
     return stalls
 
 
@@ -182,6 +197,9 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
         op_deadline_s=options.op_deadline_s,
     )
     workload = Workload(config, lambda index: lab.make_client(index, options.window), progress=options.progress)
+    # The lab's own loop too: its stalls are in the latency its clients measure.
+    monitor_stop = asyncio.Event()
+    monitor = asyncio.create_task(aio.LoopMonitor.run(monitor_stop))
     seeder = lab.make_client(-1, 1)
     await workload.seed_accounts(seeder)
     await seeder.close()
@@ -196,8 +214,10 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     await workload.run()
     run_ended = workload.now_s()
     cpu_end = _cpu_snapshot(lab.cluster)
-    applied_end = await _applied_counts(lab)
     loop_end = await _loop_counters(lab)
+    monitor_stop.set()
+    await monitor
+    applied_end = await _applied_counts(lab)
     if not fault_task.done():
         fault_task.cancel()
         await asyncio.gather(fault_task, return_exceptions=True)
