@@ -119,7 +119,8 @@ async def _applied_counts(lab: archs.LabCluster) -> dict[str, int | None]:
 
 async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
     """Every node's loop monitor (STATUS "LOOP", common/aio.py) with the pid that answered; None
-    for a node that did not answer (paused, or down). Nodes without a monitor are left out."""
+    for a node that did not answer (paused, or down). Nodes without a monitor are left out. (The
+    lab's own monitor is read by the caller.)"""
     counters: dict[str, dict | None] = {}
     for name in lab.cluster.nodes:
         pid = lab.cluster.pid(name)
@@ -136,7 +137,6 @@ async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
             counters[name] = None
         elif isinstance(loop, dict) and type(loop.get("STALLS_TOTAL")) is int:
             counters[name] = {**loop, "PID": pid}
-    counters["lab"] = {**aio.LoopMonitor.snapshot(), "PID": os.getpid()}
     return counters
 
 
@@ -206,6 +206,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     await _wait_quiet(lab, timeout_s=10.0)
     applied_start = await _applied_counts(lab)
     loop_start = await _loop_counters(lab)
+    loop_start["lab"] = {**aio.LoopMonitor.snapshot(), "PID": os.getpid()}
     cpu_start = _cpu_snapshot(lab.cluster)
     injector = FaultInjector(lab, schedule, options.duration_s, workload.now_s)
     run_started = workload.now_s()
@@ -215,6 +216,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     run_ended = workload.now_s()
     cpu_end = _cpu_snapshot(lab.cluster)
     loop_end = await _loop_counters(lab)
+    loop_end["lab"] = {**workload.loop_monitor_at_end, "PID": os.getpid()}
     monitor_stop.set()
     await monitor
     applied_end = await _applied_counts(lab)

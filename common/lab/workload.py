@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+from common.aio import LoopMonitor
 from common.bankclient import (
     FAILED, NOT_NOW_ERRORS, OK, UNKNOWN, OpIdSource, balance_line, classify, execute_with_retries, new_op_id,
     operation_line,
@@ -163,6 +164,9 @@ class Workload:
         self._stop = asyncio.Event()
         self.run_started_s = 0.0
         self.run_ended_s = 0.0
+        # The lab's loop monitor as the clients finished: what the lab does after (the collection it
+        # put off, the history) stalls its loop too, but no operation waits for that.
+        self.loop_monitor_at_end: dict = {}
         self.progress_note: Callable[[], str] | None = None
 
     def now_s(self) -> float:
@@ -210,6 +214,7 @@ class Workload:
                 driver.start()
             await asyncio.gather(*(driver.finished for driver in drivers))
         finally:
+            self.loop_monitor_at_end = LoopMonitor.snapshot()
             if collecting:
                 gc.enable()
             self.run_ended_s = self.now_s()
