@@ -904,6 +904,9 @@ class ReplicaCore:
         self.following_epoch = 0  # the epoch whose HELLO this replica accepted (APPENDs must match)
         self.highest_epoch_seen = record.promised_epoch
         self.retry_election_at_s = now_s
+        # A primary's HELLO says it is alive before its first LEASE round reaches this replica: no
+        # candidacy until it could have renewed a lease (as if that round had been granted).
+        self.greeted_until_s = -math.inf
         self.installing = False  # a state transfer is being installed: no election meanwhile
         # Why this replica's last candidacy ended without it becoming primary (STATUS, logs). Often
         # ordinary: two replicas stood at once and this one gave way.
@@ -953,7 +956,8 @@ class ReplicaCore:
     def election_due_s(self) -> float:
         voter = self.voter
         promise_ends = voter.lease_until_s if voter.lease_holder not in (None, self.name) else -math.inf
-        return max(promise_ends, voter.quiet_until_s, self.retry_election_at_s) + self._rank() * self.timing.election_stagger_s
+        waits_until_s = max(promise_ends, voter.quiet_until_s, self.retry_election_at_s, self.greeted_until_s)
+        return waits_until_s + self._rank() * self.timing.election_stagger_s
 
     # --- Time -----------------------------------------------------------------------------------
     def tick(self, now_s: float) -> Effects:
@@ -1302,6 +1306,7 @@ class ReplicaCore:
         effects.persist = self.voter.take_dirty()
         self._learn_primary(primary, client_address, epoch)
         self.following_epoch = epoch
+        self.greeted_until_s = now_s + self.timing.lease_duration_s
         position = self.position
         reply = {"TASK": "POSITION", "EPOCH": epoch, "SESSION": session, "REPLICA": self.name,
                  "LAST_EPOCH": position.epoch, "LAST_SEQ": position.seq}

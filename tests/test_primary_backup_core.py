@@ -392,6 +392,19 @@ def test_a_new_primary_commits_nothing_beyond_its_own_disk():
     assert core.on_local_durable(12).commit_advanced and core.commit_seq == 12
 
 
+def test_a_backup_greeted_by_a_primary_does_not_stand_before_that_primary_could_have_renewed_its_lease():
+    """A replica that joins a running primary hears its HELLO before the first LEASE round: that
+    primary is alive, and standing at once would only disturb it (a candidate serves no one)."""
+    core = ReplicaCore("r2", ["r1", "r2"], ["w"], mode=SYNC, timing=TIMING, record=VoterRecord(),
+                       position=Position(0, 0), now_s=0.0, client_address="r2.example:6004")
+    reply, _effects = core.on_hello(1, 1, "r1", "r1.example:6004", 0.0)
+    assert reply["TASK"] == "POSITION" and core.role == BACKUP
+    assert not core.tick(0.012).send and core.role == BACKUP
+    assert not core.tick(TIMING.lease_duration_s - 0.01).send and core.role == BACKUP
+    # Heard nothing since (no LEASE, no APPEND): the primary may be gone; stand, as after a lease.
+    assert core.tick(TIMING.lease_duration_s + 0.01).send and core.role == CANDIDATE
+
+
 def test_a_candidate_that_votes_for_another_one_reports_that_it_gave_way():
     """Two replicas standing at once is ordinary: STATUS says the one that yielded gave way."""
     core = ReplicaCore("r1", ["r1", "r2"], ["w"], mode=SYNC, timing=TIMING, record=VoterRecord(),
