@@ -14,6 +14,7 @@ import pytest
 from common.bank import check_op_id
 from common.errors import SaldoError
 from common.farm import BORROWED, DOWN, HOME, LENT, UP, Close, FarmConfig, FarmCore, PeerRequest, Send
+from common.farmclient import format_status
 
 A_ADDR = ("127.0.0.11", 8765)
 B_ADDR = ("127.0.0.12", 8766)
@@ -76,6 +77,17 @@ def test_status_asks_the_driver_for_its_figures_at_each_request_and_they_cannot_
     first, second = sends(core, 7)
     assert (first["LOOP"], second["LOOP"]) == ({"STALLS_TOTAL": 1}, {"STALLS_TOTAL": 2})  # read fresh each time
     assert first["ROLE"] == second["ROLE"] == "farm-server"
+
+
+def test_client_py_status_prints_a_farm_servers_figures_and_its_event_loop():
+    core = make_core()
+    core.status_probe = lambda: {"LOOP": {"STALLS_TOTAL": 3, "STALLED_MS_TOTAL": 41.5, "LAG_MAX_MS": 18.0}}
+    core.on_message(1, alive("w1"), 0.0)
+    text = format_status(core.status(0.5))
+    assert "queue                 0 of " in text and "own 1  home 1" in text
+    assert "event loop            stalls 3 (41.5 ms in all), largest lag 18.0 ms" in text
+    core.status_probe = None  # an older server, without the monitor: no such line
+    assert "event loop" not in format_status(core.status(0.6))
 
 
 def test_a_retry_joins_the_task_in_flight_and_a_late_retry_gets_the_recorded_answer():
