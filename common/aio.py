@@ -104,6 +104,11 @@ class LoopMonitor:
         }
 
 
+def process_figures() -> dict:
+    """The STATUS members every asyncio process reports: its reads and writes, and its loop."""
+    return {"IO": IOCounters.snapshot(), "LOOP": LoopMonitor.snapshot()}
+
+
 class MessageStream:
     """One TCP connection carrying newline-delimited JSON messages both ways."""
 

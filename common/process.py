@@ -1,11 +1,10 @@
 """How a saldo process starts and stops: logging, signals, the event loop.
 
 Owns the life cycle every top-level script shares: `run(main)` configures key=value logging with
-the node's name, tunes the garbage collector, runs `main(stop)` on a fresh event loop (with the
-loop monitor that STATUS reports, common/aio.py), and turns
-SIGTERM / SIGINT into `stop` being set, so the process closes its listeners, lets its last group
-commit reach the disk, and exits 0. SIGKILL is the lab's business: nothing here is needed for a
-killed process to recover.
+the node's name, tunes the garbage collector, runs `main(stop)` on a fresh event loop beside the
+loop monitor that STATUS reports (common/aio.py), and turns SIGTERM / SIGINT into `stop` being set,
+so the process closes its listeners, lets its last group commit reach the disk, and exits 0.
+SIGKILL is the lab's business: nothing here is needed for a killed process to recover.
 """
 
 from __future__ import annotations

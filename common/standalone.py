@@ -107,8 +107,7 @@ class BankService:
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
             **self.dbank.status_fields(),
             "REQUESTS_TOTAL": self.requests_total,
-            "IO": aio.IOCounters.snapshot(),
-            "LOOP": aio.LoopMonitor.snapshot(),
+            **aio.process_figures(),
         }
 
     async def handle(self, stream: MessageStream) -> None:

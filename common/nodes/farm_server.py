@@ -149,7 +149,7 @@ class FarmServer:
                       for a in args.peers}
         self._background: set[asyncio.Task] = set()
         self.core.status_extra = {"NODE": args.name, "PID": os.getpid()}
-        self.core.status_probe = lambda: {"IO": aio.IOCounters.snapshot(), "LOOP": aio.LoopMonitor.snapshot()}
+        self.core.status_probe = aio.process_figures
 
     # --- Connections ---------------------------------------------------------------------------
     async def handle(self, stream: aio.MessageStream) -> None:

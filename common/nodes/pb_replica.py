@@ -922,8 +922,7 @@ class PBReplica:
             "STALE_MESSAGES_REFUSED": self.stale_refused,
             "PENDING_REPLIES": self.pending_replies,
             "REQUESTS_TOTAL": self.requests_total,
-            "IO": aio.IOCounters.snapshot(),
-            "LOOP": aio.LoopMonitor.snapshot(),
+            **aio.process_figures(),
         })
         return reply
 

@@ -491,8 +491,7 @@ class SequencedReplica:
             "GAPS_SEEN": self.core.gaps_seen,
             "HELD_ENTRIES": self.core.held_count,
             "SNAPSHOTS_INSTALLED": self.snapshots_installed,
-            "IO": aio.IOCounters.snapshot(),
-            "LOOP": aio.LoopMonitor.snapshot(),
+            **aio.process_figures(),
         })
         return reply
 

@@ -455,8 +455,7 @@ class SequencerNode:
             "LOG_BYTES_ON_DISK": self.seqlog.disk_bytes(),
             "LIVE_REPLICAS": sorted(n for n, link in self.links.items() if link.live),
             **self.core.status(),
-            "IO": aio.IOCounters.snapshot(),
-            "LOOP": aio.LoopMonitor.snapshot(),
+            **aio.process_figures(),
         })
         return reply
 

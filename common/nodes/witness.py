@@ -229,8 +229,7 @@ class Witness:
             "VOTES_GRANTED": self.votes_granted,
             "LEASES_GRANTED": self.leases_granted,
             "REQUESTS_REFUSED": self.requests_refused,
-            "IO": aio.IOCounters.snapshot(),
-            "LOOP": aio.LoopMonitor.snapshot(),
+            **aio.process_figures(),
         })
         return reply
 
