@@ -25,6 +25,16 @@ CREATE TABLE IF NOT EXISTS applied_ops (
     CONSTRAINT applied_ops_kind CHECK (kind = 'DEPOSIT' OR kind = 'WITHDRAW' OR kind = 'TRANSFER')
 );
 
+-- A replica's applied operations, one row per group commit (what each table holds: sql/schema.sql).
+-- One operation per line: SELECT value FROM applied_batches, json_each(ops_json);
+CREATE TABLE IF NOT EXISTS applied_batches (
+    first_apply_index INTEGER NOT NULL,
+    last_apply_index INTEGER NOT NULL,
+    ops_json TEXT NOT NULL,
+    PRIMARY KEY (first_apply_index),
+    CONSTRAINT applied_batches_span CHECK (first_apply_index <= last_apply_index)
+);
+
 CREATE TABLE IF NOT EXISTS replica_meta (
     name VARCHAR(64) NOT NULL,
     value BIGINT NOT NULL,

@@ -63,7 +63,7 @@ def main() -> None:
     # persist() in three steps, so the parent knows where the transaction is.
     store._begin()
     report("BEGUN")
-    store._write_effects(applied, changed, bank.counters, {META_NAME: seed}, window)
+    store._write_effects(applied, changed, bank.counters, {META_NAME: seed}, window, shared=False)
     report("WRITTEN")
     store._commit()
     report("COMMITTED")

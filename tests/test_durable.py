@@ -130,7 +130,7 @@ def test_syncing_a_quiet_store_flushes_its_log_even_while_a_reader_holds_a_snaps
         await apply_and_commit(dbank, deposit("op-2"), 2)  # relaxed
         reader = sqlite3.connect(tmp_path / "r.db")
         reader.execute("BEGIN")
-        assert reader.execute("SELECT COUNT(*) FROM applied_ops").fetchone() == (2,)  # holds a read snapshot
+        assert reader.execute("SELECT COUNT(*) FROM applied_batches").fetchone() == (2,)  # holds a read snapshot
         flushed = []
         real_fsync = os.fsync
         monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))

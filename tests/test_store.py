@@ -6,6 +6,7 @@ process SIGKILLed while its transaction is in flight (the store holds all of the
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AppliedOp, Bank, Counters, Operation, Outcome
 from common.money import MAX_BALANCE_CENTS
-from common.store import SQLiteStore, StoreImage, open_store as open_store_url
+from common.store import MAX_OPS_PER_BATCH_ROW, SQLiteStore, StoreImage, open_store as open_store_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crash_child  # noqa: E402
@@ -51,16 +52,16 @@ def image_of(bank: Bank, meta: dict[str, int]) -> StoreImage:
 
 
 def all_rows(store) -> list[AppliedOp]:
-    return store.load().recent  # no window: every applied_ops row on disk
+    return store.load().recent  # no window: every applied operation on disk
 
 
-def row_span(store) -> tuple[int, int, int]:
-    """(rows, lowest apply_index, highest apply_index) of applied_ops on disk."""
+def batch_rows(store) -> list[tuple[int, int, int]]:
+    """(first apply_index, last apply_index, operations) of each applied_batches row, oldest first."""
     cursor = store._cursor()
-    cursor.execute("SELECT COUNT(*), MIN(apply_index), MAX(apply_index) FROM applied_ops")
-    count, low, high = cursor.fetchone()
+    cursor.execute("SELECT first_apply_index, last_apply_index, ops_json FROM applied_batches ORDER BY first_apply_index")
+    rows = [(int(first), int(last), len(json.loads(ops_json))) for first, last, ops_json in cursor.fetchall()]
     store._end_read()
-    return int(count), int(low), int(high)
+    return rows
 
 
 # --- Round trips --------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_the_two_schema_files_define_the_same_tables(tmp_path, mysql_url):
     sqlite_store = open_store_url(f"sqlite:///{tmp_path / 'schema.db'}")
     mysql_store = open_store_url(mysql_url)
     try:
-        tables = ("accounts", "applied_ops", "replica_meta")
+        tables = ("accounts", "applied_ops", "applied_batches", "replica_meta")
         on_sqlite = {}
         for table in tables:
             rows = sqlite_store._connection.execute(f"PRAGMA table_info({table})").fetchall()
@@ -186,7 +187,7 @@ def test_the_schema_refuses_a_negative_balance(open_store):
 # --- The dedup window on disk -------------------------------------------------------------------
 
 
-def test_pruning_keeps_exactly_the_last_window_of_applied_ops(open_store):
+def test_pruning_keeps_the_rows_that_hold_the_last_window_and_no_more(open_store):
     store = open_store()
     window = 5
     bank = Bank(dedup_window_ops=window)
@@ -195,10 +196,12 @@ def test_pruning_keeps_exactly_the_last_window_of_applied_ops(open_store):
         ops = [deposit(f"b{batch}-{index}", "alice", 100) for index in range(4)]
         persist_ops(store, bank, ops, window=window)
         total += len(ops)
-        on_disk = all_rows(store)
-        assert [applied.apply_index for applied in on_disk] == list(range(max(1, total - window + 1), total + 1))
-        assert on_disk == list(bank.recent_applied())
-    assert store.load(window).recent == all_rows(store)
+        # One row per commit, and a row goes once all of it is older than the window: here the
+        # window's 5 operations span two commits of 4.
+        assert batch_rows(store) == [(first, first + 3, 4) for first in range(max(1, total - 7), total, 4)]
+        assert all_rows(store)[-window:] == list(bank.recent_applied())
+    assert [applied.apply_index for applied in all_rows(store)] == list(range(9, 17))
+    assert store.load(window).recent == list(bank.recent_applied())
     assert store.load(2).recent == all_rows(store)[-2:]
     assert store.load().counters.ops_applied_total == 16
     assert store.load().balances == {"alice": 1600}
@@ -206,6 +209,59 @@ def test_pruning_keeps_exactly_the_last_window_of_applied_ops(open_store):
     restored = store.load(window).to_bank(Bank(dedup_window_ops=window))
     assert restored.apply(deposit("b3-3", "alice", 100)) == (Outcome(None, 1600), True)  # still remembered
     assert restored.apply(deposit("b0-0", "alice", 100))[1] is False  # forgotten: applies again
+
+
+def test_a_large_commit_is_split_into_bounded_rows_and_loads_whole(open_store):
+    store = open_store()
+    window = 5_000
+    bank = Bank(dedup_window_ops=window)
+    ops = [deposit(f"big-{index}", f"acct{index % 7}", 1 + index % 50) for index in range(MAX_OPS_PER_BATCH_ROW * 2 + 10)]
+    persist_ops(store, bank, ops, window=window)
+    assert batch_rows(store) == [
+        (1, MAX_OPS_PER_BATCH_ROW, MAX_OPS_PER_BATCH_ROW),
+        (MAX_OPS_PER_BATCH_ROW + 1, 2 * MAX_OPS_PER_BATCH_ROW, MAX_OPS_PER_BATCH_ROW),
+        (2 * MAX_OPS_PER_BATCH_ROW + 1, 2 * MAX_OPS_PER_BATCH_ROW + 10, 10),
+    ]
+    restored = open_store().load(window).to_bank(Bank(dedup_window_ops=window))
+    assert restored.balances == bank.balances
+    assert list(restored.recent_applied()) == list(bank.recent_applied())
+
+
+def test_operations_recorded_one_per_row_and_by_batch_load_in_one_apply_order(open_store):
+    """A store that a shared writer started (applied_ops) and a replica went on with
+    (applied_batches) loads as one history, in apply order."""
+    store = open_store()
+    store.apply_batch([(deposit("farm-1", "alice", 100), None), (deposit("farm-2", "bob", 5), None)],
+                      max_accounts=100, dedup_window_ops=100)
+    bank = open_store().load(100).to_bank(Bank(dedup_window_ops=100))
+    persist_ops(store, bank, [transfer("rep-1", "alice", "bob", 40)], window=100)
+    image = open_store().load()
+    assert [(applied.apply_index, applied.op.op_id) for applied in image.recent] == [(1, "farm-1"), (2, "farm-2"), (3, "rep-1")]
+    assert image.balances == {"alice": 60, "bob": 45}
+    assert open_store().load(2).recent == image.recent[1:]
+
+
+def test_the_schema_comment_query_lists_one_applied_operation_per_line(open_store):
+    """The query sql/schema*.sql give readers of applied_batches works on each backend."""
+    store = open_store()
+    bank = Bank()
+    persist_ops(store, bank, [deposit("d-1", "alice", 500), transfer("t-1", "alice", "bob", 200)], window=100)
+    persist_ops(store, bank, [withdraw("w-1", "bob", 900)], window=100, first_seq=3)
+    cursor = store._cursor()
+    if isinstance(store, SQLiteStore):
+        cursor.execute("SELECT value FROM applied_batches, json_each(ops_json)")
+        lines = [json.loads(value) for (value,) in cursor.fetchall()]
+        assert [(line[0], line[1]) for line in lines] == [(1, "d-1"), (2, "t-1"), (3, "w-1")]
+    else:
+        cursor.execute(
+            "SELECT j.* FROM applied_batches, JSON_TABLE(ops_json, '$[*]' COLUMNS ("
+            "apply_index BIGINT PATH '$[0]', op_id VARCHAR(64) PATH '$[1]')) AS j"
+        )
+        lines = [(int(index), op_id) for index, op_id in cursor.fetchall()]
+        assert lines == [(1, "d-1"), (2, "t-1"), (3, "w-1")]
+    store._end_read()
+    assert all_rows(store)[2].outcome == Outcome("INSUFFICIENT_FUNDS", None)
+    assert all_rows(store)[1].op == transfer("t-1", "alice", "bob", 200)
 
 
 # --- apply_batch: shared stores -----------------------------------------------------------------
@@ -384,7 +440,7 @@ def test_install_replaces_the_whole_content(open_store):
 
 # --- SIGKILL while a big transaction is in flight -----------------------------------------------
 
-CRASH_BATCH_OPS = 50_000
+CRASH_BATCH_OPS = 200_000  # its rows take about half a second to write (SQLite), so a kill lands mid-write
 BEFORE_OPS = 1_000
 
 
@@ -422,7 +478,7 @@ class ChildSteps:
 
 @pytest.mark.parametrize("kill_at", ["mid_write", "at_commit"])
 def test_a_process_killed_mid_transaction_leaves_all_of_the_batch_or_none(store_url, open_store, kill_at):
-    """A child writes one batch of 50k applied ops in one transaction and is SIGKILLed while the rows
+    """A child writes one batch of 200k applied ops in one transaction and is SIGKILLed while the rows
     are being written (mid_write) or as its commit starts (at_commit). On SQLite (WAL mode) the killed
     writer leaves frames in the -wal file without a commit record, which the next reader ignores; on
     MySQL the server rolls the transaction back when the connection drops. Either way the store must
@@ -482,7 +538,9 @@ def test_a_process_killed_mid_transaction_leaves_all_of_the_batch_or_none(store_
     # Everything that explains the balances agrees, and the store goes on working.
     assert found.counters.ops_applied_total in (BEFORE_OPS, BEFORE_OPS + CRASH_BATCH_OPS)
     total = found.counters.ops_applied_total
-    assert row_span(open_store()) == (min(window, total), total - min(window, total) + 1, total)
+    rows = batch_rows(open_store())  # contiguous, ending at the last op, none wholly outside the window
+    assert [first for first, _last, _count in rows[1:]] == [last + 1 for _first, last, _count in rows[:-1]]
+    assert rows[-1][1] == total and rows[0][0] <= total - min(window, total) + 1 and rows[0][1] > total - window
     bank = found.to_bank(Bank(dedup_window_ops=window))
     bank.check_invariants()
     store = open_store()
