@@ -108,19 +108,6 @@ def _applied_to_row(applied: AppliedOp) -> tuple:
     )
 
 
-def _batch_rows(applied: list[AppliedOp]) -> list[tuple[int, int, str]]:
-    """applied_batches rows for operations in apply order: (first apply_index, last apply_index,
-    a JSON array of [apply_index, op_id, seq, kind, account, to_account, amount_cents, error,
-    balance_cents], the columns of applied_ops in the same order)."""
-    rows = []
-    for chunk in _chunks(applied, MAX_OPS_PER_BATCH_ROW):
-        first, last = chunk[0].apply_index, chunk[-1].apply_index
-        assert first <= last, (first, last)
-        ops = [(index, op[0], seq, op[1], op[2], op[3], op[4], outcome[0], outcome[1]) for index, seq, op, outcome in chunk]
-        rows.append((first, last, _encode_json(ops)))
-    return rows
-
-
 def _batch_to_applied(ops_json: str) -> list[AppliedOp]:
     return [_row_to_applied(row) for row in json.loads(ops_json)]
 
@@ -134,7 +121,7 @@ class Store:
     """The operations both backends offer; SQL text differs per dialect, the logic does not."""
 
     url: str
-    commits_in_thread: bool  # whether DurableBank should commit on a thread of its own
+    commits_in_thread: bool  # whether DurableBank should run every commit on a thread of its own
     # Whether every commit is on stable storage when it returns. False: a commit survives a
     # process crash at once, a power loss only after the next sync (persist(sync=True), sync_to_disk).
     syncs_every_commit: bool = True
@@ -231,13 +218,16 @@ class Store:
         *,
         dedup_window_ops: int,
         sync: bool = True,
+        applied_rows: list[tuple[int, int, str]] | None = None,
     ) -> None:
         """Write one batch of a Bank's effects in one transaction (see the module docstring).
         `sync`: on stable storage before returning, with everything committed before it (a store
-        that syncs every commit ignores False)."""
+        that syncs every commit ignores False). `applied_rows`: `applied` as encode_applied gave
+        it, if the caller encoded it already (on another thread than this call's)."""
         self._begin(sync)
         try:
-            self._write_effects(applied, balances, counters, meta or {}, dedup_window_ops, shared=False)
+            self._write_effects(applied, balances, counters, meta or {}, dedup_window_ops, shared=False,
+                                applied_rows=applied_rows)
             self._commit()
         except BaseException:
             self._rollback()
@@ -274,12 +264,25 @@ class Store:
         for chunk in _chunks(rows):
             cursor.executemany(insert, chunk)
 
-    def _insert_batch_rows(self, applied: list[AppliedOp]) -> None:
-        """Insert applied_batches rows (see _batch_rows) in the open transaction."""
+    @staticmethod
+    def encode_applied(applied: list[AppliedOp]) -> list[tuple[int, int, str]]:
+        """The applied_batches rows that record `applied` (operations in apply order): (first
+        apply_index, last apply_index, a JSON array of [apply_index, op_id, seq, kind, account,
+        to_account, amount_cents, error, balance_cents], applied_ops' columns in the same order)."""
+        rows = []
+        for chunk in _chunks(applied, MAX_OPS_PER_BATCH_ROW):
+            first, last = chunk[0].apply_index, chunk[-1].apply_index
+            assert first <= last, (first, last)
+            ops = [(index, op[0], seq, op[1], op[2], op[3], op[4], outcome[0], outcome[1])
+                   for index, seq, op, outcome in chunk]
+            rows.append((first, last, _encode_json(ops)))
+        return rows
+
+    def _insert_batch_rows(self, rows: list[tuple[int, int, str]]) -> None:
+        """Insert applied_batches rows (see encode_applied) in the open transaction."""
         p = self._placeholder
         self._cursor().executemany(
-            f"INSERT INTO applied_batches (first_apply_index, last_apply_index, ops_json) VALUES ({p}, {p}, {p})",
-            _batch_rows(applied),
+            f"INSERT INTO applied_batches (first_apply_index, last_apply_index, ops_json) VALUES ({p}, {p}, {p})", rows
         )
 
     def _write_effects(
@@ -291,6 +294,7 @@ class Store:
         dedup_window_ops: int,
         *,
         shared: bool,
+        applied_rows: list[tuple[int, int, str]] | None = None,
     ) -> None:
         """`shared`: the store has many writers (apply_batch): one applied_ops row per operation;
         else one applied_batches row per commit (see the module docstring)."""
@@ -301,7 +305,10 @@ class Store:
             if shared:
                 self._insert_applied_rows([_applied_to_row(a) for a in applied])
             else:
-                self._insert_batch_rows(applied)
+                if applied_rows is None:
+                    applied_rows = self.encode_applied(applied)
+                assert applied_rows[-1][1] == counters.ops_applied_total, (applied_rows[-1], counters)
+                self._insert_batch_rows(applied_rows)
         if balances:
             cursor.executemany(self._upsert_account_sql, [(name, cents) for name, cents in balances.items()])
         self._write_meta(
@@ -396,7 +403,7 @@ class Store:
                 for chunk in _chunks(list(image.balances.items())):
                     cursor.executemany(self._upsert_account_sql, chunk)
             if image.recent:
-                self._insert_batch_rows(image.recent)
+                self._insert_batch_rows(self.encode_applied(image.recent))
             self._write_meta(
                 {
                     "ops_applied_total": counters.ops_applied_total,
@@ -421,7 +428,7 @@ class Store:
 
 
 class SQLiteStore(Store):
-    commits_in_thread = False  # the work holds the GIL: see common/durable.py
+    commits_in_thread = False  # only a commit that flushes: see common/durable.py
     _placeholder = "?"
     _lock_suffix = ""  # BEGIN IMMEDIATE takes the database write lock up front
     _upsert_account_sql = (
