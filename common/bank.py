@@ -302,24 +302,29 @@ class Counters:
         return Counters(self.ops_applied_total, self.deposited_cents_total, self.withdrawn_cents_total)
 
 
-# The dedup window keeps each applied operation as one flat tuple of plain values, in this order
-# (its op id is the key), and not as an AppliedOp: CPython's collector stops tracking a plain tuple
-# of strings and numbers the first time a collection sees it, but it tracks a NamedTuple for as
-# long as it lives. A window of 200,000 AppliedOps (600,000 objects with their Operation and
-# Outcome) made every collection that reached them a pause of 10 to 90 ms, most of a loaded
-# replica's p99 latency.
-_RECENT_OP_FIELDS = slice(2, 6)  # kind, account, to_account, amount_cents: a retry must match them
-_RECENT_ERROR, _RECENT_BALANCE = 6, 7
+# An applied row: one applied operation as one flat tuple of plain values, in the store's column
+# order (sql/schema.sql, applied_ops):
+#     (apply_index, op_id, seq, kind, account, to_account, amount_cents, error, balance_cents)
+# The dedup window keeps these, and take_effects() hands them to the store as they are. Not an
+# AppliedOp: CPython's collector stops tracking a plain tuple of strings and numbers the first time
+# a collection sees it, but it tracks a NamedTuple for as long as it lives. A window of 200,000
+# AppliedOps (600,000 objects with their Operation and Outcome) made every collection that reached
+# them a pause of 10 to 90 ms, most of a loaded replica's p99 latency. And a row is one object per
+# operation where an AppliedOp is three.
+_ROW_OP_FIELDS = slice(3, 7)  # kind, account, to_account, amount_cents: a retry must match them
+_ROW_ERROR, _ROW_BALANCE = 7, 8
 
 
-def _recent_row(applied: AppliedOp) -> tuple:
+def applied_row(applied: AppliedOp) -> tuple:
+    """The applied row of an AppliedOp (see above)."""
     op, outcome = applied.op, applied.outcome
-    return (applied.apply_index, applied.seq, op.kind, op.account, op.to_account, op.amount_cents,
+    return (applied.apply_index, op.op_id, applied.seq, op.kind, op.account, op.to_account, op.amount_cents,
             outcome.error, outcome.balance_cents)
 
 
-def _applied_from_row(op_id: str, row: tuple) -> AppliedOp:
-    apply_index, seq, kind, account, to_account, amount_cents, error, balance_cents = row
+def applied_from_row(row: tuple | list) -> AppliedOp:
+    """The AppliedOp of an applied row (a tuple, or a list as JSON gives it back)."""
+    apply_index, op_id, seq, kind, account, to_account, amount_cents, error, balance_cents = row
     return AppliedOp(apply_index, seq, Operation(op_id, kind, account, to_account, amount_cents),
                      Outcome(error, balance_cents))
 
@@ -337,15 +342,15 @@ class Bank:
         self.max_accounts = max_accounts
         self.dedup_window_ops = dedup_window_ops
         self.balances: dict[str, int] = {}
-        # op id -> its row (see _recent_row) for the last dedup_window_ops applied, oldest first;
+        # op id -> its applied row for the last dedup_window_ops applied, oldest first;
         # `_recent_order` has the same ids, so forgetting the oldest is O(1).
         self._recent: dict[str, tuple] = {}
         self._recent_order: deque[str] = deque()
         self.counters = Counters()
         # Accounts that exist in the store but are not held here (a Bank over a slice; see for_slice).
         self._other_accounts = 0
-        # What changed since the last take_effects(): for the store to persist.
-        self._new_applied: list[AppliedOp] = []
+        # What changed since the last take_effects(): for the store to persist (applied rows).
+        self._new_applied: list[tuple] = []
         self._dirty_accounts: set[str] = set()
 
     # Loading a persisted image (store load or state transfer).
@@ -353,7 +358,7 @@ class Bank:
         assert not self.balances and not self._recent, "restore into an empty bank"
         self.balances = dict(balances)
         for applied in recent[-self.dedup_window_ops :]:
-            self._recent[applied.op.op_id] = _recent_row(applied)
+            self._recent[applied.op.op_id] = applied_row(applied)
             self._recent_order.append(applied.op.op_id)
         self.counters = counters.copy()
         self.check_invariants()
@@ -377,7 +382,7 @@ class Bank:
         bank.balances = dict(balances)
         bank._other_accounts = other_accounts
         for applied in recent:
-            bank._recent[applied.op.op_id] = _recent_row(applied)
+            bank._recent[applied.op.op_id] = applied_row(applied)
             bank._recent_order.append(applied.op.op_id)
         bank.counters = counters.copy()
         return bank
@@ -387,37 +392,38 @@ class Bank:
 
     def applied_outcome(self, op_id: str) -> Outcome | None:
         row = self._recent.get(op_id)
-        return None if row is None else Outcome(row[_RECENT_ERROR], row[_RECENT_BALANCE])
+        return None if row is None else Outcome(row[_ROW_ERROR], row[_ROW_BALANCE])
 
     def applied(self, op_id: str) -> AppliedOp | None:
         """The operation applied under `op_id`, while the dedup window remembers it."""
         row = self._recent.get(op_id)
-        return None if row is None else _applied_from_row(op_id, row)
+        return None if row is None else applied_from_row(row)
 
     def recent_applied(self, *, newest_first: bool = False) -> Iterator[AppliedOp]:
         """The operations the dedup window remembers, in apply order (or the reverse)."""
-        items = reversed(self._recent.items()) if newest_first else iter(self._recent.items())
-        for op_id, row in items:
-            yield _applied_from_row(op_id, row)
+        rows = reversed(self._recent.values()) if newest_first else iter(self._recent.values())
+        for row in rows:
+            yield applied_from_row(row)
 
     def apply(self, op: Operation, seq: int | None = None) -> tuple[Outcome, bool]:
         """Apply `op` once. Returns (outcome, duplicate): a duplicate id changes nothing and
         returns the outcome recorded the first time, or ID_REUSED when the id named another
         operation (a retry is the same operation; telling a withdrawal that a deposit under its id
         succeeded would be a lie)."""
-        earlier = self._recent.get(op.op_id)
+        op_id, kind, account, to_account, amount_cents = op
+        earlier = self._recent.get(op_id)
         if earlier is not None:
-            if earlier[_RECENT_OP_FIELDS] != (op.kind, op.account, op.to_account, op.amount_cents):
+            if earlier[_ROW_OP_FIELDS] != (kind, account, to_account, amount_cents):
                 return _OUTCOME_ID_REUSED, True
-            return _tuple_new(Outcome, (earlier[_RECENT_ERROR], earlier[_RECENT_BALANCE])), True
-        assert op.amount_cents > 0 and (op.to_account is None) == (op.kind != TRANSFER), op
+            return _tuple_new(Outcome, (earlier[_ROW_ERROR], earlier[_ROW_BALANCE])), True
+        assert amount_cents > 0 and (to_account is None) == (kind != TRANSFER), op
         outcome = self._decide_and_change(op)
         counters = self.counters
         counters.ops_applied_total += 1
-        applied = _tuple_new(AppliedOp, (counters.ops_applied_total, seq, op, outcome))
-        self._recent[op.op_id] = _recent_row(applied)
-        self._recent_order.append(op.op_id)
-        self._new_applied.append(applied)
+        row = (counters.ops_applied_total, op_id, seq, kind, account, to_account, amount_cents, outcome[0], outcome[1])
+        self._recent[op_id] = row
+        self._recent_order.append(op_id)
+        self._new_applied.append(row)
         if len(self._recent_order) > self.dedup_window_ops:
             del self._recent[self._recent_order.popleft()]
         return outcome, False
@@ -467,8 +473,9 @@ class Bank:
         self._dirty_accounts.add(op.to_account)  # type: ignore[arg-type]
         return _tuple_new(Outcome, (None, source - amount))
 
-    def take_effects(self) -> tuple[list[AppliedOp], dict[str, int]]:
-        """What changed since the last call: applied ops in order, and the changed balances."""
+    def take_effects(self) -> tuple[list[tuple], dict[str, int]]:
+        """What changed since the last call: the applied rows in apply order, and the changed
+        balances."""
         applied, self._new_applied = self._new_applied, []
         dirty, self._dirty_accounts = self._dirty_accounts, set()
         balances = self.balances

@@ -142,7 +142,7 @@ class DurableBank:
             return  # (after an install, replace() starts what waited)
         applied, balances = self.bank.take_effects()
         meta_changes, self._meta_changes = self._meta_changes, {}
-        applied_rows = self.store.encode_applied(applied)
+        batch_rows = self.store.encode_applied(applied)  # here: the GIL is the loop's anyway
         counters = self.bank.counters.copy()
         commit = self._next_commit if self._next_commit is not None else self._loop.create_future()
         self._next_commit = None
@@ -156,7 +156,7 @@ class DurableBank:
             work = self._loop.create_future()
             try:
                 self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window, sync=sync,
-                                   applied_rows=applied_rows)
+                                   batch_rows=batch_rows)
                 work.set_result(None)
             except Exception as error:  # handled (fatally) by _on_committed, like a thread's failure
                 work.set_exception(error)
@@ -165,7 +165,7 @@ class DurableBank:
         work = self._loop.run_in_executor(
             self._executor,
             lambda: self.store.persist(applied, balances, counters, meta_changes, dedup_window_ops=window, sync=sync,
-                                       applied_rows=applied_rows),
+                                       batch_rows=batch_rows),
         )
         work.add_done_callback(lambda done: self._on_committed(done, commit, ops_count, landed_meta, sync))
 

@@ -46,7 +46,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.bank import AppliedOp, Bank, Counters, Operation, Outcome
+from common.bank import AppliedOp, Bank, Counters, Operation, Outcome, applied_row
 from common.log import get_logger
 
 log = get_logger("store")
@@ -89,22 +89,6 @@ def _row_to_applied(row: tuple) -> AppliedOp:
         None if seq is None else int(seq),
         Operation(op_id, kind, account, to_account, int(amount_cents)),
         Outcome(error, None if balance_cents is None else int(balance_cents)),
-    )
-
-
-def _applied_to_row(applied: AppliedOp) -> tuple:
-    op = applied.op
-    outcome = applied.outcome
-    return (
-        applied.apply_index,
-        op.op_id,
-        applied.seq,
-        op.kind,
-        op.account,
-        op.to_account,
-        op.amount_cents,
-        outcome.error,
-        outcome.balance_cents,
     )
 
 
@@ -211,23 +195,24 @@ class Store:
     # --- Writing --------------------------------------------------------------------------------
     def persist(
         self,
-        applied: list[AppliedOp],
+        applied: list[tuple],
         balances: dict[str, int],
         counters: Counters,
         meta: dict[str, int] | None = None,
         *,
         dedup_window_ops: int,
         sync: bool = True,
-        applied_rows: list[tuple[int, int, str]] | None = None,
+        batch_rows: list[tuple[int, int, str]] | None = None,
     ) -> None:
-        """Write one batch of a Bank's effects in one transaction (see the module docstring).
-        `sync`: on stable storage before returning, with everything committed before it (a store
-        that syncs every commit ignores False). `applied_rows`: `applied` as encode_applied gave
-        it, if the caller encoded it already (on another thread than this call's)."""
+        """Write one batch of a Bank's effects (Bank.take_effects: the applied rows and the changed
+        balances) in one transaction (see the module docstring). `sync`: on stable storage before
+        returning, with everything committed before it (a store that syncs every commit ignores
+        False). `batch_rows`: `applied` as encode_applied gave it, if the caller encoded it already
+        (on another thread than this call's)."""
         self._begin(sync)
         try:
             self._write_effects(applied, balances, counters, meta or {}, dedup_window_ops, shared=False,
-                                applied_rows=applied_rows)
+                                batch_rows=batch_rows)
             self._commit()
         except BaseException:
             self._rollback()
@@ -256,7 +241,7 @@ class Store:
             self._cursor().executemany(self._upsert_meta_sql, list(meta.items()))
 
     def _insert_applied_rows(self, rows: list[tuple]) -> None:
-        """Insert applied_ops rows (see _applied_to_row) in the open transaction. PyMySQL's
+        """Insert applied rows (common/bank.py) into applied_ops, in the open transaction. PyMySQL's
         executemany already sends one multi-row INSERT per chunk."""
         p = self._placeholder
         insert = f"INSERT INTO applied_ops ({APPLIED_COLUMNS}) VALUES ({', '.join([p] * APPLIED_COLUMN_COUNT)})"
@@ -265,17 +250,15 @@ class Store:
             cursor.executemany(insert, chunk)
 
     @staticmethod
-    def encode_applied(applied: list[AppliedOp]) -> list[tuple[int, int, str]]:
-        """The applied_batches rows that record `applied` (operations in apply order): (first
-        apply_index, last apply_index, a JSON array of [apply_index, op_id, seq, kind, account,
-        to_account, amount_cents, error, balance_cents], applied_ops' columns in the same order)."""
+    def encode_applied(applied: list[tuple]) -> list[tuple[int, int, str]]:
+        """The applied_batches rows that record `applied` (applied rows in apply order, see
+        common/bank.py): (first apply_index, last apply_index, a JSON array of the applied rows).
+        The rows are in applied_ops' column order already, so encoding is one C call per row."""
         rows = []
         for chunk in _chunks(applied, MAX_OPS_PER_BATCH_ROW):
-            first, last = chunk[0].apply_index, chunk[-1].apply_index
+            first, last = chunk[0][0], chunk[-1][0]
             assert first <= last, (first, last)
-            ops = [(index, op[0], seq, op[1], op[2], op[3], op[4], outcome[0], outcome[1])
-                   for index, seq, op, outcome in chunk]
-            rows.append((first, last, _encode_json(ops)))
+            rows.append((first, last, _encode_json(chunk)))
         return rows
 
     def _insert_batch_rows(self, rows: list[tuple[int, int, str]]) -> None:
@@ -287,28 +270,28 @@ class Store:
 
     def _write_effects(
         self,
-        applied: list[AppliedOp],
+        applied: list[tuple],
         balances: dict[str, int],
         counters: Counters,
         meta: dict[str, int],
         dedup_window_ops: int,
         *,
         shared: bool,
-        applied_rows: list[tuple[int, int, str]] | None = None,
+        batch_rows: list[tuple[int, int, str]] | None = None,
     ) -> None:
         """`shared`: the store has many writers (apply_batch): one applied_ops row per operation;
         else one applied_batches row per commit (see the module docstring)."""
         cursor = self._cursor()
         p = self._placeholder
         if applied:
-            assert applied[-1].apply_index == counters.ops_applied_total, (applied[-1].apply_index, counters)
+            assert applied[-1][0] == counters.ops_applied_total, (applied[-1], counters)
             if shared:
-                self._insert_applied_rows([_applied_to_row(a) for a in applied])
+                self._insert_applied_rows(applied)
             else:
-                if applied_rows is None:
-                    applied_rows = self.encode_applied(applied)
-                assert applied_rows[-1][1] == counters.ops_applied_total, (applied_rows[-1], counters)
-                self._insert_batch_rows(applied_rows)
+                if batch_rows is None:
+                    batch_rows = self.encode_applied(applied)
+                assert batch_rows[-1][1] == counters.ops_applied_total, (batch_rows[-1][:2], counters)
+                self._insert_batch_rows(batch_rows)
         if balances:
             cursor.executemany(self._upsert_account_sql, [(name, cents) for name, cents in balances.items()])
         self._write_meta(
@@ -403,7 +386,7 @@ class Store:
                 for chunk in _chunks(list(image.balances.items())):
                     cursor.executemany(self._upsert_account_sql, chunk)
             if image.recent:
-                self._insert_batch_rows(self.encode_applied(image.recent))
+                self._insert_batch_rows(self.encode_applied([applied_row(a) for a in image.recent]))
             self._write_meta(
                 {
                     "ops_applied_total": counters.ops_applied_total,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AppliedOp, Bank, Operation  # noqa: E402
+from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation  # noqa: E402
 from common.store import open_store  # noqa: E402
 
 ACCOUNTS = [f"acct{index}" for index in range(200)]
@@ -44,7 +44,7 @@ def make_ops(count: int, seed: int) -> list[Operation]:
     return ops
 
 
-def apply_all(bank: Bank, ops: list[Operation]) -> tuple[list[AppliedOp], dict[str, int]]:
+def apply_all(bank: Bank, ops: list[Operation]) -> tuple[list[tuple], dict[str, int]]:
     for seq, op in enumerate(ops, start=1):
         bank.apply(op, seq)
     return bank.take_effects()

@@ -24,6 +24,7 @@ from common.bank import (
     Operation,
     Outcome,
     Query,
+    applied_from_row,
     balance_reply,
     outcome_reply,
     parse_request,
@@ -316,8 +317,12 @@ def test_take_effects_reports_what_changed_once():
     bank.apply(transfer("t1", "a", "b", 40))
     bank.apply(withdraw("w1", "c", 1))  # refused: recorded, no balance changed
     applied, changed = bank.take_effects()
-    assert [a.op.op_id for a in applied] == ["d1", "t1", "w1"]
-    assert [a.apply_index for a in applied] == [1, 2, 3]
+    assert applied == [  # applied rows, in the store's column order
+        (1, "d1", None, DEPOSIT, "a", None, 100, None, 100),
+        (2, "t1", None, TRANSFER, "a", "b", 40, None, 60),
+        (3, "w1", None, WITHDRAW, "c", None, 1, "ACCOUNT_NOT_FOUND", None),
+    ]
+    assert [applied_from_row(row) for row in applied] == list(bank.recent_applied())
     assert changed == {"a": 60, "b": 40}
     assert bank.take_effects() == ([], {})
     bank.apply(deposit("d1", "a", 100))  # a duplicate is no effect
