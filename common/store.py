@@ -253,7 +253,8 @@ class Store:
     def encode_applied(applied: list[tuple]) -> list[tuple[int, int, str]]:
         """The applied_batches rows that record `applied` (applied rows in apply order, see
         common/bank.py): (first apply_index, last apply_index, a JSON array of the applied rows).
-        The rows are in applied_ops' column order already, so encoding is one C call per row."""
+        The applied rows are in applied_ops' column order already, so each applied_batches row is
+        one call of the C encoder."""
         rows = []
         for chunk in _chunks(applied, MAX_OPS_PER_BATCH_ROW):
             first, last = chunk[0][0], chunk[-1][0]

@@ -387,3 +387,41 @@ def test_commits_go_on_while_a_flush_runs_and_the_flush_reports_only_what_had_la
         await dbank.close()
 
     asyncio.run(scenario())
+
+
+def test_a_flushing_commit_runs_on_the_commit_thread_unless_it_is_small_or_relaxed(tmp_path):
+    """A synced SQLite commit of a whole batch waits for the disk on the commit thread while the
+    loop goes on; a commit of a few operations, or a relaxed one (no flush), runs on the loop."""
+    import threading
+
+    from common.durable import MIN_OPS_TO_COMMIT_ON_THREAD
+
+    async def committed_on(dbank: DurableBank, ops: list[Operation]) -> list[str]:
+        threads: list[str] = []
+        persist = dbank.store.persist
+        dbank.store.persist = lambda *args, **kwargs: (threads.append(threading.current_thread().name),
+                                                        persist(*args, **kwargs))[1]
+        for op in ops:
+            dbank.apply(op)
+        await dbank.durable()
+        dbank.store.persist = persist
+        return threads
+
+    async def scenario():
+        loop_thread = threading.current_thread().name
+        synced = await open_bank(tmp_path / "full.db", default_synchronous="full", sync_interval_s=0.0)
+        assert synced.store.syncs_every_commit
+        big = [deposit(f"big-{index}") for index in range(MIN_OPS_TO_COMMIT_ON_THREAD)]
+        [big_thread] = await committed_on(synced, big)
+        assert big_thread != loop_thread and big_thread.startswith("commit")
+        assert await committed_on(synced, [deposit("small-1")]) == [loop_thread]
+        assert synced.bank.counters.ops_applied_total == MIN_OPS_TO_COMMIT_ON_THREAD + 1
+        await synced.close()
+        relaxed = await open_bank(tmp_path / "relaxed.db", default_synchronous="normal", sync_interval_s=3600.0)
+        assert await committed_on(relaxed, [deposit(f"r-{index}") for index in range(50)]) == [loop_thread]
+        await relaxed.close()
+        reopened = open_store(f"sqlite:///{tmp_path / 'full.db'}")
+        assert reopened.load().counters.ops_applied_total == MIN_OPS_TO_COMMIT_ON_THREAD + 1
+        reopened.close()
+
+    asyncio.run(scenario())
