@@ -37,9 +37,10 @@ CONNECT_TIMEOUT_S = 1.0
 
 def new_op_id(rng: random.Random | None = None) -> str:
     """A new operation id: a UUID version 7 (RFC 9562), whose first 48 bits are the time in
-    milliseconds. Ids made close in time sort close together, so the store's unique index on them
-    grows at its right edge instead of touching a random page per insert: on SQLite that halves the
-    cost of recording an applied operation. `rng` makes the random part cheap (the lab's clients)."""
+    milliseconds. Ids made close in time sort close together, so a unique index on them (the worker
+    farm's applied_ops) grows at its right edge instead of touching a random page per insert: on
+    SQLite that halved the cost of recording an applied operation. `rng` makes the random part
+    cheap (the lab's clients)."""
     unix_ms = time.time_ns() // 1_000_000
     random_bits = rng.getrandbits(74) if rng is not None else int.from_bytes(os.urandom(10), "big") >> 6
     rand_a = random_bits >> 62  # 12 bits

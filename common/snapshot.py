@@ -166,6 +166,12 @@ class SnapshotReader:
         """The received state, checked: a Bank restored from it must hold its invariants."""
         assert self.done and self._meta is not None and self._counters is not None
         image = StoreImage(self._balances, self._recent, self._counters, self._meta)
+        # The applied operations are the last ones before the counters' total, in apply order, one
+        # per index: the store records them by index range (common/store.py, applied_batches).
+        indexes = [applied.apply_index for applied in self._recent]
+        if indexes and indexes != list(range(self._counters.ops_applied_total - len(indexes) + 1,
+                                             self._counters.ops_applied_total + 1)):
+            raise SaldoError("FIELD_INVALID", "snapshot: the applied operations are not the last ones, in order")
         try:
             Bank(max_accounts=max(max_accounts, len(self._balances)), dedup_window_ops=max(1, dedup_window_ops)).restore(
                 image.balances, image.recent, image.counters

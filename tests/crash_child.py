@@ -4,8 +4,9 @@
 
 It loads the store into a Bank, applies COUNT generated operations (deterministic in SEED, so the
 parent can compute the expected result itself), then, on stdout, one line per step:
-    BEGUN      the transaction is open
-    WRITTEN    every row is written; the commit starts now
+    BEGUN           the transaction is open
+    PARTLY_WRITTEN  half of the applied operations' rows are written
+    WRITTEN         every row is written; the commit starts now
     COMMITTED  the commit returned
 The parent SIGKILLs it somewhere in between and checks the store holds all of the batch or none.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation  # noqa: E402
-from common.store import open_store  # noqa: E402
+from common.store import MAX_OPS_PER_BATCH_ROW, open_store  # noqa: E402
 
 ACCOUNTS = [f"acct{index}" for index in range(200)]
 META_NAME = "crash_batch"
@@ -60,10 +61,17 @@ def main() -> None:
     store = open_store(url)
     bank = store.load(window).to_bank(Bank(dedup_window_ops=window))
     applied, changed = apply_all(bank, make_ops(count, seed))
-    # persist() in three steps, so the parent knows where the transaction is.
+    batch_rows = store.encode_applied(applied)  # before the transaction, as common/durable.py does
+    # persist() in steps, so the parent knows where the transaction is: half of the batch's rows,
+    # then the rest with the balances and counters.
+    first_rows = len(batch_rows) // 2
+    rest = first_rows * MAX_OPS_PER_BATCH_ROW
     store._begin()
     report("BEGUN")
-    store._write_effects(applied, changed, bank.counters, {META_NAME: seed}, window, shared=False)
+    store._insert_batch_rows(batch_rows[:first_rows])
+    report("PARTLY_WRITTEN")
+    store._write_effects(applied[rest:], changed, bank.counters, {META_NAME: seed}, window, shared=False,
+                         batch_rows=batch_rows[first_rows:])
     report("WRITTEN")
     store._commit()
     report("COMMITTED")

@@ -425,3 +425,31 @@ def test_a_flushing_commit_runs_on_the_commit_thread_unless_it_is_small_or_relax
         reopened.close()
 
     asyncio.run(scenario())
+
+
+def test_a_snapshot_whose_applied_operations_are_not_the_last_ones_in_order_is_refused():
+    """The store records applied operations by index range: a snapshot with a gap, a repeat or
+    operations that do not end at its total would be recorded wrong, so it is refused."""
+    import json
+
+    from common.errors import SaldoError
+    from common.snapshot import SnapshotReader, image_to_lines
+    from common.store import StoreImage
+
+    bank = Bank(dedup_window_ops=1_000)
+    for index in range(5):
+        bank.apply(deposit(f"op-{index}"), index + 1)
+    recent = list(bank.recent_applied())
+
+    def read(applied: list) -> StoreImage:
+        reader = SnapshotReader()
+        for line in image_to_lines(StoreImage(dict(bank.balances), applied, bank.counters.copy(), {}), "s1"):
+            reader.feed(json.loads(line))
+        return reader.image(max_accounts=100, dedup_window_ops=1_000)
+
+    assert read(recent).recent == recent
+    assert read(recent[2:]).recent == recent[2:]  # the last three: fine
+    for wrong in (recent[:2] + recent[3:], recent[:4], [recent[0], recent[0], *recent[2:]], recent[::-1]):
+        with pytest.raises(SaldoError) as refused:
+            read(wrong)
+        assert refused.value.code == "FIELD_INVALID"
