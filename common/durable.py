@@ -8,10 +8,10 @@ event loop keeps reading and applying meanwhile; the applied operations are enco
 on the loop first, so the thread holds the GIL as little as possible (measured: standalone at
 8 x 64, 38,926 to 43,566 ops/s against 31,366 to 37,420, faster in four paired runs of four). A
 relaxed SQLite commit (no flush) runs on the loop's own thread: it is all CPU under the GIL, and
-handing it to a thread and back costs more than the overlap gains (measured: +6% throughput with the sequencer architecture on two cores).
-So does a flushing SQLite commit of a few operations: the loop has next to nothing to overlap with
-it, and the hand-off only adds latency (measured: multicast with one client, p50 0.66 to 0.89 ms
-against 0.91 to 1.12 in four paired runs).
+handing it to a thread and back costs more than the overlap gains (measured: +6% throughput with
+the sequencer architecture on two cores). So does a flushing SQLite commit of a few operations:
+the loop has next to nothing to overlap with it, and the hand-off only adds latency (measured:
+multicast with one client, p50 0.66 to 0.89 ms against 0.91 to 1.12 in four paired runs).
 
 A replica whose store is the only durable copy (standalone, multicast, primary-backup) replies to
 a client only after `durable()` resolves: no answer ever reports a state that a crash could take
