@@ -154,7 +154,7 @@ class Store:
         cursor.execute("SELECT ops_json FROM applied_batches ORDER BY first_apply_index DESC")
         batches: list[list[AppliedOp]] = []  # newest first
         batched_ops = 0
-        for (ops_json,) in cursor.fetchall():  # (pruned to about one window: see _write_effects)
+        for (ops_json,) in cursor:  # (pruned to about one window: see _write_effects)
             if dedup_window_ops is not None and batched_ops >= dedup_window_ops:
                 break
             batch = _batch_to_applied(ops_json)
@@ -392,8 +392,8 @@ class Store:
             if image.balances:
                 for chunk in _chunks(list(image.balances.items())):
                     cursor.executemany(self._upsert_account_sql, chunk)
-            if image.recent:
-                self._insert_batch_rows(self.encode_applied([applied_row(a) for a in image.recent]))
+            for chunk in _chunks(image.recent, MAX_OPS_PER_BATCH_ROW):  # a row at a time: memory stays flat
+                self._insert_batch_rows(self.encode_applied([applied_row(applied) for applied in chunk]))
             self._write_meta(
                 {
                     "ops_applied_total": counters.ops_applied_total,
