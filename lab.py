@@ -289,7 +289,9 @@ def run_up(args: argparse.Namespace) -> int:
     """Start a cluster and keep it up until Ctrl-C, for client.py and for poking at it by hand."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the cluster like Ctrl-C
     run_dir = args.run_dir.resolve() if args.run_dir else REPO_ROOT / "var" / "up" / args.arch
-    lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store))
+    # The cluster keeps its state between runs: its stores are what its last run left.
+    lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store,
+                                                     fresh_stores=False))
     try:
         cluster = Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch)
     except RunDirInUse as error:
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 subparser.error(f"argument --faults: {unfit}")
             try:  # the --option values: building the layout checks them (nothing starts, nothing is written)
                 archs.build(architecture, archs.LayoutOptions(run_dir=Path("var/option-check"), ports="free",
-                                                              store=args.store, extra=dict(args.option)))
+                                                              store=args.store, extra=dict(args.option), fresh_stores=False))
             except ValueError as error:
                 subparser.error(f"argument --option: {error}")
     tune_gc()  # the clients of a run share this process with a history of every operation

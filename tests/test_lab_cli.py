@@ -3,8 +3,8 @@
 A bad argument ends in one usage error naming the valid values, never a traceback; a fault schedule
 the architecture cannot play is refused before any run; every command and flag explains itself; a
 port held by another cluster is named; `up` keeps the cluster up when one of its processes dies,
-says which and how to start it again, and stops everything on SIGTERM; the bench summary tells the
-farm's worker counts apart.
+says which and how to start it again, and stops everything on SIGTERM; a farm started again by `up`
+has its store as it was; the bench summary tells the farm's worker counts apart.
 """
 
 from __future__ import annotations
@@ -251,6 +251,34 @@ def test_up_survives_a_killed_process_names_it_and_prints_a_command_that_restart
             except ProcessLookupError:
                 pass
             by_hand.wait(timeout=20)
+
+
+def test_up_farm_keeps_its_store_between_runs(tmp_path):
+    """As the other clusters do: a deposit made before Ctrl-C is there after the next `up`."""
+    run_dir = tmp_path / "farm"
+
+    def up_and_run(*command: str) -> subprocess.CompletedProcess:
+        out = tmp_path / "up.out"
+        with out.open("w") as stdout:
+            up = subprocess.Popen([sys.executable, str(REPO_ROOT / "lab.py"), "up", "--arch", "farm", "--ports", "free",
+                                   "--run-dir", str(run_dir)], cwd=REPO_ROOT, stdout=stdout, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(out, r"saldo farm cluster is up", 60.0)
+            return subprocess.run([sys.executable, str(REPO_ROOT / "client.py"), "--topology", str(run_dir / "topology.json"),
+                                   *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+        finally:
+            up.send_signal(signal.SIGTERM)  # what Ctrl-C does
+            try:
+                assert up.wait(timeout=30) == 0
+            finally:
+                if up.poll() is None:
+                    up.kill()
+                    up.wait()
+
+    deposited = up_and_run("deposit", "alice", "5")
+    assert (deposited.returncode, deposited.stdout.strip()) == (0, "OK balance=5.00"), deposited
+    read = up_and_run("balance", "alice")
+    assert (read.returncode, read.stdout.strip()) == (0, "OK balance=5.00"), read
 
 
 # --- The bench summary ---------------------------------------------------------------------------

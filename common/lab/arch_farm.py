@@ -5,7 +5,8 @@ seed's ports 8765 and 8766 (or free ones) and are each other's peer. Workers `wo
 alternately by farm1 and farm2, each with the other server as its failover, and answer STATUS on a
 small port of their own (127.0.0.13) so the launcher sees them ready. Every worker and both servers
 name the same store: for the checker that store is the farm's one replica, read through farm1
-(whose STATUS shows the store's applied-operations counter). A run starts from an empty store.
+(whose STATUS shows the store's applied-operations counter). A lab run starts from an empty store;
+`lab.py up` keeps the store of the cluster's earlier runs (LayoutOptions.fresh_stores).
 
 Options (`lab.py ... --option KEY=VALUE`):
     workers=4            how many workers
@@ -54,7 +55,8 @@ def build(options: LayoutOptions) -> LabCluster:
         raise ValueError(f"unknown farm options: {', '.join(sorted(unknown))}")
     ports = _Ports(options.ports)
     store = _store_url(options, "farm")
-    empty_store(store)
+    if options.fresh_stores:
+        empty_store(store)
     names = ["farm1", "farm2"]
     addresses = [(SERVER_HOSTS[i], ports.get(SERVER_HOSTS[i], topology.DEFAULT_PORTS["farm_server"] + i)) for i in range(2)]
     server_settings = {key: value for key, value in extra.items() if key in SERVER_OPTIONS}

@@ -117,6 +117,9 @@ class LayoutOptions:
     store: str = "sqlite"  # sqlite | mysql base URL (mysql://user:pass@host:port/prefix)
     request_timeout_s: float = 2.0
     extra: dict = field(default_factory=dict)  # architecture-specific options
+    # A lab run starts from empty stores (the checker compares them with its history); `up` keeps
+    # what a cluster's earlier runs left (False), and so does a layout built only to check options.
+    fresh_stores: bool = True
 
 
 class _Ports:
