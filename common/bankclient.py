@@ -89,6 +89,10 @@ class BankClient:
     """What every architecture's client offers. A subclass implements `submit` (one attempt, the
     reply through a callback, never an exception) and `close`; the awaitable forms come from it."""
 
+    # execute_with_retries: each attempt after one that timed out waits this many times longer.
+    # 1: a reply is due within one attempt's timeout, so its absence says the server is in trouble.
+    retry_timeout_growth = 1.0
+
     def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
         raise NotImplementedError
 
@@ -185,7 +189,7 @@ class DirectClient(BankClient):
 
 
 # Definite refusals that mean "not now" (nothing was done): worth retrying until the deadline.
-NOT_NOW_ERRORS = frozenset({"NOT_READY", "OVERLOADED", "QUEUE_FULL", "NOT_PRIMARY", "TOO_STALE"})
+NOT_NOW_ERRORS = frozenset({"NOT_READY", "OVERLOADED", "QUEUE_FULL", "NOT_PRIMARY", "TOO_STALE", "NO_WORKER"})
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"
 
@@ -212,7 +216,10 @@ async def execute_with_retries(
     Returns (last reply, attempts, outcome) with outcome ok / failed / unknown (see classify).
     An indefinite failure (TIMEOUT, CONNECTION_LOST, ...) and a "not now" refusal (NOT_READY,
     OVERLOADED, ...) are retried with the same id after a short backoff: exactly-once apply makes
-    that safe, and the answer to a retry of an applied operation is its first outcome.
+    that safe, and the answer to a retry of an applied operation is its first outcome. After a
+    TIMEOUT the next attempt may wait longer (the client's `retry_timeout_growth`). A "not now"
+    that took a while to come (a farm server waits before its NO_WORKER) is not asked again when
+    the deadline would cut the next attempt shorter: the answer is that refusal, not a TIMEOUT.
     """
     attempts = 0
     backoff_s = 0.01
@@ -223,10 +230,14 @@ async def execute_with_retries(
         timeout_s = attempt_timeout_s
         if timeout_s is not None:  # no attempt outlasts the deadline
             timeout_s = max(0.05, min(timeout_s, deadline_s - time.monotonic()))
+        started_s = time.monotonic()
         reply = await client.execute(request_id, line, timeout_s, is_read)
+        took_s = time.monotonic() - started_s
         if reply.get("STATUS") == "OK":
             return reply, attempts, OK
         code = reply.get("ERROR")
+        if code == "TIMEOUT" and attempt_timeout_s is not None:
+            attempt_timeout_s *= getattr(client, "retry_timeout_growth", 1.0)
         definite = is_definite(code)
         if definite and code not in NOT_NOW_ERRORS:
             return reply, attempts, FAILED
@@ -235,7 +246,7 @@ async def execute_with_retries(
             outcome = FAILED  # a read changes nothing: without an answer it failed, it is not "unknown"
             refusal = reply if definite else refusal
         indefinite_seen = indefinite_seen or not definite
-        if time.monotonic() + backoff_s >= deadline_s:
+        if time.monotonic() + backoff_s + (took_s if definite else 0.0) >= deadline_s:
             return (refusal if refusal is not None and not definite else reply), attempts, outcome
         await asyncio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, 0.25)

@@ -59,6 +59,8 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "NOT_PEER": (True, "the sender is not a configured peer of this process; its protocol messages are refused"),
     "WORKER_ID_IN_USE": (True, "another open connection already serves as this WORKER_UUID"),
     "TASK_FAILED": (True, "the worker reported that the task failed; DETAIL has its words (nothing changed)"),
+    "NO_WORKER": (True, "no worker of the farm can run this task now; nothing was done (another server, or later)"),
+    "BAD_RESULT": (True, "the workers' results for this read were malformed; DETAIL names the worker (nothing changed)"),
     # Outcome unknown: the client must retry with the same id to learn it.
     "TIMEOUT": (False, "no answer in time; the operation may have been applied"),
     "CONNECTION_LOST": (False, "the connection closed before the answer; the operation may have been applied"),

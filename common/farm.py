@@ -12,16 +12,31 @@ a fake clock (tests/test_farm_core.py). The full protocol, with the seed's messa
 saldo's additions, is docs/farm-protocol.md.
 
 Tasks. A client's request becomes a task: an UPDATE (DEPOSIT, WITHDRAW, TRANSFER: its id is the
-client's operation id) or a QUERY (a balance read; it gets an id of its own). A task is QUEUED,
-then HELD by one worker under a lease of `visibility_timeout_s`, then DONE (the result goes to every
-client connection that asked for that id). A task goes back to the queue, at its front, when its
+client's operation id) or a QUERY (a balance read: its id is "q#" and the request's ID, so a retry
+of the same read joins it, or, for `completed_reads_memory` reads, gets its answer; a read without
+an ID, or whose ID another read holds, gets an id of its own). A task is QUEUED, then HELD by one worker under a lease of `visibility_timeout_s` (or
+FORWARDED to a peer, below), then DONE (the result goes to every client connection that asked for
+that id). A task goes back to the queue, at its front, when its
 worker's lease runs out, or at once when a saldo worker (one that keeps its connection) disconnects.
 Redelivery is safe because workers apply updates through common/store.py, which records each
 operation id with its outcome in the same transaction: a second apply returns the first outcome.
 The server also remembers the ids it has queued, handed out and (for `completed_memory` updates)
 finished, so a client's retry joins the task or gets the recorded reply instead of a second run;
 an id that names another operation is refused with ID_REUSED, like the store does.
-The queue holds at most `max_queue` tasks; past that a client gets QUEUE_FULL.
+The queue holds at most `max_queue` tasks; past that a client gets QUEUE_FULL. A result that is not
+one (a SALDO of -5, "abc" or 1e30) is logged with its worker and the task redelivered; after
+`max_task_attempts` deliveries the client gets BAD_RESULT (a read) or UNAVAILABLE (an update, which
+may have been applied), naming the worker, as it gets UNAVAILABLE for other failed deliveries.
+
+No worker here. A task that no worker present here can run (none at all, or, for an update, only
+seed workers, which run QUERY only) waits `no_worker_wait_s` for one to connect or be lent. Then it
+goes, once, to an up peer whose heartbeats say it has a worker for that kind of task, as a client
+request with the same id, marked FORWARDED_BY: the peer never forwards it again, so a task makes at
+most one hop; the peer's answer is the task's. With no such peer it is refused: NO_WORKER
+(definite: nothing ran it), or UNAVAILABLE when an earlier attempt may have run an update. A
+forward that gets no answer, or a "not now" refusal, puts the task back in the queue as a failed
+delivery does: a forward counts as an attempt, and the id makes a second run answer the first
+outcome. While workers a peer agreed to lend are on their way, nothing is forwarded.
 
 Workers. A worker says `{"WORKER": "ALIVE", ...}` to ask for work; the server answers with work,
 or holds the request (a long poll) until there is some, or answers NO_TASK after `no_task_wait_s`
@@ -31,7 +46,8 @@ or holds the request (a long poll) until there is some, or answers NO_TASK after
          message; one QUERY at a time; STATUS answered with ACK.
   saldo  MAX_TASKS > 1 and ACCEPTS ["QUERY", "UPDATE"]: batches of tasks, results of the previous
          batch carried by the next ALIVE (one round trip per batch).
-Only workers that accept UPDATE get updates. A worker has an owner: the server it names in
+Only workers that accept UPDATE get updates: wherever the farm counts workers for a task (to run
+it, to borrow, to lend, to forward, to give back), it counts those that can run that kind. A worker has an owner: the server it names in
 SERVER_UUID, or this server when it names none. Ownership never moves during a loan, so no worker
 is ever owned by two servers.
 
@@ -40,14 +56,16 @@ is retried after an exponential backoff with jitter; `heartbeat_miss_limit` fail
 the peer down (it is no longer asked for workers); the first answer marks it up again. A down peer
 is probed with the same backoff, capped at `retry_max_s`. A message from a peer also counts as a
 heartbeat. Heartbeats carry WORKERS_HELD: which of the receiver's workers the sender holds, so an
-owner learns of a lent worker that died at the borrower.
+owner learns of a lent worker that died at the borrower; and RUNS: the kinds of task (QUERY,
+UPDATE) a worker present at the sender can run, which is where forwarded tasks go.
 
 Lending. A server whose queue stays above `lend_queue_threshold` for `overload_s` asks each up peer
-for workers (WORKER_REQUEST); so does a server with tasks queued and no worker at all, whatever the
-length of its queue (nothing else would ever run them). A peer whose own queue is short lends idle
-workers it has at home, never leaving fewer than `min_own_workers` at home: it answers ACK with
-their ids and sends each one REDIRECT. When the borrower's queue stays below
-`return_queue_threshold` for `underload_s` (and it has workers of its own, or nothing queued), it
+for workers (WORKER_REQUEST); so does a server with tasks queued that no worker here can run,
+whatever the length of its queue (nothing else would ever run them). The request names the kinds
+of task it needs run (TASK_KINDS). A peer whose own queue is short lends idle workers it has at
+home that can run one of those kinds, never leaving fewer than `min_own_workers` at home: it
+answers ACK with their ids and sends each one REDIRECT. When the borrower's queue stays below
+`return_queue_threshold` for `underload_s` (and its own workers can run what is queued), it
 sends the owner COMMAND_RELEASE, the owner answers RELEASE_ACK, the borrower answers each of those workers'
 next ALIVE with RETURN, and when all are home the owner sends RELEASE_COMPLETED. A worker whose
 borrower dies goes home by itself (its connection breaks); a worker whose server dies goes through
@@ -67,7 +85,7 @@ from common import wire
 from common.bank import TRANSFER, Operation, Query, balance_reply, make_operation, parse_request
 from common.errors import ERROR_CODES, SaldoError, error_reply, is_definite, with_id_msg
 from common.log import get_logger
-from common.money import parse_amount_cents, render_cents
+from common.money import parse_balance_cents, render_cents
 
 log = get_logger("farm")
 
@@ -94,6 +112,14 @@ V1, V2, SALDO = "v1", "v2", "saldo"
 # Peer states.
 UNKNOWN, UP, DOWN = "unknown", "up", "down"
 
+# Kinds of task, as a worker's ACCEPTS, a peer's RUNS and a WORKER_REQUEST's TASK_KINDS name them.
+QUERY, UPDATE = "QUERY", "UPDATE"
+TASK_KINDS = frozenset({QUERY, UPDATE})
+# A peer's refusals of a forwarded task that mean "not now, nothing done": the task stays ours.
+FORWARD_NOT_NOW = frozenset({"QUEUE_FULL", "OVERLOADED", "NO_WORKER", "NOT_READY"})
+# A query's id from its client: a string or an integer, this long at most as text.
+MAX_QUERY_ID_CHARS = 128
+
 # Server-to-server TASK values and RESPONSE values, in every version (seed v1, v2, saldo).
 PEER_TASKS = frozenset({"HEARTBEAT", "REQUEST", "RECIEVE", "WORKER_REQUEST", "WORKER_RESPONSE", "COMMAND_RELEASE"})
 PEER_RESPONSES = frozenset({"ALIVE", "AVAILABLE", "UNAVAILABLE", "RELEASE_ACK", "RELEASE_COMPLETED"})
@@ -112,6 +138,10 @@ class FarmConfig:
     no_task_wait_s: float = 1.0
     max_task_attempts: int = 5
     completed_memory: int = 100_000
+    # Finished reads whose answer a retry of the same read (the same ID) gets: a client retries
+    # within seconds, and that answer was read after its first attempt arrived, so it is the
+    # read's own.
+    completed_reads_memory: int = 10_000
     heartbeat_interval_s: float = 0.5
     heartbeat_miss_limit: int = 3
     retry_initial_s: float = 0.1
@@ -126,15 +156,21 @@ class FarmConfig:
     request_cooldown_s: float = 1.0  # after a NACK or a failed request, before asking that peer again
     redirect_timeout_s: float = 5.0  # a lent worker not seen at the borrower by then is not expected
     worker_forget_s: float = 30.0  # a worker not heard of for this long is forgotten
+    no_worker_wait_s: float = 1.0  # a task no worker here can run waits this long, then is forwarded or refused
+    # How long a forwarded task's answer may take: the peer's queue, a lease or two there. A shorter
+    # one only sends the task again (its id joins the first run).
+    forward_timeout_s: float = 30.0
+    max_forwarded: int = 256  # tasks forwarded to peers and not yet answered
 
     def __post_init__(self) -> None:
         check_id(self.server_id, "server_id")
-        assert self.max_queue > 0 and self.max_batch_tasks > 0 and self.completed_memory > 0
+        assert self.max_queue > 0 and self.max_batch_tasks > 0 and self.completed_memory > 0 and self.completed_reads_memory > 0
         assert self.visibility_timeout_s > 0 and self.no_task_wait_s > 0 and self.max_task_attempts > 0
         assert self.heartbeat_interval_s > 0 and self.heartbeat_miss_limit > 0
         assert 0 < self.retry_initial_s <= self.retry_max_s and 0 <= self.jitter_fraction < 1
         assert 0 <= self.return_queue_threshold <= self.lend_queue_threshold
         assert self.overload_s >= 0 and self.underload_s >= 0 and self.min_own_workers >= 0 and self.max_borrowed >= 0
+        assert self.no_worker_wait_s > 0 and self.forward_timeout_s > 0 and self.max_forwarded > 0
 
 
 # --- What the core asks its driver to do ------------------------------------------------------
@@ -154,10 +190,14 @@ class Close(NamedTuple):
 
 
 class PeerRequest(NamedTuple):
-    """Send `message` to peer `peer` (its "host:port" key) and report the reply to on_peer_result."""
+    """Send `message` to peer `peer` (its "host:port" key) and report the reply to on_peer_result.
+    `timeout_s` None: a control message (heartbeat, lending), answered within the driver's peer
+    timeout; a number: a forwarded task, whose answer may take that long, so it travels on a
+    connection of its own and never holds up a heartbeat."""
 
     peer: str
     message: dict
+    timeout_s: float | None = None
 
 
 # --- Validation helpers -----------------------------------------------------------------------
@@ -203,7 +243,8 @@ class Waiter(NamedTuple):
 class Task:
     """One client request on its way through the farm."""
 
-    __slots__ = ("task_id", "seq", "update", "query", "body", "waiters", "worker", "attempts", "submitted_at")
+    __slots__ = ("task_id", "seq", "update", "query", "body", "waiters", "worker", "attempts", "submitted_at",
+                 "queued_at", "forward_id", "forwarded_to", "forwarded_in", "may_have_run", "bad_result", "keyed_read")
 
     def __init__(self, task_id: str, seq: int, update: Operation | None, query: Query | None, body: dict, now: float) -> None:
         self.task_id = task_id
@@ -213,13 +254,24 @@ class Task:
         self.body = body  # what a worker receives
         self.waiters: list[Waiter] = []  # the clients to answer
         self.worker: str | None = None
-        self.attempts = 0
+        self.attempts = 0  # deliveries to a worker and forwards to a peer
         self.submitted_at = now
+        self.queued_at = now  # when it last entered the queue
+        self.forward_id: object = None  # the "ID" a forward of it carries (its client's, so a peer joins retries)
+        self.forwarded_to: str | None = None  # the peer's key, while forwarded
+        self.forwarded_in = False  # a peer forwarded it here: it is never forwarded again
+        self.may_have_run = False  # a worker got it, or a forward went unanswered: a refusal is not definite
+        self.bad_result: str | None = None  # what the last malformed result was, and whose
+        self.keyed_read = False  # a read known by its client's ID: its answer is kept for retries
+
+    @property
+    def kind(self) -> str:
+        return UPDATE if self.update is not None else QUERY
 
 
 def _task_body(task_id: str, request: Operation | Query) -> dict:
     if isinstance(request, Query):
-        return {"ID": task_id, "TASK": "QUERY", "USER": request.account}
+        return {"ID": task_id, "TASK": QUERY, "USER": request.account}
     amount = render_cents(request.amount_cents)
     if request.kind == TRANSFER:
         return {"ID": task_id, "TASK": TRANSFER, "FROM": request.account, "TO": request.to_account, "AMOUNT": amount}
@@ -232,7 +284,7 @@ class Worker:
     __slots__ = (
         "worker_id", "anonymous", "owner", "dialect", "max_tasks", "accepts_updates", "conn", "placement",
         "lent_to", "held", "lease_deadline", "parked", "park_deadline", "directive", "releasing", "last_seen",
-        "tasks_done",
+        "tasks_done", "bad_results",
     )
 
     def __init__(self, worker_id: str, owner: str, now: float) -> None:
@@ -253,6 +305,11 @@ class Worker:
         self.releasing = False  # borrowed, and COMMAND_RELEASE for it is on its way to the owner
         self.last_seen = now
         self.tasks_done = 0
+        self.bad_results = 0  # results it sent that were not results (logged, redelivered)
+
+    def can_run(self, kinds: frozenset[str]) -> bool:
+        """Whether it can run a task of one of these kinds (seed workers run QUERY only)."""
+        return QUERY in kinds or (UPDATE in kinds and self.accepts_updates)
 
 
 class Peer:
@@ -260,7 +317,7 @@ class Peer:
 
     __slots__ = (
         "key", "address", "uuid", "state", "last_heard", "failures", "next_probe_at", "heartbeat_outstanding",
-        "request_outstanding", "cooldown_until", "queue_length", "pending_release", "pending_release_since",
+        "request_outstanding", "cooldown_until", "queue_length", "pending_release", "pending_release_since", "runs",
     )
 
     def __init__(self, address: tuple[str, int]) -> None:
@@ -278,6 +335,9 @@ class Peer:
         # Our workers this peer is giving back (COMMAND_RELEASE acknowledged), not yet home.
         self.pending_release: set[str] = set()
         self.pending_release_since = 0.0
+        # The kinds of task a worker present there can run, from its last heartbeat (None: it never
+        # said: a seed server, which is never forwarded a task).
+        self.runs: frozenset[str] | None = None
 
 
 # --- The server -------------------------------------------------------------------------------
@@ -293,9 +353,12 @@ class FarmCore:
         self.outbox: list[Send | Close | PeerRequest] = []
         self.queue_updates: deque[Task] = deque()
         self.queue_queries: deque[Task] = deque()
-        self.tasks: dict[str, Task] = {}  # queued or held, by id
+        self.tasks: dict[str, Task] = {}  # queued, held or forwarded, by id
+        self.forwarded: dict[object, str] = {}  # a forward's "ID" -> its task's id, while the peer has it
         # update id -> (the operation, its reply without "ID"): a retry must be the same operation.
         self.completed: OrderedDict[str, tuple[Operation, dict]] = OrderedDict()
+        # read task id ("q#" + its ID) -> (the read, its reply without "ID").
+        self.completed_reads: OrderedDict[str, tuple[Query, dict]] = OrderedDict()
         self.workers: dict[str, Worker] = {}
         self.by_conn: dict[int, str] = {}  # connection -> worker id
         self.parked: OrderedDict[str, None] = OrderedDict()  # idle workers waiting, oldest first
@@ -304,6 +367,8 @@ class FarmCore:
         self._next_seq = 0
         self._overloaded_since: float | None = None
         self._underloaded_since: float | None = None
+        self._unrunnable_since: dict[str, float] = {}  # kind -> since when no worker here can run it
+        self._workers_promised_until = 0.0  # a peer lent us workers: until then, they may still come
         # Counters for STATUS and the report.
         self.tasks_completed_total = 0
         self.tasks_by_borrowed_total = 0
@@ -312,6 +377,9 @@ class FarmCore:
         self.rejected_full_total = 0
         self.loans_given_total = 0
         self.loans_received_total = 0
+        self.tasks_forwarded_total = 0
+        self.no_worker_total = 0
+        self.bad_results_total = 0
         self._rate: deque[list[int]] = deque()  # [second, completions]
         self.status_extra: dict = {}  # what the driver adds to STATUS (node name, pid, store counter)
         self.status_probe: Callable[[], dict] | None = None  # figures the driver reads at each STATUS
@@ -364,7 +432,7 @@ class FarmCore:
         worker.last_seen = now
         self._unpark(worker)
         if worker.dialect == SALDO or worker.anonymous:
-            self._requeue_held(worker, "worker_disconnected")
+            self._requeue_held(worker, "worker_disconnected", now)
         if worker.anonymous:
             self._forget_worker(worker)
 
@@ -384,11 +452,14 @@ class FarmCore:
                 self._hand_out(worker, batch, now)
 
     def tick(self, now: float) -> None:
-        """Timers: leases, long polls, heartbeats, lending and returning. Called every ~50 ms."""
+        """Timers: leases, long polls, heartbeats, lending and returning, tasks no worker here can
+        run. Called every ~50 ms."""
         self._expire_leases(now)
         self._answer_long_polls(now)
         self._probe_peers(now)
-        self._watch_load(now)
+        runs_here, runs_home = self.runnable_kinds(now)
+        self._watch_load(now, runs_here, runs_home)
+        self._serve_unrunnable(now, runs_here)
         self._forget_stale_workers(now)
         self._expire_pending_releases(now)
         self.pump(now)
@@ -396,6 +467,9 @@ class FarmCore:
     # --- Clients -------------------------------------------------------------------------------
     def _on_client_task(self, conn: int, message: dict, request_id: object, now: float) -> None:
         request = parse_client_request(message)
+        forwarded_by = message.get("FORWARDED_BY")  # a peer that had no worker for it
+        if forwarded_by is not None:
+            check_id(forwarded_by, "FORWARDED_BY")
         id_msg = message.get("id_msg")  # seed 002's clients match replies by it
         waiter = Waiter(conn, request_id, id_msg if type(id_msg) is str else None)
         if isinstance(request, Operation):
@@ -409,18 +483,31 @@ class FarmCore:
                     self._answer(waiter, done[1])
                 return
             task = self.tasks.get(task_id)
-            if task is not None:  # a retry of a queued or held update: wait for the same run
+            if task is not None:  # a retry of a queued, held or forwarded update: wait for the same run
                 if task.update != request:
                     self._answer(waiter, _id_reused(task_id))
-                elif len(task.waiters) < MAX_WAITERS_PER_TASK:
-                    task.waiters.append(waiter)
                 else:
-                    self._answer(waiter, error_reply("OVERLOADED", "too many retries wait for this id"))
+                    self._join(task, waiter)
                 return
+            forward_id: object = task_id
         else:
-            self._next_seq += 1
-            # '#' is in no operation id (bank.OP_ID_RE): a client's update cannot take a query's id.
-            task_id = f"q#{self.config.server_id}#{self._next_seq}"
+            task_id = _query_key(request_id)
+            forward_id = request_id
+            if task_id is not None:
+                done = self.completed_reads.get(task_id)
+                if done is not None and done[0] == request:  # a retry of a read just answered
+                    self._answer(waiter, done[1])
+                    return
+                task = self.tasks.get(task_id)
+                if task is not None and task.query == request:  # a retry of a read that runs: its answer too
+                    self._join(task, waiter)
+                    return
+                if task is not None:
+                    task_id = None  # another read holds the id
+            if task_id is None:
+                self._next_seq += 1
+                # '#' is in no operation id (bank.OP_ID_RE) nor in a query key: no one else's id.
+                task_id = forward_id = f"q#{self.config.server_id}#{self._next_seq}"
         if self.queue_length >= self.config.max_queue:
             self.rejected_full_total += 1
             self._answer(waiter, error_reply("QUEUE_FULL", f"{self.queue_length} tasks are queued, the bound"))
@@ -432,8 +519,18 @@ class FarmCore:
         else:
             task = Task(task_id, self._next_seq, None, request, _task_body(task_id, request), now)
             self.queue_queries.append(task)
+        task.forward_id = forward_id
+        task.keyed_read = task.query is not None and forward_id != task_id
+        task.forwarded_in = forwarded_by is not None
         task.waiters.append(waiter)
         self.tasks[task_id] = task
+
+    def _join(self, task: Task, waiter: Waiter) -> None:
+        """A retry of a task this server has: it waits for the same run."""
+        if len(task.waiters) < MAX_WAITERS_PER_TASK:
+            task.waiters.append(waiter)
+        else:
+            self._answer(waiter, error_reply("OVERLOADED", "too many retries wait for this id"))
 
     def _answer(self, waiter: Waiter, reply: dict) -> None:
         """A client's reply (`reply` without "ID"), with what its request asks to be echoed."""
@@ -454,6 +551,11 @@ class FarmCore:
             self.completed[task.task_id] = (task.update, reply)
             if len(self.completed) > self.config.completed_memory:
                 self.completed.popitem(last=False)
+        elif task.keyed_read:
+            self.completed_reads.pop(task.task_id, None)  # (another read that had the id): newest last
+            self.completed_reads[task.task_id] = (task.query, reply)
+            if len(self.completed_reads) > self.config.completed_reads_memory:
+                self.completed_reads.popitem(last=False)
         for waiter in task.waiters:
             self._answer(waiter, reply)
         self.tasks_completed_total += 1
@@ -478,20 +580,18 @@ class FarmCore:
         max_tasks = message.get("MAX_TASKS")
         if max_tasks is not None and (type(max_tasks) is not int or not 0 < max_tasks <= self.config.max_batch_tasks):
             raise SaldoError("FIELD_INVALID", f"MAX_TASKS must be an integer from 1 to {self.config.max_batch_tasks}")
-        accepts = message.get("ACCEPTS", ["QUERY"])
-        if type(accepts) is not list or not set(accepts) <= {"QUERY", "UPDATE"} or len(accepts) > 2:
-            raise SaldoError("FIELD_INVALID", 'ACCEPTS must be a list drawn from "QUERY", "UPDATE"')
+        accepts = _check_kinds(message.get("ACCEPTS", [QUERY]), "ACCEPTS")
         results = message.get("RESULTS")
         if results is not None and (type(results) is not list or len(results) > self.config.max_batch_tasks):
             raise SaldoError("FIELD_INVALID", f"RESULTS must be a list of at most {self.config.max_batch_tasks}")
         dialect = SALDO if max_tasks is not None else V2 if worker_uuid is not None else V1
         worker = self._bind(conn, worker_uuid, owner, dialect, now)
         worker.max_tasks = max_tasks or 1
-        worker.accepts_updates = "UPDATE" in accepts
+        worker.accepts_updates = UPDATE in accepts
         for result in results or ():
             self._take_result(worker, result, now)
         # ALIVE means "I hold nothing now": anything it still holds was dropped on its side.
-        self._requeue_held(worker, "worker_asked_again")
+        self._requeue_held(worker, "worker_asked_again", now)
         if worker.directive is not None:
             self._give_directive(worker, now)
             return
@@ -533,6 +633,7 @@ class FarmCore:
         else:
             if worker.placement != BORROWED or worker.owner != owner:
                 self.loans_received_total += 1
+                self._workers_promised_until = 0.0  # what was promised arrives
                 log.info("worker_borrowed", worker=worker_uuid, owner=owner, conn=conn)
             worker.owner = owner
             worker.placement = BORROWED
@@ -573,6 +674,7 @@ class FarmCore:
         for task in batch:
             task.worker = worker.worker_id
             task.attempts += 1
+            task.may_have_run = True
             worker.held.add(task.task_id)
         worker.lease_deadline = now + self.config.visibility_timeout_s
         if worker.dialect == SALDO:
@@ -636,40 +738,63 @@ class FarmCore:
             return
         try:
             reply = _client_reply(task, result)
-        except SaldoError as error:
-            log.warning("bad_result", worker=worker.worker_id, task=task.task_id, error=error.code, detail=error.detail)
-            reply = None
-        if reply is None or (reply.get("STATUS") == "NOK" and not reply["DEFINITE"]):
-            self._requeue(task, worker, "result_not_final")  # e.g. the worker's database was down
+        except SaldoError as error:  # not a result: another worker may do better; bounded by the attempts
+            worker.bad_results += 1
+            self.bad_results_total += 1
+            task.bad_result = f"worker {worker.worker_id} sent {error.detail}"
+            log.warning("bad_result", worker=worker.worker_id, task=task.task_id, attempt=task.attempts, error=error.code,
+                        detail=error.detail)
+            self._requeue(task, worker, "bad_result", now)
+            return
+        if reply.get("STATUS") == "NOK" and not reply["DEFINITE"]:
+            self._requeue(task, worker, "result_not_final", now)  # e.g. the worker's database was down
             return
         self._finish(task, reply, worker, now)
 
-    def _requeue(self, task: Task, worker: Worker | None, reason: str) -> None:
+    def _requeue(self, task: Task, worker: Worker | None, reason: str, now: float) -> None:
+        """Back to the front of its queue, or given up after max_task_attempts attempts."""
         if worker is not None:
             worker.held.discard(task.task_id)
         task.worker = None
         if task.attempts >= self.config.max_task_attempts:
-            log.warning("task_given_up", task=task.task_id, attempts=task.attempts, reason=reason)
-            del self.tasks[task.task_id]
-            for waiter in task.waiters:
-                self._answer(waiter, error_reply("UNAVAILABLE", f"no worker completed the task in {task.attempts} attempts"))
+            self._give_up(task, reason)
             return
         self.tasks_requeued_total += 1
+        task.queued_at = now
         (self.queue_updates if task.update is not None else self.queue_queries).appendleft(task)
 
-    def _requeue_held(self, worker: Worker, reason: str) -> None:
+    def _give_up(self, task: Task, reason: str) -> None:
+        log.warning("task_given_up", task=task.task_id, attempts=task.attempts, reason=reason, bad_result=task.bad_result)
+        if task.bad_result is None and not task.may_have_run:  # every peer it went to refused it
+            reply = _task_error(task, "NO_WORKER", f"no worker ran the task in {task.attempts} attempts")
+        elif task.bad_result is None:
+            reply = _task_error(task, "UNAVAILABLE", f"no worker completed the task in {task.attempts} attempts")
+        elif task.query is not None:  # a read changed nothing: say so, and the client stops asking
+            reply = _task_error(task, "BAD_RESULT", f"{task.bad_result} (the last of {task.attempts} attempts)")
+        else:
+            reply = _task_error(task, "UNAVAILABLE", f"no worker completed the task in {task.attempts} attempts; "
+                                                     f"the last: {task.bad_result}; it may have been applied")
+        self._drop(task, reply)
+
+    def _drop(self, task: Task, reply: dict) -> None:
+        """The task ends without a worker's result: every waiting client gets `reply`."""
+        del self.tasks[task.task_id]
+        for waiter in task.waiters:
+            self._answer(waiter, reply)
+
+    def _requeue_held(self, worker: Worker, reason: str, now: float) -> None:
         if not worker.held:
             return
         log.info("tasks_requeued", worker=worker.worker_id, tasks=len(worker.held), reason=reason)
         for task_id in sorted(worker.held, key=lambda t: -self.tasks[t].seq):  # newest first: front keeps order
-            self._requeue(self.tasks[task_id], worker, reason)
+            self._requeue(self.tasks[task_id], worker, reason, now)
         worker.held.clear()
 
     def _expire_leases(self, now: float) -> None:
         for worker in list(self.workers.values()):
             if worker.held and worker.lease_deadline <= now:
                 log.warning("lease_expired", worker=worker.worker_id, tasks=len(worker.held))
-                self._requeue_held(worker, "visibility_timeout")
+                self._requeue_held(worker, "visibility_timeout", now)
                 if worker.conn is not None:  # it stopped answering: its connection is of no use
                     self.outbox.append(Close(worker.conn))
                     self.by_conn.pop(worker.conn, None)
@@ -688,10 +813,13 @@ class FarmCore:
         log.info("worker_forgotten", worker=worker.worker_id, placement=worker.placement)
 
     def _present(self, worker: Worker, now: float) -> bool:
-        """Here and able to work: connected, or (v2, a connection per message) heard of lately."""
+        """Here and able to work: connected, or (v2, a connection per message) heard of lately. A
+        saldo worker keeps its connection: once that closed, it is gone."""
         if worker.placement == LENT:
             return False
-        return worker.conn is not None or bool(worker.held) or now - worker.last_seen < 3 * self.config.no_task_wait_s
+        if worker.conn is not None or worker.held:
+            return True
+        return worker.dialect == V2 and now - worker.last_seen < 3 * self.config.no_task_wait_s
 
     # --- Directives: REDIRECT (lend) and RETURN (give back) ------------------------------------
     def _give_directive(self, worker: Worker, now: float) -> None:
@@ -757,7 +885,8 @@ class FarmCore:
         if task in ("HEARTBEAT", "REQUEST") or (message.get("SERVER") == "ALIVE" and task is None):
             self._reconcile_lent(peer, message.get("WORKERS_HELD"), now)
             reply = {"SERVER": "ALIVE", "TASK": "HEARTBEAT" if task != "REQUEST" else "RECIEVE", "RESPONSE": "ALIVE",
-                     "SERVER_UUID": me, "QUEUE_LENGTH": self.queue_length, "WORKERS_HELD": self._held_for(peer)}
+                     "SERVER_UUID": me, "QUEUE_LENGTH": self.queue_length, "WORKERS_HELD": self._held_for(peer),
+                     "RUNS": sorted(self.runnable_kinds(now)[0])}
         elif task == "RECIEVE":  # (sic) a seed v1 heartbeat's answer sent as a message: heard, not answered
             return
         elif task == "WORKER_REQUEST":
@@ -788,6 +917,11 @@ class FarmCore:
         queue_length = message.get("QUEUE_LENGTH")
         if type(queue_length) is int:
             peer.queue_length = queue_length
+        if "RUNS" in message:
+            try:
+                peer.runs = _check_kinds(message["RUNS"], "RUNS")
+            except SaldoError:
+                peer.runs = None  # not a saldo server's word: never forwarded a task
         peer.last_heard = now
         peer.failures = 0
         if peer.state != UP:
@@ -827,10 +961,13 @@ class FarmCore:
         me = self.config.server_id
         nack = {"TASK": "WORKER_RESPONSE", "STATUS": "NACK", "RESPONSE": "UNAVAILABLE", "SERVER_UUID": me,
                 "MASTER": me, "WORKERS": [], "WORKERS_UUID": []}
+        kinds = message.get("TASK_KINDS")  # a seed server names none: any worker helps it
+        kinds = TASK_KINDS if kinds is None else _check_kinds(kinds, "TASK_KINDS")
         if self.queue_length >= self.config.return_queue_threshold:
             return nack  # busy ourselves
         home = [w for w in self.workers.values() if w.placement == HOME and self._present(w, now)]
-        idle = [w for w in home if w.parked and not w.anonymous and w.directive is None]
+        # Only workers that can run what waits there: a seed worker lent for an update is no help.
+        idle = [w for w in home if w.parked and not w.anonymous and w.directive is None and w.can_run(kinds)]
         count = min(needed, len(idle), len(home) - self.config.min_own_workers)
         if count <= 0:
             return nack
@@ -870,30 +1007,25 @@ class FarmCore:
                 self._release_completed(peer)
 
     # --- Borrowing and giving back (this server as the borrower) --------------------------------
-    def _watch_load(self, now: float) -> None:
+    def _watch_load(self, now: float, runs_here: frozenset[str], runs_home: frozenset[str]) -> None:
         queue_length = self.queue_length
         config = self.config
-        # Tasks queued and no worker here at all: however short the queue, nothing would ever run
-        # them, so this server borrows as if overloaded, and keeps what it borrowed until they ran.
-        home_present = borrowed_present = False
-        if queue_length > 0:
-            for worker in self.workers.values():
-                if self._present(worker, now):
-                    if worker.placement == HOME:
-                        home_present = True
-                        break
-                    borrowed_present = True
-        starved = queue_length > 0 and not home_present and not borrowed_present
-        overloaded = queue_length > config.lend_queue_threshold or starved
-        underloaded = queue_length < config.return_queue_threshold and (queue_length == 0 or home_present)
+        queued = self.queued_kinds()
+        # Tasks queued that no worker here can run (none at all, or only seed workers for an
+        # update): however short the queue, nothing here would ever run them, so this server
+        # borrows as if overloaded, and keeps what it borrowed until they ran.
+        unrunnable = queued - runs_here
+        overloaded = queue_length > config.lend_queue_threshold or bool(unrunnable)
+        underloaded = queue_length < config.return_queue_threshold and queued <= runs_home
         self._overloaded_since = (self._overloaded_since or now) if overloaded else None
         self._underloaded_since = (self._underloaded_since or now) if underloaded else None
         if self._overloaded_since is not None and now - self._overloaded_since >= config.overload_s:
-            self._ask_for_workers(now)
+            self._ask_for_workers(now, unrunnable or queued)
         if self._underloaded_since is not None and now - self._underloaded_since >= config.underload_s:
             self._give_back(now)
 
-    def _ask_for_workers(self, now: float) -> None:
+    def _ask_for_workers(self, now: float, kinds: frozenset[str]) -> None:
+        """Ask up peers for workers that can run one of `kinds` (what waits here)."""
         borrowed = sum(1 for w in self.workers.values() if w.placement == BORROWED)
         wanted = min(self.config.max_borrowed - borrowed, math.ceil(self.queue_length / max(1, self.config.lend_queue_threshold)))
         for peer in self.peers.values():
@@ -904,10 +1036,126 @@ class FarmCore:
             peer.request_outstanding = True
             self.outbox.append(PeerRequest(peer.key, {
                 "TASK": "WORKER_REQUEST", "WORKERS_NEEDED": wanted, "SERVER_UUID": self.config.server_id,
-                "SERVER_ADDRESS": self._key,
+                "SERVER_ADDRESS": self._key, "TASK_KINDS": sorted(kinds),
                 "REQUESTOR_INFO": {"ip": self.config.address[0], "port": self.config.address[1]},
             }))
-            log.info("workers_requested", peer=peer.key, needed=wanted, queue=self.queue_length)
+            log.info("workers_requested", peer=peer.key, needed=wanted, kinds=",".join(sorted(kinds)), queue=self.queue_length)
+
+    # --- Tasks no worker here can run: forwarded once, or refused -------------------------------
+    def runnable_kinds(self, now: float) -> tuple[frozenset[str], frozenset[str]]:
+        """The kinds of task a worker present here can run: (any worker here, own or borrowed;
+        our own at home only)."""
+        here: set[str] = set()
+        home: set[str] = set()
+        for worker in self.workers.values():
+            if not self._present(worker, now):
+                continue
+            kinds = TASK_KINDS if worker.accepts_updates else (QUERY,)
+            here.update(kinds)
+            if worker.placement == HOME:
+                home.update(kinds)
+                if len(home) == len(TASK_KINDS):
+                    break  # nothing left to learn: `here` holds at least as much
+        return frozenset(here), frozenset(home)
+
+    def queued_kinds(self) -> frozenset[str]:
+        return frozenset(kind for kind, queue in ((UPDATE, self.queue_updates), (QUERY, self.queue_queries)) if queue)
+
+    def _serve_unrunnable(self, now: float, runs_here: frozenset[str]) -> None:
+        """A queued task that no worker here has been able to run for `no_worker_wait_s` (since it
+        was queued, and since the last worker here that could run it left: one may connect, or be
+        lent, meanwhile) goes to an up peer that says it has a worker for it, or is refused. One
+        that a peer forwarded here is refused, never forwarded again: a task makes at most one hop.
+        While workers a peer lent us are on their way (at most `redirect_timeout_s`), tasks wait."""
+        if now < self._workers_promised_until:
+            return
+        for kind, queue in ((UPDATE, self.queue_updates), (QUERY, self.queue_queries)):
+            if kind in runs_here:
+                self._unrunnable_since.pop(kind, None)
+                continue
+            since = self._unrunnable_since.setdefault(kind, now)
+            peer = self._forward_target(kind)
+            while queue and now - max(queue[0].queued_at, since) >= self.config.no_worker_wait_s:
+                task = queue[0]
+                if peer is not None and not task.forwarded_in:
+                    if len(self.forwarded) >= self.config.max_forwarded or task.forward_id in self.forwarded:
+                        break  # it waits for an earlier forward's answer
+                    queue.popleft()
+                    self._forward(task, peer)
+                else:
+                    queue.popleft()
+                    self._refuse_no_worker(task, runs_here)
+
+    def _forward_target(self, kind: str) -> Peer | None:
+        """The up peer with a worker for `kind` (by its heartbeats) and the shortest queue, if any."""
+        best = None
+        for peer in self.peers.values():
+            if peer.state == UP and peer.runs is not None and kind in peer.runs:
+                if best is None or (peer.queue_length or 0) < (best.queue_length or 0):
+                    best = peer
+        return best
+
+    def _forward(self, task: Task, peer: Peer) -> None:
+        assert task.forward_id not in self.forwarded and not task.forwarded_in
+        task.forwarded_to = peer.key
+        task.attempts += 1
+        self.forwarded[task.forward_id] = task.task_id
+        self.tasks_forwarded_total += 1
+        if task.query is not None:
+            message = {"ID": task.forward_id, "TASK": "BALANCE", "ACCOUNT": task.query.account}
+            if task.query.min_seq is not None:
+                message["MIN_SEQ"] = task.query.min_seq
+        else:
+            message = dict(task.body)  # saldo's bank format, its operation id as ID
+        message["FORWARDED_BY"] = self.config.server_id
+        self.outbox.append(PeerRequest(peer.key, message, self.config.forward_timeout_s))
+        log.info("task_forwarded", task=task.task_id, peer=peer.key, kind=task.kind, attempt=task.attempts)
+
+    def _on_forward_result(self, peer: Peer, request: dict, reply: dict | None, now: float) -> None:
+        """The peer's answer to a forwarded task (None: none, or an indefinite one)."""
+        task_id = self.forwarded.pop(request.get("ID"), None)
+        task = self.tasks.get(task_id) if task_id is not None else None
+        # Nothing but this answer ends a forwarded task (no worker here holds it).
+        assert task is not None and task.forwarded_to == peer.key, (request.get("ID"), peer.key)
+        task.forwarded_to = None
+        if reply is None:  # the peer may have run it: the id keeps a second run from applying it again
+            task.may_have_run = True
+            log.warning("forward_unanswered", task=task.task_id, peer=peer.key)
+            self._requeue(task, None, "forward_unanswered", now)
+            return
+        if reply.get("STATUS") != "OK" and reply.get("ERROR") in FORWARD_NOT_NOW:
+            log.info("forward_refused", task=task.task_id, peer=peer.key, error=reply.get("ERROR"))
+            self._requeue(task, None, "forward_refused", now)
+            return
+        try:
+            answer = _client_reply(task, reply)
+        except SaldoError as error:
+            self.bad_results_total += 1
+            task.bad_result = f"peer {peer.key} answered {error.detail}"
+            log.warning("bad_result", peer=peer.key, task=task.task_id, error=error.code, detail=error.detail)
+            self._requeue(task, None, "bad_result", now)
+            return
+        self._finish(task, answer, None, now)
+
+    def _refuse_no_worker(self, task: Task, runs_here: frozenset[str]) -> None:
+        self.no_worker_total += 1
+        if runs_here:
+            here = "the workers here are seed workers, which run reads only"
+        else:
+            here = "no worker is connected here"
+        if task.forwarded_in:
+            elsewhere = "a peer forwarded it here for want of one"
+        else:
+            elsewhere = ", ".join(f"peer {p.key} {'has none' if p.state == UP else 'is ' + p.state}"
+                                  for p in self.peers.values()) or "no peer is configured"
+        what = "an update" if task.update is not None else "a read"
+        detail = f"no worker can run {what} now: {here}; {elsewhere}"
+        if task.update is not None and task.may_have_run:
+            reply = _task_error(task, "UNAVAILABLE", f"{detail}; an earlier attempt may have applied it")
+        else:
+            reply = _task_error(task, "NO_WORKER", detail)
+        log.warning("no_worker", task=task.task_id, kind=task.kind, definite=reply["DEFINITE"], detail=detail)
+        self._drop(task, reply)
 
     def _on_lend_reply(self, peer: Peer, reply: dict, now: float) -> None:
         peer.request_outstanding = False
@@ -915,7 +1163,10 @@ class FarmCore:
         if status == "ACK" or reply.get("RESPONSE") == "AVAILABLE":
             ids = _check_id_list(reply.get("WORKERS_UUID", reply.get("WORKERS", [])), "WORKERS_UUID")
             log.info("workers_promised", owner=peer.key, workers=",".join(ids))
-            # They arrive by themselves (REDIRECT); until then nothing of them is ours to track.
+            # They arrive by themselves (REDIRECT); until then nothing of them is ours to track,
+            # but what waits for them is not forwarded (nor refused) while they are on their way.
+            if ids:
+                self._workers_promised_until = max(self._workers_promised_until, now + self.config.redirect_timeout_s)
             peer.cooldown_until = now + self.config.overload_s
         else:
             peer.cooldown_until = now + self.config.request_cooldown_s
@@ -966,13 +1217,16 @@ class FarmCore:
 
     # --- Heartbeats (outgoing) ----------------------------------------------------------------
     def _probe_peers(self, now: float) -> None:
+        runs: frozenset[str] | None = None
         for peer in self.peers.values():
             if peer.heartbeat_outstanding or now < peer.next_probe_at:
                 continue
+            if runs is None:
+                runs = self.runnable_kinds(now)[0]
             peer.heartbeat_outstanding = True
             self.outbox.append(PeerRequest(peer.key, {
                 "TASK": "HEARTBEAT", "SERVER": "ALIVE", "SERVER_UUID": self.config.server_id, "SERVER_ADDRESS": self._key,
-                "QUEUE_LENGTH": self.queue_length, "WORKERS_HELD": self._held_for(peer),
+                "QUEUE_LENGTH": self.queue_length, "WORKERS_HELD": self._held_for(peer), "RUNS": sorted(runs),
             }))
 
     def backoff_s(self, failures: int) -> float:
@@ -988,6 +1242,9 @@ class FarmCore:
             return
         if reply is not None and reply.get("STATUS") == "NOK" and not is_definite(reply.get("ERROR")):
             reply = None  # a synthesized TIMEOUT / CONNECTION_LOST: no answer
+        if "FORWARDED_BY" in request:
+            self._on_forward_result(peer, request, reply, now)
+            return
         task = request.get("TASK")
         if task == "HEARTBEAT":
             peer.heartbeat_outstanding = False
@@ -1049,6 +1306,7 @@ class FarmCore:
 
     def status(self, now: float) -> dict:
         config = self.config
+        runs_here = self.runnable_kinds(now)[0]
         return {
             "STATUS": "OK",
             **self.status_extra,
@@ -1066,6 +1324,11 @@ class FarmCore:
             "TASKS_REQUEUED_TOTAL": self.tasks_requeued_total,
             "LATE_RESULTS_TOTAL": self.late_results_total,
             "QUEUE_FULL_TOTAL": self.rejected_full_total,
+            "RUNS": sorted(runs_here),  # the kinds of task a worker here can run: [] = no worker
+            "FORWARDED": len(self.forwarded),
+            "TASKS_FORWARDED_TOTAL": self.tasks_forwarded_total,
+            "NO_WORKER_TOTAL": self.no_worker_total,
+            "BAD_RESULTS_TOTAL": self.bad_results_total,
             "LOANS_GIVEN_TOTAL": self.loans_given_total,
             "LOANS_RECEIVED_TOTAL": self.loans_received_total,
             "OVERLOADED_FOR_S": round(now - self._overloaded_since, 3) if self._overloaded_since is not None else 0.0,
@@ -1075,14 +1338,15 @@ class FarmCore:
             "WORKERS": self.worker_counts(now),
             "WORKER_LIST": [
                 {"WORKER_UUID": w.worker_id, "OWNER": w.owner, "PLACEMENT": w.placement, "LENT_TO": w.lent_to,
-                 "DIALECT": w.dialect, "HELD": len(w.held), "IDLE": w.parked, "TASKS_DONE": w.tasks_done,
+                 "DIALECT": w.dialect, "ACCEPTS": [QUERY, UPDATE] if w.accepts_updates else [QUERY],
+                 "HELD": len(w.held), "IDLE": w.parked, "TASKS_DONE": w.tasks_done, "BAD_RESULTS": w.bad_results,
                  "CONNECTED": w.conn is not None}
                 for w in list(self.workers.values())[:256]
             ],
             "PEERS": [
                 {"ADDRESS": p.key, "SERVER_UUID": p.uuid, "STATE": p.state, "FAILURES": p.failures,
                  "LAST_HEARTBEAT_S_AGO": None if p.last_heard is None else round(now - p.last_heard, 3),
-                 "QUEUE_LENGTH": p.queue_length}
+                 "QUEUE_LENGTH": p.queue_length, "RUNS": None if p.runs is None else sorted(p.runs)}
                 for p in self.peers.values()
             ],
         }
@@ -1159,6 +1423,25 @@ def parse_client_request(message: dict) -> Operation | Query:
         raise
 
 
+def _query_key(request_id: object) -> str | None:
+    """The task id of a read whose request carries this ID, so that its retries join it: "q#" and
+    the ID; None for a read without a usable one (absent, a boolean, a float, too long, or with a
+    '#', which would make it look like another read's or a server's own id)."""
+    if type(request_id) is not str and type(request_id) is not int:
+        return None
+    text = str(request_id)
+    if not 0 < len(text) <= MAX_QUERY_ID_CHARS or "#" in text:
+        return None
+    return f"q#{text}"
+
+
+def _check_kinds(value: object, field: str) -> frozenset[str]:
+    """A list of task kinds (ACCEPTS, RUNS, TASK_KINDS): drawn from "QUERY" and "UPDATE"."""
+    if type(value) is not list or len(value) > len(TASK_KINDS) or not all(type(k) is str and k in TASK_KINDS for k in value):
+        raise SaldoError("FIELD_INVALID", f'{field} must be a list drawn from "QUERY", "UPDATE"')
+    return frozenset(value)
+
+
 def _id_reused(task_id: str) -> dict:
     """A request whose id names another operation (finished or still running): refused, so no
     client is told that its operation had another's outcome; nothing changes."""
@@ -1171,28 +1454,45 @@ def _with_id(reply: dict, request_id: object) -> dict:
     return {"ID": request_id, **reply}
 
 
+def _task_error(task: Task, code: str, detail: str) -> dict:
+    """An error reply for a task's clients (without "ID"); a read asked as seed 000 gets its TASK."""
+    reply = error_reply(code, detail)
+    if task.query is not None and task.query.seed_000:
+        reply["TASK"] = QUERY
+    return reply
+
+
+def _shown(value: object) -> str:
+    """A value from the network, short enough for a log line or a DETAIL."""
+    return (repr(value) if type(value) is str else str(value))[:40]
+
+
 def _client_reply(task: Task, result: dict) -> dict:
-    """The client's answer from a worker's result (without "ID"); SaldoError if the result is malformed."""
+    """The client's answer (without "ID") from a worker's result, or from a peer's answer to a
+    forwarded task (the same shapes); SaldoError, saying what is wrong, if it is not a result."""
     status = result.get("STATUS")
     if status == "OK":
-        balance = result.get("BALANCE", result.get("SALDO"))
-        cents = None if balance is None else parse_amount_cents(balance, allow_zero=True)
+        field = "BALANCE" if "BALANCE" in result else "SALDO"
+        balance = result.get(field)
+        cents = None
+        if balance is not None:
+            try:
+                cents = parse_balance_cents(balance)
+            except SaldoError as error:
+                raise SaldoError("FIELD_INVALID", f"{field} {_shown(balance)}, not a balance: {error.detail}") from None
         if task.query is not None:
             if cents is None:  # a seed-v2 worker says OK without the balance
                 return {"STATUS": "OK", "DETAIL": "the worker reported success without a balance"}
             return balance_reply(task.query, cents)
         if cents is None:
-            raise SaldoError("MISSING_FIELD", "an update's OK result carries BALANCE")
+            raise SaldoError("MISSING_FIELD", "an OK without BALANCE for an update")
         return {"STATUS": "OK", "BALANCE": render_cents(cents)}
     if status == "NOK":
         code = result.get("ERROR")
         detail = result.get("DETAIL")
         if type(code) is str and code in ERROR_CODES:
-            reply = error_reply(code, detail if type(detail) is str else "")
-        else:  # a seed worker's words ("User not found"): not a code of ours
-            words = code if type(code) is str else detail if type(detail) is str else "no detail"
-            reply = error_reply("TASK_FAILED", words[:200])
-        if task.query is not None and task.query.seed_000:
-            reply["TASK"] = "QUERY"
-        return reply
-    raise SaldoError("FIELD_INVALID", "a result's STATUS is OK or NOK")
+            return _task_error(task, code, detail if type(detail) is str else "")
+        # a seed worker's words ("User not found"): not a code of ours
+        words = code if type(code) is str else detail if type(detail) is str else "no detail"
+        return _task_error(task, "TASK_FAILED", words[:200])
+    raise SaldoError("FIELD_INVALID", f"STATUS {_shown(status)}, where a result says OK or NOK")

@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import pytest
 
-from common import wire
+from common import topology, wire
 from common.bank import DEPOSIT, Operation
 from common.blocking import BlockingConnection
 from common.lab import checker
@@ -27,6 +30,8 @@ from common.lab.workload import Workload, WorkloadConfig
 from common.store import open_store
 
 pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_farm(tmp_path, store_url: str, **options) -> tuple[Cluster, object]:
@@ -66,6 +71,12 @@ def run_tasks(server: tuple[str, int], messages: list[dict], timeout_s: float = 
     with BlockingConnection(*server) as connection:
         connection.send_bytes(b"".join(wire.encode(m) for m in messages), timeout_s)
         return {m["ID"]: connection.wait_reply(m["ID"], max(0.0, deadline - time.monotonic())) for m in messages}
+
+
+def client_py(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    """client.py as a user runs it: its printed line and its exit code."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / "client.py"), *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout_s)
 
 
 def deposit(account: str, amount: str = "1.00") -> dict:
@@ -246,15 +257,11 @@ def test_when_a_server_is_killed_its_workers_fail_over_and_no_acknowledged_task_
         assert result.valid, result.to_json()
 
 
-def _seed_000_worker(server: tuple[str, int], mysql_url: str, stop: threading.Event, served: list) -> None:
-    """A worker written from seed 000's tables only: ALIVE, then a QUERY, then STATUS OK with SALDO
-    (or NOK with an ERROR text); it reads the balance from MySQL itself."""
-    import pymysql
-
-    parsed = urllib.parse.urlsplit(mysql_url)
-    database = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=parsed.username or "root",
-                               password=parsed.password or "", database=parsed.path.lstrip("/"), autocommit=True)
-    with socket.create_connection(server, timeout=0.2) as sock, database:
+def _seed_worker(server: tuple[str, int], stop: threading.Event, alive: bytes, answer, *, acknowledged: bool) -> None:
+    """A worker in seed 000's dialect: it says `alive`, takes a QUERY, sends `answer(task)` (a dict),
+    and again, at most 1000 times, until `stop`; with `acknowledged` (v2) it reads the server's ACK
+    after each answer."""
+    with socket.create_connection(server, timeout=0.2) as sock:
         pending = b""
 
         def read_line() -> bytes | None:
@@ -273,23 +280,39 @@ def _seed_000_worker(server: tuple[str, int], mysql_url: str, stop: threading.Ev
             line, _, pending = pending.partition(b"\n")
             return line
 
-        for _ in range(100):
-            sock.sendall(b'{"WORKER": "ALIVE"}\n')
+        for _ in range(1000):
+            sock.sendall(alive)
             line = read_line()
             if line is None:
                 return
             task = json.loads(line)
             if task.get("TASK") != "QUERY":
                 continue
-            with database.cursor() as cursor:
-                cursor.execute("SELECT balance_cents FROM accounts WHERE name = %s", (task["USER"],))
-                row = cursor.fetchone()
-            if row is None:
-                answer = {"STATUS": "NOK", "TASK": "QUERY", "ERROR": "User not found"}
-            else:
-                answer = {"STATUS": "OK", "SALDO": row[0] / 100}
-            sock.sendall((json.dumps(answer) + "\n").encode())
-            served.append(task["USER"])
+            sock.sendall(answer(task))
+            if acknowledged and read_line() is None:
+                return
+
+
+def _seed_000_worker(server: tuple[str, int], mysql_url: str, stop: threading.Event, served: list) -> None:
+    """A worker written from seed 000's tables only: ALIVE, then a QUERY, then STATUS OK with SALDO
+    (or NOK with an ERROR text); it reads the balance from MySQL itself."""
+    import pymysql
+
+    parsed = urllib.parse.urlsplit(mysql_url)
+    database = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=parsed.username or "root",
+                               password=parsed.password or "", database=parsed.path.lstrip("/"), autocommit=True)
+
+    def answer(task: dict) -> bytes:
+        with database.cursor() as cursor:
+            cursor.execute("SELECT balance_cents FROM accounts WHERE name = %s", (task["USER"],))
+            row = cursor.fetchone()
+        served.append(task["USER"])
+        if row is None:
+            return (json.dumps({"STATUS": "NOK", "TASK": "QUERY", "ERROR": "User not found"}) + "\n").encode()
+        return (json.dumps({"STATUS": "OK", "SALDO": row[0] / 100}) + "\n").encode()
+
+    with database:
+        _seed_worker(server, stop, b'{"WORKER": "ALIVE"}\n', answer, acknowledged=False)
 
 
 def test_a_worker_that_speaks_only_seed_000s_tables_completes_tasks(tmp_path, mysql_url):
@@ -376,3 +399,72 @@ def test_an_id_retried_at_the_other_server_answers_the_first_outcome_and_an_id_r
         query = {"TASK": "QUERY", "ID": "q-dora", "USER": "dora"}
         assert run_tasks(farm2, [query], 10.0)["q-dora"]["BALANCE"] == "7.00"
         assert applied_rows(store_url_of(lab), first["ID"]) == 1
+
+
+def test_the_readmes_farm_serves_a_task_sent_to_the_server_without_a_worker_and_says_so_when_none_is_left(tmp_path, mysql_url):
+    """The README's example: two servers and one worker, which its server keeps (--min-own-workers
+    1, the default). A task sent to the other server is run by that worker; once it is gone, the
+    client hears NO_WORKER, not a timeout."""
+    cluster, _lab = start_farm(tmp_path, mysql_url, workers=1)
+    with cluster:
+        farm1, farm2 = (topology.format_address(address(cluster, name)) for name in ("farm1", "farm2"))
+        served = client_py("--arch", "farm", "--address", farm2, "deposit", "alice", "5")
+        assert (served.returncode, served.stdout.strip()) == (0, "OK balance=5.00"), served
+        assert cluster.status("farm2")["TASKS_FORWARDED_TOTAL"] == 1
+        assert cluster.status("farm1")["WORKERS"]["HOME"] == 1  # the worker stayed where it was
+        status = client_py("status", farm2)
+        assert "no worker is connected here: tasks go to a peer that has one" in status.stdout, status.stdout
+        cluster.kill("worker1")
+        wait_for(lambda: cluster.status("farm1")["RUNS"] == [], 10, "farm1 knows its worker is gone")
+        started = time.monotonic()
+        refused = client_py("--arch", "farm", "--address", farm1, "--address", farm2, "deposit", "bob", "1")
+        assert refused.returncode == 1, refused  # the bank said no: nothing was done
+        assert refused.stdout.startswith("NOK NO_WORKER: no worker can run an update now: no worker is connected here"), refused
+        assert time.monotonic() - started < 15.0
+
+
+def test_a_read_retried_while_its_task_waits_for_a_slow_worker_is_run_once(tmp_path, mysql_url):
+    """Each balance command times out its first attempt (the only worker takes 2.5 s per batch) and
+    asks again, at the other server: the retry joins the task, so each command runs one task."""
+    cluster, lab = start_farm(tmp_path, mysql_url, workers=1, pause_after_commit_s=2.5)
+    with cluster:
+        farm1, farm2 = (topology.format_address(address(cluster, name)) for name in ("farm1", "farm2"))
+        seeded = deposit("alice", "7.00")
+        assert run_tasks(address(cluster, "farm1"), [seeded], 15.0)[seeded["ID"]]["STATUS"] == "OK"
+        before = cluster.status("worker1")["TASKS_DONE_TOTAL"]
+        commands = 3
+        for _ in range(commands):
+            read = client_py("--arch", "farm", "--address", farm1, "--address", farm2, "balance", "alice")
+            assert (read.returncode, read.stdout.strip()) == (0, "OK balance=7.00"), read
+        assert cluster.status("worker1")["TASKS_DONE_TOTAL"] - before == commands
+
+
+def _bad_seed_worker(server: tuple[str, int], saldo: bytes, stop: threading.Event, deliveries: list) -> None:
+    """A seed v2 worker whose every answer carries `saldo`, a SALDO that is not a balance."""
+
+    def answer(_task: dict) -> bytes:
+        deliveries.append(time.monotonic())
+        return b'{"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "seed-bad", "SALDO": ' + saldo + b"}\n"
+
+    _seed_worker(server, stop, b'{"WORKER": "ALIVE", "WORKER_UUID": "seed-bad"}\n', answer, acknowledged=True)
+
+
+def test_a_worker_whose_saldo_is_not_a_balance_is_named_and_the_read_refused_after_a_few_deliveries(tmp_path, mysql_url):
+    cluster, _lab = start_farm(tmp_path, mysql_url, workers=0, max_task_attempts=3)
+    with cluster:
+        farm1 = address(cluster, "farm1")
+        stop = threading.Event()
+        deliveries: list[float] = []
+        worker = threading.Thread(target=_bad_seed_worker, args=(farm1, b"1e30", stop, deliveries), daemon=True)
+        worker.start()
+        try:
+            wait_for(lambda: cluster.status("farm1")["WORKERS"]["IDLE"] == 1, 10, "the seed worker waits for work")
+            read = client_py("--arch", "farm", "--address", topology.format_address(farm1), "balance", "alice")
+        finally:
+            stop.set()
+            worker.join(5)
+        assert read.returncode == 1, read
+        assert read.stdout.startswith("NOK BAD_RESULT: worker seed-bad sent SALDO 1E+30, not a balance"), read.stdout
+        assert len(deliveries) == 3  # max_task_attempts, and the client did not ask again
+        farm = cluster.status("farm1")
+        assert farm["BAD_RESULTS_TOTAL"] == 3 and farm["WORKER_LIST"][0]["BAD_RESULTS"] == 3

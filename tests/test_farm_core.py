@@ -7,14 +7,18 @@ the other core and its reply back (or no reply, for a server that is down).
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
+from decimal import Decimal
 
 import pytest
 
 from common.bank import check_op_id
+from common.bankclient import execute_with_retries
 from common.errors import SaldoError
 from common.farm import BORROWED, DOWN, HOME, LENT, UP, Close, FarmConfig, FarmCore, PeerRequest, Send
-from common.farmclient import format_status
+from common.farmclient import FarmClient, format_status
 
 A_ADDR = ("127.0.0.11", 8765)
 B_ADDR = ("127.0.0.12", 8766)
@@ -288,6 +292,8 @@ def test_a_worker_cannot_claim_the_id_of_another_connected_worker_and_nothing_ch
     ({"STATUS": "OK", "SALDO": 1}, "WRONG_ROLE"),
     ({"TASK": "WORKER_REQUEST", "WORKERS_NEEDED": 2, "SERVER_UUID": "intruder"}, "NOT_PEER"),
     ({"TASK": "COMMAND_RELEASE", "WORKERS_UUID": ["w1"]}, "NOT_PEER"),
+    ({"WORKER": "ALIVE", "WORKER_UUID": "w9", "MAX_TASKS": 4, "ACCEPTS": [{"UPDATE": 1}]}, "FIELD_INVALID"),
+    ({"TASK": "DEPOSIT", "ID": "x", "ACCOUNT": "alice", "AMOUNT": "1", "FORWARDED_BY": ["srv-b"]}, "FIELD_TYPE"),
 ])
 def test_bad_input_gets_a_clear_error_and_changes_nothing(message, code):
     core = make_core()
@@ -312,6 +318,89 @@ def test_an_update_the_worker_could_not_finish_is_redelivered_and_given_up_after
     core.on_message(1, alive("w1", results=[{"ID": "op-1", "STATUS": "NOK", "ERROR": "UNAVAILABLE"}]), 0.5)
     (reply,) = sends(core, 2)
     assert reply["ERROR"] == "UNAVAILABLE" and reply["DEFINITE"] is False
+
+
+def test_a_retry_of_a_read_joins_its_task_by_the_id_its_client_sends():
+    """A client that timed out asks again with the same ID: one task answers every attempt, even
+    one that arrives after the answer. A read without an ID (seed 000's QUERY), or another read
+    under an ID in use, is a task of its own."""
+    core = make_core()
+    read = {"TASK": "BALANCE", "ID": "r-1", "ACCOUNT": "alice"}
+    core.on_message(2, dict(read), 0.0)
+    core.on_message(3, dict(read), 2.0)  # the retry, on a new connection
+    core.on_message(4, {"TASK": "BALANCE", "ID": "r-1", "ACCOUNT": "bob"}, 2.1)  # another read, the same ID
+    core.on_message(5, {"TASK": "QUERY", "USER": "alice"}, 2.1)
+    core.on_message(5, {"TASK": "QUERY", "USER": "alice"}, 2.1)
+    assert core.queue_length == 4
+    core.on_message(1, alive("w1"), 2.2)
+    core.pump(2.2)
+    (batch,) = sends(core, 1)
+    assert sorted(t["USER"] for t in batch["TASKS"]) == ["alice", "alice", "alice", "bob"]
+    results = [ok(t["ID"], "7.00" if t["USER"] == "alice" else "3.00") for t in batch["TASKS"]]
+    core.on_message(1, alive("w1", results=results), 2.3)
+    answers = [(e.conn, e.message.get("ID"), e.message["BALANCE"]) for e in core.take_outbox() if type(e) is Send]
+    assert sorted(answers, key=str) == sorted([(2, "r-1", "7.00"), (3, "r-1", "7.00"), (4, "r-1", "3.00"),
+                                               (5, None, "7.00"), (5, None, "7.00")], key=str)
+    assert not core.tasks
+    core.on_message(6, dict(read), 3.0)  # a retry that arrives once its read was answered: that answer
+    assert sends(core, 6) == [{"ID": "r-1", "STATUS": "OK", "BALANCE": "7.00"}] and not core.tasks
+
+
+def run_seed_worker(core: FarmCore, answer: dict, client_conn: int, max_steps: int = 20) -> tuple[int, list[dict]]:
+    """A seed v2 worker on connection 1 that says ALIVE, takes a QUERY and answers it with `answer`,
+    over and over: (the deliveries it got, what the client on `client_conn` was sent)."""
+    deliveries = 0
+    to_client: list[dict] = []
+    for step in range(max_steps):
+        now = 0.1 * step
+        core.on_message(1, {"WORKER": "ALIVE", "WORKER_UUID": "w-bad"}, now)
+        core.pump(now)
+        out = [e for e in core.take_outbox() if type(e) is Send]
+        to_client += [e.message for e in out if e.conn == client_conn]
+        if not any(e.conn == 1 and e.message.get("TASK") == "QUERY" for e in out):
+            break
+        deliveries += 1
+        core.on_message(1, {"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "w-bad", **answer}, now)
+        to_client += [e.message for e in core.take_outbox() if type(e) is Send and e.conn == client_conn]
+    return deliveries, to_client
+
+
+@pytest.mark.parametrize("saldo", [-5, "abc", Decimal("1E+30")])
+def test_a_saldo_that_is_not_a_balance_is_redelivered_a_bounded_number_of_times_then_refused_naming_the_worker(saldo):
+    core = make_core(max_task_attempts=3)
+    core.on_message(2, {"TASK": "QUERY", "USER": "alice", "ID": "q-1"}, 0.0)
+    deliveries, to_client = run_seed_worker(core, {"SALDO": saldo}, client_conn=2)
+    assert deliveries == 3
+    (reply,) = to_client
+    assert (reply["ID"], reply["STATUS"], reply["ERROR"], reply["DEFINITE"], reply["TASK"]) == ("q-1", "NOK", "BAD_RESULT", True, "QUERY")
+    assert "worker w-bad sent SALDO" in reply["DETAIL"] and "not a balance" in reply["DETAIL"], reply
+    status = core.status(1.0)
+    assert status["BAD_RESULTS_TOTAL"] == 3 and status["WORKER_LIST"][0]["BAD_RESULTS"] == 3
+    assert not core.tasks
+
+
+def test_an_update_whose_result_is_not_one_ends_unavailable_naming_the_worker():
+    """An OK for an update means it was applied: with no readable result the outcome is unknown."""
+    core = make_core(max_task_attempts=2)
+    core.on_message(2, deposit("op-1"), 0.0)
+    for attempt in range(2):
+        core.on_message(1, alive("w1", results=[{"ID": "op-1", "STATUS": "OK", "BALANCE": "-5"}] if attempt else None), 0.1 * attempt)
+        core.pump(0.1 * attempt)
+        assert [m["TASK"] for m in sends(core, 1)] == ["BATCH"]
+    core.on_message(1, alive("w1", results=[{"ID": "op-1", "STATUS": "OK", "BALANCE": "-5"}]), 0.3)
+    (reply,) = sends(core, 2)
+    assert reply["ERROR"] == "UNAVAILABLE" and reply["DEFINITE"] is False
+    assert "worker w1 sent BALANCE '-5', not a balance" in reply["DETAIL"], reply
+
+
+def test_a_balance_above_what_one_operation_moves_is_a_result_not_a_bad_one():
+    core = make_core()
+    core.on_message(2, {"TASK": "BALANCE", "ACCOUNT": "rich", "ID": "r-1"}, 0.0)
+    core.on_message(1, alive("w1"), 0.0)
+    core.pump(0.0)
+    (batch,) = sends(core, 1)
+    core.on_message(1, alive("w1", results=[ok(batch["TASKS"][0]["ID"], "5000000000.00")]), 0.1)
+    assert sends(core, 2) == [{"ID": "r-1", "STATUS": "OK", "BALANCE": "5000000000.00"}]
 
 
 # --- Heartbeats -------------------------------------------------------------------------------
@@ -356,7 +445,9 @@ def test_a_peer_that_misses_heartbeats_is_marked_down_after_the_limit_and_up_at_
 
 class Net:
     """Delivers each server's PeerRequests to the other server and the reply back; a server in
-    `down` answers nothing. Messages to workers and clients are kept per (server, connection)."""
+    `down` answers nothing. Messages to workers and clients are kept per (server, connection). A
+    forwarded task (a PeerRequest with a timeout) arrives on a connection of its own, as in the
+    driver, and its answer goes back whenever the other server sends it."""
 
     def __init__(self, cores: dict[str, FarmCore], hosts: dict[str, str]) -> None:
         self.cores = cores
@@ -364,6 +455,8 @@ class Net:
         self.down: set[str] = set()
         self.inbox: dict[tuple[str, int], list[dict]] = {}
         self.closed: set[tuple[str, int]] = set()
+        self.forwards: dict[tuple[str, int], tuple[str, PeerRequest]] = {}  # (receiver, conn) -> (sender, request)
+        self._forward_conns = iter(range(8000, 8999))
 
     def run(self, now: float) -> None:
         for _round in range(20):
@@ -371,10 +464,15 @@ class Net:
             for key, core in self.cores.items():
                 for effect in core.take_outbox():
                     moved = True
-                    if type(effect) is Send:
+                    if type(effect) is Send and (key, effect.conn) in self.forwards:
+                        sender, request = self.forwards.pop((key, effect.conn))
+                        self.cores[sender].on_peer_result(key, request.message, effect.message, now)
+                    elif type(effect) is Send:
                         self.inbox.setdefault((key, effect.conn), []).append(effect.message)
                     elif type(effect) is Close:
                         self.closed.add((key, effect.conn))
+                    elif effect.timeout_s is not None:
+                        self._forward(key, effect, now)
                     else:
                         self._deliver(key, effect, now)
             if not moved:
@@ -394,6 +492,21 @@ class Net:
             else:
                 target.outbox.append(effect)
         self.cores[sender].on_peer_result(request.peer, request.message, reply, now)
+
+    def _forward(self, sender: str, request: PeerRequest, now: float) -> None:
+        target = self.cores.get(request.peer)
+        if target is None or request.peer in self.down or sender in self.down:
+            self.cores[sender].on_peer_result(request.peer, request.message, None, now)
+            return
+        conn = next(self._forward_conns)
+        self.forwards[(request.peer, conn)] = (sender, request)
+        target.on_message(conn, dict(request.message), now, self.hosts[sender])
+
+    def lose_forwards(self, now: float) -> None:
+        """The forwards' connections break: each sender hears no answer (the receiver may still run them)."""
+        lost, self.forwards = self.forwards, {}
+        for (receiver, _conn), (sender, request) in lost.items():
+            self.cores[sender].on_peer_result(receiver, request.message, None, now)
 
     def take(self, server: str, conn: int) -> list[dict]:
         return self.inbox.pop((server, conn), [])
@@ -604,6 +717,115 @@ def test_a_failed_over_worker_serves_the_peer_while_its_owner_is_down_and_goes_h
     assert message["TASK"] == "RETURN" and message["SERVER_RETURN"] == {"ip": "127.0.0.11", "port": 8765}
 
 
+# --- A server without a worker for a task: forwarded once, or refused -----------------------------
+
+
+def batches(net: Net, server: str, conn: int) -> list[list[str]]:
+    """The task ids of each BATCH the worker on `conn` at `server` was sent."""
+    return [[t["ID"] for t in m["TASKS"]] for m in net.take(server, conn) if m.get("TASK") == "BATCH"]
+
+
+def test_a_task_at_a_server_without_workers_is_forwarded_once_to_the_peer_that_has_one():
+    """The README's farm: two servers, one worker, at B, which B keeps (min_own_workers 1). A task
+    sent to A is run by B's worker and answered by A; A's client's retry joins it."""
+    net, a, b = two_servers(lend_queue_threshold=200, no_task_wait_s=60.0)
+    b.on_message(11, alive("b1"), 0.0)
+    net.tick(0.5)  # heartbeats: A learns that B has a worker for every kind of task
+    assert a.peers[B_KEY].runs == {"QUERY", "UPDATE"} and a.status(0.5)["RUNS"] == []
+    a.on_message(2, deposit("op-1"), 0.5)
+    net.tick(1.0)
+    b.pump(1.0)
+    net.run(1.0)
+    assert batches(net, B_KEY, 11) == []  # it waits no_worker_wait_s first: a worker may connect meanwhile
+    net.tick(1.5)  # B refused to lend its one worker; the task goes to B instead
+    a.on_message(3, deposit("op-1"), 1.5)  # the client's retry, at A: it joins the forwarded task
+    b.pump(1.5)
+    net.run(1.5)
+    assert batches(net, B_KEY, 11) == [["op-1"]]
+    b.on_message(11, alive("b1", results=[ok("op-1")]), 1.6)
+    net.run(1.6)
+    answer = {"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}
+    assert net.take(A_KEY, 2) == [answer] and net.take(A_KEY, 3) == [answer]
+    status = a.status(1.6)
+    assert status["TASKS_FORWARDED_TOTAL"] == 1 and status["FORWARDED"] == 0 and not a.tasks
+    assert b.workers["b1"].placement == HOME  # nothing was lent
+
+
+def test_a_task_no_server_of_the_farm_can_run_is_refused_no_worker_and_never_sent_back():
+    net, a, b = two_servers(lend_queue_threshold=200, no_task_wait_s=60.0)
+    b.on_message(11, alive("b1"), 0.0)
+    net.tick(0.5)  # A hears that B has a worker
+    a.on_message(2, deposit("op-1"), 0.5)
+    net.tick(1.0)
+    b.on_disconnect(11, 1.4)  # B's only worker goes away before A hears of it
+    net.tick(1.5)
+    assert a.tasks_forwarded_total == 1
+    for now in (2.0, 2.5, 3.0):
+        net.tick(now)
+    assert net.take(A_KEY, 2) == []  # B refused it (NO_WORKER) instead of sending it back; A waits again
+    assert b.no_worker_total == 1 and b.tasks_forwarded_total == 0
+    net.tick(3.5)
+    (reply,) = net.take(A_KEY, 2)
+    assert (reply["ID"], reply["ERROR"], reply["DEFINITE"]) == ("op-1", "NO_WORKER", True)
+    assert "no worker is connected here" in reply["DETAIL"] and f"peer {B_KEY} has none" in reply["DETAIL"], reply
+    assert not a.tasks and not b.tasks
+
+
+def test_a_forward_that_gets_no_answer_is_sent_again_under_its_id_and_applied_once():
+    net, a, b = two_servers(lend_queue_threshold=200, no_task_wait_s=60.0)
+    b.on_message(11, alive("b1"), 0.0)
+    net.tick(0.5)
+    a.on_message(2, deposit("op-1"), 0.5)
+    net.tick(1.0)
+    net.tick(1.5)
+    b.pump(1.5)
+    net.run(1.5)
+    assert batches(net, B_KEY, 11) == [["op-1"]]
+    net.lose_forwards(1.6)  # the link breaks: A cannot know whether B ran it
+    b.on_message(11, alive("b1", results=[ok("op-1")]), 1.7)  # it did
+    net.run(1.7)
+    assert net.take(A_KEY, 2) == []
+    for now in (2.0, 2.5, 3.0):
+        net.tick(now)
+    assert net.take(A_KEY, 2) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
+    assert a.tasks_forwarded_total == 2 and batches(net, B_KEY, 11) == []  # B answered from its record
+    assert b.workers["b1"].tasks_done == 1
+
+
+def test_an_update_at_a_server_whose_only_worker_is_a_borrowed_seed_worker_is_run_by_the_peers_saldo_worker():
+    """A seed worker runs QUERY only: it does not count as a worker for a deposit."""
+    net, a, b = two_servers(lend_queue_threshold=200, no_task_wait_s=60.0)
+    b.on_message(11, alive("b1"), 0.0)  # B: an idle saldo worker, the one it keeps (min_own_workers 1)
+    a.on_message(21, {"WORKER": "ALIVE", "WORKER_UUID": "s1", "SERVER_UUID": "srv-b"}, 0.0)  # A: B's seed worker
+    net.tick(0.5)
+    assert a.status(0.5)["RUNS"] == ["QUERY"]
+    a.on_message(2, deposit("op-1"), 0.5)
+    a.on_message(3, {"TASK": "QUERY", "USER": "alice", "ID": "r-1"}, 0.5)
+    a.pump(0.5)
+    net.run(0.5)
+    assert [m["TASK"] for m in net.take(A_KEY, 21)] == ["QUERY"]  # the seed worker takes the read only
+    net.tick(1.0)
+    net.tick(1.5)
+    b.pump(1.5)
+    net.run(1.5)
+    assert batches(net, B_KEY, 11) == [["op-1"]]
+    b.on_message(11, alive("b1", results=[ok("op-1")]), 1.6)
+    net.run(1.6)
+    assert net.take(A_KEY, 2) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
+
+
+def test_a_server_short_of_a_worker_for_updates_borrows_one_that_runs_them_not_a_seed_worker():
+    net, a, b = two_servers(lend_queue_threshold=200, min_own_workers=0, no_task_wait_s=60.0)
+    a.on_message(21, {"WORKER": "ALIVE", "WORKER_UUID": "s-a"}, 0.0)  # A's own worker: a seed worker
+    b.on_message(11, {"WORKER": "ALIVE", "WORKER_UUID": "s-b"}, 0.0)  # B's: a seed worker, idle the longest,
+    b.on_message(12, alive("b1"), 0.0)  # and a saldo worker
+    a.on_message(2, deposit("op-1"), 0.0)
+    net.tick(0.3)
+    net.tick(0.9)
+    assert [w.worker_id for w in b.workers.values() if w.placement == LENT] == ["b1"]
+    assert [m["TASK"] for m in net.take(B_KEY, 12)] == ["REDIRECT"] and net.take(B_KEY, 11) == []
+
+
 def test_classify_keeps_client_queries_and_worker_statuses_apart():
     from common.farm import classify
 
@@ -637,3 +859,43 @@ def test_the_supervisor_report_has_the_seed_v2_shape():
     assert report["performance"]["farm_state"]["tasks"]["tasks_running"] == 1
     assert report["performance"]["farm_state"]["workers"]["workers_utilization"] == 1
     assert report["neighbors"] == [{"server_uuid": B_KEY, "status": "unavailable", "last_heartbeat": None}]
+
+
+# --- The client -------------------------------------------------------------------------------
+
+
+def test_a_farm_client_waits_twice_as_long_after_each_attempt_that_timed_out():
+    """A farm server answers only with a task's result, and a task may wait in a queue: a retry at
+    the same fixed timeout, again and again, would only pile up attempts."""
+
+    class Unanswered(FarmClient):
+        def submit(self, request_id, line, on_reply, timeout_s=None, is_read=False):
+            self.timeouts_s.append(timeout_s)
+            on_reply({"ID": request_id, "STATUS": "NOK", "ERROR": "TIMEOUT", "DETAIL": "no reply in time", "DEFINITE": False})
+
+    async def scenario() -> list[float]:
+        client = Unanswered([("127.0.0.1", 9)])
+        client.timeouts_s = []
+        await execute_with_retries(client, "r-1", b"", deadline_s=time.monotonic() + 0.5, attempt_timeout_s=0.05,
+                                   is_read=True)
+        await client.close()
+        return client.timeouts_s
+
+    assert asyncio.run(scenario())[:3] == pytest.approx([0.05, 0.1, 0.2])
+
+
+def test_a_refusal_that_took_a_while_is_the_answer_when_the_deadline_leaves_no_time_to_ask_again():
+    """A farm server waits no_worker_wait_s before it says NO_WORKER: an attempt started too close
+    to the client's deadline would only time out, and turn "no worker" into "outcome unknown"."""
+    refusal_s = 0.3
+
+    class WaitsThenRefuses:
+        async def execute(self, request_id, line, timeout_s=None, is_read=False):
+            await asyncio.sleep(min(refusal_s, timeout_s))
+            if timeout_s < refusal_s:
+                return {"ID": request_id, "STATUS": "NOK", "ERROR": "TIMEOUT", "DETAIL": "no reply in time", "DEFINITE": False}
+            return {"ID": request_id, "STATUS": "NOK", "ERROR": "NO_WORKER", "DETAIL": "no worker", "DEFINITE": True}
+
+    reply, _attempts, outcome = asyncio.run(execute_with_retries(
+        WaitsThenRefuses(), "op-1", b"", deadline_s=time.monotonic() + 1.0, attempt_timeout_s=2.0))
+    assert (reply["ERROR"], outcome) == ("NO_WORKER", "failed")

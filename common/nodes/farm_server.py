@@ -41,6 +41,7 @@ _CONFIG_FLAGS = (
     ("no_task_wait_s", float, "how long a worker's ALIVE is held before NO_TASK"),
     ("max_task_attempts", int, "deliveries of one task before the client gets UNAVAILABLE"),
     ("completed_memory", int, "finished update ids whose answer is kept for retries"),
+    ("completed_reads_memory", int, "finished reads (by their ID) whose answer is kept for retries"),
     ("heartbeat_interval_s", float, "seconds between heartbeats to each peer"),
     ("heartbeat_miss_limit", int, "failed heartbeats in a row that mark a peer down"),
     ("retry_initial_s", float, "first retry delay after a failed heartbeat (doubles each time)"),
@@ -55,6 +56,10 @@ _CONFIG_FLAGS = (
     ("request_cooldown_s", float, "wait after a refused or failed request before asking that peer again"),
     ("redirect_timeout_s", float, "grace for a lent worker to show up at the borrower"),
     ("worker_forget_s", float, "a worker not heard of for this long is forgotten"),
+    ("no_worker_wait_s", float, "a task no worker here can run waits this long (for one to connect or be lent), "
+                                "then goes to a peer that has one, or is refused NO_WORKER"),
+    ("forward_timeout_s", float, "how long a task forwarded to a peer may take to be answered"),
+    ("max_forwarded", int, "tasks forwarded to peers and not yet answered, at most"),
 )
 
 
@@ -103,29 +108,31 @@ def build_config(args: argparse.Namespace) -> FarmConfig:
 
 
 class PeerLink:
-    """The outgoing connection to one peer, opened on demand and reopened after a failure."""
+    """An outgoing connection to one peer, opened on demand and reopened after a failure."""
 
-    def __init__(self, address: tuple[str, int], *, timeout_s: float, source_host: str | None) -> None:
+    def __init__(self, address: tuple[str, int], *, timeout_s: float, source_host: str | None, max_in_flight: int = 64) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.source_host = source_host
+        self.max_in_flight = max_in_flight
         self._connection: aio.Connection | None = None
         self._lock = asyncio.Lock()
 
-    async def request(self, message: dict) -> dict | None:
-        """The peer's reply, or None when it cannot be reached or does not answer in time."""
+    async def request(self, message: dict, timeout_s: float | None = None) -> dict | None:
+        """The peer's reply, or None when it cannot be reached or does not answer in `timeout_s`
+        (this link's timeout when None)."""
         async with self._lock:
             if self._connection is None or self._connection.closed:
                 try:
                     self._connection = await aio.Connection.open(
                         *self.address, connect_timeout_s=self.timeout_s, request_timeout_s=self.timeout_s,
-                        max_in_flight=64, source_host=self.source_host,
+                        max_in_flight=self.max_in_flight, source_host=self.source_host,
                     )
                 except (OSError, TimeoutError):
                     self._connection = None
                     return None
             connection = self._connection
-        reply = await connection.request(dict(message))
+        reply = await connection.request(dict(message), timeout_s=timeout_s)
         if reply.get("STATUS") == "NOK" and reply.get("ERROR") in ("TIMEOUT", "CONNECTION_LOST"):
             await connection.close()  # a stalled peer: start afresh next time
             return None
@@ -147,6 +154,10 @@ class FarmServer:
         source_host = None if args.host in ("", "0.0.0.0") else args.host
         self.links = {address_key(a): PeerLink(a, timeout_s=args.heartbeat_timeout_s, source_host=source_host)
                       for a in args.peers}
+        # Forwarded tasks travel apart: a task that waits in the peer's queue holds up no heartbeat.
+        self.task_links = {address_key(a): PeerLink(a, timeout_s=args.heartbeat_timeout_s, source_host=source_host,
+                                                    max_in_flight=core.config.max_forwarded)
+                           for a in args.peers}
         self._background: set[asyncio.Task] = set()
         self.core.status_extra = {"NODE": args.name, "PID": os.getpid()}
         self.core.status_probe = aio.process_figures
@@ -191,7 +202,8 @@ class FarmServer:
                 self._spawn(self._call_peer(effect))
 
     async def _call_peer(self, effect: PeerRequest) -> None:
-        reply = await self.links[effect.peer].request(effect.message)
+        links = self.links if effect.timeout_s is None else self.task_links
+        reply = await links[effect.peer].request(effect.message, effect.timeout_s)
         try:
             self.core.on_peer_result(effect.peer, effect.message, reply, time.monotonic())
         except Exception as error:  # a bug must not stop the server; the next heartbeat starts afresh
@@ -261,7 +273,7 @@ class FarmServer:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for link in self.links.values():
+        for link in [*self.links.values(), *self.task_links.values()]:
             await link.close()
 
 
