@@ -150,7 +150,9 @@ def parse_address(value: object, host_key: str, port_key: str) -> Address | None
     if type(value) is not dict:
         return None
     host, port = value.get(host_key), value.get(port_key)
-    if type(host) is not str or not 0 < len(host) <= MAX_HOST_CHARS or type(port) is not int or not 0 < port <= MAX_PORT:
+    if type(host) is not str or not 0 < len(host) <= MAX_HOST_CHARS:
+        return None
+    if type(port) is not int or not 0 < port <= MAX_PORT:
         return None
     return host, port
 
@@ -323,8 +325,8 @@ class WorkerCore:
     def _on_status_reply(self, reply: dict) -> Step:
         delivery = self.deliveries[0]
         if reply.get("STATUS") != "ACK":
-            self._note("warning", "result_refused", server=format_address(delivery.server), task=delivery.message.get("ID"),
-                       reply=str(reply)[:200])
+            self._note("warning", "result_refused", server=format_address(delivery.server),
+                       task=delivery.message.get("ID"), reply=str(reply)[:200])
             return self._delivery_failed("not acknowledged")
         if "SERVER_UUID" not in reply:
             self._learn_dialect(delivery.server, V2)
@@ -338,8 +340,9 @@ class WorkerCore:
         if delivery.attempts >= self.config.max_delivery_attempts:
             self.deliveries.popleft()
             self.results_dropped_total += 1
-            self._note("warning", "result_dropped", server=format_address(delivery.server), task=delivery.message.get("ID"),
-                       status=delivery.message["STATUS"], attempts=delivery.attempts, reason=reason)
+            self._note("warning", "result_dropped", server=format_address(delivery.server),
+                       task=delivery.message.get("ID"), status=delivery.message["STATUS"], attempts=delivery.attempts,
+                       reason=reason)
         self.failures += 1
         return Pause(self._backoff_s(self.failures))
 
@@ -380,7 +383,8 @@ class WorkerCore:
         return base * (1.0 + config.jitter_fraction * (2.0 * self.rng.random() - 1.0))
 
     def _follow_redirect(self, reply: dict) -> bool:
-        target = parse_address(reply.get("TARGET_MASTER"), "IP", "PORT") or parse_address(reply.get("SERVER_REDIRECT"), "ip", "port")
+        target = (parse_address(reply.get("TARGET_MASTER"), "IP", "PORT")
+                  or parse_address(reply.get("SERVER_REDIRECT"), "ip", "port"))
         if target is None:
             self._note("warning", "bad_redirect", reply=str(reply)[:200])
             return False
@@ -395,7 +399,8 @@ class WorkerCore:
         return True
 
     def _named_return(self, reply: dict) -> str | None:
-        named = parse_address(reply.get("SERVER_RETURN"), "ip", "port") or parse_address(reply.get("HOME_MASTER"), "IP", "PORT")
+        named = (parse_address(reply.get("SERVER_RETURN"), "ip", "port")
+                 or parse_address(reply.get("HOME_MASTER"), "IP", "PORT"))
         return None if named is None else format_address(named)
 
     def _learn_owner(self, server_id: object) -> None:
@@ -408,7 +413,8 @@ class WorkerCore:
     def _learn_failover(self, servers: object) -> None:
         if type(servers) is not list:
             return
-        learned = [a for a in (parse_address(entry, "IP", "PORT") for entry in servers[:MAX_FAILOVER_SERVERS]) if a is not None]
+        addresses = (parse_address(entry, "IP", "PORT") for entry in servers[:MAX_FAILOVER_SERVERS])
+        learned = [address for address in addresses if address is not None]
         if learned:
             self.failover = learned
 

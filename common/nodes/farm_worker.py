@@ -91,6 +91,8 @@ class FarmWorker:
         self.tasks_done_total = 0
         self.batches_total = 0
         self.duplicates_total = 0
+        self.transactions_total = 0  # update transactions (apply_batch), and the time they took, lock waits included
+        self.transaction_s_total = 0.0
         self.started_at = time.monotonic()
 
     def run(self) -> None:
@@ -160,8 +162,11 @@ class FarmWorker:
         try:
             store = self._open_store()
             if updates:
+                transaction_started = time.monotonic()
                 outcomes = store.apply_batch([(op, None) for _id, op in updates], max_accounts=self.args.max_accounts,
                                              dedup_window_ops=self.args.dedup_window)
+                self.transactions_total += 1
+                self.transaction_s_total += time.monotonic() - transaction_started
                 for (task_id, _op), (outcome, duplicate) in zip(updates, outcomes):
                     self.duplicates_total += duplicate
                     if outcome.error is None:
@@ -215,6 +220,8 @@ class FarmWorker:
             "TASKS_DONE_TOTAL": self.tasks_done_total,
             "BATCHES_TOTAL": self.batches_total,
             "DUPLICATES_TOTAL": self.duplicates_total,
+            "TRANSACTIONS_TOTAL": self.transactions_total,
+            "TRANSACTION_MS_TOTAL": round(self.transaction_s_total * 1000),
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
         }
 
