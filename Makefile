@@ -54,14 +54,11 @@ ifeq ($(ARCH),all)
 endif
 endif
 
-# The worker farm on MariaDB: tasks/s with 1, 2 and 4 workers, then how fast workers are lent and returned.
+# The worker farm on MariaDB: tasks/s with 1, 2 and 4 workers, how fast workers are lent and returned,
+# one summary table; its database (saldo_bench_farm) is dropped at the end.
 bench-farm: venv
 	@base_url=$$(PYTHON=$(PY) scripts/ensure-mariadb.sh) || exit 1; \
-	for workers in 1 2 4; do \
-		$(PY) lab.py bench --arch farm --option workers=$$workers --clients 8 --duration $(DURATION) --repeat $(REPEAT) \
-			--ports $(PORTS) --store "$$base_url/saldo_bench" --no-reference --quiet || exit 1; \
-	done; \
-	$(PY) lab.py farm-lending --store "$$base_url/saldo_bench" --repeat $(REPEAT)
+	$(PY) lab.py farm-bench --store "$$base_url/saldo_bench" --duration $(DURATION) --repeat $(REPEAT) --ports $(PORTS)
 
 # Workloads with a fault schedule (FAULTS=kill-replica, partition-replica, kill-sequencer, ...).
 chaos:

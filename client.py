@@ -113,11 +113,14 @@ def build_request(args: argparse.Namespace) -> tuple[str, bytes]:
     return op_id, bankclient.operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents, wait)
 
 
-def describe_reply(reply: dict, outcome: str) -> str:
+def describe_reply(reply: dict, outcome: str, is_read: bool = False) -> str:
     if reply.get("STATUS") == "OK" and reply.get("ACCEPTED") is True:
         return (f"ACCEPTED seq={reply.get('SEQ')} id={reply.get('ID')}: queued for every replica; its outcome is"
                 f" decided when they apply it (the same command with --id {reply.get('ID')} --wait applied waits"
                 " for that, and applies nothing twice)")
+    if reply.get("STATUS") == "OK" and is_read and "BALANCE" not in reply:
+        # The farm's seed-format (v2) workers report a QUERY as done without its result.
+        return "OK (the worker reported no balance: a seed-format worker answers a QUERY with its STATUS only)"
     if reply.get("STATUS") == "OK":
         parts = ["OK"]
         for key, label in (("BALANCE", "balance"), ("SEQ", "seq"), ("APPLIED", "applied"), ("BEHIND", "behind")):
@@ -151,7 +154,7 @@ async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) ->
         )
     finally:
         await client.close()
-    print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome))
+    print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome, is_read))
     return {bankclient.OK: EXIT_OK, bankclient.FAILED: EXIT_NOK}.get(outcome, EXIT_UNKNOWN)
 
 

@@ -7,6 +7,7 @@
     python lab.py run --arch sequencer --faults kill-replica
     python lab.py bench --arch all --clients 1,8 --repeat 3     (what `make bench` runs)
     python lab.py chaos --arch standalone --faults kill-replica  (what `make chaos` runs)
+    python lab.py farm-bench --store mysql://root@127.0.0.1:3306/saldo_bench  (what `make bench ARCH=farm` runs)
 
 Each run writes results/<run>.json (and results/latest.json), a timeline picture
 results/<run>.svg, and prints a table. Exit code: 0 when every verdict is valid, or invalid only for
@@ -357,6 +358,12 @@ pauses, partitions, delays or resets the node that plays the schedule's role in 
 heals it, and the checker says whether anything acknowledged was lost or doubled. A schedule naming
 a role the architecture does not have (kill-primary on sequencer) is refused before any run."""
 
+FARM_BENCH_DESCRIPTION = """\
+The worker farm's benchmark (make bench ARCH=farm): the bank workload without faults on the farm
+with 1, 2 and 4 workers, then the lending measurement; one summary table (tasks/s, p50/p99, tasks
+per worker batch, CPU per task, lending times) and why more workers were or were not faster here.
+With a MySQL --store, the farm's database (<prefix>_farm) is dropped at the end, also on failure."""
+
 LENDING_DESCRIPTION = """\
 The worker farm's lending measurement (make bench-farm): farm1 is overloaded until farm2 lends it
 workers, then the load stops until they return; prints how long each took (medians of --repeat),
@@ -411,8 +418,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     lending_parser.add_argument("--window", type=_positive_int, default=256,
                                 help="tasks in flight per client (far above what 2 workers finish)")
     lending_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
+    farm_bench_parser = add_command("farm-bench", "the worker farm: 1, 2 and 4 workers, lending; one summary; its database dropped",
+                                    FARM_BENCH_DESCRIPTION)
+    farm_bench_parser.add_argument("--store", default="sqlite",
+                                   help="sqlite, or a MySQL base URL mysql://user:pass@host:port/prefix")
+    farm_bench_parser.add_argument("--duration", type=_seconds, default=10.0, help="seconds of workload per run")
+    farm_bench_parser.add_argument("--repeat", type=_positive_int, default=3, help="runs per worker count; the summary shows medians")
+    farm_bench_parser.add_argument("--lending-load-s", type=_seconds, default=5.0,
+                                   help="seconds of overload in each lending measurement")
+    farm_bench_parser.add_argument("--ports", choices=["seed", "free"], default="seed", help=ports_help)
+    farm_bench_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
     return parser, {"demo": demo_parser, "up": up_parser, "run": run_parser, "bench": bench_parser,
-                    "chaos": chaos_parser, "farm-lending": lending_parser}
+                    "chaos": chaos_parser, "farm-lending": lending_parser, "farm-bench": farm_bench_parser}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
                 subparser.error(f"argument --option: {error}")
     tune_gc()  # the clients of a run share this process with a history of every operation
     configure("lab", args.log_level)
+    if args.command == "farm-bench":
+        from common.lab import farm_bench
+
+        return farm_bench.run(args.store, duration_s=args.duration, repeat=args.repeat, ports=args.ports,
+                              lending_load_s=args.lending_load_s)
     if args.command == "farm-lending":
         from common.lab import farm_lending
 

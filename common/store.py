@@ -586,6 +586,32 @@ def open_store(url: str, *, default_synchronous: str = "full") -> Store:
     return MySQLStore(url, **settings)
 
 
+def drop_store(url: str) -> bool:
+    """Delete the store named by `url`: the whole MySQL database, or the SQLite file and its WAL
+    companions. For a store a tool created for itself (the farm bench's); True if there was one."""
+    scheme, settings = _parse_store_url(url)
+    if scheme == "sqlite":
+        existed = False
+        for suffix in ("", "-wal", "-shm"):
+            path = Path(settings["path"] + suffix)
+            if path.exists():
+                path.unlink()
+                existed = True
+        return existed
+    import pymysql
+
+    connection = pymysql.connect(host=settings["host"], port=settings["port"], user=settings["user"],
+                                 password=settings["password"], autocommit=True, connect_timeout=5)
+    try:
+        with connection.cursor() as cursor:
+            existed = cursor.execute("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+                                     (settings["database"],)) > 0
+            cursor.execute(f"DROP DATABASE IF EXISTS `{settings['database']}`")  # the name is checked: [A-Za-z0-9_]
+        return existed
+    finally:
+        connection.close()
+
+
 def check_store_url(url: str) -> None:
     """Raise ValueError, with one clear line, for a store URL that cannot work: checked when a
     process starts, before it waits on the store (a worker opens its store only for its first task)."""

@@ -25,7 +25,7 @@ from common.blocking import BlockingConnection
 from common.lab import checker
 from common.lab.arch_farm import build
 from common.lab.archs import LayoutOptions
-from common.lab.cluster import Cluster
+from common.lab.cluster import REPO_ROOT, Cluster
 from common.lab.workload import Workload, WorkloadConfig
 from common.store import open_store
 
@@ -468,3 +468,43 @@ def test_a_worker_whose_saldo_is_not_a_balance_is_named_and_the_read_refused_aft
         assert len(deliveries) == 3  # max_task_attempts, and the client did not ask again
         farm = cluster.status("farm1")
         assert farm["BAD_RESULTS_TOTAL"] == 3 and farm["WORKER_LIST"][0]["BAD_RESULTS"] == 3
+
+
+def _seed_v2_worker(server: tuple[str, int], stop: threading.Event, served: list) -> None:
+    """A worker of the seed's later version: a new connection for each message, ALIVE with its
+    WORKER_UUID, and for a QUERY a STATUS without the balance (that version reports none)."""
+
+    def exchange(message: dict) -> dict | None:
+        with socket.create_connection(server, timeout=5.0) as sock:
+            sock.sendall((json.dumps(message) + "\n").encode())
+            line = sock.makefile("rb").readline()
+        return json.loads(line) if line else None
+
+    for _ in range(100):
+        if stop.is_set():
+            return
+        task = exchange({"WORKER": "ALIVE", "WORKER_UUID": "seed-v2-worker"})
+        if task is None or task.get("TASK") != "QUERY":
+            continue
+        exchange({"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "seed-v2-worker"})
+        served.append(task["USER"])
+
+
+def test_client_py_says_so_when_a_seed_worker_answered_a_balance_without_one(tmp_path, mysql_url):
+    cluster, _lab = start_farm(tmp_path, mysql_url, workers=0)
+    with cluster:
+        farm1 = address(cluster, "farm1")
+        stop = threading.Event()
+        served: list[str] = []
+        worker = threading.Thread(target=_seed_v2_worker, args=(farm1, stop, served), daemon=True)
+        worker.start()
+        try:
+            done = subprocess.run([sys.executable, "client.py", "--arch", "farm", "--address", f"{farm1[0]}:{farm1[1]}",
+                                   "balance", "alice"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        finally:
+            stop.set()
+        worker.join(10)
+        assert served == ["alice"]
+        assert done.returncode == 0, done
+        assert done.stdout.strip() == ("OK (the worker reported no balance: a seed-format worker answers a QUERY with its "
+                                       "STATUS only)")

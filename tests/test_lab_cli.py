@@ -4,7 +4,8 @@ A bad argument ends in one usage error naming the valid values, never a tracebac
 the architecture cannot play is refused before any run; every command and flag explains itself; a
 port held by another cluster is named; `up` keeps the cluster up when one of its processes dies,
 says which and how to start it again, and stops everything on SIGTERM; a farm started again by `up`
-has its store as it was; the bench summary tells the farm's worker counts apart.
+has its store as it was; the bench summary tells the farm's worker counts apart; the farm's bench
+prints one summary and leaves no database behind.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def help_text(command: str) -> str:
     return subparsers[command].format_help()
 
 
-@pytest.mark.parametrize("command", ["demo", "up", "run", "bench", "chaos", "farm-lending"])
+@pytest.mark.parametrize("command", ["demo", "up", "run", "bench", "chaos", "farm-lending", "farm-bench"])
 def test_every_command_has_a_description_and_every_flag_a_help_text(command):
     _parser, subparsers = lab.build_parser()
     parser = subparsers[command]
@@ -303,3 +304,50 @@ def test_the_help_formatter_leaves_out_defaults_that_say_nothing():
     parser.add_argument("--count", type=int, default=3, help="how many")
     text = parser.format_help()
     assert "a switch\n" in text and "how many (default: 3)" in text
+
+
+# --- The farm's bench ----------------------------------------------------------------------------
+
+
+def database_exists(url: str) -> bool:
+    import pymysql
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(url)
+    connection = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=parsed.username or "root",
+                                 password=parsed.password or "", connect_timeout=5)
+    try:
+        with connection.cursor() as cursor:
+            return cursor.execute("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+                                  (parsed.path.lstrip("/"),)) > 0
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+def test_the_farm_bench_prints_one_summary_and_drops_its_database(mysql_url):
+    from common.lab.farm_bench import farm_store
+
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "lab.py"), "farm-bench", "--store", mysql_url, "--duration", "1",
+                           "--repeat", "1", "--lending-load-s", "2", "--ports", "free"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = done.stdout[done.stdout.index("== farm summary"):]
+    rows = [line.split() for line in summary.splitlines()[2:5]]
+    assert [row[0] for row in rows] == ["1", "2", "4"] and all(row[-1] == "valid" for row in rows), summary
+    assert "lending (4 workers, farm1 overloaded): overload -> a borrowed worker serving" in summary
+    assert "was dropped" in done.stdout and not database_exists(farm_store(mysql_url))
+
+
+def test_the_farm_bench_drops_its_database_when_a_run_fails(mysql_url, monkeypatch):
+    from common.lab import farm_bench
+    from common.store import open_store
+
+    def failing_run(options):
+        open_store(farm_bench.farm_store(options.store)).close()  # the run created the database, then broke
+        raise RuntimeError("a run failed")
+
+    monkeypatch.setattr(farm_bench, "run_lab", failing_run)
+    with pytest.raises(RuntimeError):
+        farm_bench.run(mysql_url, duration_s=1, repeat=1, ports="free")
+    assert not database_exists(farm_bench.farm_store(mysql_url))

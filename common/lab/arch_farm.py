@@ -81,6 +81,21 @@ def build(options: LayoutOptions) -> LabCluster:
         start = max(0, index) % 2 if entry == "spread" else 0
         return FarmClient(addresses, request_timeout_s=options.request_timeout_s, max_in_flight=max(1, window), start_index=start)
 
+    def worker_totals(lab: LabCluster) -> dict[str, int]:
+        """What the workers did in all: tasks and batches run, update transactions and the
+        milliseconds spent in them (waiting for the store's locks included)."""
+        fields = {"worker_tasks": "TASKS_DONE_TOTAL", "worker_batches": "BATCHES_TOTAL",
+                  "worker_transactions": "TRANSACTIONS_TOTAL", "worker_transaction_ms": "TRANSACTION_MS_TOTAL"}
+        totals = dict.fromkeys(fields, 0)
+        for name in workers:
+            try:
+                status = lab.cluster.status(name, timeout_s=1.0)
+            except OSError:
+                continue
+            for key, field_name in fields.items():
+                totals[key] += status.get(field_name) or 0
+        return totals
+
     return LabCluster(
         architecture="farm",
         nodes=nodes,
@@ -89,4 +104,5 @@ def build(options: LayoutOptions) -> LabCluster:
         total_order=True,  # one store serialises every transaction (they all lock its counters)
         variant=f"{worker_count} worker{'' if worker_count == 1 else 's'}",
         roles={"replica": ["farm1"], "server": names, "worker": workers},
+        counters=worker_totals,
     )

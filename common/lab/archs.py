@@ -44,6 +44,8 @@ class LabCluster:
     # (the checker then counts it either way for money, and reports it as failover_lost_write).
     failover_may_lose: bool = False
     proxies_of: dict[str, list[str]] = field(default_factory=dict)  # node -> proxies on its links
+    # Totals read from the nodes (blocking); a run's report gives how much each grew during the run.
+    counters: Callable[["LabCluster"], dict[str, int]] | None = None
     cluster: Cluster | None = None
 
     def stores(self) -> dict[str, str]:

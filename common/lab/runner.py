@@ -208,6 +208,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     loop_start = await _loop_counters(lab)
     loop_start["lab"] = {**aio.LoopMonitor.snapshot(), "PID": os.getpid()}
     cpu_start = _cpu_snapshot(lab.cluster)
+    counters_start = await asyncio.to_thread(lab.counters, lab) if lab.counters else {}
     injector = FaultInjector(lab, schedule, options.duration_s, workload.now_s)
     run_started = workload.now_s()
     workload.progress_note = injector.describe_open
@@ -215,6 +216,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     await workload.run()
     run_ended = workload.now_s()
     cpu_end = _cpu_snapshot(lab.cluster)
+    counters_end = await asyncio.to_thread(lab.counters, lab) if lab.counters else {}
     loop_end = await _loop_counters(lab)
     loop_end["lab"] = {**workload.loop_monitor_at_end, "PID": os.getpid()}
     monitor_stop.set()
@@ -239,7 +241,8 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
              if cpu_end[name] is not None and cpu_start.get(name) is not None}
     applied = {"start": applied_start, "end": applied_end, "quiet": quiet_counts,
                "applied_ops_s": max(0.0, min(deltas) / window_s) if deltas else 0.0, "cpu_s": cpu_s,
-               "loop_stalls": _loop_stalls(loop_start, loop_end)}
+               "loop_stalls": _loop_stalls(loop_start, loop_end),
+               "counters": {name: value - counters_start[name] for name, value in counters_end.items() if name in counters_start}}
     return workload, injector.records, applied, {"run_started_s": run_started, "run_ended_s": run_ended}, window_s
 
 
@@ -336,6 +339,7 @@ def run_lab(options: RunOptions) -> RunResult:
         "peak_rss_mb": peak_rss,
         "cpu_us_per_op": {name: round(cpu / max(1, acknowledged) * 1e6, 1) for name, cpu in applied["cpu_s"].items()},
         "loop_stalls": applied["loop_stalls"],
+        **({"counters": applied["counters"]} if applied["counters"] else {}),
         "store": options.store.split("@")[-1] if options.store != "sqlite" else "sqlite",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "run_window_s": [round(window["run_started_s"], 3), round(window["run_ended_s"], 3)],

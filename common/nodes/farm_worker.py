@@ -1,16 +1,16 @@
 """A farm worker: `python client.py worker --server HOST:PORT --store URL` (seed 000's client.py).
 
-Owns the worker's side of docs/farm-protocol.md, as a plain blocking program (common/blocking.py):
-ask a server for work with `{"WORKER": "ALIVE", ...}`, run the batch it gets against the farm's
-store, report the results with the next ALIVE, and go where the server says (REDIRECT to a borrower,
-RETURN home). Updates of one batch are applied by `Store.apply_batch` in one transaction that also
-records each task's id with its outcome, so a task delivered twice (after a lease ran out, or after
-this worker died between commit and report) is applied once and answered with its first outcome.
-Reads (QUERY) read the accounts table after the batch's updates are committed.
+Owns the worker's I/O, as a plain blocking program (common/blocking.py): it carries out what the
+worker's core (common/farmworker.py) decides, one step at a time (connect, send and read the reply,
+run tasks, close and wait), and runs the tasks it is given against the farm's store. The core
+decides the rest of docs/farm-protocol.md's worker side: which dialect a server speaks (saldo's
+batches, or the seed's later one-message-per-connection version), how results reach it, where to
+go (REDIRECT, RETURN, failover), and how long to wait after each connection ends.
 
-Where it connects: its home server (`--server`, its owner); a borrower while lent; on losing a
-server it goes home first, then through its failover list (`--failover`, and the FAILOVER_LIST
-servers send), waiting between attempts with exponential backoff and jitter.
+Updates of one batch are applied by `Store.apply_batch` in one transaction that also records each
+task's id with its outcome, so a task delivered twice (after a lease ran out, or after this worker
+died between commit and report) is applied once and answered with its first outcome. Reads (QUERY)
+read the accounts table after the batch's updates are committed.
 
 A tiny STATUS port (`--port`, in a thread) lets the lab launcher and `client.py status` see it.
 """
@@ -31,6 +31,7 @@ from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS, Operatio
 from common.blocking import BlockingConnection, SelectorServer, serve_in_thread
 from common.errors import SaldoError, error_reply
 from common.farm import check_id
+from common.farmworker import DEFAULT_MAX_DELIVERY_ATTEMPTS, Connect, Execute, Send, Step, WorkerConfig, WorkerCore
 from common.log import configure, get_logger
 from common.money import render_cents
 from common.store import check_store_url, open_store, redact
@@ -38,10 +39,6 @@ from common.store import check_store_url, open_store, redact
 log = get_logger("farm_worker")
 
 DEFAULT_SERVER = f"127.0.0.1:{topology.DEFAULT_PORTS['farm_server']}"
-# Servers named in FAILOVER_LIST messages that a worker remembers.
-MAX_FAILOVER_SERVERS = 16
-# How a session with one server ended.
-SERVED, LOST, REFUSED = "served", "lost", "refused"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--failover", default="", help="servers to try when home is down, HOST:PORT[,HOST:PORT...]")
     parser.add_argument("--store", help="the farm's store: mysql://user:pass@host:port/db or sqlite:///path (default sqlite:///var/farm.db)")
     parser.add_argument("--worker-id", help="this worker's WORKER_UUID (default: a new UUID)")
+    parser.add_argument("--owner-id", help="the home server's SERVER_UUID, named while lent (default: what the home "
+                                           "server says, else its HOST:PORT; a seed server never says it)")
     parser.add_argument("--max-tasks", type=int, default=64, help="tasks asked for at once (one transaction)")
     parser.add_argument("--max-accounts", type=int, default=DEFAULT_MAX_ACCOUNTS)
     parser.add_argument("--dedup-window", type=int, default=DEFAULT_DEDUP_WINDOW_OPS,
@@ -62,161 +61,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect-timeout-s", type=float, default=1.0)
     parser.add_argument("--reply-timeout-s", type=float, default=10.0,
                         help="a server that answers nothing for this long is taken for dead")
-    parser.add_argument("--retry-initial-s", type=float, default=0.05, help="first wait after a failed connection (doubles)")
+    parser.add_argument("--retry-initial-s", type=float, default=0.05,
+                        help="wait after a connection ends (doubles while servers fail or have nothing to do)")
     parser.add_argument("--retry-max-s", type=float, default=2.0, help="cap of that wait")
-    parser.add_argument("--jitter-fraction", type=float, default=0.2)
+    parser.add_argument("--jitter-fraction", type=float, default=0.2, help="each wait varies by up to this share")
+    parser.add_argument("--max-delivery-attempts", type=int, default=DEFAULT_MAX_DELIVERY_ATTEMPTS,
+                        help="sends of one result to a seed (v2) server before it is dropped with a warning")
     parser.add_argument("--pause-after-commit-s", type=float, default=0.0,
                         help="fault injection for the lab: hold each batch's results this long after its commit")
     return parser
 
 
 class FarmWorker:
+    """Carries out what the worker's core (common/farmworker.py) decides: connections, sends,
+    waits; runs the tasks it is given against the store."""
+
     def __init__(self, args: argparse.Namespace, stop: threading.Event) -> None:
         self.args = args
         self.stop = stop
         self.worker_id = check_id(args.worker_id or str(uuid.uuid4()), "--worker-id")
-        self.home = topology.parse_address(args.server)
-        self.failover = [topology.parse_address(a.strip()) for a in str(args.failover or "").split(",") if a.strip()]
-        self.current = self.home
-        self.owner: str | None = None  # the home server's SERVER_UUID, once it said it
-        self.rng = random.Random()
+        failover = tuple(topology.parse_address(a.strip()) for a in str(args.failover or "").split(",") if a.strip())
+        self.core = WorkerCore(WorkerConfig(
+            worker_id=self.worker_id, home=topology.parse_address(args.server), failover=failover, owner_id=args.owner_id,
+            max_tasks=args.max_tasks, retry_initial_s=args.retry_initial_s, retry_max_s=args.retry_max_s,
+            jitter_fraction=args.jitter_fraction, max_delivery_attempts=args.max_delivery_attempts,
+        ), random.Random())
         self.store = None
-        self.connected_to: tuple[str, int] | None = None
+        self.connection: BlockingConnection | None = None
         self.tasks_done_total = 0
         self.batches_total = 0
         self.duplicates_total = 0
-        self.moves_total = 0
+        self.transactions_total = 0  # update transactions (apply_batch), and the time they took, lock waits included
+        self.transaction_s_total = 0.0
         self.started_at = time.monotonic()
 
-    # --- Where to work ---------------------------------------------------------------------------
     def run(self) -> None:
-        failures = 0
-        candidates_tried = 0
-        while not self.stop.is_set():
-            target = self.current
-            try:
-                connection = BlockingConnection(*target, connect_timeout_s=self.args.connect_timeout_s)
-            except OSError as error:
-                failures += 1
-                candidates_tried += 1
-                log.info("connect_failed", server=topology.format_address(target), error=error.__class__.__name__)
-                self._next_server(candidates_tried)
-                self._sleep(self._backoff_s(failures))
-                continue
-            self.connected_to = target
-            try:
-                outcome = self._session(connection)
-            finally:
-                connection.close()
-                self.connected_to = None
-            if outcome == SERVED:
-                failures = 0
-                candidates_tried = 0
-            elif outcome == REFUSED:  # the same server, a little later (e.g. it has not seen our old connection close)
-                failures += 1
-                self._sleep(self._backoff_s(failures))
-            else:
-                failures += 1
-                candidates_tried += 1
-                self._next_server(candidates_tried)
-                self._sleep(self._backoff_s(failures))
-
-    def _next_server(self, tried: int) -> None:
-        """After losing `self.current`: home first, then the failover list in turn."""
-        candidates = [self.home] + [a for a in self.failover if a != self.home]
-        if self.current != self.home:
-            self.current = self.home
-        else:
-            self.current = candidates[tried % len(candidates)]
-        if self.current != self.home:
-            log.info("failing_over", server=topology.format_address(self.current))
-
-    def _backoff_s(self, failures: int) -> float:
-        args = self.args
-        base = min(args.retry_max_s, args.retry_initial_s * 2 ** min(failures - 1, 20))
-        return base * (1.0 + args.jitter_fraction * (2.0 * self.rng.random() - 1.0))
-
-    def _sleep(self, seconds: float) -> None:
-        self.stop.wait(seconds)
-
-    def _learn_failover(self, servers: object) -> None:
-        if type(servers) is not list:
-            return
-        learned = []
-        for entry in servers[:MAX_FAILOVER_SERVERS]:
-            if type(entry) is dict and type(entry.get("IP")) is str and type(entry.get("PORT")) is int:
-                learned.append((entry["IP"], entry["PORT"]))
-        if learned:
-            self.failover = learned
-
-    # --- One connection -------------------------------------------------------------------------
-    def _session(self, connection: BlockingConnection) -> str:
-        """Serve on one server until it sends us elsewhere or the connection breaks: SERVED when the
-        server answered at least once (a reachable server resets the backoff), LOST when it never
-        did, REFUSED when it said NOK."""
-        results: list[dict] = []
-        answered = False
-        while not self.stop.is_set():
-            alive = {"WORKER": "ALIVE", "WORKER_UUID": self.worker_id, "MAX_TASKS": self.args.max_tasks,
-                     "ACCEPTS": ["QUERY", "UPDATE"]}
-            # Our owner: its SERVER_UUID once it said it, its address until then (a saldo server's
-            # default id, and one it recognizes as itself), so no other server takes us for its own.
-            alive["SERVER_UUID"] = self.owner or topology.format_address(self.home)
-            if results:
-                alive["RESULTS"] = results
-            try:
-                connection.send(alive)
-                reply = connection.receive(self.args.reply_timeout_s)
-            except (ConnectionError, TimeoutError) as error:
-                log.warning("server_lost", server=connection.peer, error=error.__class__.__name__, results_dropped=len(results))
-                return SERVED if answered else LOST
-            results = []
-            if reply is None:
-                log.warning("server_closed", server=connection.peer)
-                return SERVED if answered else LOST
-            if isinstance(reply, SaldoError):
-                log.warning("undecodable_reply", server=connection.peer, error=reply.code)
-                continue
-            answered = True
-            task = reply.get("TASK")
-            if self.current == self.home and type(reply.get("SERVER_UUID")) is str and task != "REDIRECT":
-                self.owner = reply["SERVER_UUID"]
-            if task == "BATCH":
-                self._learn_failover(reply.get("FAILOVER_LIST"))
-                tasks = reply.get("TASKS")
-                results = self.execute(tasks if type(tasks) is list else [])
-            elif task == "NO_TASK":
-                self._learn_failover(reply.get("FAILOVER_LIST"))
-            elif task == "REDIRECT":
-                self._follow_redirect(reply)
-                return SERVED
-            elif task == "RETURN":
-                log.info("returning_home", home=topology.format_address(self.home), borrower=connection.peer)
-                self.current = self.home
-                self.moves_total += 1
-                return SERVED
-            elif reply.get("STATUS") == "NOK":
-                log.warning("server_refused", server=connection.peer, error=reply.get("ERROR"), detail=reply.get("DETAIL"))
-                return REFUSED  # e.g. WORKER_ID_IN_USE while the server has not yet seen our old connection close
-            elif task is not None:  # a single task in the seed's shape
-                results = self.execute([reply])
-        return SERVED
-
-    def _follow_redirect(self, reply: dict) -> None:
-        target = reply.get("TARGET_MASTER") or {}
-        home = reply.get("HOME_MASTER") or {}
+        core = self.core
+        step = core.start()
         try:
-            self.current = (str(target["IP"]), int(target["PORT"]))
-            if home:
-                self.home = (str(home["IP"]), int(home["PORT"]))
-        except (KeyError, TypeError, ValueError):
-            log.warning("bad_redirect", reply=str(reply)[:200])
-            return
-        if type(reply.get("SERVER_UUID")) is str:
-            self.owner = reply["SERVER_UUID"]  # the lender: it stays our owner while we serve elsewhere
-        self._learn_failover(reply.get("FAILOVER_LIST"))
-        self.moves_total += 1
-        log.info("redirected", target=topology.format_address(self.current), home=topology.format_address(self.home))
+            while not self.stop.is_set():
+                self._log_notes()
+                if isinstance(step, Connect):
+                    step = self._connect(step.address)
+                elif isinstance(step, Send):
+                    step = self._exchange(step.message)
+                elif isinstance(step, Execute):
+                    step = core.on_executed(self.execute(step.tasks))
+                else:
+                    self._disconnect()
+                    self.stop.wait(step.seconds)
+                    step = core.on_paused()
+            self._log_notes()
+        finally:
+            self._disconnect()
+
+    def _connect(self, address: tuple[str, int]) -> Step:
+        try:
+            self.connection = BlockingConnection(*address, connect_timeout_s=self.args.connect_timeout_s)
+        except OSError as error:
+            return self.core.on_connect_failed(error.__class__.__name__)
+        return self.core.on_connected()
+
+    def _exchange(self, message: dict) -> Step:
+        """Send one message and read its reply."""
+        assert self.connection is not None
+        try:
+            self.connection.send(message)
+            reply = self.connection.receive(self.args.reply_timeout_s)
+        except (ConnectionError, TimeoutError) as error:
+            return self.core.on_connection_lost(error.__class__.__name__)
+        if reply is None:
+            return self.core.on_connection_lost("closed_by_server")
+        return self.core.on_reply(reply)
+
+    def _disconnect(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def _log_notes(self) -> None:
+        for note in self.core.take_notes():
+            (log.warning if note.level == "warning" else log.info)(note.event, **note.fields)
 
     # --- Running tasks ----------------------------------------------------------------------------
     def execute(self, tasks: list) -> list[dict]:
@@ -237,8 +162,11 @@ class FarmWorker:
         try:
             store = self._open_store()
             if updates:
+                transaction_started = time.monotonic()
                 outcomes = store.apply_batch([(op, None) for _id, op in updates], max_accounts=self.args.max_accounts,
                                              dedup_window_ops=self.args.dedup_window)
+                self.transactions_total += 1
+                self.transaction_s_total += time.monotonic() - transaction_started
                 for (task_id, _op), (outcome, duplicate) in zip(updates, outcomes):
                     self.duplicates_total += duplicate
                     if outcome.error is None:
@@ -259,11 +187,11 @@ class FarmWorker:
             done = {r["ID"] for r in results}
             results.extend({"ID": body.get("ID"), "STATUS": "NOK", "ERROR": "UNAVAILABLE", "DETAIL": "the worker's store failed"}
                            for body in tasks if type(body) is dict and body.get("ID") not in done)
-            self._sleep(0.1)
+            self.stop.wait(0.1)
         self.batches_total += 1
         self.tasks_done_total += len(results)
         if self.args.pause_after_commit_s > 0:
-            self._sleep(self.args.pause_after_commit_s)
+            self.stop.wait(self.args.pause_after_commit_s)
         return results
 
     def _open_store(self):
@@ -280,19 +208,20 @@ class FarmWorker:
                 self.store = None
 
     def status(self) -> dict:
+        connection = self.connection  # read once: the worker's thread replaces it
         return {
             "STATUS": "OK",
             "ROLE": "farm-worker",
             "NODE": self.args.name,
             "PID": os.getpid(),
             "WORKER_UUID": self.worker_id,
-            "OWNER": self.owner,
-            "HOME": topology.format_address(self.home),
-            "CONNECTED_TO": topology.format_address(self.connected_to) if self.connected_to else None,
+            **self.core.status(),
+            "CONNECTED_TO": connection.peer if connection is not None else None,
             "TASKS_DONE_TOTAL": self.tasks_done_total,
             "BATCHES_TOTAL": self.batches_total,
             "DUPLICATES_TOTAL": self.duplicates_total,
-            "MOVES_TOTAL": self.moves_total,
+            "TRANSACTIONS_TOTAL": self.transactions_total,
+            "TRANSACTION_MS_TOTAL": round(self.transaction_s_total * 1000),
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
         }
 
@@ -308,7 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         topology.parse_address(args.server)
         check_id(args.worker_id or "x", "--worker-id")
+        if args.owner_id is not None:
+            check_id(args.owner_id, "--owner-id")
         check_store_url(args.store)
+        if not 0 < args.retry_initial_s <= args.retry_max_s:
+            raise ValueError("--retry-initial-s must be more than 0 and at most --retry-max-s")
+        if not 0 <= args.jitter_fraction < 1:
+            raise ValueError("--jitter-fraction must be from 0 to less than 1")
+        if args.max_tasks < 1 or args.max_delivery_attempts < 1:
+            raise ValueError("--max-tasks and --max-delivery-attempts must be at least 1")
     except (ValueError, SaldoError) as error:
         parser.error(str(error))
     stop = threading.Event()
