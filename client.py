@@ -24,21 +24,14 @@ import sys
 import time
 
 from common import bankclient, farmclient, topology, wire
+from common.cli import EXIT_USAGE, UsageParser
 from common.bank import check_account, check_op_id
 from common.blocking import BlockingConnection
 from common.errors import SaldoError
 from common.money import parse_amount_cents
 from common.sequencing import MIN_SEQ_WAIT_S
 
-EXIT_OK, EXIT_NOK, EXIT_UNKNOWN, EXIT_USAGE = 0, 1, 2, 64
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse, exiting with EXIT_USAGE: its own code 2 would read as "outcome unknown"."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+EXIT_OK, EXIT_NOK, EXIT_UNKNOWN = 0, 1, 2
 
 
 def _timeout_s(text: str) -> float:

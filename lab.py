@@ -11,7 +11,7 @@
 Each run writes results/<run>.json (and results/latest.json), a timeline picture
 results/<run>.svg, and prints a table. Exit code: 0 when every verdict is valid, or invalid only for
 anomalies its architecture does not promise to avoid (multicast's divergence, async
-primary-backup's lost writes: "anomalies_expected" in the report); 1 otherwise.
+primary-backup's lost writes: "anomalies_expected" in the report); 1 otherwise; 64 on bad usage.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from common.cli import UsageParser
 from common.lab import archs
 from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, RunDirInUse, StartFailed
 from common.lab.faults import SCHEDULES
@@ -363,7 +364,7 @@ and checks the load's history like any run."""
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The command line: the top parser, and each command's parser by name."""
-    parser = argparse.ArgumentParser(prog="lab.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UsageParser(prog="lab.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_command(name: str, summary: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:

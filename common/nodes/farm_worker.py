@@ -29,6 +29,7 @@ import uuid
 from common import topology
 from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS, Operation, Query, parse_request
 from common.blocking import BlockingConnection, SelectorServer, serve_in_thread
+from common.cli import UsageParser
 from common.errors import SaldoError, error_reply
 from common.farm import check_id
 from common.log import configure, get_logger
@@ -45,7 +46,7 @@ SERVED, LOST, REFUSED = "served", "lost", "refused"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="client.py worker", description=__doc__,
+    parser = UsageParser(prog="client.py worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", help="this worker's node name (logs)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
