@@ -106,7 +106,45 @@ def build_request(args: argparse.Namespace) -> tuple[str, bytes]:
     return op_id, bankclient.operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents, wait)
 
 
-def describe_reply(reply: dict, outcome: str) -> str:
+CLUSTER_HINT = "is a cluster running there? `make up` starts one; --topology FILE names its addresses"
+# The process a client of each architecture sends its writes to, by what it is.
+WRITE_ROLES = {"sequencer": "the sequencer", "queue": "the queue server", "standalone": "the standalone replica"}
+STATUS_PROBE_TIMEOUT_S = 1.0
+
+
+def ask_status(address: str, timeout_s: float = 2.0) -> dict:
+    """The STATUS reply of the process at HOST:PORT; UNREACHABLE when nothing answers."""
+    host, port = topology.parse_address(address)
+    try:
+        with BlockingConnection(host, port, connect_timeout_s=timeout_s) as connection:
+            return connection.request({"TASK": "STATUS"}, timeout_s=timeout_s)
+    except OSError as error:
+        return {"STATUS": "NOK", "ERROR": "UNREACHABLE", "DETAIL": str(error)}
+
+
+def describe_reachability(arch: str, addresses: dict, topo: dict | None) -> str | None:
+    """Which of the processes this client uses answer now, when some do and some do not: "the
+    sequencer at 127.0.0.11:6002 does not answer; replica1 at 127.0.0.12:6007 and replica2 at
+    127.0.0.13:6007 do". None when none answers (no cluster there: CLUSTER_HINT says so)."""
+    names = {f"{node['host']}:{node['port']}": name for name, node in ((topo or {}).get("nodes") or {}).items()
+             if isinstance(node, dict) and "host" in node and "port" in node}
+    labels: dict[str, str] = {}
+    for purpose in ("write", "read"):
+        for address in map(topology.format_address, addresses.get(purpose, [])):
+            role = WRITE_ROLES.get(arch, "the replica") if purpose == "write" else "the replica"
+            labels.setdefault(address, f"{names[address]} at {address}" if address in names else f"{role} at {address}")
+    answers = {address: ask_status(address, STATUS_PROBE_TIMEOUT_S).get("STATUS") == "OK" for address in labels}
+    down = [labels[address] for address, up in answers.items() if not up]
+    up = [labels[address] for address, up in answers.items() if up]
+    if not up or not down:
+        return None
+    def join(items: list[str]) -> str:
+        return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return (f"{join(down)} {'does' if len(down) == 1 else 'do'} not answer; "
+            f"{join(up)} {'does' if len(up) == 1 else 'do'}")
+
+
+def describe_reply(reply: dict, outcome: str, reachability: str | None = None) -> str:
     if reply.get("STATUS") == "OK" and reply.get("ACCEPTED") is True:
         return (f"ACCEPTED seq={reply.get('SEQ')} id={reply.get('ID')}: queued for every replica; its outcome is"
                 f" decided when they apply it (the same command with --id {reply.get('ID')} --wait applied waits"
@@ -124,13 +162,13 @@ def describe_reply(reply: dict, outcome: str) -> str:
     if reply.get("DETAIL"):
         text += f": {reply['DETAIL']}"
     if reply.get("ERROR") == "NOT_READY" and "cannot connect" in str(reply.get("DETAIL")):
-        text += " (is a cluster running there? `make up` starts one; --topology FILE names its addresses)"
+        text += f" ({reachability or CLUSTER_HINT})"
     if outcome == bankclient.UNKNOWN:
         text += " (outcome unknown: retry with --id " + str(reply.get("ID")) + ")"
     return text
 
 
-async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) -> int:
+async def run_operation(args: argparse.Namespace, arch: str, addresses: dict, topo: dict | None) -> int:
     request_id, line = build_request(args)
     request_timeout_s = min(2.0, args.timeout)
     client = bankclient.make_client(arch, addresses, request_timeout_s=request_timeout_s)
@@ -144,7 +182,10 @@ async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) ->
         )
     finally:
         await client.close()
-    print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome))
+    reachability = None
+    if not args.json and reply.get("ERROR") == "NOT_READY" and "cannot connect" in str(reply.get("DETAIL")):
+        reachability = describe_reachability(arch, addresses, topo)
+    print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome, reachability))
     return {bankclient.OK: EXIT_OK, bankclient.FAILED: EXIT_NOK}.get(outcome, EXIT_UNKNOWN)
 
 
@@ -152,12 +193,7 @@ def run_status(args: argparse.Namespace, targets: list[tuple[str, str]]) -> int:
     rows = []
     code = EXIT_OK
     for name, address in targets:
-        host, port = topology.parse_address(address)
-        try:
-            with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
-                reply = connection.request({"TASK": "STATUS"}, timeout_s=2.0)
-        except OSError as error:
-            reply = {"STATUS": "NOK", "ERROR": "UNREACHABLE", "DETAIL": str(error)}
+        reply = ask_status(address)
         if reply.get("STATUS") != "OK":
             code = EXIT_NOK
         rows.append((name, address, reply))
@@ -209,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
               "--min-seq changes nothing there", file=sys.stderr)
     try:
         addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
-        return asyncio.run(run_operation(args, arch, addresses))
+        return asyncio.run(run_operation(args, arch, addresses, topo))
     except SaldoError as error:
         print(f"NOK {error.code}: {error.detail}")
         return EXIT_NOK

@@ -974,3 +974,51 @@ def test_a_paused_results_source_is_replaced_and_writes_are_answered_by_the_othe
     assert running.cluster.status(other)["SENDS_RESULTS"] is True
     events = log_events(running.cluster.log_path("sequencer"), "results_source_changed")
     assert any(e.get("reason") == "stalled" and e.get("stalled") == source for e in events), events
+
+
+# --- Errors that say which node is missing --------------------------------------------------------
+
+
+def run_client_py(topology_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "client.py"), "--topology", str(topology_path), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+
+def orderer_cluster(root: Path, architecture: str) -> tuple[archs.LabCluster, Cluster]:
+    """A sequencer or queue cluster laid out on free ports, started by the caller (the queue server
+    answering once a replica applied, like the sequencer)."""
+    extra = {"ack_replicas": 1} if architecture == "queue" else {}
+    lab = archs.build(architecture, archs.LayoutOptions(run_dir=root, ports="free", extra=extra))
+    return lab, Cluster(root, lab.nodes, name=f"{architecture}-errors", architecture=architecture)
+
+
+@pytest.mark.parametrize("architecture, orderer", [("sequencer", "sequencer"), ("queue", "server")])
+def test_a_write_while_no_replica_is_connected_is_told_so_and_applied_when_one_comes(tmp_path, architecture, orderer):
+    lab, cluster = orderer_cluster(tmp_path, architecture)
+    with cluster:
+        cluster.start([orderer])  # no replica yet
+        done = run_client_py(cluster.topology_path, "--timeout", "3", "deposit", "alice", "5")
+        # The operation is in the log, applied when a replica comes: its outcome is unknown (exit 2),
+        # and the words say why rather than a bare TIMEOUT.
+        assert done.returncode == 2, done
+        assert done.stdout.startswith("NOK NO_REPLICA: no replica is connected (replica1, replica2 expected): "
+                                      "the operation is in the log at seq 1"), done
+        op_id = re.search(r"retry with --id (\S+)\)", done.stdout).group(1)
+        cluster.start(list(lab.replicas))
+        done = run_client_py(cluster.topology_path, "--id", op_id, "--wait", "applied", "deposit", "alice", "5")
+        assert done.returncode == 0 and done.stdout.startswith("OK balance=5.00"), done
+        done = run_client_py(cluster.topology_path, "--wait", "applied", "deposit", "alice", "1")
+        assert done.returncode == 0 and done.stdout.startswith("OK balance=6.00"), done
+
+
+@pytest.mark.parametrize("architecture, orderer", [("sequencer", "sequencer"), ("queue", "server")])
+def test_with_only_the_orderer_down_the_client_names_it_and_the_replicas_that_answer(tmp_path, architecture, orderer):
+    lab, cluster = orderer_cluster(tmp_path, architecture)
+    with cluster:
+        cluster.start(list(lab.replicas))
+        node = cluster.nodes[orderer]
+        done = run_client_py(cluster.topology_path, "--timeout", "1", "deposit", "alice", "1")
+        assert done.returncode == 1, done
+        replicas = " and ".join(f"{name} at {cluster.nodes[name].host}:{cluster.nodes[name].port}" for name in lab.replicas)
+        assert f"({orderer} at {node.host}:{node.port} does not answer; {replicas} do)" in done.stdout, done.stdout
+        assert "is a cluster running there" not in done.stdout

@@ -325,9 +325,11 @@ class SequencerNode:
             await stream.close()
 
     async def watch_results_source(self) -> None:
-        """Replace a results source that stalls while another replica could answer (see on_tick)."""
+        """Replace a results source that stalls while another replica could answer (see on_tick);
+        tell the clients waiting for an apply when no replica is connected."""
         while True:
             await asyncio.sleep(RESULTS_WATCH_INTERVAL_S)
+            self._send_replies(self.core.answer_waiters_without_replica(time.monotonic()))
             change = self.core.on_tick(time.monotonic())
             if change is None:
                 continue
