@@ -286,6 +286,19 @@ def _watch(cluster: Cluster, names: list[str], poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def _port_advice(command: str, error: PortInUse, ports: str) -> str:
+    """The ways out of a clash on the ports a cluster needs, for `lab.py COMMAND`."""
+    if error.pids:
+        advice = (f"stop {'it' if len(error.pids) == 1 else 'them'} (kill {' '.join(map(str, error.pids))}; "
+                  "Ctrl-C where `make up` or `lab.py up` runs stops its whole cluster)")
+    else:
+        advice = "stop that process (Ctrl-C where `make up` or `lab.py up` runs stops a whole cluster)"
+    if ports == "seed":
+        advice += ", or pass --ports free" + {"demo": " (make demo PORTS=free)",
+                                              "up": " (with --run-dir DIR for a second cluster beside the first)"}.get(command, "")
+    return advice
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Start a cluster and keep it up until Ctrl-C, for client.py and for poking at it by hand."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the cluster like Ctrl-C
@@ -300,8 +313,8 @@ def run_up(args: argparse.Namespace) -> int:
         try:
             cluster.start()
         except PortInUse as error:
-            print(f"lab.py up: the {args.arch} cluster did not start: {error}; stop that cluster first "
-                  f"(Ctrl-C where it runs)", file=sys.stderr)
+            print(f"lab.py up: the {args.arch} cluster did not start: {error}; {_port_advice('up', error, args.ports)}",
+                  file=sys.stderr)
             return 1
         except (StartFailed, TimeoutError) as error:
             print(f"lab.py up: the {args.arch} cluster did not start: {error}", file=sys.stderr)
@@ -448,10 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_demo(args) if args.command == "demo" else _run_all(args, architectures)
     except PortInUse as error:
-        advice = "stop that cluster (Ctrl-C where `make up` or `lab.py up` runs)"
-        if args.ports == "seed":
-            advice += ", or pass --ports free" + (" (make demo PORTS=free)" if args.command == "demo" else "")
-        print(f"lab.py {args.command}: the cluster did not start: {error}; {advice}", file=sys.stderr)
+        print(f"lab.py {args.command}: the cluster did not start: {error}; {_port_advice(args.command, error, args.ports)}",
+              file=sys.stderr)
         return 1
     except StartFailed as error:
         print(f"lab.py {args.command}: the cluster did not start: {error}", file=sys.stderr)

@@ -25,6 +25,7 @@ import pytest
 import lab
 from common.blocking import BlockingConnection
 from common.lab import archs
+from common.lab.cluster import Cluster, Node, PortInUse
 from common.lab.faults import SCHEDULES
 from common.lab.runner import RunOptions, run_lab
 
@@ -162,10 +163,11 @@ def hold(host: str, port: int) -> socket.socket | None:
 
 
 @pytest.mark.parametrize("args, address, advice", [
-    (["demo", "--duration", "1"], "127.0.0.11:6002", "--ports free"),
-    (["up", "--arch", "standalone"], "127.0.0.12:7000", "stop that cluster first"),
+    (["demo", "--duration", "1"], "127.0.0.11:6002", "or pass --ports free (make demo PORTS=free)"),
+    (["up", "--arch", "standalone"], "127.0.0.12:7000", "or pass --ports free"),
 ])
-def test_a_seed_port_held_by_another_cluster_is_named_in_one_line(args, address, advice, tmp_path):
+def test_a_seed_port_held_by_another_process_is_named_in_one_line_with_its_pid_and_the_ways_out(args, address, advice,
+                                                                                               tmp_path):
     host, port = address.split(":")
     listener = hold(host, int(port))
     try:
@@ -178,6 +180,29 @@ def test_a_seed_port_held_by_another_cluster_is_named_in_one_line(args, address,
     assert "Traceback" not in result.stderr
     message = last_line(result.stderr)
     assert f"{address} (" in message and "already in use" in message and advice in message, message
+    if listener is not None:  # held by this test's own process (else by something else on this machine)
+        assert f"already in use by pid {os.getpid()} (" in message and f"kill {os.getpid()};" in message, message
+
+
+def test_a_port_held_by_a_process_that_is_no_cluster_is_reported_with_its_pid_and_command_line(tmp_path):
+    """A replica started again by hand, say: its pid and command line say what to stop."""
+    script = tmp_path / "replica_started_by_hand.py"
+    script.write_text("import socket, time\nlistener = socket.socket()\nlistener.bind(('127.0.0.1', 0))\n"
+                      "listener.listen(1)\nprint(listener.getsockname()[1], flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(holder.stdout.readline())
+        node = Node("standalone", "replica.py", "127.0.0.1", port, {"mode": "standalone"})
+        with Cluster(tmp_path / "cluster", [node], name="clash") as cluster:
+            with pytest.raises(PortInUse) as refused:
+                cluster.start()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.value.pids == [holder.pid]
+    assert f"127.0.0.1:{port} (standalone) is already in use by pid {holder.pid} (" in str(refused.value)
+    assert f"({sys.executable} {script})" in str(refused.value)
+    assert "saldo cluster" not in str(refused.value)  # it is not one: no guess
 
 
 # --- up: a process exits, the cluster stays up ---------------------------------------------------
