@@ -87,6 +87,10 @@ LEASE_LOST_GRACE_S = 0.2
 BANK_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER", "BALANCE", "QUERY"})
 PEER_REPLY_TASKS = frozenset({"VOTE_REPLY", "LEASE_REPLY", "POSITION", "ACK"})
 
+# A voter that cannot be connected to for this long is an outage, logged at warning level: longer
+# than the other processes of a cluster take to start, or one of them to restart.
+UNREACHABLE_WARNING_S = 3.0
+
 # When a queued reply may go out: at once; once the commit point covers its seq and the lease holds
 # (the primary's answers); once this replica's disk holds its seq (a backup's reads).
 GATE_NONE, GATE_COMMIT, GATE_DURABLE = 0, 1, 2
@@ -169,13 +173,20 @@ class ReplyQueue:
 class PeerLink:
     """This replica's outgoing connection to one other voter, and (as primary) what it has sent."""
 
-    def __init__(self, name: str, address: tuple[str, int]) -> None:
+    def __init__(self, name: str, address: tuple[str, int], role: str) -> None:
         self.name = name
         self.address = address
+        self.role = role  # "replica" or "witness"
         self.stream: aio.MessageStream | None = None
         self.live = False  # the replication stream goes out as entries are applied
         self.sent_seq = 0
         self.catchup_task: asyncio.Task | None = None
+        # While connection attempts fail: since when (monotonic, and wall-clock for STATUS), the
+        # last error, and whether the outage was reported (once per outage).
+        self.unreachable_since_s: float | None = None
+        self.unreachable_since_wall_s = 0.0
+        self.last_error = ""
+        self.outage_reported = False
 
 
 class PBReplica:
@@ -185,8 +196,9 @@ class PBReplica:
         self.core = core
         self.loop = asyncio.get_running_loop()
         self.started_at = time.monotonic()
+        roles = {**{name: "replica" for name in args.replica_peers}, **{name: "witness" for name in args.witness_peers}}
         peers = {**args.replica_peers, **args.witness_peers}
-        self.links = {name: PeerLink(name, address) for name, address in peers.items() if name != args.name}
+        self.links = {name: PeerLink(name, address, roles[name]) for name, address in peers.items() if name != args.name}
         self.source_host = source_address(args.host)  # where this replica connects to its peers from
         self.peer_check = PeerCheck.from_flag(args.peer_hosts, role="primary-backup replica")
         self.waiting: set[ReplyQueue] = set()
@@ -596,12 +608,16 @@ class PBReplica:
         while not stop.is_set():
             stream = await aio.connect_with_backoff(
                 link.address, stop, max_line_bytes=PEER_LINE_BYTES, peer=link.name, connect_timeout_s=CONNECT_TIMEOUT_S,
-                source_host=self.source_host,
+                source_host=self.source_host, on_failure=partial(self._on_connect_failure, link),
             )
             if stream is None:
                 return
             link.stream = stream
             log.info("peer_connected", peer=link.name, address=topology.format_address(link.address))
+            if link.outage_reported:
+                log.warning("peer_reachable_again", peer=link.name, role=link.role,
+                            unreachable_s=round(time.monotonic() - link.unreachable_since_s, 3))
+            link.unreachable_since_s, link.outage_reported = None, False
             try:
                 self.apply(self.core.on_link_up(link.name, time.monotonic()))
                 await self._read_link(link, stream)
@@ -612,6 +628,29 @@ class PBReplica:
                 await stream.close()
                 log.info("peer_disconnected", peer=link.name)
             await asyncio.sleep(aio.RECONNECT_BACKOFF_S[0])
+
+    def _on_connect_failure(self, link: PeerLink, error: BaseException) -> None:
+        """A connection attempt to a voter failed: STATUS lists it as unreachable from the first
+        failure; the log says so at warning level once the outage lasts UNREACHABLE_WARNING_S (a
+        peer starting a moment later, or restarting, is no outage), once per outage."""
+        now = time.monotonic()
+        if link.unreachable_since_s is None:
+            link.unreachable_since_s, link.unreachable_since_wall_s = now, time.time()
+        link.last_error = repr(error)[:200]
+        if not link.outage_reported and now - link.unreachable_since_s >= UNREACHABLE_WARNING_S:
+            link.outage_reported = True
+            log.warning("peer_unreachable", peer=link.name, role=link.role, address=topology.format_address(link.address),
+                        unreachable_s=round(now - link.unreachable_since_s, 3), error=link.last_error,
+                        consequence=f"this replica cannot count on the {link.role}'s vote or lease grant")
+
+    def _unreachable(self, now: float) -> dict[str, dict]:
+        """STATUS's UNREACHABLE: each voter this replica cannot connect to now, since when and why."""
+        return {
+            link.name: {"ROLE": link.role, "ADDRESS": topology.format_address(link.address),
+                        "SINCE": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(link.unreachable_since_wall_s)),
+                        "FOR_S": round(now - link.unreachable_since_s, 3), "ERROR": link.last_error}
+            for link in self.links.values() if link.unreachable_since_s is not None
+        }
 
     async def _read_link(self, link: PeerLink, stream: aio.MessageStream) -> None:
         core = self.core
@@ -915,6 +954,7 @@ class PBReplica:
             **core.status(now),
             **self.dbank.status_fields(),
             "LINKS": sorted(name for name, link in self.links.items() if link.stream is not None),
+            "UNREACHABLE": self._unreachable(now),
             "SNAPSHOTS_INSTALLED": self.snapshots_installed,
             "SNAPSHOTS_SENT": self.snapshots_sent,
             "DISCARDED_OPS_TOTAL": self.discarded_ops_total,
