@@ -25,7 +25,7 @@ import time
 
 from common import bankclient, farmclient, topology, wire
 from common.cli import EXIT_USAGE, UsageParser
-from common.bank import check_account, check_op_id
+from common.bank import DEFAULT_MAX_ACCOUNTS, MAX_ACCOUNTS_PER_PAGE, check_account, check_op_id
 from common.blocking import BlockingConnection
 from common.errors import SaldoError
 from common.money import parse_amount_cents
@@ -41,6 +41,19 @@ def _timeout_s(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds: {text!r}")
+    return value
+
+
+DEFAULT_ACCOUNTS_SHOWN = 10_000
+
+
+def _account_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= DEFAULT_MAX_ACCOUNTS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {DEFAULT_MAX_ACCOUNTS:,} (the most accounts a bank holds): {text!r}")
     return value
 
 
@@ -83,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("balance", help="the balance of ACCOUNT", parents=[after])
     sub.add_argument("account", metavar="ACCOUNT")
     sub.add_argument("--min-seq", type=int, help="the read must reflect at least this sequence number")
+    sub = commands.add_parser("accounts", help="every account and its balance at a replica (a typo made an account?)",
+                              parents=[after])
+    sub.add_argument("--after", metavar="NAME", help="start after this account name (names are in order)")
+    sub.add_argument("--limit", type=_account_count, default=DEFAULT_ACCOUNTS_SHOWN,
+                     help=f"show at most this many accounts (default {DEFAULT_ACCOUNTS_SHOWN:,})")
     sub = commands.add_parser("worker", help="run a worker of the worker farm (client.py worker --help)",
                               add_help=False, prefix_chars="+")  # every flag belongs to the worker's own parser
     sub.add_argument("worker_args", nargs=argparse.REMAINDER)
@@ -189,6 +207,43 @@ async def run_operation(args: argparse.Namespace, arch: str, addresses: dict, to
     return {bankclient.OK: EXIT_OK, bankclient.FAILED: EXIT_NOK}.get(outcome, EXIT_UNKNOWN)
 
 
+async def run_accounts(args: argparse.Namespace, arch: str, addresses: dict) -> int:
+    """Every account and balance at a replica, a page (ACCOUNTS) at a time, up to --limit of them."""
+    client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
+    deadline_s = time.monotonic() + args.timeout
+    after, shown, last = (check_account(args.after, "--after") if args.after else None), 0, {}
+    try:
+        while shown < args.limit:
+            request_id = bankclient.new_op_id()
+            request = {"TASK": "ACCOUNTS", "ID": request_id, "LIMIT": min(MAX_ACCOUNTS_PER_PAGE, args.limit - shown)}
+            if after is not None:
+                request["AFTER"] = after
+            last, _attempts, outcome = await bankclient.execute_with_retries(
+                client, request_id, wire.encode(request), deadline_s=deadline_s, attempt_timeout_s=min(2.0, args.timeout),
+                is_read=True)
+            if outcome != bankclient.OK:
+                print(wire.encode(last).decode().strip() if args.json else describe_reply(last, outcome))
+                return EXIT_NOK
+            if args.json:
+                print(wire.encode(last).decode().strip())
+            else:
+                for name, balance in last["ACCOUNTS"]:
+                    print(f"{name:<24} {balance:>18}")
+            shown += len(last["ACCOUNTS"])
+            after = last.get("NEXT_AFTER")
+            if after is None:
+                break
+    finally:
+        await client.close()
+    if not args.json:
+        at = f" at seq {last['SEQ']}" if "SEQ" in last else ""
+        if after is None:
+            print(f"{shown:,} account{'' if shown == 1 else 's'}{at}")
+        else:
+            print(f"{shown:,} of {last['ACCOUNTS_TOTAL']:,} accounts{at}; --after {after} shows the next ones")
+    return EXIT_OK
+
+
 def run_status(args: argparse.Namespace, targets: list[tuple[str, str]]) -> int:
     rows = []
     code = EXIT_OK
@@ -237,14 +292,19 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"status: expected HOST:PORT, got {address!r}")
         return run_status(args, targets)
     arch = args.arch or bankclient.client_architecture((topo or {}).get("architecture") or "standalone")
-    if args.wait and arch not in ("sequencer", "queue"):
+    if args.wait and args.command != "accounts" and arch not in ("sequencer", "queue"):
         print(f"client.py: note: --wait is for the sequencer and queue architectures; {arch} answers once the "
               "operation is applied (and durable) anyway", file=sys.stderr)
     if getattr(args, "min_seq", None) is not None and arch in ("multicast", "farm"):
         print(f"client.py: note: {arch} reads name no sequence number (its operations are not numbered): "
               "--min-seq changes nothing there", file=sys.stderr)
+    if args.command == "accounts" and arch == "farm":
+        parser.fail("accounts: the worker farm has no replica to ask; its accounts are the `accounts` table of "
+                    "its shared store (sqlite3 or mysql: SELECT name, balance_cents FROM accounts ORDER BY name)")
     try:
         addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
+        if args.command == "accounts":
+            return asyncio.run(run_accounts(args, arch, addresses))
         return asyncio.run(run_operation(args, arch, addresses, topo))
     except SaldoError as error:
         print(f"NOK {error.code}: {error.detail}")

@@ -1022,3 +1022,45 @@ def test_with_only_the_orderer_down_the_client_names_it_and_the_replicas_that_an
         replicas = " and ".join(f"{name} at {cluster.nodes[name].host}:{cluster.nodes[name].port}" for name in lab.replicas)
         assert f"({orderer} at {node.host}:{node.port} does not answer; {replicas} do)" in done.stdout, done.stdout
         assert "is a cluster running there" not in done.stdout
+
+
+# --- Every account at a replica: a typo's account can be seen ------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
+def test_client_py_accounts_lists_every_account_so_a_misspelt_one_shows(clusters, architecture):
+    running = clusters(architecture)
+    code, out = client_py(running, "transfer", "acct-a", "acct-bb", "1")  # "acct-b" misspelt: a new account
+    assert code == 0, out
+    code, out = client_py(running, "accounts")
+    assert code == 0, out
+    lines = out.splitlines()
+    listed = dict(line.split() for line in lines[:-1])
+    assert listed["acct-bb"] == "1.00" and listed["acct-b"] == "100.00", out
+    assert list(listed) == sorted(listed), out  # in name order
+    assert re.fullmatch(rf"{len(listed)} accounts( at seq \d+)?", lines[-1]), lines[-1]
+    # --limit shows fewer and says how to go on; --after goes on from there.
+    code, out = client_py(running, "accounts", "--limit", "1")
+    first = out.splitlines()[0].split()[0]
+    assert code == 0 and out.splitlines()[-1].startswith(f"1 of {len(listed)} accounts"), out
+    assert f"--after {first} shows the next ones" in out, out
+    code, out = client_py(running, "accounts", "--after", first)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[:-1]] == list(listed)[1:], out
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "sequencer"])
+def test_an_accounts_request_is_validated_and_paged_within_the_line_limit(clusters, architecture):
+    running = clusters(architecture)
+    reader = running.lab.replicas[0]
+    page = running.cluster.request(reader, {"TASK": "ACCOUNTS", "ID": "page-1", "LIMIT": 1})
+    assert page["STATUS"] == "OK" and len(page["ACCOUNTS"]) == 1 and page["NEXT_AFTER"] == page["ACCOUNTS"][0][0]
+    assert page["ACCOUNTS_TOTAL"] >= 2 and type(page["SEQ"]) is int, page
+    rest = running.cluster.request(reader, {"TASK": "ACCOUNTS", "ID": "page-2", "AFTER": page["NEXT_AFTER"]})
+    assert len(rest["ACCOUNTS"]) == page["ACCOUNTS_TOTAL"] - 1 and "NEXT_AFTER" not in rest, rest
+    for bad, code in [({"LIMIT": 0}, "FIELD_INVALID"), ({"LIMIT": 501}, "FIELD_INVALID"), ({"LIMIT": "5"}, "FIELD_TYPE"),
+                      ({"AFTER": 5}, "FIELD_TYPE"), ({"AFTER": "no spaces"}, "ACCOUNT_INVALID"), ({"MIN_SEQ": -1}, "FIELD_TYPE")]:
+        reply = running.cluster.request(reader, {"TASK": "ACCOUNTS", "ID": "bad", **bad})
+        assert (reply["STATUS"], reply["ERROR"]) == ("NOK", code), (bad, reply)
+    if architecture == "sequencer":  # the sequencer orders writes: accounts are read from a replica
+        reply = running.cluster.request("sequencer", {"TASK": "ACCOUNTS", "ID": "at-sequencer"})
+        assert reply["ERROR"] == "WRONG_ROLE" and "from a replica" in reply["DETAIL"], reply

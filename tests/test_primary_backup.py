@@ -581,3 +581,24 @@ def test_a_replica_that_cannot_reach_its_witness_says_so_in_status_and_once_in_i
             listener.close()
         for name in lab.replicas:
             assert log_events(cluster.log_path(name), "peer_reachable_again"), name
+
+
+def test_client_py_accounts_asks_the_primary_and_a_backup_answers_when_asked_to(tmp_path):
+    import subprocess
+    import sys
+
+    with serving_cluster(tmp_path, "pb-accounts") as (lab, nodes, cluster, primary):
+        assert all(reply["STATUS"] == "OK" for reply in deposits(lab, 2, account="alice"))
+        assert all(reply["STATUS"] == "OK" for reply in deposits(lab, 1, account="alcie"))  # a typo
+        done = subprocess.run([sys.executable, "client.py", "--arch", "primary-backup", "--topology", str(cluster.topology_path),
+                               "accounts"],
+                              cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done
+        assert done.stdout.split() == ["alcie", "5.00", "alice", "10.00", "2", "accounts", "at", "seq", "3"], done.stdout
+        backup = next(name for name in lab.replicas if name != primary)
+        node = nodes[backup]
+        read = wait_for(lambda: (lambda reply: reply.get("STATUS") == "OK" and reply.get("SEQ") == 3 and reply)(
+            cluster.request(backup, {"TASK": "ACCOUNTS", "ID": "at-backup", "READ_FROM": "BACKUP"})), 10, "the backup's read")
+        assert read["ACCOUNTS"] == [["alcie", "5.00"], ["alice", "10.00"]] and read["ROLE"] == "backup", read
+        refused = cluster.request(backup, {"TASK": "ACCOUNTS", "ID": "no-read-from"})
+        assert refused["ERROR"] == "NOT_PRIMARY" and refused["TARGET_MASTER"]["PORT"] == nodes[primary].port, (refused, node)

@@ -30,7 +30,7 @@ from collections import deque
 from functools import partial
 
 from common import aio, topology, wire
-from common.bank import Operation, Query, balance_reply, parse_request, parse_request_line
+from common.bank import AccountsQuery, Operation, Query, parse_replica_request, parse_request_line, read_reply
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
@@ -413,19 +413,20 @@ class PBReplica:
             if task == "STATUS":
                 return GATE_NONE, 0, wire.encode(self.status(request_id)), request_id
             try:
-                request = parse_request(item)
+                request = parse_replica_request(item)
             except SaldoError as error:
                 raise classify_unknown(item) if error.code == "UNKNOWN_MESSAGE" else error from None
             read_from = item.get("READ_FROM", "PRIMARY")
             if read_from not in ("PRIMARY", "BACKUP"):
                 raise SaldoError("FIELD_INVALID", "READ_FROM must be PRIMARY or BACKUP")
             core = self.core
-            if isinstance(request, Query) and read_from == "BACKUP" and core.primary is None:
+            is_read = isinstance(request, (Query, AccountsQuery))
+            if is_read and read_from == "BACKUP" and core.primary is None:
                 return self._backup_read(request_id, request)
             refusal_reason = self._refusal_reason()
             if refusal_reason is not None:
                 return GATE_NONE, 0, self._not_primary(request_id, refusal_reason, item), request_id
-            if not isinstance(request, Query):
+            if not is_read:
                 return self._apply_write(request_id, request, item)
             # Up to date: answered once everything applied before it is committed, under the lease.
             seq = core.log.last_seq
@@ -433,8 +434,7 @@ class PBReplica:
                 # The client saw a write this primary never got: one lost in an asynchronous
                 # failover, or a number from elsewhere. Answering would hide that its write is gone.
                 raise SaldoError("TOO_STALE", f"this primary is at seq {seq}, the read needs {request.min_seq}")
-            reply = balance_reply(request, self.dbank.bank.balance(request.account), request_id, SEQ=seq,
-                                  EPOCH=core.primary.epoch, BEHIND=0)
+            reply = read_reply(self.dbank.bank, request, request_id, SEQ=seq, EPOCH=core.primary.epoch, BEHIND=0)
             self.pending_replies += 1
             return GATE_COMMIT, seq, wire.encode(reply), request_id
         except SaldoError as error:
@@ -485,7 +485,7 @@ class PBReplica:
             self._ship_scheduled = True
             self.loop.call_soon(self.ship)
 
-    def _backup_read(self, request_id: object, query: Query) -> tuple[int, int, bytes, object]:
+    def _backup_read(self, request_id: object, query: Query | AccountsQuery) -> tuple[int, int, bytes, object]:
         core = self.core
         if not self.session_synced or self.diverged or core.installing:
             # Until the primary confirmed this log as a prefix of its own, it may hold a tail no
@@ -496,8 +496,7 @@ class PBReplica:
         if query.min_seq is not None and seq < query.min_seq:
             raise SaldoError("TOO_STALE", f"this backup is at seq {seq}, the read needs {query.min_seq}")
         behind = max(0, core.primary_seq - seq)
-        reply = balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=seq,
-                              EPOCH=core.epoch, BEHIND=behind, ROLE=core.role)
+        reply = read_reply(self.dbank.bank, query, request_id, SEQ=seq, EPOCH=core.epoch, BEHIND=behind, ROLE=core.role)
         return GATE_DURABLE, seq, wire.encode(reply), request_id
 
     def _not_primary(self, request_id: object, detail: str = "", message: dict | None = None) -> bytes:
