@@ -24,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from common import topology
 from common.cli import UsageParser
 from common.lab import archs
 from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, RunDirInUse, StartFailed
@@ -160,6 +161,7 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, window: 
         extra=extra,
         keep_history=args.keep_history,
         run_name=f"{architecture}-{clients}c{window}w-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
+        hosts=args.hosts,
     )
 
 
@@ -252,16 +254,23 @@ def _print_summary(summary: list[dict]) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts, a short workload
     with a replica killed and restarted half-way, the report, and everything stopped."""
+    real, seed_port = args.hosts.real, args.hosts.seed_port
+    orchestrator, replica1, replica2 = archs.ORCHESTRATOR_HOST, *archs.REPLICA_HOSTS[:2]
     if args.ports == "seed":
-        layout = ("  127.0.0.11  sequencer (clients on :6002, replicas on :6003)\n"
-                  "  127.0.0.12  replica1 (reads on :6007)      127.0.0.13  replica2 (reads on :6007)\n")
+        reads = topology.DEFAULT_PORTS["sequencer_replica_client"]
+        layout = (f"  {real(orchestrator)}  sequencer (clients on :{seed_port(orchestrator, topology.DEFAULT_PORTS['sequencer_client'])}, "
+                  f"replicas on :{seed_port(orchestrator, topology.DEFAULT_PORTS['sequencer_replica'])})\n"
+                  f"  {real(replica1)}  replica1 (reads on :{seed_port(replica1, reads)})      "
+                  f"{real(replica2)}  replica2 (reads on :{seed_port(replica2, reads)})\n")
     else:  # the ports are chosen at start: the run's topology.json names them
-        layout = "  127.0.0.11  sequencer      127.0.0.12  replica1      127.0.0.13  replica2   (on free ports)\n"
-    print("saldo demo: the sequencer architecture on three local hosts\n" + layout +
+        layout = (f"  {real(orchestrator)}  sequencer      {real(replica1)}  replica1      {real(replica2)}  replica2   "
+                  "(on free ports)\n")
+    where = "one local host, each \"host\" on ports of its own" if args.hosts.one_host else "three local hosts"
+    print(f"saldo demo: the sequencer architecture on {where}\n" + layout +
           f"  8 clients for {args.duration:g} s; replica1 is SIGKILLed at 30% of the run and restarted at 60%\n", flush=True)
     options = RunOptions(
         architecture="sequencer", clients=8, window=16, duration_s=args.duration, faults="kill-replica",
-        ports=args.ports, progress=not args.quiet, run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+        ports=args.ports, progress=not args.quiet, run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", hosts=args.hosts,
     )
     result = run_lab(options)
     print(format_table(result.report))
@@ -303,7 +312,8 @@ def run_up(args: argparse.Namespace) -> int:
     """Start a cluster and keep it up until Ctrl-C, for client.py and for poking at it by hand."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the cluster like Ctrl-C
     run_dir = args.run_dir.resolve() if args.run_dir else REPO_ROOT / "var" / "up" / args.arch
-    lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store))
+    lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store,
+                                                     hosts=args.hosts))
     try:
         cluster = Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch)
     except RunDirInUse as error:
@@ -338,7 +348,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 UP_DESCRIPTION = """\
-Start one architecture's cluster on the seed's local hosts (127.0.0.11-14) and keep it up, for
+Start one architecture's cluster on the seed's local hosts (127.0.0.11-14; on a machine without
+those loopback addresses, 127.0.0.1 with ports of each "host"'s own) and keep it up, for
 client.py (use the topology file it prints) and for breaking things by hand. When a process exits
 (kill the primary and watch the failover), the others keep running: up prints one line naming the
 process, how it ended (exit code or signal) and the exact command that starts it again by hand, and
@@ -451,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                 subparser.error(f"argument --option: {error}")
     tune_gc()  # the clients of a run share this process with a history of every operation
     configure("lab", args.log_level)
+    args.hosts = archs.detect_hosts()
+    if args.hosts.one_host:
+        print(args.hosts.notice(), file=sys.stderr, flush=True)
     if args.command == "farm-lending":
         from common.lab import farm_lending
 

@@ -300,3 +300,56 @@ def test_the_help_formatter_leaves_out_defaults_that_say_nothing():
     parser.add_argument("--count", type=int, default=3, help="how many")
     text = parser.format_help()
     assert "a switch\n" in text and "how many (default: 3)" in text
+
+
+# --- A machine without the loopback aliases (macOS) ------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", list(archs.BUILDERS))
+def test_on_one_host_every_layout_listens_on_127_0_0_1_with_the_seeds_ports_kept_apart(architecture, tmp_path):
+    one_host = archs.Hosts(one_host=True)
+    lab_cluster = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="seed", hosts=one_host))
+    addresses = [address for node in lab_cluster.nodes for address in node.listen_addresses()]
+    assert {host for host, _port in addresses} == {"127.0.0.1"}
+    assert len(addresses) == len(set(addresses)), addresses  # no two processes on one port
+    topology = " ".join(str(node.entry()) for node in lab_cluster.nodes)
+    assert not re.search(r"127\.0\.0\.1[1-4]", topology), topology  # no node told to look for a seed host
+    seed = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="seed", hosts=archs.Hosts()))
+    first = seed.nodes[0]
+    assert first.port == lab_cluster.nodes[0].port - archs.ONE_HOST_PORT_STEP * archs.SEED_HOSTS.index(first.host)
+
+
+def test_the_seed_hosts_are_used_where_they_can_be_bound_and_not_where_they_cannot(monkeypatch):
+    assert archs.detect_hosts() == archs.Hosts(one_host=False)  # Linux: all of 127.0.0.0/8 is there
+    monkeypatch.setattr(archs, "_can_bind", lambda host: host == "127.0.0.1")  # as on macOS
+    assert archs.detect_hosts() == archs.Hosts(one_host=True)
+
+
+def test_up_without_the_loopback_aliases_says_so_in_one_line_and_serves_on_127_0_0_1(tmp_path):
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    env = {**os.environ, archs.NO_ALIASES_ENV: "1"}
+    with out.open("w") as stdout, err.open("w") as stderr:
+        up = subprocess.Popen([sys.executable, str(REPO_ROOT / "lab.py"), "up", "--arch", "sequencer", "--ports", "free",
+                               "--run-dir", str(tmp_path / "cluster")], cwd=REPO_ROOT, stdout=stdout, stderr=stderr, env=env)
+    try:
+        wait_for(out, r"replica2\s+\S+ +pid \d+")
+        notes = [line for line in err.read_text().splitlines() if "cannot be bound here" in line]
+        assert len(notes) == 1 and "127.0.0.1" in notes[0] and "macOS" in notes[0], err.read_text()
+        listed = re.findall(r"^  (sequencer|replica1|replica2)\s+(\S+):(\d+)", out.read_text(), re.MULTILINE)
+        assert {host for _name, host, _port in listed} == {"127.0.0.1"} and len(listed) == 3, out.read_text()
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "client.py"), "--topology", str(tmp_path / "cluster" / "topology.json"),
+                               "deposit", "alice", "5"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("OK balance=5.00"), done
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=20) == 0
+
+
+def test_the_demo_run_without_the_loopback_aliases_is_valid(tmp_path):
+    """What `make demo` runs (a sequencer cluster, replica1 killed and restarted), laid out on one host."""
+    result = run_lab(RunOptions(architecture="sequencer", clients=8, window=16, duration_s=2.0, faults="kill-replica",
+                                ports="free", progress=False, hosts=archs.Hosts(one_host=True),
+                                results_dir=tmp_path / "results", run_root=tmp_path / "runs", run_name="demo-one-host"))
+    assert result.report["verdict"] == "valid", result.report["anomalies"]
+    assert {node.host for node in result.lab.nodes} == {"127.0.0.1"}
+    assert [fault["action"] for fault in result.report["faults"]][:1] == ["kill"], result.report["faults"]

@@ -153,6 +153,7 @@ class PortInUse(StartFailed):
 
     def __init__(self, holders: dict[str, tuple[int, str] | None]) -> None:
         self.holders = holders
+        self.addresses = list(holders)
         self.pids = sorted({holder[0] for holder in holders.values() if holder is not None})
         super().__init__("; ".join(
             f"{address} is already in use by " + (f"pid {holder[0]} ({holder[1]})" if holder else "another process")

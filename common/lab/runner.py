@@ -54,6 +54,7 @@ class RunOptions:
     keep_history: bool = False  # write results/<run>.history.jsonl even when the verdict is valid
     attempt_timeout_s: float = 2.0
     op_deadline_s: float = 20.0
+    hosts: archs.Hosts | None = None  # default: what this machine can bind (archs.detect_hosts)
 
 
 @dataclass
@@ -243,9 +244,9 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     return workload, injector.records, applied, {"run_started_s": run_started, "run_ended_s": run_ended}, window_s
 
 
-async def _echo_reference(options: RunOptions, run_dir: Path) -> dict:
+async def _echo_reference(options: RunOptions, run_dir: Path, hosts: archs.Hosts) -> dict:
     """The same clients and pipelining against a bare newline-JSON echo server."""
-    host = archs.ORCHESTRATOR_HOST
+    host = hosts.real(archs.ORCHESTRATOR_HOST)
     port = free_port(host)
     node = Node("echo", "-m common.lab.echo", host, port, role="echo")
     from common.bankclient import DirectClient
@@ -279,6 +280,7 @@ def run_lab(options: RunOptions) -> RunResult:
         store=options.store,
         request_timeout_s=options.attempt_timeout_s,
         extra=options.extra,
+        hosts=options.hosts,
     )
     lab = archs.build(options.architecture, layout)
     # Refused before anything starts: a fault on a role the cluster lacks would hit some other node.
@@ -298,7 +300,7 @@ def run_lab(options: RunOptions) -> RunResult:
     history = workload.history
     result = checker.check(history, states, total_order=lab.total_order, read_your_writes=lab.read_your_writes,
                            failover_may_lose=lab.failover_may_lose)
-    reference = asyncio.run(_echo_reference(options, run_dir)) if options.reference else {}
+    reference = asyncio.run(_echo_reference(options, run_dir, layout.hosts)) if options.reference else {}
     run_history = [r for r in history if r.client >= 0]
     _add_recovery_times(faults, run_history)
     ops = {
