@@ -30,7 +30,7 @@ from common.lab import archs
 from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, RunDirInUse, StartFailed
 from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
-from common.lab.runner import RunOptions, run_lab
+from common.lab.runner import MAX_HISTORY_FILES, MAX_RUN_DIRS, RunOptions, run_lab
 from common.lab.workload import MIXES, describe_mix, parse_mix
 from common.log import configure
 from common.process import tune_gc
@@ -97,6 +97,8 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 ARCHITECTURES = ", ".join(archs.BUILDERS)
+KEEP_HELP = (f"keep the replicas' SQLite stores of a valid run in its var/lab directory (an invalid run's are always "
+             f"kept; var/lab keeps its {MAX_RUN_DIRS} newest runs, results/ its {MAX_HISTORY_FILES} newest histories)")
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -137,6 +139,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, refe
                         help="measure the echo reference (a bare echo server, same clients) in the same run")
     parser.add_argument("--keep-history", action="store_true",
                         help="write results/<run>.history.jsonl even when the verdict is valid (always written when invalid)")
+    parser.add_argument("--keep", action="store_true", help=KEEP_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress line while a run goes")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
 
@@ -160,6 +163,7 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, window: 
         progress=not args.quiet,
         extra=extra,
         keep_history=args.keep_history,
+        keep_stores=args.keep,
         run_name=f"{architecture}-{clients}c{window}w-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
         hosts=args.hosts,
     )
@@ -200,6 +204,7 @@ def _run_all(args: argparse.Namespace, architectures: list[str]) -> int:
                 result = run_lab(options)
                 print(format_table(result.report))
                 print(f"  report   {result.report_path}\n  timeline {result.report['timeline_svg']}")
+                _print_what_stays(result.report)
                 runs.append(result.report)
                 all_valid = all_valid and (result.report["verdict"] == "valid" or result.report["anomalies_expected"])
             summary.append(_summarize(architecture, clients, runs))
@@ -251,6 +256,17 @@ def _print_summary(summary: list[dict]) -> None:
               f"{fmt(row['echo_ops_s'], ',.0f'):>12}{fmt(row['ratio'], '.2f'):>7}  {','.join(row['verdicts'])}")
 
 
+def _print_what_stays(report: dict) -> None:
+    """Where a run's stores went, and what older runs were removed (the lab bounds what it keeps)."""
+    if report["stores_deleted"]:
+        print(f"  stores   deleted, the verdict being valid (--keep keeps them); logs in {report['run_dir']}")
+    elif report["store"] == "sqlite":
+        print(f"  stores   {report['run_dir']}/*.db")
+    if report["older_runs_removed"]:
+        print(f"  older    {report['older_runs_removed']} removed: var/lab keeps the {MAX_RUN_DIRS} newest run directories, "
+              f"results/ the {MAX_HISTORY_FILES} newest histories")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts, a short workload
     with a replica killed and restarted half-way, the report, and everything stopped."""
@@ -271,11 +287,13 @@ def run_demo(args: argparse.Namespace) -> int:
     options = RunOptions(
         architecture="sequencer", clients=8, window=16, duration_s=args.duration, faults="kill-replica",
         ports=args.ports, progress=not args.quiet, run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", hosts=args.hosts,
+        keep_stores=args.keep,
     )
     result = run_lab(options)
     print(format_table(result.report))
     print(f"  report   {result.report_path}\n  timeline {result.report['timeline_svg']}\n"
           f"  logs     {result.report['run_dir']}/*.log")
+    _print_what_stays(result.report)
     print("\nEvery process was stopped. Next: `python3 lab.py up --arch sequencer` keeps a cluster running for client.py.")
     return 0 if result.report["verdict"] == "valid" else 1
 
@@ -399,6 +417,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo_parser.add_argument("--duration", type=_seconds, default=8.0, help="seconds of workload")
     demo_parser.add_argument("--ports", choices=["seed", "free"], default="seed", help=ports_help)
     demo_parser.add_argument("--quiet", action="store_true", help="no progress line while the run goes")
+    demo_parser.add_argument("--keep", action="store_true", help=KEEP_HELP)
     demo_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
 
     up_parser = add_command("up", "start a cluster and keep it up until Ctrl-C, whatever exits", UP_DESCRIPTION)

@@ -206,6 +206,21 @@ def _lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
+def run_dir_in_use(run_dir: Path) -> bool:
+    """Whether a launcher holds `run_dir` now (its lock, see _lock_run_dir)."""
+    try:
+        fd = os.open(run_dir / RUN_DIR_LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (and the lock with it)
+    return False
+
+
 class Cluster:
     def __init__(self, run_dir: str | Path, nodes: list[Node], *, name: str = "lab", architecture: str | None = None) -> None:
         self.run_dir = Path(run_dir)
