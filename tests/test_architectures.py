@@ -1064,3 +1064,14 @@ def test_an_accounts_request_is_validated_and_paged_within_the_line_limit(cluste
     if architecture == "sequencer":  # the sequencer orders writes: accounts are read from a replica
         reply = running.cluster.request("sequencer", {"TASK": "ACCOUNTS", "ID": "at-sequencer"})
         assert reply["ERROR"] == "WRONG_ROLE" and "from a replica" in reply["DETAIL"], reply
+
+
+# --- The protocol reference says what every role answers -----------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
+def test_docs_protocol_names_every_status_field_of_every_role(clusters, architecture, undocumented_status_fields):
+    running = clusters(architecture)
+    for name in running.cluster.nodes:
+        status = running.cluster.status(name)
+        assert undocumented_status_fields(status) == set(), (name, status)

@@ -602,3 +602,10 @@ def test_client_py_accounts_asks_the_primary_and_a_backup_answers_when_asked_to(
         assert read["ACCOUNTS"] == [["alcie", "5.00"], ["alice", "10.00"]] and read["ROLE"] == "backup", read
         refused = cluster.request(backup, {"TASK": "ACCOUNTS", "ID": "no-read-from"})
         assert refused["ERROR"] == "NOT_PRIMARY" and refused["TARGET_MASTER"]["PORT"] == nodes[primary].port, (refused, node)
+
+
+def test_docs_protocol_names_every_status_field_of_a_primary_a_backup_and_the_witness(tmp_path, undocumented_status_fields):
+    with serving_cluster(tmp_path, "pb-status-fields") as (lab, _nodes, cluster, _primary):
+        for name in ["witness", *lab.replicas]:
+            status = cluster.status(name)
+            assert undocumented_status_fields(status) == set(), (name, status)

@@ -181,3 +181,13 @@ def test_the_flags_of_an_operation_may_follow_its_name_as_a_printed_hint_suggest
     assert (args.id, args.wait, args.timeout) == ("op-9", "applied", 10.0)
     args = client.build_parser().parse_args(["--id", "op-8", "--timeout", "3", "balance", "alice"])
     assert (args.id, args.timeout, args.json) == ("op-8", 3.0, False)  # before it, as always
+
+
+def test_the_protocol_reference_lists_every_error_code_with_whether_it_is_definite():
+    from common.errors import ERROR_CODES
+
+    rows = [line for line in (REPO_ROOT / "docs" / "protocol.md").read_text().splitlines() if line.startswith("| `")]
+    for code, (definite, _meaning) in ERROR_CODES.items():
+        row = next((row for row in rows if f"`{code}`" in row.split("|")[1]), None)
+        assert row is not None, f"{code} is not in docs/protocol.md"
+        assert row.split("|")[2].strip() == ("yes" if definite else "no"), row

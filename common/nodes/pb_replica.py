@@ -109,7 +109,8 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
                         help="hosts the other replicas connect from, comma-separated: only they may use the peer "
                              "port (default: any host, with a warning; see common/peers.py)")
     parser.add_argument("--replication", choices=REPLICATION_MODES, default=SYNC,
-                        help="sync: answer once every backup of the sync set has applied; async: once durable here")
+                        help="sync (the default): answer once every backup of the sync set has applied; async (the "
+                             "seed's): once durable here")
     parser.add_argument("--lease-duration", type=float, default=timing.lease_duration_s, help="seconds a lease lasts")
     parser.add_argument("--heartbeat-interval", type=float, default=timing.heartbeat_interval_s,
                         help="seconds between lease renewals (the primary's heartbeat)")

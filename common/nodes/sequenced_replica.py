@@ -65,7 +65,8 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
                         help="port for reads, STATUS, SNAPSHOT and (queue mode) the server's FEED (default 6007; queue 6001)")
     # Each mode lists only the flags it uses (the other stays accepted, so a topology entry may carry it).
     parser.add_argument("--sequencer", default="127.0.0.1:6003",
-                        help="the sequencer's replica port" if mode == "sequencer" else argparse.SUPPRESS)
+                        help="the sequencer's replica port, HOST:PORT (default 127.0.0.1:6003)" if mode == "sequencer"
+                        else argparse.SUPPRESS)
     parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer: fetched from them, "
                              "and given only to their hosts (none without --peers)")
     parser.add_argument("--peer-hosts", default="",
