@@ -24,9 +24,9 @@ import sys
 import time
 
 from common import bankclient, farmclient, topology, wire
-from common.cli import EXIT_USAGE, UsageParser
 from common.bank import DEFAULT_MAX_ACCOUNTS, MAX_ACCOUNTS_PER_PAGE, check_account, check_op_id
 from common.blocking import BlockingConnection
+from common.cli import EXIT_USAGE, UsageParser
 from common.errors import SaldoError
 from common.money import parse_amount_cents
 from common.sequencing import MIN_SEQ_WAIT_S
@@ -156,10 +156,12 @@ def describe_reachability(arch: str, addresses: dict, topo: dict | None) -> str 
     up = [labels[address] for address, up in answers.items() if up]
     if not up or not down:
         return None
-    def join(items: list[str]) -> str:
-        return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-    return (f"{join(down)} {'does' if len(down) == 1 else 'do'} not answer; "
-            f"{join(up)} {'does' if len(up) == 1 else 'do'}")
+    return (f"{_and_list(down)} {'does' if len(down) == 1 else 'do'} not answer; "
+            f"{_and_list(up)} {'does' if len(up) == 1 else 'do'}")
+
+
+def _and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def describe_reply(reply: dict, outcome: str, reachability: str | None = None) -> str:

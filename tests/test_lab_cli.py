@@ -353,3 +353,17 @@ def test_the_demo_run_without_the_loopback_aliases_is_valid(tmp_path):
     assert result.report["verdict"] == "valid", result.report["anomalies"]
     assert {node.host for node in result.lab.nodes} == {"127.0.0.1"}
     assert [fault["action"] for fault in result.report["faults"]][:1] == ["kill"], result.report["faults"]
+
+
+def test_on_one_host_every_architecture_can_be_up_beside_the_others_as_on_the_seeds_hosts(tmp_path):
+    """`make up ARCH=queue` beside a running sequencer cluster: no two clusters want one port."""
+    for hosts in (archs.Hosts(one_host=True), archs.Hosts(one_host=False)):
+        taken: dict[tuple[str, int], str] = {}
+        for architecture in [a for a in archs.BUILDERS if a != "primary-backup-async"]:  # (primary-backup's ports)
+            layout = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path / architecture, ports="seed", hosts=hosts))
+            for node in layout.nodes:
+                if node.role == "worker":  # a worker's STATUS port is a free one
+                    continue
+                for address in node.listen_addresses():
+                    assert address not in taken, (architecture, node.name, address, taken[address])
+                    taken[address] = f"{architecture}/{node.name}"
