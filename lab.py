@@ -259,7 +259,7 @@ def _print_summary(summary: list[dict]) -> None:
 def _print_what_stays(report: dict) -> None:
     """Where a run's stores went, and what older runs were removed (the lab bounds what it keeps)."""
     if report["stores_deleted"]:
-        print(f"  stores   deleted, the verdict being valid (--keep keeps them); logs in {report['run_dir']}")
+        print("  stores   deleted: the verdict is valid (--keep keeps them)")
     elif report["store"] == "sqlite":
         print(f"  stores   {report['run_dir']}/*.db")
     if report["older_runs_removed"]:
