@@ -268,14 +268,15 @@ def _print_what_stays(report: dict) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts, a short workload
+    """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts (or one), a short workload
     with a replica killed and restarted half-way, the report, and everything stopped."""
     real, seed_port = args.hosts.real, args.hosts.seed_port
     orchestrator, replica1, replica2 = archs.ORCHESTRATOR_HOST, *archs.REPLICA_HOSTS[:2]
     if args.ports == "seed":
-        reads = topology.DEFAULT_PORTS["sequencer_replica_client"]
-        layout = (f"  {real(orchestrator)}  sequencer (clients on :{seed_port(orchestrator, topology.DEFAULT_PORTS['sequencer_client'])}, "
-                  f"replicas on :{seed_port(orchestrator, topology.DEFAULT_PORTS['sequencer_replica'])})\n"
+        ports = topology.DEFAULT_PORTS
+        clients, replicas = (seed_port(orchestrator, ports[key]) for key in ("sequencer_client", "sequencer_replica"))
+        reads = ports["sequencer_replica_client"]
+        layout = (f"  {real(orchestrator)}  sequencer (clients on :{clients}, replicas on :{replicas})\n"
                   f"  {real(replica1)}  replica1 (reads on :{seed_port(replica1, reads)})      "
                   f"{real(replica2)}  replica2 (reads on :{seed_port(replica2, reads)})\n")
     else:  # the ports are chosen at start: the run's topology.json names them

@@ -185,7 +185,7 @@ class DirectClient(BankClient):
 
 
 # Definite refusals that mean "not now" (nothing was done): worth retrying until the deadline.
-NOT_NOW_ERRORS = frozenset({"NOT_READY", "OVERLOADED", "QUEUE_FULL", "NOT_PRIMARY", "TOO_STALE", "NO_REPLICA"})
+NOT_NOW_ERRORS = frozenset({"NOT_READY", "OVERLOADED", "QUEUE_FULL", "NOT_PRIMARY", "TOO_STALE"})
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"
 

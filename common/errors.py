@@ -54,7 +54,6 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "OVERLOADED": (True, "too many requests are pending; the request was not accepted"),
     "NOT_READY": (True, "the process is starting or catching up; the request was not accepted"),
     "TOO_STALE": (True, "the replica has not yet applied the sequence number the read requires"),
-    "NO_REPLICA": (True, "no replica is connected to apply the operation, and the client waits for one to; the request was not accepted"),
     "STALE_EPOCH": (True, "the message comes from an epoch older than one this node has promised; see PROMISED_EPOCH"),
     # Worker farm (common/farm.py).
     "NOT_PEER": (True, "the sender is not a configured peer of this process; its protocol messages are refused"),
