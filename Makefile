@@ -65,5 +65,7 @@ chaos:
 	$(PYTHON) lab.py chaos --arch $(if $(filter all,$(ARCH)),sequencer,$(ARCH)) --clients $(lastword $(subst $(comma), ,$(CLIENTS))) \
 		--window $(firstword $(subst $(comma), ,$(WINDOW))) --duration $(DURATION) --faults $(FAULTS) --ports $(PORTS)
 
+# Everything the project writes: the venv, lab reports (results/), run directories and every
+# `make up` cluster's stores and logs (var/).
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis results var

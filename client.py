@@ -24,21 +24,14 @@ import sys
 import time
 
 from common import bankclient, farmclient, topology, wire
-from common.bank import check_account, check_op_id
+from common.bank import DEFAULT_MAX_ACCOUNTS, MAX_ACCOUNTS_PER_PAGE, check_account, check_op_id
 from common.blocking import BlockingConnection
+from common.cli import EXIT_USAGE, UsageParser
 from common.errors import SaldoError
 from common.money import parse_amount_cents
 from common.sequencing import MIN_SEQ_WAIT_S
 
-EXIT_OK, EXIT_NOK, EXIT_UNKNOWN, EXIT_USAGE = 0, 1, 2, 64
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse, exiting with EXIT_USAGE: its own code 2 would read as "outcome unknown"."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+EXIT_OK, EXIT_NOK, EXIT_UNKNOWN = 0, 1, 2
 
 
 def _timeout_s(text: str) -> float:
@@ -48,6 +41,19 @@ def _timeout_s(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds: {text!r}")
+    return value
+
+
+DEFAULT_ACCOUNTS_SHOWN = 10_000
+
+
+def _account_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= DEFAULT_MAX_ACCOUNTS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {DEFAULT_MAX_ACCOUNTS:,} (the most accounts a bank holds): {text!r}")
     return value
 
 
@@ -90,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("balance", help="the balance of ACCOUNT", parents=[after])
     sub.add_argument("account", metavar="ACCOUNT")
     sub.add_argument("--min-seq", type=int, help="the read must reflect at least this sequence number")
+    sub = commands.add_parser("accounts", help="every account and its balance at a replica (a typo made an account?)",
+                              parents=[after])
+    sub.add_argument("--after", metavar="NAME", help="start after this account name (names are in order)")
+    sub.add_argument("--limit", type=_account_count, default=DEFAULT_ACCOUNTS_SHOWN,
+                     help=f"show at most this many accounts (default {DEFAULT_ACCOUNTS_SHOWN:,})")
     sub = commands.add_parser("worker", help="run a worker of the worker farm (client.py worker --help)",
                               add_help=False, prefix_chars="+")  # every flag belongs to the worker's own parser
     sub.add_argument("worker_args", nargs=argparse.REMAINDER)
@@ -113,7 +124,47 @@ def build_request(args: argparse.Namespace) -> tuple[str, bytes]:
     return op_id, bankclient.operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents, wait)
 
 
-def describe_reply(reply: dict, outcome: str, is_read: bool = False) -> str:
+CLUSTER_HINT = "is a cluster running there? `make up` starts one; --topology FILE names its addresses"
+# The process a client of each architecture sends its writes to, by what it is.
+WRITE_ROLES = {"sequencer": "the sequencer", "queue": "the queue server", "standalone": "the standalone replica"}
+STATUS_PROBE_TIMEOUT_S = 1.0
+
+
+def ask_status(address: str, timeout_s: float = 2.0) -> dict:
+    """The STATUS reply of the process at HOST:PORT; UNREACHABLE when nothing answers."""
+    host, port = topology.parse_address(address)
+    try:
+        with BlockingConnection(host, port, connect_timeout_s=timeout_s) as connection:
+            return connection.request({"TASK": "STATUS"}, timeout_s=timeout_s)
+    except OSError as error:
+        return {"STATUS": "NOK", "ERROR": "UNREACHABLE", "DETAIL": str(error)}
+
+
+def describe_reachability(arch: str, addresses: dict, topo: dict | None) -> str | None:
+    """Which of the processes this client uses answer now, when some do and some do not: "the
+    sequencer at 127.0.0.11:6002 does not answer; replica1 at 127.0.0.12:6007 and replica2 at
+    127.0.0.13:6007 do". None when none answers (no cluster there: CLUSTER_HINT says so)."""
+    names = {f"{node['host']}:{node['port']}": name for name, node in ((topo or {}).get("nodes") or {}).items()
+             if isinstance(node, dict) and "host" in node and "port" in node}
+    labels: dict[str, str] = {}
+    for purpose in ("write", "read"):
+        for address in map(topology.format_address, addresses.get(purpose, [])):
+            role = WRITE_ROLES.get(arch, "the replica") if purpose == "write" else "the replica"
+            labels.setdefault(address, f"{names[address]} at {address}" if address in names else f"{role} at {address}")
+    answers = {address: ask_status(address, STATUS_PROBE_TIMEOUT_S).get("STATUS") == "OK" for address in labels}
+    down = [labels[address] for address, up in answers.items() if not up]
+    up = [labels[address] for address, up in answers.items() if up]
+    if not up or not down:
+        return None
+    return (f"{_and_list(down)} {'does' if len(down) == 1 else 'do'} not answer; "
+            f"{_and_list(up)} {'does' if len(up) == 1 else 'do'}")
+
+
+def _and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def describe_reply(reply: dict, outcome: str, is_read: bool = False, reachability: str | None = None) -> str:
     if reply.get("STATUS") == "OK" and reply.get("ACCEPTED") is True:
         return (f"ACCEPTED seq={reply.get('SEQ')} id={reply.get('ID')}: queued for every replica; its outcome is"
                 f" decided when they apply it (the same command with --id {reply.get('ID')} --wait applied waits"
@@ -134,13 +185,13 @@ def describe_reply(reply: dict, outcome: str, is_read: bool = False) -> str:
     if reply.get("DETAIL"):
         text += f": {reply['DETAIL']}"
     if reply.get("ERROR") == "NOT_READY" and "cannot connect" in str(reply.get("DETAIL")):
-        text += " (is a cluster running there? `make up` starts one; --topology FILE names its addresses)"
+        text += f" ({reachability or CLUSTER_HINT})"
     if outcome == bankclient.UNKNOWN:
         text += " (outcome unknown: retry with --id " + str(reply.get("ID")) + ")"
     return text
 
 
-async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) -> int:
+async def run_operation(args: argparse.Namespace, arch: str, addresses: dict, topo: dict | None) -> int:
     request_id, line = build_request(args)
     request_timeout_s = min(2.0, args.timeout)
     client = bankclient.make_client(arch, addresses, request_timeout_s=request_timeout_s)
@@ -154,20 +205,55 @@ async def run_operation(args: argparse.Namespace, arch: str, addresses: dict) ->
         )
     finally:
         await client.close()
-    print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome, is_read))
+    reachability = None
+    if not args.json and reply.get("ERROR") == "NOT_READY" and "cannot connect" in str(reply.get("DETAIL")):
+        reachability = describe_reachability(arch, addresses, topo)
+    print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome, is_read, reachability))
     return {bankclient.OK: EXIT_OK, bankclient.FAILED: EXIT_NOK}.get(outcome, EXIT_UNKNOWN)
+
+
+async def run_accounts(args: argparse.Namespace, arch: str, addresses: dict) -> int:
+    """Every account and balance at a replica, a page (ACCOUNTS) at a time, up to --limit of them."""
+    client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
+    deadline_s = time.monotonic() + args.timeout
+    after, shown, last = (check_account(args.after, "--after") if args.after else None), 0, {}
+    try:
+        while shown < args.limit:
+            request_id = bankclient.new_op_id()
+            request = {"TASK": "ACCOUNTS", "ID": request_id, "LIMIT": min(MAX_ACCOUNTS_PER_PAGE, args.limit - shown)}
+            if after is not None:
+                request["AFTER"] = after
+            last, _attempts, outcome = await bankclient.execute_with_retries(
+                client, request_id, wire.encode(request), deadline_s=deadline_s, attempt_timeout_s=min(2.0, args.timeout),
+                is_read=True)
+            if outcome != bankclient.OK:
+                print(wire.encode(last).decode().strip() if args.json else describe_reply(last, outcome))
+                return EXIT_NOK
+            if args.json:
+                print(wire.encode(last).decode().strip())
+            else:
+                for name, balance in last["ACCOUNTS"]:
+                    print(f"{name:<24} {balance:>18}")
+            shown += len(last["ACCOUNTS"])
+            after = last.get("NEXT_AFTER")
+            if after is None:
+                break
+    finally:
+        await client.close()
+    if not args.json:
+        at = f" at seq {last['SEQ']}" if "SEQ" in last else ""
+        if after is None:
+            print(f"{shown:,} account{'' if shown == 1 else 's'}{at}")
+        else:
+            print(f"{shown:,} of {last['ACCOUNTS_TOTAL']:,} accounts{at}; --after {after} shows the next ones")
+    return EXIT_OK
 
 
 def run_status(args: argparse.Namespace, targets: list[tuple[str, str]]) -> int:
     rows = []
     code = EXIT_OK
     for name, address in targets:
-        host, port = topology.parse_address(address)
-        try:
-            with BlockingConnection(host, port, connect_timeout_s=2.0) as connection:
-                reply = connection.request({"TASK": "STATUS"}, timeout_s=2.0)
-        except OSError as error:
-            reply = {"STATUS": "NOK", "ERROR": "UNREACHABLE", "DETAIL": str(error)}
+        reply = ask_status(address)
         if reply.get("STATUS") != "OK":
             code = EXIT_NOK
         rows.append((name, address, reply))
@@ -211,15 +297,20 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"status: expected HOST:PORT, got {address!r}")
         return run_status(args, targets)
     arch = args.arch or bankclient.client_architecture((topo or {}).get("architecture") or "standalone")
-    if args.wait and arch not in ("sequencer", "queue"):
+    if args.wait and args.command != "accounts" and arch not in ("sequencer", "queue"):
         print(f"client.py: note: --wait is for the sequencer and queue architectures; {arch} answers once the "
               "operation is applied (and durable) anyway", file=sys.stderr)
     if getattr(args, "min_seq", None) is not None and arch in ("multicast", "farm"):
         print(f"client.py: note: {arch} reads name no sequence number (its operations are not numbered): "
               "--min-seq changes nothing there", file=sys.stderr)
+    if args.command == "accounts" and arch == "farm":
+        parser.fail("accounts: the worker farm has no replica to ask; its accounts are the `accounts` table of "
+                    "its shared store (sqlite3 or mysql: SELECT name, balance_cents FROM accounts ORDER BY name)")
     try:
         addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
-        return asyncio.run(run_operation(args, arch, addresses))
+        if args.command == "accounts":
+            return asyncio.run(run_accounts(args, arch, addresses))
+        return asyncio.run(run_operation(args, arch, addresses, topo))
     except SaldoError as error:
         print(f"NOK {error.code}: {error.detail}")
         return EXIT_NOK

@@ -12,7 +12,7 @@
 Each run writes results/<run>.json (and results/latest.json), a timeline picture
 results/<run>.svg, and prints a table. Exit code: 0 when every verdict is valid, or invalid only for
 anomalies its architecture does not promise to avoid (multicast's divergence, async
-primary-backup's lost writes: "anomalies_expected" in the report); 1 otherwise.
+primary-backup's lost writes: "anomalies_expected" in the report); 1 otherwise; 64 on bad usage.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ import textwrap
 import time
 from pathlib import Path
 
+from common import topology
+from common.cli import UsageParser
 from common.lab import archs
 from common.lab.cluster import REPO_ROOT, Cluster, PortInUse, RunDirInUse, StartFailed
 from common.lab.faults import SCHEDULES
 from common.lab.report import format_table
-from common.lab.runner import RunOptions, run_lab
+from common.lab.runner import MAX_HISTORY_FILES, MAX_RUN_DIRS, RunOptions, run_lab
 from common.lab.workload import MIXES, describe_mix, parse_mix
 from common.log import configure
 from common.process import tune_gc
@@ -96,6 +98,8 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 ARCHITECTURES = ", ".join(archs.BUILDERS)
+KEEP_HELP = (f"keep the replicas' SQLite stores of a valid run in its var/lab directory (an invalid run's are always "
+             f"kept; var/lab keeps its {MAX_RUN_DIRS} newest runs, results/ its {MAX_HISTORY_FILES} newest histories)")
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -136,6 +140,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, refe
                         help="measure the echo reference (a bare echo server, same clients) in the same run")
     parser.add_argument("--keep-history", action="store_true",
                         help="write results/<run>.history.jsonl even when the verdict is valid (always written when invalid)")
+    parser.add_argument("--keep", action="store_true", help=KEEP_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress line while a run goes")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
 
@@ -159,7 +164,9 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, window: 
         progress=not args.quiet,
         extra=extra,
         keep_history=args.keep_history,
+        keep_stores=args.keep,
         run_name=f"{architecture}-{clients}c{window}w-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
+        hosts=args.hosts,
     )
 
 
@@ -198,6 +205,7 @@ def _run_all(args: argparse.Namespace, architectures: list[str]) -> int:
                 result = run_lab(options)
                 print(format_table(result.report))
                 print(f"  report   {result.report_path}\n  timeline {result.report['timeline_svg']}")
+                _print_what_stays(result.report)
                 runs.append(result.report)
                 all_valid = all_valid and (result.report["verdict"] == "valid" or result.report["anomalies_expected"])
             summary.append(_summarize(architecture, clients, runs))
@@ -249,24 +257,45 @@ def _print_summary(summary: list[dict]) -> None:
               f"{fmt(row['echo_ops_s'], ',.0f'):>12}{fmt(row['ratio'], '.2f'):>7}  {','.join(row['verdicts'])}")
 
 
+def _print_what_stays(report: dict) -> None:
+    """Where a run's stores went, and what older runs were removed (the lab bounds what it keeps)."""
+    if report["stores_deleted"]:
+        print("  stores   deleted: the verdict is valid (--keep keeps them)")
+    elif report["store"] == "sqlite":
+        print(f"  stores   {report['run_dir']}/*.db")
+    if report["older_runs_removed"]:
+        print(f"  older    {report['older_runs_removed']} removed: var/lab keeps the {MAX_RUN_DIRS} newest run directories, "
+              f"results/ the {MAX_HISTORY_FILES} newest histories")
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts, a short workload
+    """A sequencer cluster (two replicas, SQLite) on the seed's three local hosts (or one), a short workload
     with a replica killed and restarted half-way, the report, and everything stopped."""
+    real, seed_port = args.hosts.real, args.hosts.seed_port
+    orchestrator, replica1, replica2 = archs.ORCHESTRATOR_HOST, *archs.REPLICA_HOSTS[:2]
     if args.ports == "seed":
-        layout = ("  127.0.0.11  sequencer (clients on :6002, replicas on :6003)\n"
-                  "  127.0.0.12  replica1 (reads on :6007)      127.0.0.13  replica2 (reads on :6007)\n")
+        ports = topology.DEFAULT_PORTS
+        clients, replicas = (seed_port(orchestrator, ports[key]) for key in ("sequencer_client", "sequencer_replica"))
+        reads = ports["sequencer_replica_client"]
+        layout = (f"  {real(orchestrator)}  sequencer (clients on :{clients}, replicas on :{replicas})\n"
+                  f"  {real(replica1)}  replica1 (reads on :{seed_port(replica1, reads)})      "
+                  f"{real(replica2)}  replica2 (reads on :{seed_port(replica2, reads)})\n")
     else:  # the ports are chosen at start: the run's topology.json names them
-        layout = "  127.0.0.11  sequencer      127.0.0.12  replica1      127.0.0.13  replica2   (on free ports)\n"
-    print("saldo demo: the sequencer architecture on three local hosts\n" + layout +
+        layout = (f"  {real(orchestrator)}  sequencer      {real(replica1)}  replica1      {real(replica2)}  replica2   "
+                  "(on free ports)\n")
+    where = "one local host, each \"host\" on ports of its own" if args.hosts.one_host else "three local hosts"
+    print(f"saldo demo: the sequencer architecture on {where}\n" + layout +
           f"  8 clients for {args.duration:g} s; replica1 is SIGKILLed at 30% of the run and restarted at 60%\n", flush=True)
     options = RunOptions(
         architecture="sequencer", clients=8, window=16, duration_s=args.duration, faults="kill-replica",
-        ports=args.ports, progress=not args.quiet, run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+        ports=args.ports, progress=not args.quiet, run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", hosts=args.hosts,
+        keep_stores=args.keep,
     )
     result = run_lab(options)
     print(format_table(result.report))
     print(f"  report   {result.report_path}\n  timeline {result.report['timeline_svg']}\n"
           f"  logs     {result.report['run_dir']}/*.log")
+    _print_what_stays(result.report)
     print("\nEvery process was stopped. Next: `python3 lab.py up --arch sequencer` keeps a cluster running for client.py.")
     return 0 if result.report["verdict"] == "valid" else 1
 
@@ -286,13 +315,26 @@ def _watch(cluster: Cluster, names: list[str], poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def _port_advice(command: str, error: PortInUse, ports: str) -> str:
+    """The ways out of a clash on the ports a cluster needs, for `lab.py COMMAND`."""
+    if error.pids:
+        advice = (f"stop {'it' if len(error.pids) == 1 else 'them'} (kill {' '.join(map(str, error.pids))}; "
+                  "Ctrl-C where `make up` or `lab.py up` runs stops its whole cluster)")
+    else:
+        advice = "stop that process (Ctrl-C where `make up` or `lab.py up` runs stops a whole cluster)"
+    if ports == "seed":
+        advice += ", or pass --ports free" + {"demo": " (make demo PORTS=free)",
+                                              "up": " (with --run-dir DIR for a second cluster beside the first)"}.get(command, "")
+    return advice
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Start a cluster and keep it up until Ctrl-C, for client.py and for poking at it by hand."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the cluster like Ctrl-C
     run_dir = args.run_dir.resolve() if args.run_dir else REPO_ROOT / "var" / "up" / args.arch
     # The cluster keeps its state between runs: its stores are what its last run left.
     lab = archs.build(args.arch, archs.LayoutOptions(run_dir=run_dir, ports=args.ports, proxies=args.proxies, store=args.store,
-                                                     fresh_stores=False))
+                                                     hosts=args.hosts, fresh_stores=False))
     try:
         cluster = Cluster(run_dir, lab.nodes, name=f"up-{args.arch}", architecture=args.arch)
     except RunDirInUse as error:
@@ -302,8 +344,8 @@ def run_up(args: argparse.Namespace) -> int:
         try:
             cluster.start()
         except PortInUse as error:
-            print(f"lab.py up: the {args.arch} cluster did not start: {error}; stop that cluster first "
-                  f"(Ctrl-C where it runs)", file=sys.stderr)
+            print(f"lab.py up: the {args.arch} cluster did not start: {error}; {_port_advice('up', error, args.ports)}",
+                  file=sys.stderr)
             return 1
         except (StartFailed, TimeoutError) as error:
             print(f"lab.py up: the {args.arch} cluster did not start: {error}", file=sys.stderr)
@@ -327,7 +369,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 UP_DESCRIPTION = """\
-Start one architecture's cluster on the seed's local hosts (127.0.0.11-14) and keep it up, for
+Start one architecture's cluster on the seed's local hosts (127.0.0.11-14; on a machine without
+those loopback addresses, 127.0.0.1 with ports of each "host"'s own) and keep it up, for
 client.py (use the topology file it prints) and for breaking things by hand. When a process exits
 (kill the primary and watch the failover), the others keep running: up prints one line naming the
 process, how it ended (exit code or signal) and the exact command that starts it again by hand, and
@@ -372,7 +415,7 @@ and checks the load's history like any run."""
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The command line: the top parser, and each command's parser by name."""
-    parser = argparse.ArgumentParser(prog="lab.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UsageParser(prog="lab.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_command(name: str, summary: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -383,6 +426,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo_parser.add_argument("--duration", type=_seconds, default=8.0, help="seconds of workload")
     demo_parser.add_argument("--ports", choices=["seed", "free"], default="seed", help=ports_help)
     demo_parser.add_argument("--quiet", action="store_true", help="no progress line while the run goes")
+    demo_parser.add_argument("--keep", action="store_true", help=KEEP_HELP)
     demo_parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="the lab's own log events on stderr")
 
     up_parser = add_command("up", "start a cluster and keep it up until Ctrl-C, whatever exits", UP_DESCRIPTION)
@@ -456,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                 subparser.error(f"argument --option: {error}")
     tune_gc()  # the clients of a run share this process with a history of every operation
     configure("lab", args.log_level)
+    args.hosts = archs.detect_hosts()
+    if args.hosts.one_host:
+        print(args.hosts.notice(), file=sys.stderr, flush=True)
     if args.command == "farm-bench":
         from common.lab import farm_bench
 
@@ -471,10 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_demo(args) if args.command == "demo" else _run_all(args, architectures)
     except PortInUse as error:
-        advice = "stop that cluster (Ctrl-C where `make up` or `lab.py up` runs)"
-        if args.ports == "seed":
-            advice += ", or pass --ports free" + (" (make demo PORTS=free)" if args.command == "demo" else "")
-        print(f"lab.py {args.command}: the cluster did not start: {error}; {advice}", file=sys.stderr)
+        print(f"lab.py {args.command}: the cluster did not start: {error}; {_port_advice(args.command, error, args.ports)}",
+              file=sys.stderr)
         return 1
     except StartFailed as error:
         print(f"lab.py {args.command}: the cluster did not start: {error}", file=sys.stderr)

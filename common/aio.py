@@ -368,11 +368,12 @@ _unusable_sources: set[tuple[str, str]] = set()
 
 async def connect_with_backoff(
     address: tuple[str, int], stop: asyncio.Event, *, max_line_bytes: int, peer: str, connect_timeout_s: float = 2.0,
-    source_host: str | None = None,
+    source_host: str | None = None, on_failure: Callable[[BaseException], None] | None = None,
 ) -> MessageStream | None:
     """A stream to `address` (see open_stream), retrying with exponential backoff
     (RECONNECT_BACKOFF_S) until it connects; None once `stop` is set. For the long-lived links
-    one node keeps to another."""
+    one node keeps to another. `on_failure(error)`, when given, hears of every failed attempt and
+    reports it (else this function logs them)."""
     backoff_s = RECONNECT_BACKOFF_S[0]
     failures = 0
     while not stop.is_set():
@@ -381,10 +382,13 @@ async def connect_with_backoff(
                                      connect_timeout_s=connect_timeout_s, source_host=source_host)
         except (OSError, asyncio.TimeoutError) as error:
             failures += 1
-            # Every failure at debug level; the 8th, 16th, 32nd, ... also at info, so that a link
-            # that stays down leaves a trace in an ordinary log.
-            report = log.info if failures >= 8 and failures & (failures - 1) == 0 else log.debug
-            report("peer_unreachable", peer=peer, failures=failures, error=repr(error))
+            if on_failure is not None:
+                on_failure(error)
+            else:
+                # Every failure at debug level; the 8th, 16th, 32nd, ... also at info, so that a
+                # link that stays down leaves a trace in an ordinary log.
+                report = log.info if failures >= 8 and failures & (failures - 1) == 0 else log.debug
+                report("peer_unreachable", peer=peer, failures=failures, error=repr(error))
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_S[1])
     return None

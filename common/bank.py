@@ -29,12 +29,16 @@ The messages this module reads are saldo's own and the seeds':
     {"TASK": "TRANSFER", "ID": "<op id>", "FROM": "alice", "TO": "bob", "AMOUNT": "1.50"}
     {"TASK": "BALANCE", "ACCOUNT": "alice", "MIN_SEQ": 42}           (MIN_SEQ optional)
     {"TASK": "QUERY", "USER": "alice"}                                 (seed 000; answered with SALDO)
+    {"TASK": "ACCOUNTS", "AFTER": "alice", "LIMIT": 500}              (every account and balance, a page
+                                                                       at a time in name order; AFTER, LIMIT
+                                                                       and MIN_SEQ optional)
     {"id_msg": "<uuid>", "tipo": "DEPOSITO"|"SAQUE"|"TRANSFERENCIA",
      "conta_origem": ..., "conta_destino": ..., "valor": 10.5}        (seed 002's Operacao)
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ from typing import Iterator, NamedTuple
 
 from common.errors import SaldoError, error_reply
 from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, parse_amount_cents, render_cents
+from common.wire import MAX_LINE_BYTES
 
 MAX_ACCOUNT_CHARS = 64
 MAX_OP_ID_CHARS = 64
@@ -88,6 +93,23 @@ class Query:
     account: str
     min_seq: int | None = None
     seed_000: bool = False  # asked as {"TASK": "QUERY", "USER": ...}: answer with SALDO too
+
+
+@dataclass(frozen=True, slots=True)
+class AccountsQuery:
+    """A read of every account and balance, a page at a time, in name order: the accounts named
+    after `after` (from the first without it), at most `limit` of them."""
+
+    after: str | None = None
+    limit: int = 0
+    min_seq: int | None = None
+
+
+# An ACCOUNTS reply must fit on a client port's line (wire.MAX_LINE_BYTES, 64 KiB): an entry is at
+# most ["<64 characters>","1000000000000.00"], and a page of 500 of them about 44 KB.
+MAX_ACCOUNTS_PER_PAGE = 500
+MAX_ACCOUNT_ENTRY_BYTES = MAX_ACCOUNT_CHARS + len(render_cents(MAX_BALANCE_CENTS)) + len('["","",')
+assert MAX_ACCOUNTS_PER_PAGE * MAX_ACCOUNT_ENTRY_BYTES + 1024 <= MAX_LINE_BYTES
 
 
 class Outcome(NamedTuple):
@@ -194,6 +216,27 @@ def parse_request(message: dict) -> Operation | Query:
     raise SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY) or an Operacao")
 
 
+def parse_accounts_request(message: dict) -> AccountsQuery:
+    """Read {"TASK": "ACCOUNTS", "AFTER": name, "LIMIT": n, "MIN_SEQ": seq}; raise SaldoError if
+    it is not one."""
+    after = message.get("AFTER")
+    if after is not None:
+        after = check_account(after, "AFTER")
+    limit = message.get("LIMIT", MAX_ACCOUNTS_PER_PAGE)
+    if type(limit) is not int:
+        raise SaldoError("FIELD_TYPE", "LIMIT must be an integer")
+    if not 1 <= limit <= MAX_ACCOUNTS_PER_PAGE:
+        raise SaldoError("FIELD_INVALID", f"LIMIT must be 1 to {MAX_ACCOUNTS_PER_PAGE} (a page fits on one line)")
+    return AccountsQuery(after, limit, _check_min_seq(message.get("MIN_SEQ")))
+
+
+def parse_replica_request(message: dict) -> Operation | Query | AccountsQuery:
+    """What a replica's client port reads: parse_request's requests, and ACCOUNTS."""
+    if message.get("TASK") == "ACCOUNTS":
+        return parse_accounts_request(message)
+    return parse_request(message)
+
+
 # The canonical form of saldo's own requests, as common/bankclient.operation_line writes them: one
 # regular expression recognises and validates a whole line without building a dict (a replica's hot
 # path). Anything else, including every other spelling of the same request, goes through the JSON
@@ -275,6 +318,30 @@ def balance_reply(query: Query, balance_cents: int | None, request_id: object = 
         reply["USER"] = query.account
     reply.update(extra)
     return reply
+
+
+def accounts_reply(balances: dict[str, int], query: AccountsQuery, request_id: object = None, **extra: object) -> dict:
+    """One page of every account and balance: ACCOUNTS [[name, balance], ...] in name order,
+    ACCOUNTS_TOTAL, and NEXT_AFTER (the AFTER of the next page) when more follow. It walks every
+    account once (no index is kept for a read made by hand): O(accounts) per page."""
+    after = query.after
+    names = heapq.nsmallest(query.limit + 1, balances if after is None else (name for name in balances if name > after))
+    page = names[:query.limit]
+    reply = {} if request_id is None else {"ID": request_id}
+    reply["STATUS"] = "OK"
+    reply["ACCOUNTS"] = [[name, render_cents(balances[name])] for name in page]
+    reply["ACCOUNTS_TOTAL"] = len(balances)
+    if len(names) > query.limit:
+        reply["NEXT_AFTER"] = page[-1]
+    reply.update(extra)
+    return reply
+
+
+def read_reply(bank: "Bank", query: Query | AccountsQuery, request_id: object = None, **extra: object) -> dict:
+    """The reply to a read (a balance, or a page of ACCOUNTS) from `bank` as it is now."""
+    if isinstance(query, AccountsQuery):
+        return accounts_reply(bank.balances, query, request_id, **extra)
+    return balance_reply(query, bank.balance(query.account), request_id, **extra)
 
 
 # --- The state machine --------------------------------------------------------------------------

@@ -64,6 +64,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     # Outcome unknown: the client must retry with the same id to learn it.
     "TIMEOUT": (False, "no answer in time; the operation may have been applied"),
     "CONNECTION_LOST": (False, "the connection closed before the answer; the operation may have been applied"),
+    "NO_REPLICA": (False, "no replica is connected to apply the operation; it is in the log and is applied when one connects"),
     "UNAVAILABLE": (False, "the request was accepted but could not be completed now; it may be applied later"),
     "INTERNAL": (False, "an internal failure; the operation may have been applied"),
 }

@@ -11,7 +11,8 @@ The sequencer (`SequencerCore`):
    entry to the replicas (a crash can then never hand out a number twice);
 3. answers the client, by the client's choice ("WAIT"): once the entry is durable in the log
    (SEQUENCED), once a replica has applied it, with the result (APPLIED, the default), or once
-   every replica has (ALL);
+   every replica has (ALL); while no replica is connected, a client waiting for an apply is told
+   so (NO_REPLICA, indefinite: the entry stays in the log) instead of waiting in silence;
 4. keeps the log from the oldest entry some replica may still need; once every replica has
    applied a prefix and has it on stable storage (SYNCED), that prefix is dropped (a lagging
    replica past the bound is dropped too, and must recover by state transfer). Memory and disk
@@ -50,6 +51,7 @@ Messages (one JSON object per line, like every saldo port):
 
 from __future__ import annotations
 
+import json
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -74,6 +76,10 @@ DEFAULT_MAX_HELD_ENTRIES = 100_000
 # A results source that applies nothing for this long, while another replica applied what clients
 # wait for, is replaced: well above a healthy source's lag (milliseconds), well below a client's patience.
 DEFAULT_RESULTS_SOURCE_STALL_S = 0.5
+# Once no replica has been connected for this long, clients waiting for an apply are told so:
+# longer than a replica takes to subscribe again (its reconnect backoff), shorter than a client's
+# attempt timeout (2 s).
+DEFAULT_NO_REPLICA_ANSWER_S = 1.0
 MAX_RESULTS_PER_ACK = 4096  # bounds one APPLIED line well under the 64 KiB line limit
 # A read naming MIN_SEQ waits this long at a replica that is not there yet, then gets TOO_STALE;
 # a client waits longer than this for its answer.
@@ -210,6 +216,14 @@ def result_reply_line(request_id: str, seq: int, error: str | None, balance_cent
     ).encode()
 
 
+def no_replica_reply_line(request_id: str, seq: int, replica_names: list[str]) -> bytes:
+    """The reply to a client waiting for an apply while no replica is connected (indefinite)."""
+    detail = (f"no replica is connected ({', '.join(replica_names)} expected): the operation is in the log at seq "
+              f"{seq} and is applied when one connects; the same command with its id tells its outcome then")
+    return (f'{{"ID":"{request_id}","STATUS":"NOK","ERROR":"NO_REPLICA","DETAIL":{json.dumps(detail)},'
+            f'"DEFINITE":false,"SEQ":{seq}}}\n').encode()
+
+
 def sequenced_reply_line(request_id: str, seq: int) -> bytes:
     """The reply once the operation is durably in the log/queue: accepted, its outcome not yet
     known (a WITHDRAW may still fail for INSUFFICIENT_FUNDS when a replica applies it)."""
@@ -265,6 +279,7 @@ class SequencerCore:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     result_cache_entries: int = DEFAULT_RESULT_CACHE_ENTRIES
     results_source_stall_s: float = DEFAULT_RESULTS_SOURCE_STALL_S
+    no_replica_answer_s: float = DEFAULT_NO_REPLICA_ANSWER_S
     # (seq, op id, line) from log_start_seq up to the last durable entry, oldest first.
     log: deque = field(default_factory=deque)
     durable_seq: int = 0  # the log is durable up to here
@@ -291,6 +306,7 @@ class SequencerCore:
         self._highest_synced_seq = self.log_start_seq - 1  # the highest synced_seq of any replica
         self.results_source: str | None = None  # the replica that sends outcomes with its acks
         self._source_behind_since: tuple[str, int, float] | None = None  # (source, its applied_seq, since when)
+        self._no_replica_since_s: float | None = None  # when this core last saw no replica connected, first
         if self.durable_seq == 0:
             self.durable_seq = self.next_seq - 1
         self._logged_before_start = self.durable_seq  # numbered by an earlier run of the sequencer
@@ -508,6 +524,35 @@ class SequencerCore:
         awaited = [seq for seq, waiters in self._waiters.items()
                    if applied_seq < seq <= best.applied_seq and any(w.replicas_needed > 0 for w in waiters)]
         return (best.name, min(awaited)) if awaited else None
+
+    def answer_waiters_without_replica(self, now_s: float) -> list[Reply]:
+        """Called every so often. Once no replica has been connected for no_replica_answer_s, the
+        clients waiting for an apply are answered NO_REPLICA (indefinite: their operations are in
+        the log, applied when a replica subscribes) rather than left to time out without a word. A
+        retry attaches to its operation again, and is answered the same way at a later call."""
+        if any(progress.connected for progress in self.replicas.values()):
+            self._no_replica_since_s = None
+            return []
+        if self._no_replica_since_s is None:
+            self._no_replica_since_s = now_s
+        if now_s - self._no_replica_since_s < self.no_replica_answer_s or self._waiting_count == self._waiting_for_log:
+            return []
+        replies: list[Reply] = []
+        for seq in list(self._waiters):
+            keep = []
+            for waiter in self._waiters[seq]:
+                if waiter.replicas_needed == 0:  # answered once logged, with or without replicas
+                    keep.append(waiter)
+                    continue
+                replies.append(Reply(waiter.client, no_replica_reply_line(waiter.request_id, seq, self.replica_names)))
+                self._waiting_count -= 1
+                if waiter.replicas_needed > 1:
+                    self._waiting_for_several -= 1
+            if keep:
+                self._waiters[seq] = keep
+            else:
+                del self._waiters[seq]
+        return replies
 
     def on_resend(self, replica: str, from_seq: int, to_seq: int) -> tuple[str, bytes]:
         self._replica(replica)

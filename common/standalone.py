@@ -21,13 +21,14 @@ from collections import deque
 from common import aio, wire
 from common.aio import MessageStream
 from common.bank import (
+    AccountsQuery,
     Operation,
     Query,
-    balance_reply,
     outcome_reply,
     parse_balance_line,
-    parse_request,
+    parse_replica_request,
     parse_request_line,
+    read_reply,
 )
 from common.durable import DurableBank
 from common.errors import DETAIL_JSON, SaldoError, error_reply, with_id_msg
@@ -80,8 +81,9 @@ def classify_unknown(message: dict) -> SaldoError:
     """The error for a message this port does not serve: WRONG_ROLE if another role would."""
     task = message.get("TASK")
     if (type(task) is str and task in OTHER_ROLE_TASKS) or "WORKER" in message or "SERVER" in message:
-        return SaldoError("WRONG_ROLE", "this port serves bank operations (DEPOSIT, WITHDRAW, TRANSFER, BALANCE)")
-    return SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY, STATUS) or an Operacao")
+        return SaldoError("WRONG_ROLE", "this port serves bank operations (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, ACCOUNTS)")
+    return SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY, ACCOUNTS, STATUS) "
+                                         "or an Operacao")
 
 
 class BankService:
@@ -171,12 +173,12 @@ class BankService:
                     reply["ID"] = request_id
                 return wire.encode(reply)
             try:
-                request = parse_request(item)
+                request = parse_replica_request(item)
             except SaldoError as error:
                 if error.code == "UNKNOWN_MESSAGE":
                     raise classify_unknown(item) from None
                 raise
-            if isinstance(request, Query):
+            if isinstance(request, (Query, AccountsQuery)):
                 bank = self.dbank.bank
                 applied = bank.counters.ops_applied_total
                 if self.reads_name_seq and request.min_seq is not None and request.min_seq > applied:
@@ -184,7 +186,7 @@ class BankService:
                     # lost): a balance without that write would hide it.
                     raise SaldoError("TOO_STALE", f"this replica is at seq {applied}, the read needs {request.min_seq}")
                 seq = {"SEQ": applied} if self.reads_name_seq else {}
-                return wire.encode(balance_reply(request, bank.balance(request.account), request_id, **seq))
+                return wire.encode(read_reply(bank, request, request_id, **seq))
             outcome, _duplicate = self.dbank.apply(request)
             return reply_for_operation(item, request_id, request, outcome)
         except SaldoError as error:

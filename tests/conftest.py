@@ -1,4 +1,5 @@
-"""Shared test setup: the repo root on sys.path, throw-away MySQL databases, and the store URLs.
+"""Shared test setup: the repo root on sys.path, throw-away MySQL databases, the store URLs, and what
+the protocol reference (docs/protocol.md) leaves out of a STATUS reply.
 
 MySQL: `make test` sets SALDO_TEST_MYSQL_URL to a base URL such as
 mysql://root@127.0.0.1:3306/saldo_test_1234. Each test that wants MySQL gets its own database
@@ -140,3 +141,22 @@ def open_store(store_url):
     yield opener
     for store in opened:
         store.close()
+
+
+@pytest.fixture
+def undocumented_status_fields():
+    """A function: the fields of a STATUS reply (with those of its per-replica and per-counter
+    objects, and its ROLE and MODE) that docs/protocol.md, the client writer's reference, does not
+    name as `FIELD`."""
+    reference = (REPO_ROOT / "docs" / "protocol.md").read_text()
+
+    def undocumented(status: dict) -> set[str]:
+        names = set(status) | {str(status.get("ROLE")), str(status.get("MODE", status.get("ROLE")))}
+        for value in status.values():
+            if isinstance(value, dict):
+                inner = list(value.values())
+                per_member = bool(inner) and isinstance(inner[0], dict)  # REPLICAS, BACKUPS, UNREACHABLE
+                names |= {key for item in inner for key in item} if per_member else set(value)
+        return {name for name in names if f"`{name}`" not in reference}
+
+    return undocumented

@@ -974,3 +974,104 @@ def test_a_paused_results_source_is_replaced_and_writes_are_answered_by_the_othe
     assert running.cluster.status(other)["SENDS_RESULTS"] is True
     events = log_events(running.cluster.log_path("sequencer"), "results_source_changed")
     assert any(e.get("reason") == "stalled" and e.get("stalled") == source for e in events), events
+
+
+# --- Errors that say which node is missing --------------------------------------------------------
+
+
+def run_client_py(topology_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "client.py"), "--topology", str(topology_path), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+
+def orderer_cluster(root: Path, architecture: str) -> tuple[archs.LabCluster, Cluster]:
+    """A sequencer or queue cluster laid out on free ports, started by the caller (the queue server
+    answering once a replica applied, like the sequencer)."""
+    extra = {"ack_replicas": 1} if architecture == "queue" else {}
+    lab = archs.build(architecture, archs.LayoutOptions(run_dir=root, ports="free", extra=extra))
+    return lab, Cluster(root, lab.nodes, name=f"{architecture}-errors", architecture=architecture)
+
+
+@pytest.mark.parametrize("architecture, orderer", [("sequencer", "sequencer"), ("queue", "server")])
+def test_a_write_while_no_replica_is_connected_is_told_so_and_applied_when_one_comes(tmp_path, architecture, orderer):
+    lab, cluster = orderer_cluster(tmp_path, architecture)
+    with cluster:
+        cluster.start([orderer])  # no replica yet
+        done = run_client_py(cluster.topology_path, "--timeout", "3", "deposit", "alice", "5")
+        # The operation is in the log, applied when a replica comes: its outcome is unknown (exit 2),
+        # and the words say why rather than a bare TIMEOUT.
+        assert done.returncode == 2, done
+        assert done.stdout.startswith("NOK NO_REPLICA: no replica is connected (replica1, replica2 expected): "
+                                      "the operation is in the log at seq 1"), done
+        op_id = re.search(r"retry with --id (\S+)\)", done.stdout).group(1)
+        cluster.start(list(lab.replicas))
+        done = run_client_py(cluster.topology_path, "--id", op_id, "--wait", "applied", "deposit", "alice", "5")
+        assert done.returncode == 0 and done.stdout.startswith("OK balance=5.00"), done
+        done = run_client_py(cluster.topology_path, "--wait", "applied", "deposit", "alice", "1")
+        assert done.returncode == 0 and done.stdout.startswith("OK balance=6.00"), done
+
+
+@pytest.mark.parametrize("architecture, orderer", [("sequencer", "sequencer"), ("queue", "server")])
+def test_with_only_the_orderer_down_the_client_names_it_and_the_replicas_that_answer(tmp_path, architecture, orderer):
+    lab, cluster = orderer_cluster(tmp_path, architecture)
+    with cluster:
+        cluster.start(list(lab.replicas))
+        node = cluster.nodes[orderer]
+        done = run_client_py(cluster.topology_path, "--timeout", "1", "deposit", "alice", "1")
+        assert done.returncode == 1, done
+        replicas = " and ".join(f"{name} at {cluster.nodes[name].host}:{cluster.nodes[name].port}" for name in lab.replicas)
+        assert f"({orderer} at {node.host}:{node.port} does not answer; {replicas} do)" in done.stdout, done.stdout
+        assert "is a cluster running there" not in done.stdout
+
+
+# --- Every account at a replica: a typo's account can be seen ------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
+def test_client_py_accounts_lists_every_account_so_a_misspelt_one_shows(clusters, architecture):
+    running = clusters(architecture)
+    code, out = client_py(running, "transfer", "acct-a", "acct-bb", "1")  # "acct-b" misspelt: a new account
+    assert code == 0, out
+    code, out = client_py(running, "accounts")
+    assert code == 0, out
+    lines = out.splitlines()
+    listed = dict(line.split() for line in lines[:-1])
+    assert listed["acct-bb"] == "1.00" and listed["acct-b"] == "100.00", out
+    assert list(listed) == sorted(listed), out  # in name order
+    assert re.fullmatch(rf"{len(listed)} accounts( at seq \d+)?", lines[-1]), lines[-1]
+    # --limit shows fewer and says how to go on; --after goes on from there.
+    code, out = client_py(running, "accounts", "--limit", "1")
+    first = out.splitlines()[0].split()[0]
+    assert code == 0 and out.splitlines()[-1].startswith(f"1 of {len(listed)} accounts"), out
+    assert f"--after {first} shows the next ones" in out, out
+    code, out = client_py(running, "accounts", "--after", first)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[:-1]] == list(listed)[1:], out
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "sequencer"])
+def test_an_accounts_request_is_validated_and_paged_within_the_line_limit(clusters, architecture):
+    running = clusters(architecture)
+    reader = running.lab.replicas[0]
+    page = running.cluster.request(reader, {"TASK": "ACCOUNTS", "ID": "page-1", "LIMIT": 1})
+    assert page["STATUS"] == "OK" and len(page["ACCOUNTS"]) == 1 and page["NEXT_AFTER"] == page["ACCOUNTS"][0][0]
+    assert page["ACCOUNTS_TOTAL"] >= 2 and type(page["SEQ"]) is int, page
+    rest = running.cluster.request(reader, {"TASK": "ACCOUNTS", "ID": "page-2", "AFTER": page["NEXT_AFTER"]})
+    assert len(rest["ACCOUNTS"]) == page["ACCOUNTS_TOTAL"] - 1 and "NEXT_AFTER" not in rest, rest
+    for bad, code in [({"LIMIT": 0}, "FIELD_INVALID"), ({"LIMIT": 501}, "FIELD_INVALID"), ({"LIMIT": "5"}, "FIELD_TYPE"),
+                      ({"AFTER": 5}, "FIELD_TYPE"), ({"AFTER": "no spaces"}, "ACCOUNT_INVALID"), ({"MIN_SEQ": -1}, "FIELD_TYPE")]:
+        reply = running.cluster.request(reader, {"TASK": "ACCOUNTS", "ID": "bad", **bad})
+        assert (reply["STATUS"], reply["ERROR"]) == ("NOK", code), (bad, reply)
+    if architecture == "sequencer":  # the sequencer orders writes: accounts are read from a replica
+        reply = running.cluster.request("sequencer", {"TASK": "ACCOUNTS", "ID": "at-sequencer"})
+        assert reply["ERROR"] == "WRONG_ROLE" and "from a replica" in reply["DETAIL"], reply
+
+
+# --- The protocol reference says what every role answers -----------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
+def test_docs_protocol_names_every_status_field_of_every_role(clusters, architecture, undocumented_status_fields):
+    running = clusters(architecture)
+    for name in running.cluster.nodes:
+        status = running.cluster.status(name)
+        assert undocumented_status_fields(status) == set(), (name, status)

@@ -534,3 +534,16 @@ def test_the_dedup_window_is_out_of_the_collectors_sight_once_a_collection_has_s
     assert bank.apply(transfer("t1499", "alice", "bob", 1), 1501) == (Outcome(None, 8_501), True)
     assert bank.apply(transfer("t1499", "alice", "bob", 2), 1501) == (Outcome("ID_REUSED", None), True)
     assert [a.op.op_id for a in bank.recent_applied(newest_first=True)][:2] == ["t1499", "t1498"]
+
+
+def test_a_full_page_of_accounts_with_the_longest_names_and_balances_fits_on_one_line():
+    from common.bank import MAX_ACCOUNT_CHARS, MAX_ACCOUNTS_PER_PAGE, AccountsQuery, accounts_reply
+    from common.money import MAX_BALANCE_CENTS
+
+    balances = {f"{index:0{MAX_ACCOUNT_CHARS}d}": MAX_BALANCE_CENTS for index in range(MAX_ACCOUNTS_PER_PAGE + 100)}
+    first = accounts_reply(balances, AccountsQuery(limit=MAX_ACCOUNTS_PER_PAGE), "page-1")
+    assert len(wire.encode(first)) <= wire.MAX_LINE_BYTES
+    assert len(first["ACCOUNTS"]) == MAX_ACCOUNTS_PER_PAGE and first["ACCOUNTS_TOTAL"] == len(balances)
+    rest = accounts_reply(balances, AccountsQuery(after=first["NEXT_AFTER"], limit=MAX_ACCOUNTS_PER_PAGE), "page-2")
+    assert len(rest["ACCOUNTS"]) == 100 and "NEXT_AFTER" not in rest
+    assert [name for name, _balance in first["ACCOUNTS"] + rest["ACCOUNTS"]] == sorted(balances)

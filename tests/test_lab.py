@@ -65,7 +65,9 @@ def shaded_rects(svg_path: Path) -> list[ElementTree.Element]:
 
 @pytest.fixture(scope="module")
 def standalone_run(tmp_path_factory) -> RunResult:
-    return lab_run(tmp_path_factory.mktemp("standalone"), architecture="standalone", run_name="standalone-clean")
+    # (Its store is read again below: kept, although the run is valid.)
+    return lab_run(tmp_path_factory.mktemp("standalone"), architecture="standalone", run_name="standalone-clean",
+                   keep_stores=True)
 
 
 # --- A clean run, and its report ----------------------------------------------------------------
@@ -460,3 +462,41 @@ def test_the_report_table_says_when_each_fault_happened_as_a_share_of_the_run():
     instant = {"action": "drop", "target": "replica1", "at_s": 2.936, "until_s": 2.936}
     assert report_module._describe_fault(instant, [0.54, 8.55]) == "drop replica1@2.936s (30% into the run)"
     assert report_module._describe_fault(instant, None) == "drop replica1@2.936s"
+
+
+# --- What runs leave on disk ---------------------------------------------------------------------
+
+
+def test_a_valid_run_leaves_its_logs_but_not_its_stores_unless_asked_to_keep_them(tmp_path):
+    deleted = lab_run(tmp_path, architecture="sequencer", duration_s=1.0, clients=2, run_name="valid-run")
+    kept = lab_run(tmp_path, architecture="sequencer", duration_s=1.0, clients=2, run_name="kept-run", keep_stores=True)
+    for result in (deleted, kept):
+        assert result.report["verdict"] == "valid", result.report["anomalies"]
+        assert {path.name for path in Path(result.report["run_dir"]).glob("*.log")} >= {"sequencer.log", "replica1.log"}
+    assert deleted.report["stores_deleted"] is True and not list((tmp_path / "runs" / "valid-run").glob("*.db*"))
+    assert kept.report["stores_deleted"] is False
+    assert {path.name for path in (tmp_path / "runs" / "kept-run").glob("*.db")} == {"replica1.db", "replica2.db"}
+
+
+def test_the_lab_keeps_a_bounded_number_of_run_directories_and_histories_and_never_one_in_use(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    results.mkdir(parents=True)
+    for index in range(runner.MAX_RUN_DIRS + 5):  # older runs, oldest first
+        (runs / f"old-{index:02d}").mkdir(parents=True)
+        os.utime(runs / f"old-{index:02d}", (1_000_000 + index, 1_000_000 + index))
+    for index in range(runner.MAX_HISTORY_FILES + 3):
+        history = results / f"old-{index:02d}.history.jsonl"
+        history.write_text("{}\n")
+        os.utime(history, (1_000_000 + index, 1_000_000 + index))
+    in_use = archs.build_standalone(archs.LayoutOptions(run_dir=runs / "old-00", ports="free"))
+    with Cluster(runs / "old-00", in_use.nodes, name="in-use"):  # the oldest, but a cluster runs from it
+        os.utime(runs / "old-00", (1_000_000, 1_000_000))
+        result = lab_run(tmp_path, architecture="standalone", duration_s=1.0, clients=1, run_name="newest",
+                         keep_history=True)
+    left = sorted(path.name for path in runs.iterdir())
+    # The newest ones up to the bound, the one in use among them although it is the oldest.
+    assert left == ["newest", "old-00"] + [f"old-{index:02d}" for index in range(7, runner.MAX_RUN_DIRS + 5)], left
+    assert len(left) == runner.MAX_RUN_DIRS
+    histories = sorted(path.name for path in results.glob("*.history.jsonl"))
+    assert len(histories) == runner.MAX_HISTORY_FILES and "newest.history.jsonl" in histories, histories
+    assert result.report["older_runs_removed"] == 6 + 4  # old-01 to old-06; the 4 oldest histories

@@ -26,6 +26,7 @@ import pytest
 import lab
 from common.blocking import BlockingConnection
 from common.lab import archs
+from common.lab.cluster import Cluster, Node, PortInUse
 from common.lab.faults import SCHEDULES
 from common.lab.runner import RunOptions, run_lab
 
@@ -74,7 +75,7 @@ def last_line(text: str) -> str:
 ])
 def test_a_bad_argument_is_one_usage_error_naming_the_valid_values(args, expected):
     result = run_cli(*args)
-    assert result.returncode == 2, result
+    assert result.returncode == 64, result  # bad usage, as in every script (common/cli.py)
     assert "Traceback" not in result.stderr
     message = last_line(result.stderr)
     for text in expected:
@@ -163,10 +164,11 @@ def hold(host: str, port: int) -> socket.socket | None:
 
 
 @pytest.mark.parametrize("args, address, advice", [
-    (["demo", "--duration", "1"], "127.0.0.11:6002", "--ports free"),
-    (["up", "--arch", "standalone"], "127.0.0.12:7000", "stop that cluster first"),
+    (["demo", "--duration", "1"], "127.0.0.11:6002", "or pass --ports free (make demo PORTS=free)"),
+    (["up", "--arch", "standalone"], "127.0.0.12:7000", "or pass --ports free"),
 ])
-def test_a_seed_port_held_by_another_cluster_is_named_in_one_line(args, address, advice, tmp_path):
+def test_a_seed_port_held_by_another_process_is_named_in_one_line_with_its_pid_and_the_ways_out(args, address, advice,
+                                                                                               tmp_path):
     host, port = address.split(":")
     listener = hold(host, int(port))
     try:
@@ -179,6 +181,29 @@ def test_a_seed_port_held_by_another_cluster_is_named_in_one_line(args, address,
     assert "Traceback" not in result.stderr
     message = last_line(result.stderr)
     assert f"{address} (" in message and "already in use" in message and advice in message, message
+    if listener is not None:  # held by this test's own process (else by something else on this machine)
+        assert f"already in use by pid {os.getpid()} (" in message and f"kill {os.getpid()};" in message, message
+
+
+def test_a_port_held_by_a_process_that_is_no_cluster_is_reported_with_its_pid_and_command_line(tmp_path):
+    """A replica started again by hand, say: its pid and command line say what to stop."""
+    script = tmp_path / "replica_started_by_hand.py"
+    script.write_text("import socket, time\nlistener = socket.socket()\nlistener.bind(('127.0.0.1', 0))\n"
+                      "listener.listen(1)\nprint(listener.getsockname()[1], flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(holder.stdout.readline())
+        node = Node("standalone", "replica.py", "127.0.0.1", port, {"mode": "standalone"})
+        with Cluster(tmp_path / "cluster", [node], name="clash") as cluster:
+            with pytest.raises(PortInUse) as refused:
+                cluster.start()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.value.pids == [holder.pid]
+    assert f"127.0.0.1:{port} (standalone) is already in use by pid {holder.pid} (" in str(refused.value)
+    assert f"({sys.executable} {script})" in str(refused.value)
+    assert "saldo cluster" not in str(refused.value)  # it is not one: no guess
 
 
 # --- up: a process exits, the cluster stays up ---------------------------------------------------
@@ -351,3 +376,70 @@ def test_the_farm_bench_drops_its_database_when_a_run_fails(mysql_url, monkeypat
     with pytest.raises(RuntimeError):
         farm_bench.run(mysql_url, duration_s=1, repeat=1, ports="free")
     assert not database_exists(farm_bench.farm_store(mysql_url))
+
+
+# --- A machine without the loopback aliases (macOS) ------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", list(archs.BUILDERS))
+def test_on_one_host_every_layout_listens_on_127_0_0_1_with_the_seeds_ports_kept_apart(architecture, tmp_path):
+    one_host = archs.Hosts(one_host=True)
+    lab_cluster = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="seed", hosts=one_host))
+    addresses = [address for node in lab_cluster.nodes for address in node.listen_addresses()]
+    assert {host for host, _port in addresses} == {"127.0.0.1"}
+    assert len(addresses) == len(set(addresses)), addresses  # no two processes on one port
+    topology = " ".join(str(node.entry()) for node in lab_cluster.nodes)
+    assert not re.search(r"127\.0\.0\.1[1-4]", topology), topology  # no node told to look for a seed host
+    seed = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="seed", hosts=archs.Hosts()))
+    first = seed.nodes[0]
+    assert first.port == lab_cluster.nodes[0].port - archs.ONE_HOST_PORT_STEP * archs.SEED_HOSTS.index(first.host)
+
+
+def test_the_seed_hosts_are_used_where_they_can_be_bound_and_not_where_they_cannot(monkeypatch):
+    assert archs.detect_hosts() == archs.Hosts(one_host=False)  # Linux: all of 127.0.0.0/8 is there
+    monkeypatch.setattr(archs, "_can_bind", lambda host: host == "127.0.0.1")  # as on macOS
+    assert archs.detect_hosts() == archs.Hosts(one_host=True)
+
+
+def test_up_without_the_loopback_aliases_says_so_in_one_line_and_serves_on_127_0_0_1(tmp_path):
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    env = {**os.environ, archs.NO_ALIASES_ENV: "1"}
+    with out.open("w") as stdout, err.open("w") as stderr:
+        up = subprocess.Popen([sys.executable, str(REPO_ROOT / "lab.py"), "up", "--arch", "sequencer", "--ports", "free",
+                               "--run-dir", str(tmp_path / "cluster")], cwd=REPO_ROOT, stdout=stdout, stderr=stderr, env=env)
+    try:
+        wait_for(out, r"replica2\s+\S+ +pid \d+")
+        notes = [line for line in err.read_text().splitlines() if "cannot be bound here" in line]
+        assert len(notes) == 1 and "127.0.0.1" in notes[0] and "macOS" in notes[0], err.read_text()
+        listed = re.findall(r"^  (sequencer|replica1|replica2)\s+(\S+):(\d+)", out.read_text(), re.MULTILINE)
+        assert {host for _name, host, _port in listed} == {"127.0.0.1"} and len(listed) == 3, out.read_text()
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "client.py"), "--topology", str(tmp_path / "cluster" / "topology.json"),
+                               "deposit", "alice", "5"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("OK balance=5.00"), done
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=20) == 0
+
+
+def test_the_demo_run_without_the_loopback_aliases_is_valid(tmp_path):
+    """What `make demo` runs (a sequencer cluster, replica1 killed and restarted), laid out on one host."""
+    result = run_lab(RunOptions(architecture="sequencer", clients=8, window=16, duration_s=2.0, faults="kill-replica",
+                                ports="free", progress=False, hosts=archs.Hosts(one_host=True),
+                                results_dir=tmp_path / "results", run_root=tmp_path / "runs", run_name="demo-one-host"))
+    assert result.report["verdict"] == "valid", result.report["anomalies"]
+    assert {node.host for node in result.lab.nodes} == {"127.0.0.1"}
+    assert [fault["action"] for fault in result.report["faults"]][:1] == ["kill"], result.report["faults"]
+
+
+def test_on_one_host_every_architecture_can_be_up_beside_the_others_as_on_the_seeds_hosts(tmp_path):
+    """`make up ARCH=queue` beside a running sequencer cluster: no two clusters want one port."""
+    for hosts in (archs.Hosts(one_host=True), archs.Hosts(one_host=False)):
+        taken: dict[tuple[str, int], str] = {}
+        for architecture in [a for a in archs.BUILDERS if a != "primary-backup-async"]:  # (primary-backup's ports)
+            layout = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path / architecture, ports="seed", hosts=hosts))
+            for node in layout.nodes:
+                if node.role == "worker":  # a worker's STATUS port is a free one
+                    continue
+                for address in node.listen_addresses():
+                    assert address not in taken, (architecture, node.name, address, taken[address])
+                    taken[address] = f"{architecture}/{node.name}"

@@ -548,3 +548,65 @@ def test_a_backup_keeps_what_it_promised_and_refuses_entries_while_a_state_trans
         assert record_from_meta(on_disk.load(1_000).meta, replicas).sync_set.version == 2
     finally:
         on_disk.close()
+
+
+def test_a_replica_that_cannot_reach_its_witness_says_so_in_status_and_once_in_its_log(tmp_path):
+    """The witness started without --host listens on 127.0.0.1 while the replicas are told
+    127.0.0.11: the replicas elect a primary between them, but a failover would need the witness.
+    Each replica lists it as UNREACHABLE in STATUS, and warns once for the outage, not per retry."""
+    lab = archs.build("primary-backup", archs.LayoutOptions(run_dir=tmp_path, ports="free"))
+    witness = next(node for node in lab.nodes if node.name == "witness")
+    told = (witness.host, witness.port)  # where the replicas look for it (their --witnesses)
+    witness.host = "127.0.0.1"
+    with Cluster(tmp_path, lab.nodes, name="pb-witness-elsewhere") as cluster:
+        cluster.start()
+        wait_for(lambda: serving_primary(cluster, lab.replicas), 15, "a primary (the two replicas are a majority)")
+        # (Each replica reaches the other once both are up: the witness alone stays listed.)
+        status = wait_for(lambda: all(set(s["UNREACHABLE"]) == {"witness"} for s in statuses(cluster, lab.replicas).values())
+                          and statuses(cluster, lab.replicas), 10, "the witness listed as unreachable")
+        for name in lab.replicas:
+            entry = status[name]["UNREACHABLE"]["witness"]
+            assert entry["ROLE"] == "witness" and entry["ADDRESS"] == f"{told[0]}:{told[1]}", entry
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["SINCE"]) and entry["FOR_S"] > 0, entry
+            assert "Connection refused" in entry["ERROR"] or "ConnectionRefused" in entry["ERROR"], entry
+        time.sleep(4.0)  # past UNREACHABLE_WARNING_S, and several more attempts
+        for name in lab.replicas:
+            warnings = [e for e in log_events(cluster.log_path(name), "peer_unreachable")
+                        if e.get("level") == "warning" and e.get("peer") == "witness"]
+            assert len(warnings) == 1, warnings  # once per outage, not at every retry
+            assert warnings[0]["address"] == f"{told[0]}:{told[1]}" and warnings[0]["role"] == "witness", warnings
+        # Something listens where the replicas look: the outage ends, and they say so.
+        with socket.create_server(told) as listener:
+            wait_for(lambda: all(not s["UNREACHABLE"] for s in statuses(cluster, lab.replicas).values())
+                     and statuses(cluster, lab.replicas), 10, "the witness reachable again")
+            listener.close()
+        for name in lab.replicas:
+            assert log_events(cluster.log_path(name), "peer_reachable_again"), name
+
+
+def test_client_py_accounts_asks_the_primary_and_a_backup_answers_when_asked_to(tmp_path):
+    import subprocess
+    import sys
+
+    with serving_cluster(tmp_path, "pb-accounts") as (lab, nodes, cluster, primary):
+        assert all(reply["STATUS"] == "OK" for reply in deposits(lab, 2, account="alice"))
+        assert all(reply["STATUS"] == "OK" for reply in deposits(lab, 1, account="alcie"))  # a typo
+        done = subprocess.run([sys.executable, "client.py", "--arch", "primary-backup", "--topology", str(cluster.topology_path),
+                               "accounts"],
+                              cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done
+        assert done.stdout.split() == ["alcie", "5.00", "alice", "10.00", "2", "accounts", "at", "seq", "3"], done.stdout
+        backup = next(name for name in lab.replicas if name != primary)
+        node = nodes[backup]
+        read = wait_for(lambda: (lambda reply: reply.get("STATUS") == "OK" and reply.get("SEQ") == 3 and reply)(
+            cluster.request(backup, {"TASK": "ACCOUNTS", "ID": "at-backup", "READ_FROM": "BACKUP"})), 10, "the backup's read")
+        assert read["ACCOUNTS"] == [["alcie", "5.00"], ["alice", "10.00"]] and read["ROLE"] == "backup", read
+        refused = cluster.request(backup, {"TASK": "ACCOUNTS", "ID": "no-read-from"})
+        assert refused["ERROR"] == "NOT_PRIMARY" and refused["TARGET_MASTER"]["PORT"] == nodes[primary].port, (refused, node)
+
+
+def test_docs_protocol_names_every_status_field_of_a_primary_a_backup_and_the_witness(tmp_path, undocumented_status_fields):
+    with serving_cluster(tmp_path, "pb-status-fields") as (lab, _nodes, cluster, _primary):
+        for name in ["witness", *lab.replicas]:
+            status = cluster.status(name)
+            assert undocumented_status_fields(status) == set(), (name, status)

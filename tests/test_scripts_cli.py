@@ -38,6 +38,34 @@ def test_client_py_bad_usage_exits_64_with_one_clear_line(args, message):
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    # argparse alone takes the misspelt flag's value for the command: "invalid choice: '127.0.0.1:1'".
+    (["client.py", "--adress", "127.0.0.1:1", "deposit", "alice", "1"],
+     "client.py: error: unknown flag --adress (did you mean --address?)"),
+    (["client.py", "--topolgy", "var/up/sequencer/topology.json", "balance", "alice"],
+     "client.py: error: unknown flag --topolgy (did you mean --topology?)"),
+    (["client.py", "deposit", "alice", "1", "--address", "127.0.0.1:1"],
+     "client.py: error: --address goes before the command deposit"),
+    (["client.py", "--min-seq", "3", "balance", "alice"], "client.py: error: --min-seq goes after the command (balance)"),
+    (["client.py", "worker", "--sever", "127.0.0.1:1"], "client.py worker: error: unknown flag --sever (did you mean --server?)"),
+    (["lab.py", "up", "--arhc", "farm"], "lab.py: error: unknown flag --arhc (did you mean --arch?)"),
+    (["lab.py", "--arch", "farm", "up"], "lab.py: error: --arch goes after the command (up, run, bench, chaos)"),
+    (["replica.py", "--mode", "sequencer", "--sequencr", "127.0.0.1:1"],
+     "replica.py: error: unknown flag --sequencr (did you mean --sequencer?)"),
+    (["replica.py", "--topolgy", "var/up/sequencer/topology.json", "--name", "replica1"],
+     "replica.py: error: unknown flag --topolgy (did you mean --topology?)"),
+    (["server.py", "--mode", "queue", "--replicaz", "replica1=127.0.0.1:1"],
+     "server.py: error: unknown flag --replicaz (did you mean --replicas?)"),
+    (["sequencer.py", "--replcas", "replica1"], "sequencer.py: error: unknown flag --replcas (did you mean --replicas?)"),
+    (["replica.py", "--mode", "bogus", "--port", "1"], "replica.py: error: --mode must be one of multicast, primary-backup"),
+])
+def test_a_misspelt_or_misplaced_flag_is_named_with_the_flag_meant_and_exits_64(args, message):
+    done = run_script(*args)
+    assert done.returncode == 64, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
 def test_client_py_against_a_port_where_nothing_listens_says_so_and_exits_1():
     with socket.socket() as probe:  # a port that was free a moment ago
         probe.bind(("127.0.0.1", 0))
@@ -153,3 +181,13 @@ def test_the_flags_of_an_operation_may_follow_its_name_as_a_printed_hint_suggest
     assert (args.id, args.wait, args.timeout) == ("op-9", "applied", 10.0)
     args = client.build_parser().parse_args(["--id", "op-8", "--timeout", "3", "balance", "alice"])
     assert (args.id, args.timeout, args.json) == ("op-8", 3.0, False)  # before it, as always
+
+
+def test_the_protocol_reference_lists_every_error_code_with_whether_it_is_definite():
+    from common.errors import ERROR_CODES
+
+    rows = [line for line in (REPO_ROOT / "docs" / "protocol.md").read_text().splitlines() if line.startswith("| `")]
+    for code, (definite, _meaning) in ERROR_CODES.items():
+        row = next((row for row in rows if f"`{code}`" in row.split("|")[1]), None)
+        assert row is not None, f"{code} is not in docs/protocol.md"
+        assert row.split("|")[2].strip() == ("yes" if definite else "no"), row

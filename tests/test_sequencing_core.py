@@ -940,3 +940,27 @@ def test_a_log_write_that_fails_stops_the_sequencer_before_anything_is_broadcast
         asyncio.run(scenario())
     assert exits == [EXIT_STORE_FAILURE]
     assert client.lines == []
+
+
+def test_clients_waiting_for_an_apply_while_no_replica_is_connected_are_told_so_and_the_entry_stays():
+    core = SequencerCore(REPLICAS, no_replica_answer_s=1.0)
+    core.on_subscribe("replica1", 0, replies=[])
+    core.on_disconnect("replica1")  # the last replica left
+    core.submit(deposit("op-1"), "applied", "op-1")
+    core.submit(deposit("op-2"), "logged", "op-2", needed=0)
+    log_all(core)
+    assert core.answer_waiters_without_replica(now_s=10.0) == []  # the clock starts when no replica is first seen
+    assert core.answer_waiters_without_replica(now_s=10.9) == []
+    replies = replies_by_client(core.answer_waiters_without_replica(now_s=11.0))
+    [told] = replies.pop("applied")
+    assert replies == {}  # "logged" was answered when its entry was durable
+    assert (told["ERROR"], told["DEFINITE"], told["SEQ"]) == ("NO_REPLICA", False, 1)
+    assert "replica1, replica2" in told["DETAIL"]
+    assert core.status()["WAITING_REQUESTS"] == 0
+    # A retry waits again; once a replica is back, it gets the result, and nothing is numbered twice.
+    assert core.submit(deposit("op-1"), "retry", "op-1") == []
+    _kind, data = core.on_subscribe("replica2", 0, replies=[])
+    assert core.answer_waiters_without_replica(now_s=20.0) == []
+    assert seqs_in(data) == [1, 2]
+    replies = core.on_applied("replica2", 2, [(1, None, 100), (2, None, 200)])
+    assert replies_by_client(replies) == {"retry": [{"ID": "op-1", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 1}]}

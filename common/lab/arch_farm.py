@@ -53,12 +53,13 @@ def build(options: LayoutOptions) -> LabCluster:
     unknown = set(extra) - SERVER_OPTIONS - WORKER_OPTIONS
     if unknown:
         raise ValueError(f"unknown farm options: {', '.join(sorted(unknown))}")
-    ports = _Ports(options.ports)
+    ports = _Ports(options)
     store = _store_url(options, "farm")
     if options.fresh_stores:
         empty_store(store)
     names = ["farm1", "farm2"]
-    addresses = [(SERVER_HOSTS[i], ports.get(SERVER_HOSTS[i], topology.DEFAULT_PORTS["farm_server"] + i)) for i in range(2)]
+    real = options.hosts.real
+    addresses = [(real(SERVER_HOSTS[i]), ports.get(SERVER_HOSTS[i], topology.DEFAULT_PORTS["farm_server"] + i)) for i in range(2)]
     server_settings = {key: value for key, value in extra.items() if key in SERVER_OPTIONS}
     nodes: list[Node] = []
     for index, name in enumerate(names):
@@ -71,7 +72,7 @@ def build(options: LayoutOptions) -> LabCluster:
     for index in range(worker_count):
         name = f"worker{index + 1}"
         home, other = addresses[index % 2], addresses[1 - index % 2]
-        nodes.append(Node(name, "-m common.nodes.farm_worker", WORKER_HOST, free_port(WORKER_HOST), {
+        nodes.append(Node(name, "-m common.nodes.farm_worker", real(WORKER_HOST), free_port(real(WORKER_HOST)), {
             "server": topology.format_address(home), "failover": topology.format_address(other),
             "worker_id": name, **worker_settings,
         }, role="worker", store=store))

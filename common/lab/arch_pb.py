@@ -127,7 +127,8 @@ class PBLabCluster(LabCluster):
 
 
 def build(options: LayoutOptions) -> PBLabCluster:
-    ports = _Ports(options.ports)
+    ports = _Ports(options)
+    real = options.hosts.real
     extra = options.extra
     replication = str(extra.get("replication", "sync"))
     if replication not in ("sync", "async"):
@@ -139,15 +140,16 @@ def build(options: LayoutOptions) -> PBLabCluster:
     if not 2 <= replica_count <= len(REPLICA_HOSTS):
         raise ValueError(f"primary-backup: replicas must be 2 to {len(REPLICA_HOSTS)}")
     names = [f"replica{i + 1}" for i in range(replica_count)]
-    hosts = {name: REPLICA_HOSTS[i] for i, name in enumerate(names)}
-    client_ports = {name: ports.get(hosts[name], topology.DEFAULT_PORTS["primary_client"]) for name in names}
-    peer_ports = {name: ports.get(hosts[name], topology.DEFAULT_PORTS["primary_peer"]) for name in names}
-    witness_address = (ORCHESTRATOR_HOST, ports.get(ORCHESTRATOR_HOST, topology.DEFAULT_PORTS["witness"]))
+    layout_hosts = {name: REPLICA_HOSTS[i] for i, name in enumerate(names)}  # for their ports and proxies
+    hosts = {name: real(host) for name, host in layout_hosts.items()}
+    client_ports = {name: ports.get(layout_hosts[name], topology.DEFAULT_PORTS["primary_client"]) for name in names}
+    peer_ports = {name: ports.get(layout_hosts[name], topology.DEFAULT_PORTS["primary_peer"]) for name in names}
+    witness_address = (real(ORCHESTRATOR_HOST), ports.get(ORCHESTRATOR_HOST, topology.DEFAULT_PORTS["witness"]))
     settings_common = {key: kind(extra[key]) for key, kind in _REPLICA_SETTINGS.items() if key in extra}
 
     nodes: list[Node] = []
     witness_settings = {"mode": "witness", "replicas": ",".join(names), "state_file": str(options.run_dir / "witness.json"),
-                        "peer_hosts": ",".join(hosts[name] for name in names)}
+                        "peer_hosts": ",".join(dict.fromkeys(hosts[name] for name in names))}
     if "lease_duration" in settings_common:
         witness_settings["lease_duration"] = settings_common["lease_duration"]
     nodes.append(Node("witness", "server.py", *witness_address, witness_settings, role="witness"))
@@ -160,7 +162,7 @@ def build(options: LayoutOptions) -> PBLabCluster:
         targets["witness"] = witness_address
         for peer, address in targets.items():
             proxy_name = f"proxy-{name}-{peer}"
-            seen[peer] = _through_proxy(options, nodes, proxies_of, name, proxy_name, hosts[name], address)
+            seen[peer] = _through_proxy(options, nodes, proxies_of, name, proxy_name, layout_hosts[name], address)
             if options.proxies and peer in proxies_of:
                 proxies_of[peer].append(proxy_name)  # the same link is the other replica's incoming one
         settings = {
@@ -168,7 +170,7 @@ def build(options: LayoutOptions) -> PBLabCluster:
             "peer_port": peer_ports[name],
             "replicas": ",".join(f"{r}@{topology.format_address(seen[r])}" for r in names),
             # Where the other replicas connect from (with proxies, --replicas names proxy addresses).
-            "peer_hosts": ",".join(hosts[r] for r in names),
+            "peer_hosts": ",".join(dict.fromkeys(hosts[r] for r in names)),
             "witnesses": f"witness@{topology.format_address(seen['witness'])}",
             "replication": replication,
             **settings_common,

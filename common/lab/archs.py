@@ -2,7 +2,9 @@
 
 Owns the local layout of a cluster per architecture, on the seed's three "hosts" (127.0.0.11 the
 orchestrator, 127.0.0.12 and 127.0.0.13 the replicas), with the seed's ports or free ones, and
-routes chosen links through fault proxies. A `LabCluster` also knows which node plays a role in a
+routes chosen links through fault proxies. Where those loopback addresses cannot be bound (macOS
+has only 127.0.0.1 without aliases), every "host" listens on 127.0.0.1 with ports of its own
+(`Hosts`). A `LabCluster` also knows which node plays a role in a
 fault ("replica", "primary", ...) and how to start and end each kind of fault on it.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +28,49 @@ log = get_logger("archs")
 
 ORCHESTRATOR_HOST = "127.0.0.11"
 REPLICA_HOSTS = ("127.0.0.12", "127.0.0.13", "127.0.0.14")
+SEED_HOSTS = (ORCHESTRATOR_HOST, *REPLICA_HOSTS)
+ONE_HOST = "127.0.0.1"
+# On one host, the seed's ports of "host" k (0: the orchestrator) are moved up by k steps: replica1
+# reads on 6017, replica2 on 6027. The seed's ports are at least this far apart wherever two
+# "hosts" would take the same one, and every layout's set of ports stays distinct (a test checks).
+ONE_HOST_PORT_STEP = 10
+# Set to 1 to lay clusters out as on a machine without the loopback aliases (to try it on Linux).
+NO_ALIASES_ENV = "SALDO_NO_LOOPBACK_ALIASES"
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """Where the layout's "hosts" (SEED_HOSTS) listen: at their own addresses, or all at ONE_HOST."""
+
+    one_host: bool = False
+
+    def real(self, host: str) -> str:
+        return ONE_HOST if self.one_host and host in SEED_HOSTS else host
+
+    def seed_port(self, host: str, seed_port: int) -> int:
+        return seed_port + ONE_HOST_PORT_STEP * SEED_HOSTS.index(host) if self.one_host and host in SEED_HOSTS else seed_port
+
+    def notice(self) -> str:
+        """One line for the person at the terminal when the layout is on one host."""
+        return (f"note: {SEED_HOSTS[0]}-{SEED_HOSTS[-1].rsplit('.', 1)[1]} cannot be bound here (no loopback aliases, as "
+                f"on macOS): every process listens on {ONE_HOST}, each \"host\" on ports of its own (the seed's "
+                f"+{ONE_HOST_PORT_STEP} per host); `sudo ifconfig lo0 alias 127.0.0.11 up` (and .12-.14) gives the seed's layout")
+
+
+def _can_bind(host: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
+def detect_hosts() -> Hosts:
+    """The seed's hosts when this machine can listen on every one of them, else ONE_HOST."""
+    if os.environ.get(NO_ALIASES_ENV) == "1":
+        return Hosts(one_host=True)
+    return Hosts(one_host=not all(_can_bind(host) for host in SEED_HOSTS))
 
 
 @dataclass
@@ -122,15 +169,23 @@ class LayoutOptions:
     # A lab run starts from empty stores (the checker compares them with its history); `up` keeps
     # what a cluster's earlier runs left (False), and so does a layout built only to check options.
     fresh_stores: bool = True
+    hosts: Hosts | None = None  # default: what this machine can bind (detect_hosts)
+
+    def __post_init__(self) -> None:
+        if self.hosts is None:
+            self.hosts = detect_hosts()
 
 
 class _Ports:
-    def __init__(self, mode: str) -> None:
-        assert mode in ("seed", "free"), mode
-        self.mode = mode
+    """A node's port on one of the layout's "hosts" (SEED_HOSTS, named as such: see Hosts)."""
+
+    def __init__(self, options: LayoutOptions) -> None:
+        assert options.ports in ("seed", "free"), options.ports
+        self.mode = options.ports
+        self.hosts = options.hosts
 
     def get(self, host: str, seed_port: int) -> int:
-        return seed_port if self.mode == "seed" else free_port(host)
+        return self.hosts.seed_port(host, seed_port) if self.mode == "seed" else free_port(self.hosts.real(host))
 
 
 def _store_url(options: LayoutOptions, name: str) -> str:
@@ -156,9 +211,11 @@ def _proxy(name: str, listen: tuple[str, int], target: tuple[str, int], control_
 def _through_proxy(options: LayoutOptions, nodes: list[Node], proxies_of: dict[str, list[str]], owner: str,
                    proxy_name: str, listen_host: str, target: tuple[str, int]) -> tuple[str, int]:
     """Where the connecting side of a link connects: `target` itself, or, when the layout asks for
-    proxies, a fault proxy listening on `listen_host` in front of it, counted among `owner`'s links."""
+    proxies, a fault proxy listening on `listen_host` (a layout "host") in front of it, counted
+    among `owner`'s links."""
     if not options.proxies:
         return target
+    listen_host = options.hosts.real(listen_host)
     listen = (listen_host, free_port(listen_host))
     nodes.append(_proxy(proxy_name, listen, target, free_port("127.0.0.1")))
     proxies_of.setdefault(owner, []).append(proxy_name)
@@ -171,9 +228,9 @@ def _int_extras(options: LayoutOptions, *keys: str) -> dict[str, int]:
 
 
 def build_standalone(options: LayoutOptions) -> LabCluster:
-    ports = _Ports(options.ports)
-    host = REPLICA_HOSTS[0]
-    port = ports.get(host, topology.DEFAULT_PORTS["standalone"])
+    ports = _Ports(options)
+    port = ports.get(REPLICA_HOSTS[0], topology.DEFAULT_PORTS["standalone"])
+    host = options.hosts.real(REPLICA_HOSTS[0])
     node = Node("standalone", "replica.py", host, port, {"mode": "standalone"}, store=_store_url(options, "standalone"))
     nodes = [node]
     proxies_of: dict[str, list[str]] = {}
@@ -197,30 +254,31 @@ def build_standalone(options: LayoutOptions) -> LabCluster:
 
 def build_sequencer(options: LayoutOptions) -> LabCluster:
     """The sequencer on the orchestrator host, two replicas (three with extra replicas=3)."""
-    ports = _Ports(options.ports)
+    ports = _Ports(options)
+    real = options.hosts.real
     replica_count = int(options.extra.get("replicas", 2))
-    seq_host = ORCHESTRATOR_HOST
-    client_port = ports.get(seq_host, topology.DEFAULT_PORTS["sequencer_client"])
-    replica_port = ports.get(seq_host, topology.DEFAULT_PORTS["sequencer_replica"])
+    seq_host = real(ORCHESTRATOR_HOST)
+    client_port = ports.get(ORCHESTRATOR_HOST, topology.DEFAULT_PORTS["sequencer_client"])
+    replica_port = ports.get(ORCHESTRATOR_HOST, topology.DEFAULT_PORTS["sequencer_replica"])
     names = [f"replica{i + 1}" for i in range(replica_count)]
     read_ports = {name: ports.get(REPLICA_HOSTS[i], topology.DEFAULT_PORTS["sequencer_replica_client"]) for i, name in enumerate(names)}
     nodes: list[Node] = []
     proxies_of: dict[str, list[str]] = {name: [] for name in names}
     sequencer_settings = {"replica_port": replica_port, "replicas": ",".join(names),
-                          "peer_hosts": ",".join(REPLICA_HOSTS[:replica_count]),
+                          "peer_hosts": ",".join(dict.fromkeys(map(real, REPLICA_HOSTS[:replica_count]))),
                           "log_dir": str(options.run_dir / "sequencer-log"),
                           **_int_extras(options, "max_log_entries", "segment_entries")}
     nodes.append(Node("sequencer", "sequencer.py", seq_host, client_port, sequencer_settings, role="sequencer"))
     for index, name in enumerate(names):
-        host = REPLICA_HOSTS[index]
         # With proxies, this replica reaches the sequencer through one on its own host.
-        sequencer_address = _through_proxy(options, nodes, proxies_of, name, f"proxy-{name}-sequencer", host,
+        sequencer_address = _through_proxy(options, nodes, proxies_of, name, f"proxy-{name}-sequencer", REPLICA_HOSTS[index],
                                            (seq_host, replica_port))
-        peers = ",".join(f"{REPLICA_HOSTS[j]}:{read_ports[other]}" for j, other in enumerate(names) if other != name)
+        peers = ",".join(f"{real(REPLICA_HOSTS[j])}:{read_ports[other]}" for j, other in enumerate(names) if other != name)
         settings = {"mode": "sequencer", "sequencer": topology.format_address(sequencer_address), "peers": peers,
                     **_int_extras(options, "dedup_window")}
-        nodes.append(Node(name, "replica.py", host, read_ports[name], settings, store=_store_url(options, name)))
-    read_addresses = [(REPLICA_HOSTS[i], read_ports[name]) for i, name in enumerate(names)]
+        nodes.append(Node(name, "replica.py", real(REPLICA_HOSTS[index]), read_ports[name], settings,
+                          store=_store_url(options, name)))
+    read_addresses = [(real(REPLICA_HOSTS[i]), read_ports[name]) for i, name in enumerate(names)]
 
     def make_client(index: int, window: int) -> SequencerClient:
         return SequencerClient((seq_host, client_port), read_addresses, request_timeout_s=options.request_timeout_s,
@@ -240,15 +298,15 @@ def build_sequencer(options: LayoutOptions) -> LabCluster:
 
 def build_multicast(options: LayoutOptions) -> LabCluster:
     """Two replicas (or extra replicas=N), each applying whatever clients send it."""
-    ports = _Ports(options.ports)
+    ports = _Ports(options)
     replica_count = int(options.extra.get("replicas", 2))
     names = [f"replica{i + 1}" for i in range(replica_count)]
     nodes: list[Node] = []
     proxies_of: dict[str, list[str]] = {name: [] for name in names}
     client_addresses = []
     for index, name in enumerate(names):
-        host = REPLICA_HOSTS[index]
-        port = ports.get(host, topology.DEFAULT_PORTS["multicast_replica"])
+        port = ports.get(REPLICA_HOSTS[index], topology.DEFAULT_PORTS["multicast_replica"])
+        host = options.hosts.real(REPLICA_HOSTS[index])
         nodes.append(Node(name, "replica.py", host, port, {"mode": "multicast"}, store=_store_url(options, name)))
         # With proxies, the clients' link to this replica goes through one on the orchestrator host.
         client_addresses.append(_through_proxy(options, nodes, proxies_of, name, f"proxy-clients-{name}",
@@ -273,29 +331,30 @@ def build_multicast(options: LayoutOptions) -> LabCluster:
 
 def build_queue(options: LayoutOptions) -> LabCluster:
     """The RPC server on the orchestrator host pushing to two replicas' queue ports."""
-    ports = _Ports(options.ports)
+    ports = _Ports(options)
+    real = options.hosts.real
     replica_count = int(options.extra.get("replicas", 2))
-    server_host = ORCHESTRATOR_HOST
-    rpc_port = ports.get(server_host, topology.DEFAULT_PORTS["queue_rpc"])
+    server_host = real(ORCHESTRATOR_HOST)
+    rpc_port = ports.get(ORCHESTRATOR_HOST, topology.DEFAULT_PORTS["queue_rpc"])
     names = [f"replica{i + 1}" for i in range(replica_count)]
     queue_ports = {name: ports.get(REPLICA_HOSTS[i], topology.DEFAULT_PORTS["queue_replica"]) for i, name in enumerate(names)}
     nodes: list[Node] = []
     proxies_of: dict[str, list[str]] = {name: [] for name in names}
     feeds = []
     for index, name in enumerate(names):
-        host = REPLICA_HOSTS[index]
+        host = real(REPLICA_HOSTS[index])
         # With proxies, the server's link to this replica goes through one on the orchestrator host.
-        address = _through_proxy(options, nodes, proxies_of, name, f"proxy-server-{name}", server_host,
+        address = _through_proxy(options, nodes, proxies_of, name, f"proxy-server-{name}", ORCHESTRATOR_HOST,
                                  (host, queue_ports[name]))
         feeds.append(f"{name}={topology.format_address(address)}")
-        peers = ",".join(f"{REPLICA_HOSTS[j]}:{queue_ports[other]}" for j, other in enumerate(names) if other != name)
+        peers = ",".join(f"{real(REPLICA_HOSTS[j])}:{queue_ports[other]}" for j, other in enumerate(names) if other != name)
         settings = {"mode": "queue", "peers": peers, "peer_hosts": server_host, **_int_extras(options, "dedup_window")}
         nodes.append(Node(name, "replica.py", host, queue_ports[name], settings, store=_store_url(options, name)))
     server_settings = {"mode": "queue", "replicas": ",".join(feeds), "log_dir": str(options.run_dir / "queue-server-log"),
                        "ack_replicas": int(options.extra.get("ack_replicas", 0)),
                        **_int_extras(options, "max_log_entries", "segment_entries")}
     nodes.insert(0, Node("server", "server.py", server_host, rpc_port, server_settings, role="server"))
-    read_addresses = [(REPLICA_HOSTS[i], queue_ports[name]) for i, name in enumerate(names)]
+    read_addresses = [(real(REPLICA_HOSTS[i]), queue_ports[name]) for i, name in enumerate(names)]
 
     def make_client(index: int, window: int) -> SequencerClient:
         return SequencerClient((server_host, rpc_port), read_addresses, request_timeout_s=options.request_timeout_s,

@@ -65,6 +65,75 @@ def port_in_use(host: str, port: int) -> bool:
         return False
 
 
+_TCP_LISTEN = "0A"  # a socket's state in /proc/net/tcp
+MAX_COMMAND_LINE_CHARS = 160
+
+
+def _listening_inodes(host: str, port: int) -> set[str]:
+    """The inodes of the sockets that listen on `port` at `host` or at every address (Linux /proc,
+    where an address is printed as 32-bit words in the machine's byte order)."""
+    ipv4 = socket.inet_aton(host)
+    word = (ipv4[::-1] if sys.byteorder == "little" else ipv4).hex().upper()
+    mapped_prefix = ("0000FFFF" if sys.byteorder == "little" else "FFFF0000")  # the word of ::ffff:
+    wanted = {word, "00000000",  # /proc/net/tcp: host, or 0.0.0.0
+              "0" * 32, "0" * 16 + mapped_prefix + word}  # /proc/net/tcp6: ::, or ::ffff:host
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, _sep, port_hex = fields[1].partition(":")
+            if fields[3] == _TCP_LISTEN and int(port_hex, 16) == port and address in wanted:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _command_line(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(word.decode(errors="replace") for word in words)
+    return text if len(text) <= MAX_COMMAND_LINE_CHARS else text[:MAX_COMMAND_LINE_CHARS - 3] + "..."
+
+
+def port_holder(host: str, port: int) -> tuple[int, str] | None:
+    """(pid, command line) of the process listening on host:port, as far as this user may see
+    (/proc on Linux; `lsof` elsewhere); None when it cannot be told."""
+    inodes = _listening_inodes(host, port)
+    if inodes:
+        targets = {f"socket:[{inode}]" for inode in inodes}
+        for process in Path("/proc").iterdir():
+            if not process.name.isdigit():
+                continue
+            try:
+                descriptors = list((process / "fd").iterdir())
+            except OSError:  # gone, or another user's
+                continue
+            for descriptor in descriptors:
+                try:
+                    if os.readlink(descriptor) in targets:
+                        return int(process.name), _command_line(int(process.name))
+                except OSError:
+                    continue
+        return None
+    if Path("/proc/net/tcp").exists():
+        return None
+    try:  # macOS and the BSDs: no /proc
+        found = subprocess.run(["lsof", "-nP", f"-iTCP@{host}:{port}", "-sTCP:LISTEN", "-Fp"], capture_output=True,
+                               text=True, timeout=5.0).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    pids = [int(line[1:]) for line in found.splitlines() if line.startswith("p") and line[1:].isdigit()]
+    if not pids:
+        return None
+    command = subprocess.run(["ps", "-o", "command=", "-p", str(pids[0])], capture_output=True, text=True).stdout.strip()
+    return pids[0], command[:MAX_COMMAND_LINE_CHARS] or "?"
+
+
 class StartFailed(RuntimeError):
     """A node exited while the launcher waited for it to answer STATUS."""
 
@@ -79,13 +148,16 @@ class RunDirInUse(StartFailed):
 
 
 class PortInUse(StartFailed):
-    """Addresses a node must listen on are held by another process (most often a cluster left running)."""
+    """Addresses a node must listen on are held by another process: a cluster left running, or one
+    of its processes started again by hand. `holders`: address -> (pid, command line) or None."""
 
-    def __init__(self, addresses: list[str]) -> None:
-        self.addresses = addresses
-        verb = "is" if len(addresses) == 1 else "are"
-        super().__init__(f"{', '.join(addresses)} {verb} already in use by another process "
-                         f"(probably another saldo cluster still running)")
+    def __init__(self, holders: dict[str, tuple[int, str] | None]) -> None:
+        self.holders = holders
+        self.addresses = list(holders)
+        self.pids = sorted({holder[0] for holder in holders.values() if holder is not None})
+        super().__init__("; ".join(
+            f"{address} is already in use by " + (f"pid {holder[0]} ({holder[1]})" if holder else "another process")
+            for address, holder in holders.items()))
 
 
 @dataclass
@@ -132,6 +204,21 @@ def _lock_run_dir(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv)[:150]}\n".encode())
     return fd
+
+
+def run_dir_in_use(run_dir: Path) -> bool:
+    """Whether a launcher holds `run_dir` now (its lock, see _lock_run_dir)."""
+    try:
+        fd = os.open(run_dir / RUN_DIR_LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (and the lock with it)
+    return False
 
 
 class Cluster:
@@ -187,10 +274,11 @@ class Cluster:
             how = f"exited with code {code}"
         return f"(pid {process.pid}) {how}"
 
-    def _taken(self, names: list[str]) -> list[str]:
-        """The addresses the nodes `names` listen on that another process holds, as "host:port (node)"."""
-        return [f"{host}:{port} ({name})" for name in names for host, port in self.nodes[name].listen_addresses()
-                if port_in_use(host, port)]
+    def _taken(self, names: list[str]) -> dict[str, tuple[int, str] | None]:
+        """The addresses the nodes `names` listen on that another process holds, as "host:port
+        (node)", with that process when it can be told (see port_holder)."""
+        return {f"{host}:{port} ({name})": port_holder(host, port) for name in names
+                for host, port in self.nodes[name].listen_addresses() if port_in_use(host, port)}
 
     def spawn(self, name: str) -> int:
         """Start one node (not waiting for it); its PID."""

@@ -10,7 +10,8 @@ cpu_us_per_op (CPU microseconds per acknowledged operation, by process) and loop
 process: how often its event loop ran LOOP_STALL_THRESHOLD_MS or more late during the run, for how
 long in all, and the largest lag since the process started; null for a process that could not be
 asked, e.g. still paused when the run ended): while a process stalls, every operation that needs it
-waits.
+waits; stores_deleted (a valid run's SQLite stores are deleted unless kept) and older_runs_removed
+(run directories and histories beyond the lab's bounds, see common/lab/runner.py).
 
 The timeline is an SVG drawn by hand (no plotting library): throughput and latency per time bucket,
 with the fault windows shaded, so a person can see what a partition did.

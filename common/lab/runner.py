@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from common import aio
 from common.lab import archs, checker, report
-from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port
+from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port, run_dir_in_use
 from common.lab.faults import SCHEDULES, Fault, FaultInjector
 from common.lab.workload import DEFAULT_MIX, OpRecord, Workload, WorkloadConfig, describe_mix
 from common.log import get_logger
@@ -28,6 +29,13 @@ log = get_logger("runner")
 
 QUIET_TIMEOUT_S = 60.0
 QUIET_STABLE_S = 0.5
+# What the lab leaves on disk is bounded: a run's SQLite stores are tens of MB, and an invalid run's
+# history (results/<run>.history.jsonl) about 15 MB. The stores of a valid run are deleted unless
+# asked to keep them (RunOptions.keep_stores); the oldest run directories and histories beyond these
+# counts are removed after each run.
+MAX_RUN_DIRS = 20
+MAX_HISTORY_FILES = 10
+SQLITE_STORE_SUFFIXES = (".db", ".db-wal", ".db-shm")
 
 
 @dataclass
@@ -52,8 +60,10 @@ class RunOptions:
     proxies: bool | None = None  # default: when the schedule needs them
     extra: dict = field(default_factory=dict)  # architecture options (e.g. replication mode)
     keep_history: bool = False  # write results/<run>.history.jsonl even when the verdict is valid
+    keep_stores: bool = False  # keep the replicas' SQLite stores of a valid run (an invalid run's are kept)
     attempt_timeout_s: float = 2.0
     op_deadline_s: float = 20.0
+    hosts: archs.Hosts | None = None  # default: what this machine can bind (archs.detect_hosts)
 
 
 @dataclass
@@ -246,9 +256,9 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
     return workload, injector.records, applied, {"run_started_s": run_started, "run_ended_s": run_ended}, window_s
 
 
-async def _echo_reference(options: RunOptions, run_dir: Path) -> dict:
+async def _echo_reference(options: RunOptions, run_dir: Path, hosts: archs.Hosts) -> dict:
     """The same clients and pipelining against a bare newline-JSON echo server."""
-    host = archs.ORCHESTRATOR_HOST
+    host = hosts.real(archs.ORCHESTRATOR_HOST)
     port = free_port(host)
     node = Node("echo", "-m common.lab.echo", host, port, role="echo")
     from common.bankclient import DirectClient
@@ -282,6 +292,7 @@ def run_lab(options: RunOptions) -> RunResult:
         store=options.store,
         request_timeout_s=options.attempt_timeout_s,
         extra=options.extra,
+        hosts=options.hosts,
     )
     lab = archs.build(options.architecture, layout)
     # Refused before anything starts: a fault on a role the cluster lacks would hit some other node.
@@ -301,7 +312,7 @@ def run_lab(options: RunOptions) -> RunResult:
     history = workload.history
     result = checker.check(history, states, total_order=lab.total_order, read_your_writes=lab.read_your_writes,
                            failover_may_lose=lab.failover_may_lose)
-    reference = asyncio.run(_echo_reference(options, run_dir)) if options.reference else {}
+    reference = asyncio.run(_echo_reference(options, run_dir, layout.hosts)) if options.reference else {}
     run_history = [r for r in history if r.client >= 0]
     _add_recovery_times(faults, run_history)
     ops = {
@@ -358,8 +369,32 @@ def run_lab(options: RunOptions) -> RunResult:
             for record in history:
                 out.write(json.dumps(record.to_json()) + "\n")
         body["history"] = str(history_path)
+    body["stores_deleted"] = options.store == "sqlite" and result.valid and not options.keep_stores
+    if body["stores_deleted"]:
+        for path in run_dir.iterdir():
+            if path.name.endswith(SQLITE_STORE_SUFFIXES):
+                path.unlink()
+    body["older_runs_removed"] = (
+        _remove_oldest([path for path in options.run_root.iterdir() if path.is_dir()], MAX_RUN_DIRS, shutil.rmtree,
+                       spare=run_dir_in_use)
+        + _remove_oldest(list(options.results_dir.glob("*.history.jsonl")), MAX_HISTORY_FILES, Path.unlink))
     path = report.write_report(body, options.results_dir)
     return RunResult(body, history, states, result, path, lab)
+
+
+def _remove_oldest(paths: list[Path], keep: int, remove, spare=lambda _path: False) -> int:
+    """Remove all but the `keep` newest of `paths` (by modification time), except those `spare`
+    says to leave (a run directory a cluster runs from); how many went."""
+    excess = len(paths) - keep
+    doomed: list[Path] = []
+    for path in sorted(paths, key=lambda path: path.stat().st_mtime):
+        if len(doomed) >= excess:
+            break
+        if not spare(path):
+            doomed.append(path)
+    for path in doomed:
+        remove(path)
+    return len(doomed)
 
 
 def _add_recovery_times(faults: list[dict], history: list[OpRecord]) -> None:

@@ -29,6 +29,7 @@ import uuid
 from common import topology
 from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS, Operation, Query, parse_request
 from common.blocking import BlockingConnection, SelectorServer, serve_in_thread
+from common.cli import UsageParser
 from common.errors import SaldoError, error_reply
 from common.farm import check_id
 from common.farmworker import DEFAULT_MAX_DELIVERY_ATTEMPTS, Connect, Execute, Send, Step, WorkerConfig, WorkerCore
@@ -42,7 +43,7 @@ DEFAULT_SERVER = f"127.0.0.1:{topology.DEFAULT_PORTS['farm_server']}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="client.py worker", description=__doc__,
+    parser = UsageParser(prog="client.py worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", help="this worker's node name (logs)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

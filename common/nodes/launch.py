@@ -6,6 +6,7 @@ import argparse
 import importlib
 
 from common import topology
+from common.cli import UsageParser
 from common.process import add_common_flags, run
 
 
@@ -16,18 +17,18 @@ def main(description: str, modes: dict[str, str], default_mode: str, argv: list[
     early.add_argument("--topology")
     early.add_argument("--name")
     known, _rest = early.parse_known_args(argv)
+    parser = UsageParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = known.mode
     if mode is None and known.topology and known.name:
         try:
             mode = topology.load(known.topology)["nodes"].get(known.name, {}).get("mode")
         except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+            parser.fail(str(error))
     mode = mode or default_mode
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser)
     parser.add_argument("--mode", choices=sorted(modes), default=default_mode, help=f"role (default {default_mode})")
     if mode not in modes:
-        parser.error(f"--mode must be one of {', '.join(sorted(modes))}")
+        parser.fail(f"--mode must be one of {', '.join(sorted(modes))}")
     module = importlib.import_module(modes[mode])
     module.add_flags(parser, mode)  # the flags of this mode (a module may serve two)
     args = topology.parse_args(parser, argv)

@@ -30,7 +30,7 @@ from collections import deque
 from functools import partial
 
 from common import aio, topology, wire
-from common.bank import Operation, Query, balance_reply, parse_request, parse_request_line
+from common.bank import AccountsQuery, Operation, Query, parse_replica_request, parse_request_line, read_reply
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
@@ -87,6 +87,10 @@ LEASE_LOST_GRACE_S = 0.2
 BANK_TASKS = frozenset({"DEPOSIT", "WITHDRAW", "TRANSFER", "BALANCE", "QUERY"})
 PEER_REPLY_TASKS = frozenset({"VOTE_REPLY", "LEASE_REPLY", "POSITION", "ACK"})
 
+# A voter that cannot be connected to for this long is an outage, logged at warning level: longer
+# than the other processes of a cluster take to start, or one of them to restart.
+UNREACHABLE_WARNING_S = 3.0
+
 # When a queued reply may go out: at once; once the commit point covers its seq and the lease holds
 # (the primary's answers); once this replica's disk holds its seq (a backup's reads).
 GATE_NONE, GATE_COMMIT, GATE_DURABLE = 0, 1, 2
@@ -105,7 +109,8 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
                         help="hosts the other replicas connect from, comma-separated: only they may use the peer "
                              "port (default: any host, with a warning; see common/peers.py)")
     parser.add_argument("--replication", choices=REPLICATION_MODES, default=SYNC,
-                        help="sync: answer once every backup of the sync set has applied; async: once durable here")
+                        help="sync (the default): answer once every backup of the sync set has applied; async (the "
+                             "seed's): once durable here")
     parser.add_argument("--lease-duration", type=float, default=timing.lease_duration_s, help="seconds a lease lasts")
     parser.add_argument("--heartbeat-interval", type=float, default=timing.heartbeat_interval_s,
                         help="seconds between lease renewals (the primary's heartbeat)")
@@ -169,13 +174,20 @@ class ReplyQueue:
 class PeerLink:
     """This replica's outgoing connection to one other voter, and (as primary) what it has sent."""
 
-    def __init__(self, name: str, address: tuple[str, int]) -> None:
+    def __init__(self, name: str, address: tuple[str, int], role: str) -> None:
         self.name = name
         self.address = address
+        self.role = role  # "replica" or "witness"
         self.stream: aio.MessageStream | None = None
         self.live = False  # the replication stream goes out as entries are applied
         self.sent_seq = 0
         self.catchup_task: asyncio.Task | None = None
+        # While connection attempts fail: since when (monotonic, and wall-clock for STATUS), the
+        # last error, and whether the outage was reported (once per outage).
+        self.unreachable_since_s: float | None = None
+        self.unreachable_since_wall_s = 0.0
+        self.last_error = ""
+        self.outage_reported = False
 
 
 class PBReplica:
@@ -185,8 +197,9 @@ class PBReplica:
         self.core = core
         self.loop = asyncio.get_running_loop()
         self.started_at = time.monotonic()
+        roles = {**{name: "replica" for name in args.replica_peers}, **{name: "witness" for name in args.witness_peers}}
         peers = {**args.replica_peers, **args.witness_peers}
-        self.links = {name: PeerLink(name, address) for name, address in peers.items() if name != args.name}
+        self.links = {name: PeerLink(name, address, roles[name]) for name, address in peers.items() if name != args.name}
         self.source_host = source_address(args.host)  # where this replica connects to its peers from
         self.peer_check = PeerCheck.from_flag(args.peer_hosts, role="primary-backup replica")
         self.waiting: set[ReplyQueue] = set()
@@ -401,19 +414,20 @@ class PBReplica:
             if task == "STATUS":
                 return GATE_NONE, 0, wire.encode(self.status(request_id)), request_id
             try:
-                request = parse_request(item)
+                request = parse_replica_request(item)
             except SaldoError as error:
                 raise classify_unknown(item) if error.code == "UNKNOWN_MESSAGE" else error from None
             read_from = item.get("READ_FROM", "PRIMARY")
             if read_from not in ("PRIMARY", "BACKUP"):
                 raise SaldoError("FIELD_INVALID", "READ_FROM must be PRIMARY or BACKUP")
             core = self.core
-            if isinstance(request, Query) and read_from == "BACKUP" and core.primary is None:
+            is_read = isinstance(request, (Query, AccountsQuery))
+            if is_read and read_from == "BACKUP" and core.primary is None:
                 return self._backup_read(request_id, request)
             refusal_reason = self._refusal_reason()
             if refusal_reason is not None:
                 return GATE_NONE, 0, self._not_primary(request_id, refusal_reason, item), request_id
-            if not isinstance(request, Query):
+            if not is_read:
                 return self._apply_write(request_id, request, item)
             # Up to date: answered once everything applied before it is committed, under the lease.
             seq = core.log.last_seq
@@ -421,8 +435,7 @@ class PBReplica:
                 # The client saw a write this primary never got: one lost in an asynchronous
                 # failover, or a number from elsewhere. Answering would hide that its write is gone.
                 raise SaldoError("TOO_STALE", f"this primary is at seq {seq}, the read needs {request.min_seq}")
-            reply = balance_reply(request, self.dbank.bank.balance(request.account), request_id, SEQ=seq,
-                                  EPOCH=core.primary.epoch, BEHIND=0)
+            reply = read_reply(self.dbank.bank, request, request_id, SEQ=seq, EPOCH=core.primary.epoch, BEHIND=0)
             self.pending_replies += 1
             return GATE_COMMIT, seq, wire.encode(reply), request_id
         except SaldoError as error:
@@ -473,7 +486,7 @@ class PBReplica:
             self._ship_scheduled = True
             self.loop.call_soon(self.ship)
 
-    def _backup_read(self, request_id: object, query: Query) -> tuple[int, int, bytes, object]:
+    def _backup_read(self, request_id: object, query: Query | AccountsQuery) -> tuple[int, int, bytes, object]:
         core = self.core
         if not self.session_synced or self.diverged or core.installing:
             # Until the primary confirmed this log as a prefix of its own, it may hold a tail no
@@ -484,8 +497,7 @@ class PBReplica:
         if query.min_seq is not None and seq < query.min_seq:
             raise SaldoError("TOO_STALE", f"this backup is at seq {seq}, the read needs {query.min_seq}")
         behind = max(0, core.primary_seq - seq)
-        reply = balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=seq,
-                              EPOCH=core.epoch, BEHIND=behind, ROLE=core.role)
+        reply = read_reply(self.dbank.bank, query, request_id, SEQ=seq, EPOCH=core.epoch, BEHIND=behind, ROLE=core.role)
         return GATE_DURABLE, seq, wire.encode(reply), request_id
 
     def _not_primary(self, request_id: object, detail: str = "", message: dict | None = None) -> bytes:
@@ -596,12 +608,16 @@ class PBReplica:
         while not stop.is_set():
             stream = await aio.connect_with_backoff(
                 link.address, stop, max_line_bytes=PEER_LINE_BYTES, peer=link.name, connect_timeout_s=CONNECT_TIMEOUT_S,
-                source_host=self.source_host,
+                source_host=self.source_host, on_failure=partial(self._on_connect_failure, link),
             )
             if stream is None:
                 return
             link.stream = stream
             log.info("peer_connected", peer=link.name, address=topology.format_address(link.address))
+            if link.outage_reported:
+                log.warning("peer_reachable_again", peer=link.name, role=link.role,
+                            unreachable_s=round(time.monotonic() - link.unreachable_since_s, 3))
+            link.unreachable_since_s, link.outage_reported = None, False
             try:
                 self.apply(self.core.on_link_up(link.name, time.monotonic()))
                 await self._read_link(link, stream)
@@ -612,6 +628,29 @@ class PBReplica:
                 await stream.close()
                 log.info("peer_disconnected", peer=link.name)
             await asyncio.sleep(aio.RECONNECT_BACKOFF_S[0])
+
+    def _on_connect_failure(self, link: PeerLink, error: BaseException) -> None:
+        """A connection attempt to a voter failed: STATUS lists it as unreachable from the first
+        failure; the log says so at warning level once the outage lasts UNREACHABLE_WARNING_S (a
+        peer starting a moment later, or restarting, is no outage), once per outage."""
+        now = time.monotonic()
+        if link.unreachable_since_s is None:
+            link.unreachable_since_s, link.unreachable_since_wall_s = now, time.time()
+        link.last_error = repr(error)[:200]
+        if not link.outage_reported and now - link.unreachable_since_s >= UNREACHABLE_WARNING_S:
+            link.outage_reported = True
+            log.warning("peer_unreachable", peer=link.name, role=link.role, address=topology.format_address(link.address),
+                        unreachable_s=round(now - link.unreachable_since_s, 3), error=link.last_error,
+                        consequence=f"this replica cannot count on the {link.role}'s vote or lease grant")
+
+    def _unreachable(self, now: float) -> dict[str, dict]:
+        """STATUS's UNREACHABLE: each voter this replica cannot connect to now, since when and why."""
+        return {
+            link.name: {"ROLE": link.role, "ADDRESS": topology.format_address(link.address),
+                        "SINCE": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(link.unreachable_since_wall_s)),
+                        "FOR_S": round(now - link.unreachable_since_s, 3), "ERROR": link.last_error}
+            for link in self.links.values() if link.unreachable_since_s is not None
+        }
 
     async def _read_link(self, link: PeerLink, stream: aio.MessageStream) -> None:
         core = self.core
@@ -915,6 +954,7 @@ class PBReplica:
             **core.status(now),
             **self.dbank.status_fields(),
             "LINKS": sorted(name for name, link in self.links.items() if link.stream is not None),
+            "UNREACHABLE": self._unreachable(now),
             "SNAPSHOTS_INSTALLED": self.snapshots_installed,
             "SNAPSHOTS_SENT": self.snapshots_sent,
             "DISCARDED_OPS_TOTAL": self.discarded_ops_total,

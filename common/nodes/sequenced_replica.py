@@ -29,7 +29,7 @@ from collections import deque
 from functools import partial
 
 from common import aio, topology, wire
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Query, balance_reply, parse_request
+from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AccountsQuery, Query, parse_replica_request, read_reply
 from common.durable import DurableBank
 from common.errors import SaldoError, error_reply
 from common.log import get_logger
@@ -65,7 +65,8 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
                         help="port for reads, STATUS, SNAPSHOT and (queue mode) the server's FEED (default 6007; queue 6001)")
     # Each mode lists only the flags it uses (the other stays accepted, so a topology entry may carry it).
     parser.add_argument("--sequencer", default="127.0.0.1:6003",
-                        help="the sequencer's replica port" if mode == "sequencer" else argparse.SUPPRESS)
+                        help="the sequencer's replica port, HOST:PORT (default 127.0.0.1:6003)" if mode == "sequencer"
+                        else argparse.SUPPRESS)
     parser.add_argument("--peers", default="", help="other replicas' ports (host:port,...), for state transfer: fetched from them, "
                              "and given only to their hosts (none without --peers)")
     parser.add_argument("--peer-hosts", default="",
@@ -425,29 +426,29 @@ class SequencedReplica:
                             orderer = "sequencer" if self.args.mode == "sequencer" else "RPC server"
                             raise SaldoError("WRONG_ROLE", f"writes go to the {orderer}; a replica serves reads")
                         try:
-                            request = parse_request(message)
+                            request = parse_replica_request(message)
                         except SaldoError as error:
                             raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
-                        assert isinstance(request, Query), request
+                        assert isinstance(request, (Query, AccountsQuery)), request
                         self._read(stream, request_id, request)
                 except SaldoError as error:
                     stream.send(error_reply(error.code, error.detail, request_id))
             if not await stream.drain():
                 return
 
-    def _read(self, stream: aio.MessageStream, request_id: object, query: Query) -> None:
+    def _read(self, stream: aio.MessageStream, request_id: object, query: Query | AccountsQuery) -> None:
         min_seq = query.min_seq or 0
         if self.committed_seq >= min_seq:
-            stream.send(self._balance_reply(query, request_id))
+            stream.send(self._read_reply(query, request_id))
             return
         if len(self.read_waiters) >= MAX_WAITING_READS:
             raise SaldoError("OVERLOADED", f"{len(self.read_waiters)} reads are waiting for sequence numbers")
         self.read_waiters.append((min_seq, time.monotonic() + MIN_SEQ_WAIT_S, stream, request_id, query))
 
-    def _balance_reply(self, query: Query, request_id: object) -> dict:
+    def _read_reply(self, query: Query | AccountsQuery, request_id: object) -> dict:
         # SEQ is what the balance reflects: every entry delivered so far. The commit may lag behind
         # (it only gates MIN_SEQ reads); what it has not written, the log gives back after a crash.
-        return balance_reply(query, self.dbank.bank.balance(query.account), request_id, SEQ=self.core.last_delivered_seq)
+        return read_reply(self.dbank.bank, query, request_id, SEQ=self.core.last_delivered_seq)
 
     def _answer_reads(self) -> None:
         if not self.read_waiters:
@@ -456,7 +457,7 @@ class SequencedReplica:
         for waiter in self.read_waiters:
             min_seq, _deadline, stream, request_id, query = waiter
             if self.committed_seq >= min_seq:
-                stream.send(self._balance_reply(query, request_id))
+                stream.send(self._read_reply(query, request_id))
             else:
                 keep.append(waiter)
         self.read_waiters = keep

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from common import aio, topology, wire
-from common.bank import Operation, Query, parse_request, parse_request_line
+from common.bank import AccountsQuery, Operation, Query, parse_replica_request, parse_request_line
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
@@ -325,9 +325,11 @@ class SequencerNode:
             await stream.close()
 
     async def watch_results_source(self) -> None:
-        """Replace a results source that stalls while another replica could answer (see on_tick)."""
+        """Replace a results source that stalls while another replica could answer (see on_tick);
+        tell the clients waiting for an apply when no replica is connected."""
         while True:
             await asyncio.sleep(RESULTS_WATCH_INTERVAL_S)
+            self._send_replies(self.core.answer_waiters_without_replica(time.monotonic()))
             change = self.core.on_tick(time.monotonic())
             if change is None:
                 continue
@@ -402,11 +404,11 @@ class SequencerNode:
                 stream.send(self.status(request_id))
                 return
             try:
-                request = parse_request(message)
+                request = parse_replica_request(message)
             except SaldoError as error:
                 raise classify_unknown(message) if error.code == "UNKNOWN_MESSAGE" else error from None
-            if isinstance(request, Query):
-                raise SaldoError("WRONG_ROLE", f"the {self.role} orders writes; read balances from a replica")
+            if isinstance(request, (Query, AccountsQuery)):
+                raise SaldoError("WRONG_ROLE", f"the {self.role} orders writes; read balances and accounts from a replica")
             wait = message.get("WAIT", self.default_wait)
             if wait not in WAIT_MODES:
                 raise SaldoError("FIELD_INVALID", "WAIT must be SEQUENCED, APPLIED or ALL")
