@@ -890,17 +890,35 @@ def test_a_multicast_read_goes_to_another_replica_when_the_first_is_down():
     assert outcome == "ok" and reply["BALANCE"] == "7.00" and attempts == 2, (reply, attempts)
 
 
-@pytest.mark.parametrize("architecture", ["standalone", "multicast", "sequencer"])
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
 def test_a_seed_request_gets_its_id_msg_back_on_an_error_as_on_success(clusters, architecture):
     """Seed 002's clients pipeline and match replies by id_msg, so an error must carry it too."""
     running = clusters(architecture)
-    writer = {"standalone": "standalone", "multicast": "replica1", "sequencer": "sequencer"}[architecture]
+    writer = {"standalone": "standalone", "multicast": "replica1", "queue": "server", "sequencer": "sequencer"}[architecture]
     bad = {"id_msg": "seed-bad-1", "tipo": "SAQUE", "conta_origem": "acct-a", "valor": "abc"}
     reply = running.cluster.request(writer, bad, timeout_s=10.0)
     assert (reply["STATUS"], reply["ERROR"], reply.get("id_msg")) == ("NOK", "AMOUNT_MALFORMED", "seed-bad-1"), reply
     good = {"id_msg": "seed-good-1", "tipo": "DEPOSITO", "conta_destino": "acct-seed", "valor": "1.00"}
     reply = running.cluster.request(writer, good, timeout_s=10.0)
     assert (reply["STATUS"], reply.get("id_msg")) == ("OK", "seed-good-1"), reply
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
+def test_a_seed_request_with_a_numeric_id_msg_is_served_and_gets_it_back_as_it_came(clusters, architecture):
+    """Seed 002 says `id_msg: str  # UUID`, and its users send 7: the operation id "7" (one
+    operation with "7"), the reply carrying the number 7; an id_msg that is no id is refused, echoed."""
+    running = clusters(architecture)
+    writer = {"standalone": "standalone", "multicast": "replica1", "queue": "server", "sequencer": "sequencer"}[architecture]
+    numeric = {"id_msg": 7, "tipo": "DEPOSITO", "conta_destino": "acct-numeric", "valor": 1}
+    first = running.cluster.request(writer, numeric, timeout_s=10.0)
+    assert (first["STATUS"], first.get("id_msg")) == ("OK", 7), first
+    retry = running.cluster.request(writer, {**numeric, "id_msg": "7"}, timeout_s=10.0)  # the same operation
+    assert (retry["STATUS"], retry.get("id_msg"), retry.get("BALANCE")) == ("OK", "7", first.get("BALANCE")), retry
+    reused = running.cluster.request(writer, {**numeric, "valor": 2}, timeout_s=10.0)
+    assert (reused["STATUS"], reused.get("ERROR"), reused.get("id_msg")) == ("NOK", "ID_REUSED", 7), reused
+    for id_msg in (7.5, ["m-1"], True):
+        refused = running.cluster.request(writer, {**numeric, "id_msg": id_msg}, timeout_s=10.0)
+        assert (refused["ERROR"], refused.get("id_msg")) == ("ID_INVALID", id_msg), refused
 
 
 @pytest.mark.parametrize("architecture", ["standalone", "sequencer"])

@@ -89,10 +89,10 @@ class ClientRef:
 
     __slots__ = ("stream", "request_id", "id_msg")
 
-    def __init__(self, stream: aio.MessageStream, request_id: object, id_msg: str | None) -> None:
+    def __init__(self, stream: aio.MessageStream, request_id: object, id_msg: object) -> None:
         self.stream = stream
         self.request_id = request_id
-        self.id_msg = id_msg
+        self.id_msg = id_msg  # echoed as it came (None: none given)
 
 
 class ReplicaLink:
@@ -268,7 +268,8 @@ class SequencerNode:
             else:
                 raise classify_unknown(message)
         except SaldoError as error:
-            stream.send(error_reply(error.code, error.detail, message.get("ID") if type(message.get("ID")) in (str, int) else None))
+            request_id = message.get("ID") if type(message.get("ID")) in (str, int) else None
+            stream.send(with_id_msg(error_reply(error.code, error.detail, request_id), message))
         return link
 
     def _subscribe(self, stream: aio.MessageStream, link: ReplicaLink | None, message: dict) -> ReplicaLink:
@@ -395,7 +396,7 @@ class SequencerNode:
         try:
             request_id = wire.request_id_of(message)
         except SaldoError as error:
-            stream.send(error_reply(error.code, error.detail))
+            stream.send(with_id_msg(error_reply(error.code, error.detail), message))
             return
         try:
             if message.get("TASK") == "STATUS":
@@ -418,9 +419,10 @@ class SequencerNode:
 
     @staticmethod
     def _client_ref(stream: aio.MessageStream, message: dict, request_id: object, op: Operation):
-        if request_id == op.op_id and "id_msg" not in message:
+        id_msg = message.get("id_msg")
+        if request_id == op.op_id and id_msg is None:
             return stream
-        return ClientRef(stream, request_id, op.op_id if "id_msg" in message else None)
+        return ClientRef(stream, request_id, id_msg)
 
     def _send_replies(self, replies) -> None:
         if not replies:
