@@ -229,6 +229,56 @@ def test_a_retry_after_the_sequencer_restarts_gets_the_first_outcome(tmp_path):
         cluster.close()
 
 
+def wait_for_replicas_connected(cluster: Cluster, orderer: str) -> None:
+    deadline = time.monotonic() + 15
+    while not all(replica["CONNECTED"] for replica in cluster.status(orderer)["REPLICAS"].values()):
+        assert time.monotonic() < deadline, {name: cluster.log_path(name).read_text().splitlines()[-6:] for name in cluster.nodes}
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("architecture", ["queue", "sequencer"])
+def test_after_the_log_is_truncated_and_after_a_restart_a_retry_gets_its_first_seq_and_a_reused_id_is_refused(tmp_path, architecture):
+    """An operation applied, 60 more after it, the log truncated past it (segments of 10 entries):
+    a retry of its id is told its own seq, under every WAIT, and the id with another amount is
+    refused ID_REUSED at once, as before truncation; the same once the orderer restarted."""
+    lab = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="free", extra={"segment_entries": 10}))
+    orderer = "server" if architecture == "queue" else "sequencer"
+    with Cluster(tmp_path, lab.nodes, name=f"{architecture}-ids", architecture=architecture) as cluster:
+        cluster.start()
+        operation = {"TASK": "DEPOSIT", "ID": "q1", "ACCOUNT": "acct-q", "AMOUNT": "5.00"}
+        first = cluster.request(orderer, {**operation, "WAIT": "ALL"}, timeout_s=10.0)
+        assert (first["STATUS"], first["BALANCE"]) == ("OK", "5.00"), first
+        for index in range(60):
+            filler = {"TASK": "DEPOSIT", "ID": f"fill-{index}", "ACCOUNT": "acct-fill", "AMOUNT": "1.00", "WAIT": "ALL"}
+            assert cluster.request(orderer, filler, timeout_s=10.0)["STATUS"] == "OK"
+        deadline = time.monotonic() + 15  # the log drops a prefix once a second, once the replicas synced it
+        while cluster.status(orderer)["LOG_START_SEQ"] <= first["SEQ"]:
+            assert time.monotonic() < deadline, cluster.status(orderer)
+            time.sleep(0.1)
+        applied_before = {name: cluster.status(name)["OPS_APPLIED_TOTAL"] for name in lab.replicas}
+
+        def check_retries() -> None:
+            accepted = cluster.request(orderer, {**operation, "WAIT": "SEQUENCED"}, timeout_s=10.0)
+            assert (accepted["STATUS"], accepted.get("ACCEPTED"), accepted["SEQ"]) == ("OK", True, first["SEQ"]), accepted
+            default = cluster.request(orderer, dict(operation), timeout_s=10.0)  # the queue: once queued
+            assert (default["STATUS"], default["SEQ"]) == ("OK", first["SEQ"]), default
+            applied = cluster.request(orderer, {**operation, "WAIT": "APPLIED"}, timeout_s=10.0)
+            assert (applied["STATUS"], applied["BALANCE"], applied["SEQ"]) == ("OK", "5.00", first["SEQ"]), applied
+            for wait in (None, "SEQUENCED", "ALL"):
+                reused = {**operation, "AMOUNT": "6.00"} | ({"WAIT": wait} if wait else {})
+                refused = cluster.request(orderer, reused, timeout_s=10.0)
+                assert (refused["STATUS"], refused.get("ERROR")) == ("NOK", "ID_REUSED"), (wait, refused)
+
+        check_retries()
+        cluster.kill(orderer)
+        cluster.restart(orderer)
+        wait_for_replicas_connected(cluster, orderer)
+        check_retries()
+        for name in lab.replicas:  # applied once, everywhere
+            assert cluster.status(name)["OPS_APPLIED_TOTAL"] == applied_before[name]
+            assert cluster.request(name, {"TASK": "BALANCE", "ACCOUNT": "acct-q"})["BALANCE"] == "5.00"
+
+
 def test_sequencer_replica_connection_dropped_fills_the_gap_by_retransmission(tmp_path):
     # The replica's link to the sequencer is reset three times during the run (its proxy drops
     # the connection): whatever was in flight is lost; the replica resubscribes from its last

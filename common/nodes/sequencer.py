@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from common import aio, topology, wire
-from common.bank import Operation, Query, parse_request, parse_request_line
+from common.bank import DEFAULT_DEDUP_WINDOW_OPS, Operation, Query, parse_request, parse_request_line
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
@@ -69,6 +69,9 @@ def add_log_flags(parser: argparse.ArgumentParser) -> None:
                         help="entries kept for replicas that lag; one further behind recovers by state transfer")
     parser.add_argument("--segment-entries", type=int, default=DEFAULT_SEGMENT_ENTRIES)
     parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS)
+    parser.add_argument("--dedup-window", type=int, default=DEFAULT_DEDUP_WINDOW_OPS,
+                        help="how many operation ids are remembered (with their seq) for retries: the replicas' "
+                             f"--dedup-window (default {DEFAULT_DEDUP_WINDOW_OPS})")
     parser.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True,
                         help="fsync each log write (default on; off survives a process crash, not a power loss)")
     parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)
@@ -346,7 +349,8 @@ class SequencerNode:
             await self._truncate()
 
     async def _truncate(self) -> None:
-        """Drop the log's prefix that every replica applied (or that exceeds the bound)."""
+        """Drop the log's prefix that every replica applied (or that exceeds the bound); on disk,
+        what still names a remembered id stays, out of the log (see common/seqlog.py)."""
         if self.truncating:
             return
         point = self.core.truncation_point()
@@ -355,7 +359,8 @@ class SequencerNode:
         self.truncating = True
         dropped = 0
         try:
-            start = await self.loop.run_in_executor(self.trim_executor, self.seqlog.truncate_before, point)
+            start = await self.loop.run_in_executor(self.trim_executor, self.seqlog.truncate_before, point,
+                                                    self.core.ids_kept_from())
             while self.core.log_start_seq < start:  # a segment's entries, a chunk per turn of the loop
                 dropped += self.core.truncate(start, max_entries=TRUNCATE_CHUNK_ENTRIES)
                 await asyncio.sleep(0)
@@ -471,17 +476,28 @@ async def run_orderer(args: argparse.Namespace, stop: asyncio.Event, replica_nam
                       role: str, outbound: dict[str, tuple[str, int]]) -> int:
     """Run a SequencerCore with its log: the sequencer (replicas connect in) or the queue server
     (`outbound`: it connects to each replica's queue port and pushes)."""
+    if args.dedup_window < 1:
+        raise SystemExit("--dedup-window must be at least 1")
     seqlog = SequencerLog(args.log_dir, segment_entries=args.segment_entries, fsync=args.fsync)
-    entries, log_start_seq = await asyncio.to_thread(seqlog.load)
+
+    def load() -> tuple[list, int, list]:
+        entries, log_start_seq = seqlog.load()
+        return entries, log_start_seq, seqlog.retired(log_start_seq)
+
+    entries, log_start_seq, retired = await asyncio.to_thread(load)
     core = SequencerCore(
         replica_names=replica_names,
         next_seq=seqlog.last_seq + 1,
         log_start_seq=log_start_seq,
         max_log_entries=args.max_log_entries,
         max_waiting_requests=args.max_waiting_requests,
+        dedup_window_ops=args.dedup_window,
         log=deque(entries),
+        retired=retired,
     )
-    log.info("log_loaded", log_dir=args.log_dir, entries=len(entries), log_start_seq=log_start_seq, next_seq=core.next_seq)
+    log.info("log_loaded", log_dir=args.log_dir, entries=len(entries), log_start_seq=log_start_seq, next_seq=core.next_seq,
+             retired_entries=len(retired), ids_remembered=len(core.ids))
+    del retired  # read for the ids only
     node = SequencerNode(args, core, seqlog, default_wait=default_wait, role=role)
     clients = await aio.start_server(node.handle_client, args.host, args.port, name=f"{role}-clients",
                                      max_connections=args.max_connections)
