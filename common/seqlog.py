@@ -196,11 +196,11 @@ class SequencerLog:
                      log_start_seq=log_start_seq, ids_from_seq=ids_from_seq)
         return log_start_seq
 
-    def disk_bytes(self) -> int:
-        """The segments' size, retired ones included (for STATUS). Truncation may rename or delete
-        one meanwhile, on its own thread."""
+    def disk_bytes(self, retired: bool = False) -> int:
+        """The log's segments' size, or the retired (`ids-`) ones' (for STATUS). Truncation may
+        rename or delete one meanwhile, on its own thread."""
         total = 0
-        for _first, path in self.segments() + self.segments(_RETIRED_PREFIX):
+        for _first, path in self.segments(_RETIRED_PREFIX if retired else _PREFIX):
             try:
                 total += path.stat().st_size
             except FileNotFoundError:

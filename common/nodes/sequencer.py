@@ -460,6 +460,7 @@ class SequencerNode:
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
             "LOG_WRITES": self.log_writes,
             "LOG_BYTES_ON_DISK": self.seqlog.disk_bytes(),
+            "IDS_BYTES_ON_DISK": self.seqlog.disk_bytes(retired=True),  # truncated segments kept for their ids
             "LIVE_REPLICAS": sorted(n for n, link in self.links.items() if link.live),
             **self.core.status(),
             **aio.process_figures(),
