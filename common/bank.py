@@ -34,6 +34,10 @@ The messages this module reads are saldo's own and the seeds':
                                                                        and MIN_SEQ optional)
     {"id_msg": "<uuid>", "tipo": "DEPOSITO"|"SAQUE"|"TRANSFERENCIA",
      "conta_origem": ..., "conta_destino": ..., "valor": 10.5}        (seed 002's Operacao)
+
+Seed 002 declares `id_msg` a UUID string, and its users also send numbers: an integer id_msg is the
+operation id written in decimal (7 and "7" name the same operation). Every reply to an Operacao
+echoes its id_msg as it came (common/errors.py, with_id_msg).
 """
 
 from __future__ import annotations
@@ -184,6 +188,15 @@ def make_operation(op_id: object, kind: str, account: object, to_account: object
     return Operation(op_id, kind, check_account(account), None, amount_cents)
 
 
+def seed_op_id(id_msg: object) -> str:
+    """The operation id of seed 002's id_msg: a string as it is, an integer as its decimal string."""
+    if type(id_msg) is int:
+        id_msg = str(id_msg)
+    elif id_msg is not None and type(id_msg) is not str:
+        raise SaldoError("ID_INVALID", "id_msg must be a string (such as a UUID) or an integer")
+    return check_op_id(id_msg, "id_msg")
+
+
 def parse_request(message: dict) -> Operation | Query:
     """Read a bank request in any of the accepted formats; raise SaldoError if it is not one."""
     task = message.get("TASK")
@@ -208,11 +221,12 @@ def parse_request(message: dict) -> Operation | Query:
             raise SaldoError("FIELD_INVALID", "tipo must be DEPOSITO, SAQUE or TRANSFERENCIA")
         source = message.get("conta_origem")
         target = message.get("conta_destino")
+        op_id = seed_op_id(message.get("id_msg"))
         if kind == DEPOSIT:  # money arrives at the destination; accept the origin if that is all there is
-            return make_operation(message.get("id_msg"), kind, target if target is not None else source, None, message.get("valor"))
+            return make_operation(op_id, kind, target if target is not None else source, None, message.get("valor"))
         if kind == WITHDRAW:
-            return make_operation(message.get("id_msg"), kind, source if source is not None else target, None, message.get("valor"))
-        return make_operation(message.get("id_msg"), kind, source, target, message.get("valor"))
+            return make_operation(op_id, kind, source if source is not None else target, None, message.get("valor"))
+        return make_operation(op_id, kind, source, target, message.get("valor"))
     raise SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY) or an Operacao")
 
 

@@ -99,10 +99,10 @@ class SaldoError(Exception):
 
 
 def with_id_msg(reply: dict, message: dict) -> dict:
-    """Seed 002's clients match replies by their request's "id_msg": echo it (a string) on any
-    reply to such a request, errors included."""
+    """Seed 002's clients match replies by their request's "id_msg": echo it on any reply to such a
+    request, errors included, as it came (a number stays a number, even one refused as an id)."""
     id_msg = message.get("id_msg")
-    if type(id_msg) is str:
+    if id_msg is not None:
         reply["id_msg"] = id_msg
     return reply
 

@@ -237,7 +237,7 @@ class Waiter(NamedTuple):
 
     conn: int
     request_id: object  # the request's "ID" (None: none given)
-    id_msg: str | None  # seed 002's "id_msg"
+    id_msg: object  # seed 002's "id_msg", as it came (None: none given)
 
 
 class Task:
@@ -470,8 +470,7 @@ class FarmCore:
         forwarded_by = message.get("FORWARDED_BY")  # a peer that had no worker for it
         if forwarded_by is not None:
             check_id(forwarded_by, "FORWARDED_BY")
-        id_msg = message.get("id_msg")  # seed 002's clients match replies by it
-        waiter = Waiter(conn, request_id, id_msg if type(id_msg) is str else None)
+        waiter = Waiter(conn, request_id, message.get("id_msg"))  # seed 002's clients match replies by id_msg
         if isinstance(request, Operation):
             task_id = request.op_id
             done = self.completed.get(task_id)

@@ -17,6 +17,17 @@ The sequencer (`SequencerCore`):
    applied a prefix and has it on stable storage (SYNCED), that prefix is dropped (a lagging
    replica past the bound is dropped too, and must recover by state transfer). Memory and disk
    stay bounded.
+5. remembers, for the last `dedup_window_ops` operations it numbered (`OperationIds`), each id's
+   seq and a fingerprint of its operation, whether or not the log still holds the entry and across
+   its own restarts (they are read back from the log and the segments kept for them, see
+   common/seqlog.py). An id maps to one seq: a retry is answered with that seq, never numbered as
+   a new operation, and the same id with another operation is refused ID_REUSED at once. The
+   window counts the operations the replicas count in theirs (each entry that is not a retry is
+   applied once by every replica), so while the sequencer remembers an id, so do the replicas.
+6. answers a retry from what it holds: WAIT SEQUENCED at once (the entry is durable); otherwise
+   with the outcome a replica sent, while it is cached; else the operation is logged once more as a
+   retry entry (RETRY_OF: the seq it repeats). The replicas recognise the id and answer with the
+   first outcome, changing nothing, and the client is told the first seq.
 
 A replica (`SequencedReplicaCore`) delivers entries strictly in sequence order. An entry beyond
 the next expected number means a gap: it is held (a bounded number of them) and the missing range
@@ -37,6 +48,7 @@ Messages (one JSON object per line, like every saldo port):
   replica -> sequencer  {"TASK": "SUBSCRIBE", "REPLICA": "replica1", "LAST_APPLIED_SEQ": 41}
   sequencer -> replica  {"TASK": "ORDERED", "SEQ": 42, "ID": "<op id>", "OP": "TRANSFER",
                          "FROM": "alice", "TO": "bob", "AMOUNT_CENTS": 150}
+                        (a retry entry ends with "RETRY_OF": 13, the seq of the operation it repeats)
                         {"TASK": "SNAPSHOT_NEEDED", "LOG_START_SEQ": 9001}
                         {"TASK": "SUBSCRIBED", "SEND_RESULTS": true, "RESULTS_FROM_SEQ": 40}
                         {"TASK": "SEND_RESULTS", "FROM_SEQ": 40}
@@ -53,11 +65,14 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import InitVar, dataclass, field
+from itertools import chain
+from typing import Any, Iterable
 
-from common.bank import ACCOUNT_RE, OP_ID_RE, OPERATION_KINDS, TRANSFER, Operation, Outcome
+from common import wire
+from common.bank import ACCOUNT_RE, DEFAULT_DEDUP_WINDOW_OPS, OP_ID_RE, OPERATION_KINDS, TRANSFER, Operation, Outcome
 from common.errors import DETAIL_JSON, ERROR_CODES, SaldoError
 from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, render_cents
 
@@ -91,17 +106,20 @@ _RECORDED_ERRORS = frozenset({"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND", "BALANC
 # --- Entries: the log's lines and the broadcast's lines are the same bytes ----------------------
 
 
-def entry_line(seq: int, op: Operation) -> bytes:
-    """An ORDERED entry as one line. Names and ids are of a plain character set (validated by
-    common/bank.py before an operation is sequenced), so formatting needs no escaping."""
+def entry_line(seq: int, op: Operation, retry_of: int | None = None) -> bytes:
+    """An ORDERED entry as one line (a retry entry names the seq it repeats). Names and ids are of a
+    plain character set (validated by common/bank.py before an operation is sequenced), so
+    formatting needs no escaping."""
+    assert retry_of is None or 0 < retry_of < seq, (retry_of, seq)
+    tail = "}\n" if retry_of is None else f',"RETRY_OF":{retry_of}}}\n'
     if op.kind == TRANSFER:
         return (
             f'{{"TASK":"ORDERED","SEQ":{seq},"ID":"{op.op_id}","OP":"TRANSFER","FROM":"{op.account}",'
-            f'"TO":"{op.to_account}","AMOUNT_CENTS":{op.amount_cents}}}\n'
+            f'"TO":"{op.to_account}","AMOUNT_CENTS":{op.amount_cents}{tail}'
         ).encode()
     return (
         f'{{"TASK":"ORDERED","SEQ":{seq},"ID":"{op.op_id}","OP":"{op.kind}","ACCOUNT":"{op.account}",'
-        f'"AMOUNT_CENTS":{op.amount_cents}}}\n'
+        f'"AMOUNT_CENTS":{op.amount_cents}{tail}'
     ).encode()
 
 
@@ -165,6 +183,110 @@ def parse_entry_line(line: bytes) -> tuple[int, Operation] | None:
             return None
         return int(seq), _tuple_new(Operation, (op_id.decode(), kind.decode(), account.decode(), None, amount))
     return None
+
+
+def parse_logged_entry(line: bytes) -> tuple[int, Operation, int | None]:
+    """An entry as the log holds it (without its newline): (seq, operation, the seq it retries or
+    None). Raises SaldoError if it is not one."""
+    parsed = parse_entry_line(line)
+    if parsed is not None:
+        return parsed[0], parsed[1], None
+    message = wire.decode_line(line)
+    if message is None or message.get("TASK") != "ORDERED":
+        raise SaldoError("FIELD_INVALID", "not an ORDERED entry")
+    seq, op = parse_entry(message)
+    retry_of = message.get("RETRY_OF")
+    if retry_of is not None and (type(retry_of) is not int or not 0 < retry_of < seq):
+        raise SaldoError("FIELD_INVALID", "RETRY_OF must be an earlier seq")
+    return seq, op, retry_of
+
+
+def fingerprint(op: Operation) -> int:
+    """What a retry must repeat of an operation (kind, accounts, amount; its id is the same) as a
+    64-bit hash. It is the process's own string hash, seeded afresh at each start: never written
+    anywhere, computed again from the log's entries when the sequencer starts. Two different
+    operations under one id pass for the same one with a chance of 2**-64."""
+    return hash(op)
+
+
+class OperationIds:
+    """The ids of the last `window_ops` operations numbered (retry entries not counted), oldest
+    first, each with its seq and its operation's fingerprint. An id maps to one seq; remembering
+    one more than the window forgets the oldest.
+
+    The sequencer looks an id up with `seq_of` (the dict's own get) for every operation, and reads
+    a fingerprint only for a retry; fingerprints are kept apart, one machine word per seq in an
+    array, so that remembering an id allocates nothing but its dict slot."""
+
+    __slots__ = ("window_ops", "_seq_of", "_order", "_fingerprints", "_fingerprints_from_seq",
+                 "_remembered_since_trim", "seq_of")
+
+    def __init__(self, window_ops: int) -> None:
+        assert window_ops > 0
+        self.window_ops = window_ops
+        self._seq_of: dict[str, int] = {}  # op id -> seq
+        self._order: deque[str] = deque()  # the same ids, oldest first
+        # The fingerprint of each seq from _fingerprints_from_seq on (0 for a retry entry's seq);
+        # the seqs before the oldest id remembered are cut off once in a while (a memmove).
+        self._fingerprints = array("q")
+        self._fingerprints_from_seq = 0
+        self._remembered_since_trim = 0
+        self.seq_of = self._seq_of.get
+
+    def fingerprint_at(self, seq: int) -> int:
+        """The fingerprint of the operation a remembered id names at `seq`."""
+        return self._fingerprints[seq - self._fingerprints_from_seq]
+
+    def get(self, op_id: str) -> tuple[int, int] | None:
+        """(seq, fingerprint) of a remembered id, or None."""
+        seq = self._seq_of.get(op_id)
+        return None if seq is None else (seq, self.fingerprint_at(seq))
+
+    def remember(self, op_id: str, seq: int, op_fingerprint: int) -> None:
+        """Remember an id the window does not hold (the caller looked it up), numbered after
+        every id remembered so far."""
+        fingerprints = self._fingerprints
+        if not self._fingerprints_from_seq:
+            self._fingerprints_from_seq = seq
+        skipped = seq - self._fingerprints_from_seq - len(fingerprints)  # retry entries' seqs
+        if skipped:
+            assert skipped > 0, ("ids are remembered in seq order", op_id, seq)
+            fingerprints.frombytes(bytes(fingerprints.itemsize * skipped))
+        fingerprints.append(op_fingerprint)
+        seq_of = self._seq_of
+        seq_of[op_id] = seq
+        order = self._order
+        order.append(op_id)
+        if len(order) > self.window_ops:
+            del seq_of[order.popleft()]
+        # An id maps to one seq: had it been remembered already, the dict would not have grown.
+        assert len(seq_of) == len(order) <= self.window_ops, (op_id, seq)
+        self._remembered_since_trim += 1
+        if self._remembered_since_trim > self.window_ops // 4:
+            self._trim_fingerprints()
+
+    def _trim_fingerprints(self) -> None:
+        """Forget the fingerprints of seqs before the oldest id remembered."""
+        oldest = self._seq_of[self._order[0]]
+        del self._fingerprints[: oldest - self._fingerprints_from_seq]
+        self._fingerprints_from_seq = oldest
+        self._remembered_since_trim = 0
+
+    def oldest_seq(self) -> int | None:
+        """The seq of the oldest id remembered (None when none is): the log keeps what names it."""
+        return self._seq_of[self._order[0]] if self._order else None
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def check_invariants(self) -> None:
+        """O(window): at start and in tests."""
+        assert len(self._seq_of) == len(self._order) <= self.window_ops
+        seqs = [self._seq_of[op_id] for op_id in self._order]
+        assert all(a < b for a, b in zip(seqs, seqs[1:])), "ids are remembered in seq order, each once"
+        if seqs:
+            assert self._fingerprints_from_seq <= seqs[0]
+            assert seqs[-1] == self._fingerprints_from_seq + len(self._fingerprints) - 1
 
 
 def applied_line(upto_seq: int, results: list[tuple[int, str | None, int | None]], synced_seq: int) -> bytes:
@@ -242,6 +364,7 @@ class Waiter:
     client: Any
     request_id: str
     replicas_needed: int
+    shown_seq: int = 0  # the seq its reply names, if not the one it waits on (a retry entry's: the first)
 
 
 @dataclass(slots=True)
@@ -263,6 +386,7 @@ class SequencerStats:
     sequenced_total: int = 0
     retries_attached: int = 0
     retries_answered_from_cache: int = 0
+    retry_entries: int = 0  # retries logged again to learn their first outcome
     truncated_to_seq: int = 0
     replicas_dropped_from_log: int = 0
     results_source_changes: int = 0
@@ -270,7 +394,10 @@ class SequencerStats:
 
 @dataclass
 class SequencerCore:
-    """See the module docstring. `next_seq` and the log come from the durable log at start."""
+    """See the module docstring. `next_seq` and the log come from the durable log at start, and
+    `retired`, the entries before the log's start that the log kept for their ids (see
+    common/seqlog.py), with it: the ids of the last `dedup_window_ops` operations are rebuilt from
+    both."""
 
     replica_names: list[str]
     next_seq: int = 1
@@ -280,12 +407,14 @@ class SequencerCore:
     result_cache_entries: int = DEFAULT_RESULT_CACHE_ENTRIES
     results_source_stall_s: float = DEFAULT_RESULTS_SOURCE_STALL_S
     no_replica_answer_s: float = DEFAULT_NO_REPLICA_ANSWER_S
+    dedup_window_ops: int = DEFAULT_DEDUP_WINDOW_OPS  # as the replicas' --dedup-window
     # (seq, op id, line) from log_start_seq up to the last durable entry, oldest first.
     log: deque = field(default_factory=deque)
     durable_seq: int = 0  # the log is durable up to here
     stats: SequencerStats = field(default_factory=SequencerStats)
+    retired: InitVar[Iterable[tuple[int, str, bytes]]] = ()  # (seq, op id, line) before log_start_seq
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, retired: Iterable[tuple[int, str, bytes]]) -> None:
         assert self.replica_names, "a sequencer needs at least one replica name"
         self.replicas = {name: ReplicaProgress(name) for name in self.replica_names}
         self._unlogged: list[bytes] = []  # entries numbered but not yet handed to the log writer
@@ -295,23 +424,41 @@ class SequencerCore:
         self._waiting_count = 0
         self._waiting_for_several = 0  # waiters with replicas_needed > 1 (scanned on each APPLIED)
         self._waiting_for_log = 0  # waiters with replicas_needed == 0 (answered when logged)
-        self._seq_of_op: dict[str, int] = {}  # op id -> seq, for ops in the log
+        self.ids = OperationIds(self.dedup_window_ops)
+        # Retry entries of this run: retry seq -> the seq it repeats, and back (see _log_retry).
+        self._retry_of: dict[int, int] = {}
+        self._retry_entry_of: dict[int, int] = {}
         self._results: dict[int, tuple[str | None, int | None]] = {}  # seq -> result, recent
         self._results_order: deque[int] = deque()
-        self._highest_applied_seq = 0  # by any replica
         # Before replicas say how far they are (SUBSCRIBE), what an earlier run truncated is known to
         # be on every replica's disk: truncation never passes what they synced.
         for progress in self.replicas.values():
             progress.synced_seq = self.log_start_seq - 1
         self._highest_synced_seq = self.log_start_seq - 1  # the highest synced_seq of any replica
+        self._highest_applied_seq = self.log_start_seq - 1  # by any replica (so, at least that)
         self.results_source: str | None = None  # the replica that sends outcomes with its acks
         self._source_behind_since: tuple[str, int, float] | None = None  # (source, its applied_seq, since when)
         self._no_replica_since_s: float | None = None  # when this core last saw no replica connected, first
         if self.durable_seq == 0:
             self.durable_seq = self.next_seq - 1
         self._logged_before_start = self.durable_seq  # numbered by an earlier run of the sequencer
-        for seq, op_id, _line in self.log:
-            self._seq_of_op[op_id] = seq
+        self._remember_logged_ids(chain(retired, self.log))
+
+    def _remember_logged_ids(self, entries: Iterable[tuple[int, str, bytes]]) -> None:
+        """Rebuild the ids from the entries an earlier run logged, oldest first: the same rule as
+        submit(), so the same ids with the same seqs. A retry entry names no id; nor does an entry
+        whose id is already remembered (an earlier version logged a reused id again once its first
+        entry was truncated; the replicas refused it, ID_REUSED, and keep the first)."""
+        expected_seq = None
+        for seq, op_id, line in entries:
+            assert expected_seq is None or seq == expected_seq, ("the entries run without a gap", seq, expected_seq)
+            expected_seq = seq + 1
+            parsed_seq, op, retry_of = parse_logged_entry(line.rstrip(b"\n"))
+            assert (parsed_seq, op.op_id) == (seq, op_id), (parsed_seq, op.op_id, seq, op_id)
+            if retry_of is None and self.ids.seq_of(op_id) is None:
+                self.ids.remember(op_id, seq, fingerprint(op))
+        assert expected_seq is None or expected_seq == self.durable_seq + 1, (expected_seq, self.durable_seq)
+        self.ids.check_invariants()
 
     # Client operations ------------------------------------------------------------------------
     def submit(self, op: Operation, client: Any, request_id: str, needed: int = 1) -> list[Reply]:
@@ -319,52 +466,71 @@ class SequencerCore:
         once it is in the log), or attach the client to the op's earlier number. Returns replies
         that can be sent at once (a retry answered from the cache). Raises SaldoError(OVERLOADED)."""
         assert 0 <= needed <= len(self.replicas), needed
-        earlier_seq = self._seq_of_op.get(op.op_id)
-        if earlier_seq is not None:
-            earlier_line = self._entry_line_at(earlier_seq)
-            if earlier_line is not None and earlier_line != entry_line(earlier_seq, op):
-                raise SaldoError("ID_REUSED", f"id {op.op_id} names the operation at seq {earlier_seq}; nothing changed")
-            if needed == 0 and earlier_seq <= self.durable_seq:
-                return [Reply(client, sequenced_reply_line(request_id, earlier_seq))]
-            cached = self._results.get(earlier_seq)
-            if cached is not None and self._applied_count(earlier_seq) >= needed:
-                self.stats.retries_answered_from_cache += 1
-                return [Reply(client, result_reply_line(request_id, earlier_seq, *cached))]
-            if earlier_seq > self._highest_applied_seq or cached is not None:
-                # Its answer is still coming (not applied anywhere yet, or not yet by enough replicas).
-                # A retry waits like a new request, under the same bound: a client resending one id
-                # while replicas are away must not fill memory.
-                if self._waiting_count >= self.max_waiting_requests:
-                    raise SaldoError("OVERLOADED", f"{self._waiting_count} requests are waiting")
-                self._add_waiter(earlier_seq, Waiter(client, request_id, needed))
-                self.stats.retries_attached += 1
-                return []
-            # Applied somewhere, but its result is no longer cached here: number it again. The
-            # replicas recognise the id and answer with the first outcome, changing nothing.
+        op_fingerprint = fingerprint(op)
+        first_seq = self.ids.seq_of(op.op_id)
+        if first_seq is not None:
+            if op_fingerprint != self.ids.fingerprint_at(first_seq):
+                raise SaldoError("ID_REUSED", f"id {op.op_id} names the operation at seq {first_seq}; nothing changed")
+            return self._retry(op, first_seq, client, request_id, needed)
+        self._refuse_overloaded()
+        seq = self.next_seq
+        self.next_seq += 1
+        self._pending_entries.append((seq, op.op_id, entry_line(seq, op)))
+        self.ids.remember(op.op_id, seq, op_fingerprint)
+        self._add_waiter(seq, Waiter(client, request_id, needed))
+        self.stats.sequenced_total += 1
+        return []
+
+    def _refuse_overloaded(self) -> None:
+        """Raise OVERLOADED if a client may not wait for one more entry."""
         if self._waiting_count >= self.max_waiting_requests:
             raise SaldoError("OVERLOADED", f"{self._waiting_count} requests are waiting")
         if self.next_seq - 1 - self._highest_synced_seq >= self.max_log_entries:
             # No replica has the last max_log_entries on its disk (all of them down, or stuck):
             # the log may not forget them, so it takes no more until one catches up.
             raise SaldoError("OVERLOADED", f"the log holds {self.max_log_entries} operations that no replica has on disk yet")
-        seq = self.next_seq
-        self.next_seq += 1
-        line = entry_line(seq, op)
-        self._pending_entries.append((seq, op.op_id, line))
-        self._seq_of_op[op.op_id] = seq
-        self._add_waiter(seq, Waiter(client, request_id, needed))
-        self.stats.sequenced_total += 1
+
+    def _retry(self, op: Operation, first_seq: int, client: Any, request_id: str, needed: int) -> list[Reply]:
+        """A retry of the operation numbered `first_seq`: answered with that seq, whatever it takes
+        to learn the outcome."""
+        if needed == 0 and first_seq <= self.durable_seq:
+            return [Reply(client, sequenced_reply_line(request_id, first_seq))]
+        cached = self._results.get(first_seq)
+        if cached is not None and self._applied_count(first_seq) >= needed:
+            self.stats.retries_answered_from_cache += 1
+            return [Reply(client, result_reply_line(request_id, first_seq, *cached))]
+        retry_seq = self._retry_entry_of.get(first_seq)
+        if retry_seq is not None or first_seq > self._highest_applied_seq or cached is not None:
+            # Its answer is still coming (not applied anywhere yet, not yet by enough replicas, or
+            # asked of them by a retry entry). A retry waits like a new request, under the same
+            # bound: a client resending one id while replicas are away must not fill memory.
+            if self._waiting_count >= self.max_waiting_requests:
+                raise SaldoError("OVERLOADED", f"{self._waiting_count} requests are waiting")
+            if retry_seq is None:
+                self._add_waiter(first_seq, Waiter(client, request_id, needed))
+            else:
+                self._add_waiter(retry_seq, Waiter(client, request_id, needed, first_seq))
+            self.stats.retries_attached += 1
+            return []
+        # Applied, and its outcome is no longer here: ask the replicas with a retry entry.
+        self._refuse_overloaded()
+        self._add_waiter(self._log_retry(op, first_seq), Waiter(client, request_id, needed, first_seq))
         return []
 
-    def _entry_line_at(self, seq: int) -> bytes | None:
-        """The entry numbered `seq`, wherever it is now (the log, the write in flight, or waiting
-        for the next write); None once truncated (a replica then judges a reused id: Bank.apply)."""
-        for entries in (self._pending_entries, self._in_log_write):
-            if entries and entries[0][0] <= seq <= entries[-1][0]:
-                return entries[seq - entries[0][0]][2]
-        if self.log_start_seq <= seq <= self.durable_seq and seq - self.log_start_seq < len(self.log):
-            return self.log[seq - self.log_start_seq][2]
-        return None
+    def _log_retry(self, op: Operation, first_seq: int) -> int:
+        """Number `op` again as a retry of `first_seq` (the replicas recognise its id and answer
+        with the first outcome, changing nothing): the retry entry's seq. One at a time per
+        operation; it is forgotten when the log drops it."""
+        assert self.ids.get(op.op_id) == (first_seq, fingerprint(op)), (op, first_seq)
+        assert first_seq not in self._retry_entry_of, first_seq
+        seq = self.next_seq
+        self.next_seq += 1
+        self._pending_entries.append((seq, op.op_id, entry_line(seq, op, retry_of=first_seq)))
+        self._retry_of[seq] = first_seq
+        self._retry_entry_of[first_seq] = seq
+        self.stats.retry_entries += 1
+        self.stats.sequenced_total += 1
+        return seq
 
     def _applied_count(self, seq: int) -> int:
         return sum(1 for progress in self.replicas.values() if progress.applied_seq >= seq)
@@ -438,28 +604,28 @@ class SequencerCore:
 
     def _renumber_orphans(self, applied_seq: int) -> None:
         """Waiters on seqs that a replica applied before this process started (their outcomes went
-        to the previous one; no replica sends them again): give each operation a new number. The
-        replicas recognise its id and answer with the first outcome, changing nothing."""
+        to the previous one; no replica sends them again): log each operation again as a retry
+        entry, whose outcome the replicas send (the first one, changing nothing), and move its
+        waiters there; they are still told the first seq."""
         limit = min(applied_seq, self._logged_before_start)
         orphaned = [seq for seq in self._waiters if seq <= limit and seq not in self._results
                     and all(w.replicas_needed > 0 for w in self._waiters[seq])]
         for seq in sorted(orphaned):
             entry = self.entries_between(seq, seq) if seq >= self.log_start_seq else b""
-            parsed = parse_entry_line(entry.rstrip(b"\n")) if entry else None
-            if parsed is None:
-                continue  # no longer in the log: the clients' own retries will number it again
-            _seq, op = parsed
+            if not entry:
+                continue  # no longer in the log: the clients' own retries ask again
+            _seq, op, retry_of = parse_logged_entry(entry.rstrip(b"\n"))
+            # Clients wait on an operation's first seq, or on a retry entry of this run (never orphaned).
+            assert retry_of is None, (seq, retry_of)
+            if self.ids.get(op.op_id) != (seq, fingerprint(op)) or seq in self._retry_entry_of:
+                continue  # forgotten meanwhile (a window smaller than the wait): retries are new operations
             waiters = self._waiters.pop(seq)
             self._waiting_count -= len(waiters)
             self._waiting_for_several -= sum(1 for w in waiters if w.replicas_needed > 1)
-            assert all(w.replicas_needed > 0 for w in waiters)
-            new_seq = self.next_seq
-            self.next_seq += 1
-            self._pending_entries.append((new_seq, op.op_id, entry_line(new_seq, op)))
-            self._seq_of_op[op.op_id] = new_seq
+            retry_seq = self._log_retry(op, seq)
             for waiter in waiters:
-                self._add_waiter(new_seq, waiter)
-            self.stats.sequenced_total += 1
+                waiter.shown_seq = seq
+                self._add_waiter(retry_seq, waiter)
 
     def choose_results_source(self, replica: str) -> int | None:
         """Called once a replica subscribed: None if another connected replica sends the outcomes;
@@ -584,8 +750,11 @@ class SequencerCore:
             self._highest_synced_seq = progress.synced_seq
         replies: list[Reply] = []
         waiters = self._waiters
+        retry_of = self._retry_of
         for seq, error, balance in results:
             self._remember_result(seq, error, balance)
+            if retry_of and seq in retry_of:  # the first outcome: later retries are answered from here
+                self._remember_result(retry_of[seq], error, balance)
             if seq in waiters:
                 self._release(seq, 1, (error, balance), replies)
         if upto_seq > self._highest_applied_seq:
@@ -611,7 +780,11 @@ class SequencerCore:
             if waiter.replicas_needed > applied_count:
                 keep.append(waiter)
                 continue
-            line = sequenced_reply_line(waiter.request_id, seq) if result is None else result_reply_line(waiter.request_id, seq, *result)
+            shown_seq = waiter.shown_seq or seq
+            if result is None:
+                line = sequenced_reply_line(waiter.request_id, shown_seq)
+            else:
+                line = result_reply_line(waiter.request_id, shown_seq, *result)
             replies.append(Reply(waiter.client, line))
             self._waiting_count -= 1
             if waiter.replicas_needed > 1:
@@ -660,10 +833,11 @@ class SequencerCore:
         assert max_entries is None or max_entries > 0
         stop_seq = new_start_seq if max_entries is None else min(new_start_seq, self.log_start_seq + max_entries)
         dropped = 0
+        retry_of = self._retry_of
         while self.log and self.log[0][0] < stop_seq:
-            _seq, op_id, _line = self.log.popleft()
-            if self._seq_of_op.get(op_id) == _seq:
-                del self._seq_of_op[op_id]
+            seq, _op_id, _line = self.log.popleft()
+            if retry_of and seq in retry_of:  # a later retry of the same operation asks again
+                del self._retry_entry_of[retry_of.pop(seq)]
             dropped += 1
         if stop_seq == new_start_seq:
             lagging = [p.name for p in self.replicas.values() if p.synced_seq + 1 < new_start_seq]
@@ -672,6 +846,12 @@ class SequencerCore:
         self.stats.truncated_to_seq = stop_seq - 1
         assert not self.log or self.log[0][0] == self.log_start_seq, (self.log[0][0], self.log_start_seq)
         return dropped
+
+    def ids_kept_from(self) -> int:
+        """The first seq whose entry the log keeps for the ids it names (after truncation too):
+        the oldest id remembered, or the next seq when none is."""
+        oldest = self.ids.oldest_seq()
+        return self.next_seq if oldest is None else oldest
 
     def status(self) -> dict:
         return {
@@ -685,6 +865,8 @@ class SequencerCore:
                 for p in self.replicas.values()
             },
             "SEQUENCED_TOTAL": self.stats.sequenced_total,
+            "IDS_REMEMBERED": len(self.ids),
+            "RETRY_ENTRIES": self.stats.retry_entries,
             "RESULTS_SOURCE": self.results_source,
             "RESULTS_SOURCE_CHANGES": self.stats.results_source_changes,
         }

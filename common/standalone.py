@@ -69,12 +69,9 @@ def fast_balance_line(request_id: str, balance_cents: int, seq: int) -> bytes:
 
 def reply_for_operation(message: dict, request_id: object, op: Operation, outcome, extra: dict | None = None) -> bytes:
     """Fast path for saldo's own format; the generic encoder for the seeds' formats."""
-    if request_id == op.op_id and not extra:
+    if request_id == op.op_id and not extra and "id_msg" not in message:
         return fast_outcome_line(op.op_id, outcome)
-    reply = outcome_reply(outcome, request_id, **(extra or {}))
-    if "id_msg" in message:
-        reply["id_msg"] = op.op_id
-    return wire.encode(reply)
+    return wire.encode(with_id_msg(outcome_reply(outcome, request_id, **(extra or {})), message))
 
 
 def classify_unknown(message: dict) -> SaldoError:
@@ -165,7 +162,7 @@ class BankService:
         try:
             request_id = wire.request_id_of(item)
         except SaldoError as error:
-            return wire.encode(error_reply(error.code, error.detail))
+            return wire.encode(with_id_msg(error_reply(error.code, error.detail), item))
         try:
             if item.get("TASK") == "STATUS":
                 reply = self.status()

@@ -229,6 +229,56 @@ def test_a_retry_after_the_sequencer_restarts_gets_the_first_outcome(tmp_path):
         cluster.close()
 
 
+def wait_for_replicas_connected(cluster: Cluster, orderer: str) -> None:
+    deadline = time.monotonic() + 15
+    while not all(replica["CONNECTED"] for replica in cluster.status(orderer)["REPLICAS"].values()):
+        assert time.monotonic() < deadline, {name: cluster.log_path(name).read_text().splitlines()[-6:] for name in cluster.nodes}
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("architecture", ["queue", "sequencer"])
+def test_after_the_log_is_truncated_and_after_a_restart_a_retry_gets_its_first_seq_and_a_reused_id_is_refused(tmp_path, architecture):
+    """An operation applied, 60 more after it, the log truncated past it (segments of 10 entries):
+    a retry of its id is told its own seq, under every WAIT, and the id with another amount is
+    refused ID_REUSED at once, as before truncation; the same once the orderer restarted."""
+    lab = archs.build(architecture, archs.LayoutOptions(run_dir=tmp_path, ports="free", extra={"segment_entries": 10}))
+    orderer = "server" if architecture == "queue" else "sequencer"
+    with Cluster(tmp_path, lab.nodes, name=f"{architecture}-ids", architecture=architecture) as cluster:
+        cluster.start()
+        operation = {"TASK": "DEPOSIT", "ID": "q1", "ACCOUNT": "acct-q", "AMOUNT": "5.00"}
+        first = cluster.request(orderer, {**operation, "WAIT": "ALL"}, timeout_s=10.0)
+        assert (first["STATUS"], first["BALANCE"]) == ("OK", "5.00"), first
+        for index in range(60):
+            filler = {"TASK": "DEPOSIT", "ID": f"fill-{index}", "ACCOUNT": "acct-fill", "AMOUNT": "1.00", "WAIT": "ALL"}
+            assert cluster.request(orderer, filler, timeout_s=10.0)["STATUS"] == "OK"
+        deadline = time.monotonic() + 15  # the log drops a prefix once a second, once the replicas synced it
+        while cluster.status(orderer)["LOG_START_SEQ"] <= first["SEQ"]:
+            assert time.monotonic() < deadline, cluster.status(orderer)
+            time.sleep(0.1)
+        applied_before = {name: cluster.status(name)["OPS_APPLIED_TOTAL"] for name in lab.replicas}
+
+        def check_retries() -> None:
+            accepted = cluster.request(orderer, {**operation, "WAIT": "SEQUENCED"}, timeout_s=10.0)
+            assert (accepted["STATUS"], accepted.get("ACCEPTED"), accepted["SEQ"]) == ("OK", True, first["SEQ"]), accepted
+            default = cluster.request(orderer, dict(operation), timeout_s=10.0)  # the queue: once queued
+            assert (default["STATUS"], default["SEQ"]) == ("OK", first["SEQ"]), default
+            applied = cluster.request(orderer, {**operation, "WAIT": "APPLIED"}, timeout_s=10.0)
+            assert (applied["STATUS"], applied["BALANCE"], applied["SEQ"]) == ("OK", "5.00", first["SEQ"]), applied
+            for wait in (None, "SEQUENCED", "ALL"):
+                reused = {**operation, "AMOUNT": "6.00"} | ({"WAIT": wait} if wait else {})
+                refused = cluster.request(orderer, reused, timeout_s=10.0)
+                assert (refused["STATUS"], refused.get("ERROR")) == ("NOK", "ID_REUSED"), (wait, refused)
+
+        check_retries()
+        cluster.kill(orderer)
+        cluster.restart(orderer)
+        wait_for_replicas_connected(cluster, orderer)
+        check_retries()
+        for name in lab.replicas:  # applied once, everywhere
+            assert cluster.status(name)["OPS_APPLIED_TOTAL"] == applied_before[name]
+            assert cluster.request(name, {"TASK": "BALANCE", "ACCOUNT": "acct-q"})["BALANCE"] == "5.00"
+
+
 def test_sequencer_replica_connection_dropped_fills_the_gap_by_retransmission(tmp_path):
     # The replica's link to the sequencer is reset three times during the run (its proxy drops
     # the connection): whatever was in flight is lost; the replica resubscribes from its last
@@ -890,17 +940,35 @@ def test_a_multicast_read_goes_to_another_replica_when_the_first_is_down():
     assert outcome == "ok" and reply["BALANCE"] == "7.00" and attempts == 2, (reply, attempts)
 
 
-@pytest.mark.parametrize("architecture", ["standalone", "multicast", "sequencer"])
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
 def test_a_seed_request_gets_its_id_msg_back_on_an_error_as_on_success(clusters, architecture):
     """Seed 002's clients pipeline and match replies by id_msg, so an error must carry it too."""
     running = clusters(architecture)
-    writer = {"standalone": "standalone", "multicast": "replica1", "sequencer": "sequencer"}[architecture]
+    writer = {"standalone": "standalone", "multicast": "replica1", "queue": "server", "sequencer": "sequencer"}[architecture]
     bad = {"id_msg": "seed-bad-1", "tipo": "SAQUE", "conta_origem": "acct-a", "valor": "abc"}
     reply = running.cluster.request(writer, bad, timeout_s=10.0)
     assert (reply["STATUS"], reply["ERROR"], reply.get("id_msg")) == ("NOK", "AMOUNT_MALFORMED", "seed-bad-1"), reply
     good = {"id_msg": "seed-good-1", "tipo": "DEPOSITO", "conta_destino": "acct-seed", "valor": "1.00"}
     reply = running.cluster.request(writer, good, timeout_s=10.0)
     assert (reply["STATUS"], reply.get("id_msg")) == ("OK", "seed-good-1"), reply
+
+
+@pytest.mark.parametrize("architecture", ["standalone", "multicast", "queue", "sequencer"])
+def test_a_seed_request_with_a_numeric_id_msg_is_served_and_gets_it_back_as_it_came(clusters, architecture):
+    """Seed 002 says `id_msg: str  # UUID`, and its users send 7: the operation id "7" (one
+    operation with "7"), the reply carrying the number 7; an id_msg that is no id is refused, echoed."""
+    running = clusters(architecture)
+    writer = {"standalone": "standalone", "multicast": "replica1", "queue": "server", "sequencer": "sequencer"}[architecture]
+    numeric = {"id_msg": 7, "tipo": "DEPOSITO", "conta_destino": "acct-numeric", "valor": 1}
+    first = running.cluster.request(writer, numeric, timeout_s=10.0)
+    assert (first["STATUS"], first.get("id_msg")) == ("OK", 7), first
+    retry = running.cluster.request(writer, {**numeric, "id_msg": "7"}, timeout_s=10.0)  # the same operation
+    assert (retry["STATUS"], retry.get("id_msg"), retry.get("BALANCE")) == ("OK", "7", first.get("BALANCE")), retry
+    reused = running.cluster.request(writer, {**numeric, "valor": 2}, timeout_s=10.0)
+    assert (reused["STATUS"], reused.get("ERROR"), reused.get("id_msg")) == ("NOK", "ID_REUSED", 7), reused
+    for id_msg in (7.5, ["m-1"], True):
+        refused = running.cluster.request(writer, {**numeric, "id_msg": id_msg}, timeout_s=10.0)
+        assert (refused["ERROR"], refused.get("id_msg")) == ("ID_INVALID", id_msg), refused
 
 
 @pytest.mark.parametrize("architecture", ["standalone", "sequencer"])

@@ -132,6 +132,14 @@ def test_seed_002_valor_as_a_string():
     assert parse_request(message) == deposit("m1", "bob", 777)
 
 
+def test_seed_002_numeric_id_msg_is_the_operation_id_in_decimal():
+    """The seed declares id_msg a UUID string; its users send numbers too: 7 and "7" are one id."""
+    message = wire.decode_line(b'{"id_msg": 7, "tipo": "DEPOSITO", "conta_destino": "bob", "valor": 1}')
+    assert parse_request(message) == deposit("7", "bob", 100)
+    assert parse_request({**message, "id_msg": "7"}) == parse_request(message)
+    assert parse_request({**message, "id_msg": -12}).op_id == "-12"
+
+
 # --- parse_request: rejections ------------------------------------------------------------------
 
 OK_DEPOSIT = {"TASK": "DEPOSIT", "ID": "op-1", "ACCOUNT": "alice", "AMOUNT": "1"}
@@ -174,6 +182,10 @@ _ABSENT = object()
         (with_(OK_DEPOSIT, ID="has space"), "ID_INVALID"),
         (with_(OK_DEPOSIT, ID="slash/no"), "ID_INVALID"),
         ({"id_msg": None, "tipo": "DEPOSITO", "conta_destino": "a", "valor": 1}, "ID_INVALID"),
+        ({"id_msg": 7.5, "tipo": "DEPOSITO", "conta_destino": "a", "valor": 1}, "ID_INVALID"),
+        ({"id_msg": True, "tipo": "DEPOSITO", "conta_destino": "a", "valor": 1}, "ID_INVALID"),
+        ({"id_msg": ["m1"], "tipo": "DEPOSITO", "conta_destino": "a", "valor": 1}, "ID_INVALID"),
+        ({"id_msg": 10**70, "tipo": "DEPOSITO", "conta_destino": "a", "valor": 1}, "ID_INVALID"),
         ({"TASK": "PAY", "ID": "op-1"}, "UNKNOWN_MESSAGE"),
         ({"TASK": "deposit", "ID": "op-1", "ACCOUNT": "a", "AMOUNT": 1}, "UNKNOWN_MESSAGE"),
         ({}, "UNKNOWN_MESSAGE"),

@@ -153,6 +153,22 @@ def test_a_seed_002_operation_gets_its_id_msg_back_on_its_answer_as_on_an_error(
     assert sends(core, 3)[0]["id_msg"] == "seed-good-1"
 
 
+def test_a_seed_002_operation_with_a_numeric_id_msg_is_served_and_gets_it_back_as_it_came():
+    """Seed 002's users send id_msg 7: the operation id "7", and the number 7 echoed."""
+    core = make_core()
+    core.on_message(2, {"id_msg": 7, "tipo": "DEPOSITO", "conta_destino": "alice", "valor": "1.00"}, 0.0)
+    core.on_message(1, alive("w1"), 0.1)
+    core.pump(0.1)
+    ((task,),) = [batch["TASKS"] for batch in sends(core, 1)]
+    assert task["ID"] == "7"
+    core.on_message(1, alive("w1", results=[ok("7", "1.00")]), 0.2)
+    (answer,) = sends(core, 2)
+    assert (answer["STATUS"], answer["BALANCE"], answer["id_msg"]) == ("OK", "1.00", 7)
+    core.on_message(3, {"id_msg": 7.5, "tipo": "SAQUE", "conta_origem": "alice", "valor": "1.00"}, 0.3)
+    (refused,) = sends(core, 3)
+    assert (refused["ERROR"], refused["id_msg"]) == ("ID_INVALID", 7.5)
+
+
 def test_a_query_has_an_internal_id_that_no_client_update_can_take():
     core = make_core()
     core.on_message(2, {"TASK": "QUERY", "USER": "alice"}, 0.0)

@@ -39,6 +39,9 @@ TIME_LIMIT_S = 200.0  # the whole drive; the machine is shared, so generous
 # not yet deleted.
 LOG_ENTRIES_BOUND = MAX_LOG_ENTRIES + 2 * SEGMENT_ENTRIES
 LOG_BYTES_BOUND = LOG_ENTRIES_BOUND * 256
+# Truncated segments stay while the ids they hold are remembered (the dedup window), and go at the
+# next truncation after that: the window, the segment holding its oldest id, and a second's worth.
+IDS_BYTES_BOUND = (DEDUP_WINDOW + 2 * SEGMENT_ENTRIES) * 256
 # Peak memory may rise a little after the mid-run sample (allocator noise, a busier moment), but
 # not in proportion to the operations: the second half of the run adds as many as the first.
 MEMORY_GROWTH_LIMIT = 0.20
@@ -84,6 +87,7 @@ class LongRun:
             "elapsed_s": round(time.monotonic() - self.started, 1),
             "log_entries": statuses["sequencer"]["LOG_ENTRIES"],
             "log_bytes": statuses["sequencer"]["LOG_BYTES_ON_DISK"],
+            "ids_bytes": statuses["sequencer"]["IDS_BYTES_ON_DISK"],
             "log_start_seq": statuses["sequencer"]["LOG_START_SEQ"],
             "durable_seq": statuses["sequencer"]["DURABLE_SEQ"],
             "replicas": {name: {key: statuses[name][key] for key in ("LAST_APPLIED_SEQ", "SNAPSHOTS_INSTALLED")}
@@ -210,6 +214,8 @@ def test_the_log_stays_within_its_bound_while_operations_grow(long_run):
     for sample in run.samples:
         assert sample["log_entries"] <= LOG_ENTRIES_BOUND, sample
         assert sample["log_bytes"] <= LOG_BYTES_BOUND, sample
+        assert sample["ids_bytes"] <= IDS_BYTES_BOUND, sample
+    assert marks["end"]["ids_bytes"] > 0  # what the log dropped, kept for the ids it names
     # Twice the operations, not twice the log, nor twice the replicas' stores. The log's size is a
     # sawtooth (segments fill, a truncation tick deletes them), so two samples of it are not
     # comparable; what the second half must show is that truncation kept pace: the log dropped

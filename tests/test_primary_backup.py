@@ -456,11 +456,14 @@ def test_a_read_naming_a_seq_the_primary_never_reached_is_too_stale_not_an_old_b
         backup = nodes[next(name for name in lab.replicas if name != primary)]
         bad = {"id_msg": "seed-bad-1", "tipo": "SAQUE", "conta_origem": "alice", "valor": "abc"}
         good = {"id_msg": "seed-2", "tipo": "DEPOSITO", "conta_destino": "alice", "valor": "1.00"}
+        numeric = {"id_msg": 7, "tipo": "DEPOSITO", "conta_destino": "alice", "valor": 1}  # the seed's users' ids
         with BlockingConnection(node.host, node.port, connect_timeout_s=2.0) as connection:
             refused = connection.request(bad)
+            served = connection.request(numeric)
         with BlockingConnection(backup.host, backup.port, connect_timeout_s=2.0) as connection:
             redirected = connection.request(good)
         assert (refused["ERROR"], refused.get("id_msg")) == ("AMOUNT_MALFORMED", "seed-bad-1"), refused
+        assert (served["STATUS"], served.get("id_msg")) == ("OK", 7), served
         assert (redirected["ERROR"], redirected.get("id_msg")) == ("NOT_PRIMARY", "seed-2"), redirected
 
 

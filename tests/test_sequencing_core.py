@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common import wire
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Operation
+from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation
 from common.errors import SaldoError
 from common.seqlog import SequencerLog
 from common.sequencing import (
@@ -26,9 +26,13 @@ from common.sequencing import (
     SequencerCore,
     applied_line,
     entry_line,
+    fingerprint,
     parse_applied,
     parse_entry,
+    parse_entry_line,
+    parse_logged_entry,
     replicas_needed,
+    result_reply_line,
     sequenced_reply_line,
 )
 
@@ -230,7 +234,7 @@ def test_a_retry_after_the_result_is_answered_from_the_cache():
     assert json.loads(core.submit(deposit("op-1"), "s", "op-1", needed=0)[0].line)["ACCEPTED"] is True
 
 
-def test_a_retry_whose_result_is_gone_is_sequenced_again():
+def test_a_retry_whose_result_is_gone_is_asked_of_the_replicas_and_told_its_first_seq():
     core = SequencerCore(REPLICAS, result_cache_entries=2)
     for index in range(1, 5):
         core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}")
@@ -238,15 +242,22 @@ def test_a_retry_whose_result_is_gone_is_sequenced_again():
     core.on_applied("replica1", 4, applied_results(data))  # results of 1 and 2 fall out of the cache
     assert core.submit(deposit("op-4"), "retry-4", "op-4") != []  # still cached
     assert core.submit(deposit("op-1"), "retry-1", "op-1") == []
+    assert core.submit(deposit("op-1"), "retry-1-again", "op-1") == []  # waits for the same retry entry
     entries = core.take_unlogged()
-    assert [(seq, op_id) for seq, op_id, _line in entries] == [(5, "op-1")]  # a new number
+    # A retry entry: the operation again under a new number, naming the one it repeats.
+    assert [(seq, op_id) for seq, op_id, _line in entries] == [(5, "op-1")]
+    assert decode(entries[0][2])[0]["RETRY_OF"] == 1
     data, _ = core.on_logged(5)
-    # The replica recognises the id and answers with the first outcome; the client gets seq 5.
+    # The replica recognises the id and answers with the first outcome; the clients get seq 1.
     replies = core.on_applied("replica1", 5, [(5, None, 100)])
-    assert replies_by_client(replies) == {"retry-1": [{"ID": "op-1", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 5}]}
+    first = {"ID": "op-1", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 1}
+    assert replies_by_client(replies) == {"retry-1": [first], "retry-1-again": [first]}
+    # Its outcome is cached under its first seq now: the next retry is answered at once.
+    assert replies_by_client(core.submit(deposit("op-1"), "later", "op-1")) == {"later": [first]}
+    assert not core.has_unlogged and core.status()["RETRY_ENTRIES"] == 1
 
 
-def test_after_a_restart_a_retry_of_an_operation_the_replicas_already_applied_is_numbered_again():
+def test_after_a_restart_a_retry_of_an_operation_the_replicas_already_applied_is_asked_again_and_told_its_seq():
     before_crash = sequenced_core(3)
     # The replicas applied 1..3; the sequencer crashed before relaying op-2's answer. Restarted
     # from its log, it knows op-2 is seq 2 but holds no result for it, and no replica will apply
@@ -255,12 +266,191 @@ def test_after_a_restart_a_retry_of_an_operation_the_replicas_already_applied_is
     assert restarted.on_subscribe("replica1", 3, replies=[]) == ("entries", b"")
     assert restarted.on_subscribe("replica2", 3, replies=[]) == ("entries", b"")
     assert restarted.submit(deposit("op-2"), "retry", "op-2") == []
-    assert [seq for seq, _id, _line in restarted.take_unlogged()] == [4]
+    assert [(seq, decode(line)[0]["RETRY_OF"]) for seq, _id, line in restarted.take_unlogged()] == [(4, 2)]
     restarted.on_logged(4)
-    # The replica recognises the id and answers with the first outcome, under the new number.
+    # The replica recognises the id and answers with the first outcome: the client is told seq 2.
     replies = restarted.on_applied("replica1", 4, [(4, None, 100)])
-    assert replies_by_client(replies) == {"retry": [{"ID": "op-2", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 4}]}
+    assert replies_by_client(replies) == {"retry": [{"ID": "op-2", "STATUS": "OK", "BALANCE": "1.00", "SEQ": 2}]}
     assert restarted.status()["WAITING_REQUESTS"] == 0
+
+
+# --- Ids beyond truncation and restarts -----------------------------------------------------------
+
+
+def truncated_after(core: SequencerCore, count: int, seqlog: SequencerLog | None = None) -> None:
+    """Deposits op-1 .. op-count, logged (in `seqlog` too, if given), applied and synced by both
+    replicas (replica1 sends the outcomes), then the log truncated as the driver does."""
+    for index in range(1, count + 1):
+        core.submit(deposit(f"op-{index}"), f"c{index}", f"op-{index}", needed=0)
+    entries = core.take_unlogged()
+    if seqlog is not None:
+        seqlog.append(entries)
+    core.on_logged(entries[-1][0])
+    last = core.durable_seq
+    for name in REPLICAS:
+        core.on_subscribe(name, 0, replies=[])
+    core.choose_results_source("replica1")
+    core.on_applied("replica1", last, [(seq, None, 100 * seq) for seq in range(1, last + 1)])
+    core.on_applied("replica2", last, [])
+    point = core.truncation_point()
+    start = point if seqlog is None else seqlog.truncate_before(point, core.ids_kept_from())
+    core.truncate(start)
+
+
+def test_after_truncation_a_retry_is_told_its_first_seq_and_its_id_with_another_amount_is_refused_at_once():
+    """The queue's reproduction: op-1 is applied, 60 more follow, the log drops them all; then
+    op-1 again (the queue answers once queued: WAIT SEQUENCED), and op-1 with another amount."""
+    core = SequencerCore(REPLICAS, result_cache_entries=10)
+    truncated_after(core, 61)
+    assert core.log_start_seq == 62 and core.status()["LOG_ENTRIES"] == 0
+    assert core.submit(deposit("op-1"), "retry", "op-1", needed=0) == [Reply("retry", sequenced_reply_line("op-1", 1))]
+    for needed in (0, 1, 2):
+        with pytest.raises(SaldoError, match="ID_REUSED") as refused:
+            core.submit(deposit("op-1", cents=999), "reused", "op-1", needed=needed)
+        assert "seq 1" in refused.value.detail
+    assert core.next_seq == 62 and not core.has_unlogged  # nothing numbered for either
+    # WAIT APPLIED: the outcome (long out of the cache) is asked of the replicas by a retry entry.
+    assert core.submit(deposit("op-1"), "retry-applied", "op-1", needed=1) == []
+    entries = core.take_unlogged()
+    assert [(seq, decode(line)[0]["RETRY_OF"]) for seq, _id, line in entries] == [(62, 1)]
+    core.on_logged(62)
+    replies = core.on_applied("replica1", 62, [(62, None, 100)])  # the first outcome, the replica's
+    assert replies == [Reply("retry-applied", result_reply_line("op-1", 1, None, 100))]
+    assert core.ids.get("op-1") == (1, fingerprint(deposit("op-1")))  # still one seq for the id
+    core.ids.check_invariants()
+
+
+def test_a_restarted_sequencer_rebuilds_its_ids_from_the_log_and_the_segments_it_kept(tmp_path):
+    seqlog = SequencerLog(tmp_path / "log", segment_entries=10)
+    core = SequencerCore(REPLICAS, result_cache_entries=10)
+    truncated_after(core, 61, seqlog)
+    # Out of the log, kept for their ids: seqs 1 .. 60 in six segments; 61 is the active one.
+    assert core.log_start_seq == 61
+    assert [first for first, _path in seqlog.segments("ids-")] == [1, 11, 21, 31, 41, 51]
+    core.submit(deposit("op-1"), "retry", "op-1", needed=1)  # a retry entry, logged: 62 repeats 1
+    retry_entries = core.take_unlogged()
+    seqlog.append(retry_entries)
+    core.on_logged(62)
+    seqlog.close()
+    for restart in range(2):
+        reopened = SequencerLog(tmp_path / "log", segment_entries=10)
+        entries, log_start = reopened.load()
+        restarted = SequencerCore(REPLICAS, next_seq=reopened.last_seq + 1, log_start_seq=log_start,
+                                  log=deque(entries), retired=reopened.retired(log_start))
+        assert [restarted.ids.get(f"op-{i}") for i in range(1, 62)] == [core.ids.get(f"op-{i}") for i in range(1, 62)]
+        assert restarted.ids.get("op-1")[0] == 1  # the retry entry names no id of its own
+        for name in REPLICAS:
+            restarted.on_subscribe(name, 62, replies=[])
+        assert restarted.submit(deposit("op-1"), "c", "op-1", needed=0) == [Reply("c", sequenced_reply_line("op-1", 1))]
+        with pytest.raises(SaldoError, match="ID_REUSED"):
+            restarted.submit(deposit("op-1", cents=999), "c", "op-1", needed=0)
+        # WAIT APPLIED after a restart: no outcome is held, a retry entry asks for it, seq 1 is told.
+        restarted.submit(deposit("op-2"), "retry-2", "op-2", needed=1)
+        new_entries = restarted.take_unlogged()
+        assert [decode(line)[0]["RETRY_OF"] for _seq, _id, line in new_entries] == [2]
+        reopened.append(new_entries)
+        restarted.on_logged(new_entries[-1][0])
+        replies = restarted.on_applied("replica1", new_entries[-1][0], [(new_entries[-1][0], None, 200)])
+        assert replies == [Reply("retry-2", result_reply_line("op-2", 2, None, 200))]
+        reopened.close()
+
+
+def test_the_ids_are_bounded_by_the_window_and_the_log_keeps_only_the_segments_they_name(tmp_path):
+    seqlog = SequencerLog(tmp_path / "log", segment_entries=10)
+    core = SequencerCore(REPLICAS, dedup_window_ops=20)
+    truncated_after(core, 61, seqlog)
+    core.ids.check_invariants()
+    assert len(core.ids) == core.status()["IDS_REMEMBERED"] == 20  # op-42 .. op-61
+    assert core.ids.get("op-41") is None and core.ids.get("op-42") == (42, fingerprint(deposit("op-42")))
+    assert core.ids_kept_from() == 42
+    # Segments ending before seq 42 are deleted; 41 .. 60 still name ids (42 .. 60).
+    assert [first for first, _path in seqlog.segments("ids-")] == [41, 51]
+    assert [first for first, _path in seqlog.segments()] == [61]
+    # A forgotten id is a new operation (the replicas have forgotten it too: same window).
+    core.submit(deposit("op-1"), "again", "op-1")
+    entries = core.take_unlogged()
+    assert [(seq, op_id, "RETRY_OF" in decode(line)[0]) for seq, op_id, line in entries] == [(62, "op-1", False)]
+    seqlog.append(entries)
+    core.on_logged(62)
+    assert len(core.ids) == 20 and core.ids.get("op-42") is None and core.ids.get("op-1") == (62, fingerprint(deposit("op-1")))
+    seqlog.close()
+    reopened = SequencerLog(tmp_path / "log", segment_entries=10)
+    entries, log_start = reopened.load()
+    restarted = SequencerCore(REPLICAS, next_seq=reopened.last_seq + 1, log_start_seq=log_start, dedup_window_ops=20,
+                              log=deque(entries), retired=reopened.retired(log_start))
+    names = ["op-1"] + [f"op-{i}" for i in range(40, 62)]
+    assert [restarted.ids.get(name) for name in names] == [core.ids.get(name) for name in names]
+    reopened.close()
+
+
+def test_a_truncation_a_crash_left_half_done_is_finished_when_the_log_is_loaded(tmp_path):
+    """Truncation renames and deletes segments without syncing the directory: a crash may keep
+    some of those changes and lose others, in any order."""
+    seqlog = SequencerLog(tmp_path / "log", segment_entries=10)
+    core = SequencerCore(REPLICAS)
+    truncated_after(core, 61, seqlog)  # every segment but the active one (61) out of the log
+    seqlog.close()
+    directory = tmp_path / "log"
+    (directory / "ids-00000000000000000031.log").rename(directory / "seg-00000000000000000031.log")  # rename lost
+    (directory / "ids-00000000000000000011.log").unlink()  # a later truncation's deletions: 11's kept, 1's lost
+    reopened = SequencerLog(directory, segment_entries=10)
+    entries, log_start = reopened.load()
+    assert log_start == 61 and [seq for seq, _id, _line in entries] == [61]
+    assert [seq for seq, _id, _line in reopened.retired(log_start)] == list(range(21, 61))
+    assert sorted(path.name[:7] for path in directory.iterdir()) == ["ids-000"] * 4 + ["seg-000"]
+    reopened.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.sampled_from([0, 1]), st.booleans(), st.booleans()), max_size=80))
+def test_the_sequencer_remembers_an_id_while_the_replicas_do_with_the_same_seq(steps):
+    """The window counts what the replicas' dedup window counts: the sequencer never renumbers an
+    id a replica remembers as a new operation, nor lets a reused id reach the replicas, and every
+    reply names the seq the replica applied the operation at."""
+    window = 5
+    core = SequencerCore(["replica1"], dedup_window_ops=window, result_cache_entries=2)
+    replica = Bank(dedup_window_ops=window)
+    core.on_subscribe("replica1", 0, replies=[])
+    core.choose_results_source("replica1")
+    for id_index, needed, other_amount, truncate in steps:
+        op = deposit(f"op-{id_index}", cents=200 if other_amount else 100)
+        try:
+            replies = core.submit(op, "client", op.op_id, needed)
+        except SaldoError as refused:
+            assert refused.code == "ID_REUSED"
+            assert replica.applied(op.op_id).op != op
+            continue
+        if core.has_unlogged:
+            entries = core.take_unlogged()
+            replies += core.on_logged(entries[-1][0])[1]
+            results = []
+            for _seq, _op_id, line in entries:
+                seq, logged_op, _retry_of = parse_logged_entry(line.rstrip(b"\n"))
+                outcome, _duplicate = replica.apply(logged_op, seq)
+                assert outcome.error != "ID_REUSED"  # refused by the sequencer before it got here
+                results.append((seq, outcome.error, outcome.balance_cents))
+            replies += core.on_applied("replica1", entries[-1][0], results)
+        if truncate:
+            core.truncate(core.truncation_point())
+        for reply in replies:
+            answer = json.loads(reply.line)
+            assert answer["SEQ"] == replica.applied(answer["ID"]).seq, answer
+        for index in range(13):
+            applied = replica.applied(f"op-{index}")
+            assert core.ids.seq_of(f"op-{index}") == (None if applied is None else applied.seq)
+    core.ids.check_invariants()
+
+
+def test_a_retry_entry_reads_as_its_operation_at_a_replica_and_with_what_it_repeats_in_the_log():
+    op = Operation("t-1", TRANSFER, "alice", "bob", 999)
+    line = entry_line(62, op, retry_of=13)
+    assert parse_entry_line(line.rstrip(b"\n")) is None  # not the canonical form: a replica decodes it
+    assert parse_entry(wire.decode_line(line.rstrip(b"\n"))) == (62, op)
+    assert parse_logged_entry(line.rstrip(b"\n")) == (62, op, 13)
+    assert parse_logged_entry(entry_line(62, op).rstrip(b"\n")) == (62, op, None)
+    for bad in (b'"RETRY_OF":62', b'"RETRY_OF":0', b'"RETRY_OF":"13"'):
+        with pytest.raises(SaldoError):
+            parse_logged_entry(line.rstrip(b"\n").replace(b'"RETRY_OF":13', bad))
 
 
 def test_too_many_waiting_requests_is_refused_as_overloaded():
@@ -406,9 +596,9 @@ def test_subscribe_or_resend_before_the_log_start_asks_for_a_snapshot():
     assert seqs_in(core.on_subscribe("replica2", 5, replies=[])[1]) == [6, 7, 8, 9, 10]
     assert core.on_resend("replica2", 5, 7) == ("snapshot", b"")
     assert seqs_in(core.on_resend("replica2", 6, 7)[1]) == [6, 7]
-    # A retry of a truncated operation can no longer attach to its number: it is numbered again.
+    # A retry of a truncated operation, its outcome not cached: a retry entry asks the replicas.
     core.submit(deposit("op-2"), "retry", "op-2")
-    assert [seq for seq, _id, _line in core.take_unlogged()] == [11]
+    assert [(seq, decode(line)[0]["RETRY_OF"]) for seq, _id, line in core.take_unlogged()] == [(11, 2)]
 
 
 def test_truncation_in_chunks_drops_a_bounded_number_per_call_and_ends_where_one_call_would():
@@ -769,10 +959,10 @@ def test_a_client_attached_to_an_applied_seq_before_the_replicas_return_is_renum
     assert restarted.submit(op, "client-b", op.op_id, 1) == []  # attached to seq 1: nothing applied yet, as far as it knows
     restarted.on_subscribe("r1", last_applied_seq=1, replies=[])  # r1 applied seq 1 before the restart
     renumbered = restarted.take_unlogged()
-    assert [(seq, op_id) for seq, op_id, _line in renumbered] == [(2, "retry-1")]
+    assert [(seq, op_id, decode(line)[0]["RETRY_OF"]) for seq, op_id, line in renumbered] == [(2, "retry-1", 1)]
     restarted.on_logged(2)
     replies = restarted.on_applied("r1", 2, [(2, None, 500)])
-    assert [(reply.client, b'"SEQ":2' in reply.line) for reply in replies] == [("client-b", True)]
+    assert [(reply.client, json.loads(reply.line)["SEQ"]) for reply in replies] == [("client-b", 1)]
 
 
 def test_a_replica_that_becomes_the_results_source_when_none_is_left_is_asked_for_what_clients_await():
@@ -874,7 +1064,7 @@ def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments
         core = node.core
         deleting, release = threading.Event(), threading.Event()
 
-        def slow_truncate_before(seq: int) -> int:
+        def slow_truncate_before(seq: int, ids_from_seq: int) -> int:
             deleting.set()
             release.wait(30)
             return 1

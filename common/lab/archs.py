@@ -267,7 +267,8 @@ def build_sequencer(options: LayoutOptions) -> LabCluster:
     sequencer_settings = {"replica_port": replica_port, "replicas": ",".join(names),
                           "peer_hosts": ",".join(dict.fromkeys(map(real, REPLICA_HOSTS[:replica_count]))),
                           "log_dir": str(options.run_dir / "sequencer-log"),
-                          **_int_extras(options, "max_log_entries", "segment_entries")}
+                          # The replicas' dedup window: the sequencer remembers the same ids.
+                          **_int_extras(options, "max_log_entries", "segment_entries", "dedup_window")}
     nodes.append(Node("sequencer", "sequencer.py", seq_host, client_port, sequencer_settings, role="sequencer"))
     for index, name in enumerate(names):
         # With proxies, this replica reaches the sequencer through one on its own host.
@@ -352,7 +353,7 @@ def build_queue(options: LayoutOptions) -> LabCluster:
         nodes.append(Node(name, "replica.py", host, queue_ports[name], settings, store=_store_url(options, name)))
     server_settings = {"mode": "queue", "replicas": ",".join(feeds), "log_dir": str(options.run_dir / "queue-server-log"),
                        "ack_replicas": int(options.extra.get("ack_replicas", 0)),
-                       **_int_extras(options, "max_log_entries", "segment_entries")}
+                       **_int_extras(options, "max_log_entries", "segment_entries", "dedup_window")}
     nodes.insert(0, Node("server", "server.py", server_host, rpc_port, server_settings, role="server"))
     read_addresses = [(real(REPLICA_HOSTS[i]), queue_ports[name]) for i, name in enumerate(names)]
 

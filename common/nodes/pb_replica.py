@@ -336,7 +336,8 @@ class PBReplica:
                 if gate == GATE_COMMIT:
                     self.pending_replies -= 1
                     failed += 1
-                    reply = error_reply("UNAVAILABLE", detail, request_id)
+                    # The reply it replaces echoed what the request asked to be echoed (id_msg).
+                    reply = with_id_msg(error_reply("UNAVAILABLE", detail, request_id), wire.decode_line(line.rstrip(b"\n")))
                     items.append((GATE_NONE, 0, wire.encode(reply), request_id))
                 else:
                     items.append((gate, seq, line, request_id))
@@ -457,7 +458,7 @@ class PBReplica:
         (whose ID is the op id)."""
         if self.pending_replies >= MAX_PENDING_REPLIES:
             reply = error_reply("OVERLOADED", f"{self.pending_replies} replies wait for the backups", request_id)
-            return GATE_NONE, 0, wire.encode(reply), request_id
+            return GATE_NONE, 0, wire.encode(with_id_msg(reply, message) if message is not None else reply), request_id
         core = self.core
         dbank = self.dbank
         seq = core.log.last_seq + 1

@@ -31,7 +31,7 @@ from functools import partial
 from common import aio, topology, wire
 from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AccountsQuery, Query, parse_replica_request, read_reply
 from common.durable import DurableBank
-from common.errors import SaldoError, error_reply
+from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
 from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
 from common.peers import PeerCheck, resolve, source_address
@@ -432,7 +432,7 @@ class SequencedReplica:
                         assert isinstance(request, (Query, AccountsQuery)), request
                         self._read(stream, request_id, request)
                 except SaldoError as error:
-                    stream.send(error_reply(error.code, error.detail, request_id))
+                    stream.send(with_id_msg(error_reply(error.code, error.detail, request_id), message))
             if not await stream.drain():
                 return
 

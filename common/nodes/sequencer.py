@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from common import aio, topology, wire
-from common.bank import AccountsQuery, Operation, Query, parse_replica_request, parse_request_line
+from common.bank import DEFAULT_DEDUP_WINDOW_OPS, AccountsQuery, Operation, Query, parse_replica_request, parse_request_line
 from common.durable import EXIT_STORE_FAILURE
 from common.errors import SaldoError, error_reply, with_id_msg
 from common.log import get_logger
@@ -69,6 +69,9 @@ def add_log_flags(parser: argparse.ArgumentParser) -> None:
                         help="entries kept for replicas that lag; one further behind recovers by state transfer")
     parser.add_argument("--segment-entries", type=int, default=DEFAULT_SEGMENT_ENTRIES)
     parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS)
+    parser.add_argument("--dedup-window", type=int, default=DEFAULT_DEDUP_WINDOW_OPS,
+                        help="how many operation ids are remembered (with their seq) for retries: the replicas' "
+                             f"--dedup-window (default {DEFAULT_DEDUP_WINDOW_OPS})")
     parser.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True,
                         help="fsync each log write (default on; off survives a process crash, not a power loss)")
     parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)
@@ -89,10 +92,10 @@ class ClientRef:
 
     __slots__ = ("stream", "request_id", "id_msg")
 
-    def __init__(self, stream: aio.MessageStream, request_id: object, id_msg: str | None) -> None:
+    def __init__(self, stream: aio.MessageStream, request_id: object, id_msg: object) -> None:
         self.stream = stream
         self.request_id = request_id
-        self.id_msg = id_msg
+        self.id_msg = id_msg  # echoed as it came (None: none given)
 
 
 class ReplicaLink:
@@ -268,7 +271,8 @@ class SequencerNode:
             else:
                 raise classify_unknown(message)
         except SaldoError as error:
-            stream.send(error_reply(error.code, error.detail, message.get("ID") if type(message.get("ID")) in (str, int) else None))
+            request_id = message.get("ID") if type(message.get("ID")) in (str, int) else None
+            stream.send(with_id_msg(error_reply(error.code, error.detail, request_id), message))
         return link
 
     def _subscribe(self, stream: aio.MessageStream, link: ReplicaLink | None, message: dict) -> ReplicaLink:
@@ -347,7 +351,8 @@ class SequencerNode:
             await self._truncate()
 
     async def _truncate(self) -> None:
-        """Drop the log's prefix that every replica applied (or that exceeds the bound)."""
+        """Drop the log's prefix that every replica applied (or that exceeds the bound); on disk,
+        what still names a remembered id stays, out of the log (see common/seqlog.py)."""
         if self.truncating:
             return
         point = self.core.truncation_point()
@@ -356,7 +361,8 @@ class SequencerNode:
         self.truncating = True
         dropped = 0
         try:
-            start = await self.loop.run_in_executor(self.trim_executor, self.seqlog.truncate_before, point)
+            start = await self.loop.run_in_executor(self.trim_executor, self.seqlog.truncate_before, point,
+                                                    self.core.ids_kept_from())
             while self.core.log_start_seq < start:  # a segment's entries, a chunk per turn of the loop
                 dropped += self.core.truncate(start, max_entries=TRUNCATE_CHUNK_ENTRIES)
                 await asyncio.sleep(0)
@@ -397,7 +403,7 @@ class SequencerNode:
         try:
             request_id = wire.request_id_of(message)
         except SaldoError as error:
-            stream.send(error_reply(error.code, error.detail))
+            stream.send(with_id_msg(error_reply(error.code, error.detail), message))
             return
         try:
             if message.get("TASK") == "STATUS":
@@ -420,9 +426,10 @@ class SequencerNode:
 
     @staticmethod
     def _client_ref(stream: aio.MessageStream, message: dict, request_id: object, op: Operation):
-        if request_id == op.op_id and "id_msg" not in message:
+        id_msg = message.get("id_msg")
+        if request_id == op.op_id and id_msg is None:
             return stream
-        return ClientRef(stream, request_id, op.op_id if "id_msg" in message else None)
+        return ClientRef(stream, request_id, id_msg)
 
     def _send_replies(self, replies) -> None:
         if not replies:
@@ -455,6 +462,7 @@ class SequencerNode:
             "UPTIME_S": round(time.monotonic() - self.started_at, 3),
             "LOG_WRITES": self.log_writes,
             "LOG_BYTES_ON_DISK": self.seqlog.disk_bytes(),
+            "IDS_BYTES_ON_DISK": self.seqlog.disk_bytes(retired=True),  # truncated segments kept for their ids
             "LIVE_REPLICAS": sorted(n for n, link in self.links.items() if link.live),
             **self.core.status(),
             **aio.process_figures(),
@@ -471,17 +479,28 @@ async def run_orderer(args: argparse.Namespace, stop: asyncio.Event, replica_nam
                       role: str, outbound: dict[str, tuple[str, int]]) -> int:
     """Run a SequencerCore with its log: the sequencer (replicas connect in) or the queue server
     (`outbound`: it connects to each replica's queue port and pushes)."""
+    if args.dedup_window < 1:
+        raise SystemExit("--dedup-window must be at least 1")
     seqlog = SequencerLog(args.log_dir, segment_entries=args.segment_entries, fsync=args.fsync)
-    entries, log_start_seq = await asyncio.to_thread(seqlog.load)
+
+    def load() -> tuple[list, int, list]:
+        entries, log_start_seq = seqlog.load()
+        return entries, log_start_seq, seqlog.retired(log_start_seq)
+
+    entries, log_start_seq, retired = await asyncio.to_thread(load)
     core = SequencerCore(
         replica_names=replica_names,
         next_seq=seqlog.last_seq + 1,
         log_start_seq=log_start_seq,
         max_log_entries=args.max_log_entries,
         max_waiting_requests=args.max_waiting_requests,
+        dedup_window_ops=args.dedup_window,
         log=deque(entries),
+        retired=retired,
     )
-    log.info("log_loaded", log_dir=args.log_dir, entries=len(entries), log_start_seq=log_start_seq, next_seq=core.next_seq)
+    log.info("log_loaded", log_dir=args.log_dir, entries=len(entries), log_start_seq=log_start_seq, next_seq=core.next_seq,
+             retired_entries=len(retired), ids_remembered=len(core.ids))
+    del retired  # read for the ids only
     node = SequencerNode(args, core, seqlog, default_wait=default_wait, role=role)
     clients = await aio.start_server(node.handle_client, args.host, args.port, name=f"{role}-clients",
                                      max_connections=args.max_connections)
