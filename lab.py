@@ -129,6 +129,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, refe
                              "base URL mysql://user:pass@host:port/prefix")
     parser.add_argument("--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                         help="architecture option, repeatable (e.g. replicas=3, replication=async, workers=4)")
+    parser.add_argument("--topology", type=Path, metavar="FILE",
+                        help="a deployed cluster's topology file (/etc/saldo/topology.json, written by ansible/deploy.yml): "
+                             "run against its processes, which the lab neither starts nor stops; faults go through the "
+                             "commands the deployment wrote for each node (--ports, --store and --option do not apply)")
     parser.add_argument("--repeat", type=_positive_int, default=1, help="runs per combination; the summary shows medians")
     parser.add_argument("--seed", type=int, default=1, help="seed of the workload's random choices (run k uses seed+k)")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=reference,
@@ -158,6 +162,7 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, window: 
         progress=not args.quiet,
         extra=extra,
         keep_history=args.keep_history,
+        topology=args.topology,
         run_name=f"{architecture}-{clients}c{window}w-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
     )
 
@@ -426,10 +431,21 @@ def main(argv: list[str] | None = None) -> int:
             subparser.error(f"argument --arch: {error}")
         if args.command == "bench" and args.faults != "none":
             subparser.error("bench runs without faults; use chaos")
+        if args.topology is not None and args.option:
+            subparser.error("argument --option: a deployed cluster (--topology) runs as it was deployed")
         for architecture in architectures:
             unfit = archs.unfit_schedule(architecture, args.faults, SCHEDULES[args.faults])
             if unfit:
                 subparser.error(f"argument --faults: {unfit}")
+            if args.topology is not None:
+                from common.lab import deployed
+
+                unfit = deployed.check(args.topology, architecture)
+                if unfit is None and any(fault.kind in archs.PROXY_FAULTS for fault in SCHEDULES[args.faults]):
+                    unfit = f"{args.faults} acts through fault proxies, which a deployed cluster does not have"
+                if unfit:
+                    subparser.error(f"argument --topology: {unfit}")
+                continue
             try:  # the --option values: building the layout checks them (nothing starts, nothing is written)
                 archs.build(architecture, archs.LayoutOptions(run_dir=Path("var/option-check"), ports="free",
                                                               store=args.store, extra=dict(args.option)))

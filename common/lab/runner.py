@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from common import aio
-from common.lab import archs, checker, report
+from common.lab import archs, checker, deployed, report
 from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port
 from common.lab.faults import SCHEDULES, Fault, FaultInjector
 from common.lab.workload import DEFAULT_MIX, OpRecord, Workload, WorkloadConfig, describe_mix
@@ -52,6 +52,9 @@ class RunOptions:
     proxies: bool | None = None  # default: when the schedule needs them
     extra: dict = field(default_factory=dict)  # architecture options (e.g. replication mode)
     keep_history: bool = False  # write results/<run>.history.jsonl even when the verdict is valid
+    # A deployed cluster's topology file: the run attaches to its processes and starts none
+    # (common/lab/deployed.py); `ports`, `store` and `extra` then mean nothing.
+    topology: Path | None = None
     attempt_timeout_s: float = 2.0
     op_deadline_s: float = 20.0
 
@@ -120,11 +123,11 @@ async def _applied_counts(lab: archs.LabCluster) -> dict[str, int | None]:
 async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
     """Every node's loop monitor (STATUS "LOOP", common/aio.py) with the pid that answered; None
     for a node that did not answer (paused, or down). Nodes without a monitor are left out. (The
-    lab's own monitor is read by the caller.)"""
+    lab's own monitor is read by the caller.) The pid is the one STATUS names: a deployed node's
+    may be on another machine."""
     counters: dict[str, dict | None] = {}
     for name in lab.cluster.nodes:
-        pid = lab.cluster.pid(name)
-        if pid is None:
+        if not lab.cluster.is_running(name):
             counters[name] = None
             continue
         try:
@@ -136,7 +139,7 @@ async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
         if status.get("STATUS") != "OK":
             counters[name] = None
         elif isinstance(loop, dict) and type(loop.get("STALLS_TOTAL")) is int:
-            counters[name] = {**loop, "PID": pid}
+            counters[name] = {**loop, "PID": status.get("PID")}
     return counters
 
 
@@ -184,7 +187,8 @@ async def _wait_quiet(lab: archs.LabCluster, timeout_s: float = QUIET_TIMEOUT_S)
         await asyncio.sleep(0.1)
 
 
-async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Fault]) -> tuple[Workload, list[dict], dict, dict, float]:
+async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Fault],
+                 account_prefix: str = "acct-") -> tuple[Workload, list[dict], dict, dict, float]:
     config = WorkloadConfig(
         clients=options.clients,
         window=options.window,
@@ -195,6 +199,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
         seed=options.seed,
         attempt_timeout_s=options.attempt_timeout_s,
         op_deadline_s=options.op_deadline_s,
+        account_prefix=account_prefix,
     )
     workload = Workload(config, lambda index: lab.make_client(index, options.window), progress=options.progress)
     # The lab's own loop too: its stalls are in the latency its clients measure.
@@ -272,29 +277,44 @@ def run_lab(options: RunOptions) -> RunResult:
     run_name = options.run_name or f"{options.architecture}-{options.clients}c-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = options.run_root / run_name
     needs_proxies = any(f.kind in ("partition", "delay", "drop") for f in schedule)
-    layout = archs.LayoutOptions(
-        run_dir=run_dir,
-        ports=options.ports,
-        proxies=needs_proxies if options.proxies is None else options.proxies,
-        store=options.store,
-        request_timeout_s=options.attempt_timeout_s,
-        extra=options.extra,
-    )
-    lab = archs.build(options.architecture, layout)
+    if options.topology is not None:
+        lab, cluster = deployed.attach(options.topology, options.architecture, request_timeout_s=options.attempt_timeout_s)
+        proxies = False
+        account_prefix = f"{run_name}-"  # the cluster keeps every earlier run's accounts
+    else:
+        layout = archs.LayoutOptions(
+            run_dir=run_dir,
+            ports=options.ports,
+            proxies=needs_proxies if options.proxies is None else options.proxies,
+            store=options.store,
+            request_timeout_s=options.attempt_timeout_s,
+            extra=options.extra,
+        )
+        lab = archs.build(options.architecture, layout)
+        proxies = layout.proxies
+        account_prefix = "acct-"
     # Refused before anything starts: a fault on a role the cluster lacks would hit some other node.
     missing = sorted({fault.role for fault in schedule} - lab.fault_roles())
     if missing:
         raise ValueError(f"{lab.architecture} has no node in role {', '.join(missing)} for the fault schedule")
-    if needs_proxies and layout.proxies and not any(lab.proxies_of.values()):
+    if needs_proxies and (options.topology is not None or proxies) and not any(lab.proxies_of.values()):
         raise ValueError(f"{lab.architecture} has no fault proxy for the schedule's partition, delay or drop")
     started_at = time.time()
-    with Cluster(run_dir, lab.nodes, name=run_name, architecture=lab.architecture) as cluster:
+    if options.topology is None:
+        cluster = Cluster(run_dir, lab.nodes, name=run_name, architecture=lab.architecture)
+    with cluster:
         lab.cluster = cluster
         cluster.start()
-        workload, faults, applied, window, window_s = asyncio.run(_drive(options, lab, schedule))
+        before = deployed.read_images(lab) if options.topology is not None else None
+        workload, faults, applied, window, window_s = asyncio.run(_drive(options, lab, schedule, account_prefix))
         peak_rss = {node.name: _peak_rss_mb(cluster.pid(node.name)) for node in lab.nodes}
+        if before is not None:  # the deployed cluster keeps running: what this run changed in each store
+            after = deployed.final_images(lab)
+            accounts = WorkloadConfig(accounts=options.accounts, account_prefix=account_prefix).account_names()
+            states = {name: deployed.run_image(before[name], after[name], accounts) for name in after}
         cluster.close()  # a clean stop: every replica's last group commit reaches its store
-    states = {name: _load_state(url) for name, url in lab.stores().items()}
+    if before is None:
+        states = {name: _load_state(url) for name, url in lab.stores().items()}
     history = workload.history
     result = checker.check(history, states, total_order=lab.total_order, read_your_writes=lab.read_your_writes,
                            failover_may_lose=lab.failover_may_lose)
