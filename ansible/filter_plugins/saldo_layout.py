@@ -169,6 +169,23 @@ def saldo_topology(layout: dict, name: str) -> dict:
             "control": {n["name"]: n["control"] for n in layout["nodes"]}}
 
 
+def saldo_cluster_ports(ports: dict, workers_per_host: int, db_port: int) -> list[int]:
+    """Every TCP port the deployment listens on: the seed's (the farm's second server on the next
+    one), the farm workers' STATUS ports, and MariaDB's (the farm's workers and the lab's checker
+    reach other hosts' database servers)."""
+    found = set(ports.values()) | {ports["farm_server"] + 1, db_port}
+    found |= {ports["farm_worker_status"] + slot for slot in range(int(workers_per_host))}
+    return sorted(int(port) for port in found)
+
+
+def saldo_security_rules(ports: list, group_name: str, admin_cidr: str) -> list[dict]:
+    """The security group's ingress rules: each port from the group itself, SSH from the admin range."""
+    rules = [{"proto": "tcp", "ports": [port], "group_name": group_name, "rule_desc": f"saldo {port} within the cluster"}
+             for port in ports]
+    return rules + [{"proto": "tcp", "ports": [22], "cidr_ip": admin_cidr, "rule_desc": "SSH from the admin range"}]
+
+
 class FilterModule:
     def filters(self) -> dict:
-        return {"saldo_layout": saldo_layout, "saldo_topology": saldo_topology}
+        return {"saldo_layout": saldo_layout, "saldo_topology": saldo_topology,
+                "saldo_cluster_ports": saldo_cluster_ports, "saldo_security_rules": saldo_security_rules}
