@@ -7,6 +7,8 @@
     python lab.py run --arch sequencer --faults kill-replica
     python lab.py bench --arch all --clients 1,8 --repeat 3     (what `make bench` runs)
     python lab.py chaos --arch standalone --faults kill-replica  (what `make chaos` runs)
+    python lab.py run --topology /etc/saldo/topology.json --arch sequencer --faults kill-replica
+                                                                 (a deployed cluster: docs/deploy.md)
 
 Each run writes results/<run>.json (and results/latest.json), a timeline picture
 results/<run>.svg, and prints a table. Exit code: 0 when every verdict is valid, or invalid only for
@@ -343,10 +345,10 @@ the run and restarted at 60%, the checker's verdict and the report; then every p
 It uses the seed's ports: stop a running `lab.py up` (make up) first, or pass --ports free."""
 
 RUN_DESCRIPTION = """\
-One run per architecture x client count x window: a bank workload against a live local cluster,
-a fault schedule if asked (--faults), the checker's verdict, a table, results/<run>.json and a
-timeline picture. No echo reference unless --reference. Exit code 1 when a verdict is invalid for
-a reason its architecture promises to avoid."""
+One run per architecture x client count x window: a bank workload against a live local cluster
+(or, with --topology, against a deployed one), a fault schedule if asked (--faults), the checker's
+verdict, a table, results/<run>.json and a timeline picture. No echo reference unless --reference.
+Exit code 1 when a verdict is invalid for a reason its architecture promises to avoid."""
 
 BENCH_DESCRIPTION = """\
 Throughput and latency without faults (make bench): like run, but each run also measures the echo

@@ -35,6 +35,11 @@ def _identifier(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", text)
 
 
+def _sudoers_command(argv: list[str]) -> str:
+    """A command with its exact arguments for a sudoers line (where , : = and \\ are escaped)."""
+    return " ".join(re.sub(r"([,:=\\])", r"\\\1", arg) for arg in argv)
+
+
 def saldo_layout(orchestrator: str, replica_hosts: list, host_columns: dict, settings: dict) -> dict:
     """`host_columns`: the inventory's hosts ("names") and, in the same order, each one's
     "address", "root", "db_address" and "local_control"; `settings`: ports, db_prefix, db_port,
@@ -153,8 +158,8 @@ def saldo_layout(orchestrator: str, replica_hosts: list, host_columns: dict, set
         elif entry["name"] == "farm1":
             store = store_url(readers[orchestrator], farm_db, orchestrator, orchestrator, "lab")
         entry["control"] = {"host_label": host, "unit": entry["unit"], **actions, **({"store": store} if store else {})}
-        # The commands a control account may run on this host (sudoers), without the SSH part.
-        entry["sudo_commands"] = [argv[len(via):] for argvs in actions.values() for argv in argvs] if via else []
+        # The commands a control account may run on this host, as sudoers lines name them.
+        entry["sudo_commands"] = [_sudoers_command(argv[len(via):]) for argvs in actions.values() for argv in argvs] if via else []
 
     secrets = {host: sorted({n["secret"] for n in nodes if n["host"] == host and n["secret"]} |
                             ({"lab"} if host == orchestrator else set()))
