@@ -431,3 +431,55 @@ def test_make_deploy_check_passes():
     assert make
     done = subprocess.run([make, "-s", "deploy-check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+def _layout_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("saldo_layout", ANSIBLE_DIR / "filter_plugins/saldo_layout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _group_vars() -> dict:
+    yaml = pytest.importorskip("yaml")  # installed with ansible (requirements-deploy.txt)
+    return yaml.safe_load((ANSIBLE_DIR / "group_vars/all/main.yml").read_text())
+
+
+def test_the_deployment_listens_on_the_seed_ports_of_common_topology():
+    from common.topology import DEFAULT_PORTS
+
+    ports = _group_vars()["saldo_ports"]
+    assert {name: ports[name] for name in DEFAULT_PORTS if name != "standalone"} == \
+        {name: port for name, port in DEFAULT_PORTS.items() if name != "standalone"}
+
+
+def test_on_real_hosts_the_lab_reaches_a_replica_host_over_ssh_as_the_control_account_allowed_exactly_those_commands():
+    layout_module, group_vars = _layout_module(), _group_vars()
+    hosts = {"names": ["orchestrator01", "replica01", "replica02"], "address": ["10.0.0.11", "10.0.0.12", "10.0.0.13"],
+             "root": ["", "", ""], "db_address": ["10.0.0.11", "10.0.0.12", "10.0.0.13"], "local_control": [False] * 3}
+    settings = {"ports": group_vars["saldo_ports"], "db_prefix": "saldo", "db_port": 3306, "config_dir": "/etc/saldo",
+                "state_dir": "/var/lib/saldo", "workers_per_host": 2, "replication": "sync",
+                "control_actions": group_vars["saldo_control_actions"], "control_user": "saldo-control"}
+    layout = layout_module.saldo_layout("orchestrator01", ["replica01", "replica02"], hosts, settings)
+    nodes = {node["name"]: node for node in layout["nodes"]}
+
+    replica = nodes["sequencer-replica1"]
+    ssh = ["ssh", "-i", "/etc/saldo/control/id_ed25519", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+           "-o", "UserKnownHostsFile=/etc/saldo/control/known_hosts", "saldo-control@10.0.0.12", "sudo", "-n"]
+    unit = "saldo-replica@sequencer-replica1.service"
+    assert replica["control"]["kill"] == [ssh + ["/usr/bin/systemctl", "kill", "--signal=KILL", unit],
+                                          ssh + ["/usr/bin/systemctl", "stop", unit]]
+    assert replica["control"]["start"] == [ssh + ["/usr/bin/systemctl", "start", unit]]
+    assert replica["sudo_commands"] == [f"/usr/bin/systemctl kill --signal\\=KILL {unit}", f"/usr/bin/systemctl stop {unit}",
+                                        f"/usr/bin/systemctl start {unit}", f"/usr/bin/systemctl kill --signal\\=STOP {unit}",
+                                        f"/usr/bin/systemctl kill --signal\\=CONT {unit}"]
+    assert replica["control"]["store"] == ("mysql://saldo_lab_replica01@10.0.0.12:3306/saldo_sequencer_replica1"
+                                           "?password_file=/etc/saldo/db/lab.password&bind_address=10.0.0.11")
+    # On the orchestrator itself the lab runs systemctl directly, and no sudo rule is needed.
+    assert nodes["sequencer"]["control"]["kill"][0] == ["/usr/bin/systemctl", "kill", "--signal=KILL", "saldo-sequencer@sequencer.service"]
+    assert nodes["sequencer"]["sudo_commands"] == []
+    # The farm's account from the three cluster addresses, and nothing else from anywhere.
+    farm = [(user["host"], user["priv"]) for user in layout["users"] if user["name"] == "saldo_farm"]
+    assert farm == [(address, "saldo_farm.*:SELECT,INSERT,UPDATE,DELETE") for address in hosts["address"]]
