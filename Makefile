@@ -33,11 +33,13 @@ $(VENV)/.deploy-installed: requirements-deploy.txt $(VENV)/.installed
 
 deploy-tools: $(VENV)/.deploy-installed
 
-# ansible-lint (production profile) over ansible/, and a syntax check of every playbook.
+# ansible-lint (production profile) over ansible/, and a syntax check of every playbook. Both read
+# only the seed's inventory: the AWS one would ask AWS (or the instance metadata address) for hosts.
+DEPLOY_CHECK_ENV := PATH="$(abspath $(VENV))/bin:$$PATH" ANSIBLE_INVENTORY=inventory/seed.yml AWS_EC2_METADATA_DISABLED=true
 deploy-check: deploy-tools
-	cd ansible && PATH="$(abspath $(VENV))/bin:$$PATH" ansible-lint
+	cd ansible && $(DEPLOY_CHECK_ENV) ansible-lint
 	cd ansible && for playbook in provision.yml deploy.yml teardown.yml; do \
-		PATH="$(abspath $(VENV))/bin:$$PATH" ansible-playbook -i inventory/seed.yml --syntax-check $$playbook || exit 1; \
+		$(DEPLOY_CHECK_ENV) ansible-playbook --syntax-check $$playbook || exit 1; \
 	done
 
 # The whole suite, MySQL backend included: MariaDB is found, started or installed first, and the

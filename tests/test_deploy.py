@@ -30,7 +30,8 @@ import pytest
 
 from conftest import MYSQL_URL_ENV, REPO_ROOT
 
-pytestmark = pytest.mark.slow
+# The playbook runs twice in the first test that needs the deployment: more than the default limit on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ANSIBLE_DIR = REPO_ROOT / "ansible"
 LOCAL_INVENTORY = "inventory/local/hosts.yml"

@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO_ROOT
 from test_deploy import _recap, _tool
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ANSIBLE_DIR = REPO_ROOT / "ansible"
 REGION = "eu-west-1"  # ansible/aws.yml and inventory/aws_ec2.yml
@@ -56,7 +56,8 @@ def aws(tmp_path_factory):
                 assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
                 time.sleep(0.1)
         env = {**os.environ, "AWS_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION, "ANSIBLE_NOCOLOR": "1",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true",
+               "ANSIBLE_NOCOLOR": "1",
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             env.pop(name, None)
