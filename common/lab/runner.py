@@ -312,7 +312,9 @@ def run_lab(options: RunOptions) -> RunResult:
             after = deployed.final_images(lab)
             accounts = WorkloadConfig(accounts=options.accounts, account_prefix=account_prefix).account_names()
             states = {name: deployed.run_image(before[name], after[name], accounts) for name in after}
-        cluster.close()  # a clean stop: every replica's last group commit reaches its store
+        # Local: a clean stop, so every replica's last group commit reaches its store. Deployed:
+        # whatever the run left down or paused is started or resumed; nothing is stopped.
+        cluster.close()
     if before is None:
         states = {name: _load_state(url) for name, url in lab.stores().items()}
     history = workload.history
