@@ -238,7 +238,7 @@ class DeployedCluster:
         self._paused: set[str] = set()
         self._last_pid: dict[str, int] = {}  # the PID each node last answered STATUS with
         self._killed_pid: dict[str, int | None] = {}
-        self._starting: dict[str, subprocess.Popen] = {}
+        self._starting: dict[str, tuple[threading.Thread, list[Exception]]] = {}  # start commands under way
         self._local = {name: _is_local_address(node.host) for name, node in self.nodes.items()}
 
     # --- What the runner reads ------------------------------------------------------------------
