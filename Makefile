@@ -16,7 +16,7 @@ FAULTS ?= kill-replica
 PORTS ?= seed
 comma := ,
 
-.PHONY: test venv clean demo up bench bench-farm chaos
+.PHONY: test venv deploy-tools deploy-check clean demo up bench bench-farm chaos
 
 # The virtual environment is rebuilt when a requirements file changes.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -26,12 +26,28 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.installed
 
+# The deployment's tools (ansible, ansible-lint, boto3, moto), for make deploy-check and the deployment tests.
+$(VENV)/.deploy-installed: requirements-deploy.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
+	touch $@
+
+deploy-tools: $(VENV)/.deploy-installed
+
+# ansible-lint (production profile) over ansible/, and a syntax check of every playbook. Both read
+# only the seed's inventory: the AWS one would ask AWS (or the instance metadata address) for hosts.
+DEPLOY_CHECK_ENV := PATH="$(abspath $(VENV))/bin:$$PATH" ANSIBLE_INVENTORY=inventory/seed.yml AWS_EC2_METADATA_DISABLED=true
+deploy-check: deploy-tools
+	cd ansible && $(DEPLOY_CHECK_ENV) ansible-lint
+	cd ansible && for playbook in provision.yml deploy.yml teardown.yml; do \
+		$(DEPLOY_CHECK_ENV) ansible-playbook --syntax-check $$playbook || exit 1; \
+	done
+
 # The whole suite, MySQL backend included: MariaDB is found, started or installed first, and the
 # tests run against a throw-away database named after this run (dropped by the suite at its end).
-test: venv
+test: venv deploy-tools
 	@base_url=$$(PYTHON=$(PY) scripts/ensure-mariadb.sh) || exit 1; \
 	echo "make test: MariaDB at $${base_url%%@*}@..., throw-away databases saldo_test_$$$$*"; \
-	SALDO_TEST_MYSQL_URL="$$base_url/saldo_test_$$$$" SALDO_REQUIRE_MYSQL=1 \
+	SALDO_TEST_MYSQL_URL="$$base_url/saldo_test_$$$$" SALDO_REQUIRE_MYSQL=1 SALDO_REQUIRE_DEPLOY=1 \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
 # The first command of the README: needs nothing but python3 (SQLite is in the standard library).

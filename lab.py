@@ -8,6 +8,8 @@
     python lab.py bench --arch all --clients 1,8 --repeat 3     (what `make bench` runs)
     python lab.py chaos --arch standalone --faults kill-replica  (what `make chaos` runs)
     python lab.py farm-bench --store mysql://root@127.0.0.1:3306/saldo_bench  (what `make bench ARCH=farm` runs)
+    python lab.py run --topology /etc/saldo/topology.json --arch sequencer --faults kill-replica
+                                                                 (a deployed cluster: docs/deploy.md)
 
 Each run writes results/<run>.json (and results/latest.json), a timeline picture
 results/<run>.svg, and prints a table. Exit code: 0 when every verdict is valid, or invalid only for
@@ -134,6 +136,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, default_faults: str, refe
                              "base URL mysql://user:pass@host:port/prefix")
     parser.add_argument("--option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                         help="architecture option, repeatable (e.g. replicas=3, replication=async, workers=4)")
+    parser.add_argument("--topology", type=Path, metavar="FILE",
+                        help="a deployed cluster's topology file (/etc/saldo/topology.json, written by ansible/deploy.yml): "
+                             "run against its processes, which the lab neither starts nor stops; faults go through the "
+                             "commands the deployment wrote for each node (--ports, --store and --option do not apply)")
     parser.add_argument("--repeat", type=_positive_int, default=1, help="runs per combination; the summary shows medians")
     parser.add_argument("--seed", type=int, default=1, help="seed of the workload's random choices (run k uses seed+k)")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=reference,
@@ -165,6 +171,7 @@ def _options(args: argparse.Namespace, architecture: str, clients: int, window: 
         extra=extra,
         keep_history=args.keep_history,
         keep_stores=args.keep,
+        topology=args.topology,
         run_name=f"{architecture}-{clients}c{window}w-{time.strftime('%Y%m%d-%H%M%S')}-{repeat_index}",
         hosts=args.hosts,
     )
@@ -384,10 +391,10 @@ the run and restarted at 60%, the checker's verdict and the report; then every p
 It uses the seed's ports: stop a running `lab.py up` (make up) first, or pass --ports free."""
 
 RUN_DESCRIPTION = """\
-One run per architecture x client count x window: a bank workload against a live local cluster,
-a fault schedule if asked (--faults), the checker's verdict, a table, results/<run>.json and a
-timeline picture. No echo reference unless --reference. Exit code 1 when a verdict is invalid for
-a reason its architecture promises to avoid."""
+One run per architecture x client count x window: a bank workload against a live local cluster
+(or, with --topology, against a deployed one), a fault schedule if asked (--faults), the checker's
+verdict, a table, results/<run>.json and a timeline picture. No echo reference unless --reference.
+Exit code 1 when a verdict is invalid for a reason its architecture promises to avoid."""
 
 BENCH_DESCRIPTION = """\
 Throughput and latency without faults (make bench): like run, but each run also measures the echo
@@ -489,10 +496,21 @@ def main(argv: list[str] | None = None) -> int:
             subparser.error(f"argument --arch: {error}")
         if args.command == "bench" and args.faults != "none":
             subparser.error("bench runs without faults; use chaos")
+        if args.topology is not None and args.option:
+            subparser.error("argument --option: a deployed cluster (--topology) runs as it was deployed")
         for architecture in architectures:
             unfit = archs.unfit_schedule(architecture, args.faults, SCHEDULES[args.faults])
             if unfit:
                 subparser.error(f"argument --faults: {unfit}")
+            if args.topology is not None:
+                from common.lab import deployed
+
+                unfit = deployed.check(args.topology, architecture)
+                if unfit is None and any(fault.kind in archs.PROXY_FAULTS for fault in SCHEDULES[args.faults]):
+                    unfit = f"{args.faults} acts through fault proxies, which a deployed cluster does not have"
+                if unfit:
+                    subparser.error(f"argument --topology: {unfit}")
+                continue
             try:  # the --option values: building the layout checks them (nothing starts, nothing is written)
                 archs.build(architecture, archs.LayoutOptions(run_dir=Path("var/option-check"), ports="free",
                                                               store=args.store, extra=dict(args.option), fresh_stores=False))

@@ -2,6 +2,7 @@
 
     sqlite:///relative/path.db   sqlite:////absolute/path.db   sqlite:///:memory:
     mysql://user:password@host:port/database
+    mysql://user@host:port/database?password_file=/etc/saldo/db/replica.password&bind_address=10.0.0.12
 
 Owns the tables of sql/schema.sql (MySQL) and sql/schema.sqlite.sql (SQLite, kept equivalent), and
 the two ways of writing them, each one transaction:
@@ -55,6 +56,7 @@ log = get_logger("store")
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "sql"
 COUNTER_NAMES = ("ops_applied_total", "deposited_cents_total", "withdrawn_cents_total")
+SCHEMA_TABLES = frozenset({"accounts", "applied_ops", "applied_batches", "replica_meta"})
 # Bound on one multi-row statement's parameters (SQLite's default limit is 32766 variables).
 MAX_ROWS_PER_STATEMENT = 500
 MAX_META_NAME_CHARS = 64
@@ -515,13 +517,15 @@ class MySQLStore(Store):
     )
     _upsert_meta_sql = "INSERT INTO replica_meta (name, value) VALUES (%s, %s) ON DUPLICATE KEY UPDATE value = VALUES(value)"
 
-    def __init__(self, url: str, host: str, port: int, user: str, password: str, database: str, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, host: str, port: int, user: str, password: str, database: str, connect_timeout_s: float = 5.0,
+                 bind_address: str | None = None) -> None:
         import pymysql  # Imported here: SQLite-only machines run without PyMySQL installed.
 
         self._pymysql = pymysql
         self.url = url
         self.database = database
-        options = dict(host=host, port=port, user=user, password=password, autocommit=True, connect_timeout=connect_timeout_s, charset="utf8mb4")
+        options = dict(host=host, port=port, user=user, password=password, autocommit=True, connect_timeout=connect_timeout_s,
+                       charset="utf8mb4", bind_address=bind_address)
         try:
             self._connection = pymysql.connect(database=database, **options)
         except pymysql.err.OperationalError as error:
@@ -532,14 +536,21 @@ class MySQLStore(Store):
                 cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
             bootstrap.close()
             self._connection = pymysql.connect(database=database, **options)
+        # A store that is already complete is only read here: a deployment creates the tables with
+        # an administrator's account, and a replica's own user may then hold no CREATE or INSERT
+        # privilege beyond what it writes (and the lab's reader only SELECT).
         with self._connection.cursor() as cursor:
-            for statement in _split_sql((SCHEMA_DIR / "schema.sql").read_text()):
-                cursor.execute(statement)
+            cursor.execute("SHOW TABLES")
+            tables = {row[0] for row in cursor.fetchall()}
+            if not SCHEMA_TABLES <= tables:
+                for statement in _split_sql((SCHEMA_DIR / "schema.sql").read_text()):
+                    cursor.execute(statement)
             # apply_batch serialises writers by locking the counter rows (FOR UPDATE): they must
             # exist, or two first batches on a fresh store take gap locks and deadlock.
-            cursor.executemany(
-                "INSERT IGNORE INTO replica_meta (name, value) VALUES (%s, 0)", [(name,) for name in COUNTER_NAMES]
-            )
+            cursor.execute("SELECT name FROM replica_meta WHERE name IN (%s, %s, %s)", COUNTER_NAMES)
+            missing = set(COUNTER_NAMES) - {row[0] for row in cursor.fetchall()}
+            if missing:
+                cursor.executemany("INSERT IGNORE INTO replica_meta (name, value) VALUES (%s, 0)", [(name,) for name in sorted(missing)])
         self._cursor_obj = self._connection.cursor()
 
     def _cursor(self):
@@ -634,12 +645,26 @@ def _parse_store_url(url: str) -> tuple[str, dict]:
         database = parsed.path.lstrip("/")
         if not _DATABASE_NAME_RE.fullmatch(database):
             raise ValueError(f"expected mysql://user:password@host:port/database, got database {database!r}")
+        unknown = sorted(set(options) - {"password_file", "bind_address"})
+        if unknown:
+            raise ValueError(f"mysql store URL: unknown parameter {', '.join(unknown)} (known: password_file, bind_address)")
+        password = urllib.parse.unquote(parsed.password or "")
+        if "password_file" in options:
+            # The password kept out of the URL (and so out of topology files and process lists).
+            if parsed.password is not None:
+                raise ValueError("mysql store URL: a password and a password_file both given")
+            try:
+                password = Path(options["password_file"]).read_text().rstrip("\n")
+            except OSError as error:
+                raise ValueError(f"mysql store URL: password_file {options['password_file']}: {error.strerror or error}") from None
         return "mysql", {
             "host": parsed.hostname or "127.0.0.1",
             "port": parsed.port or 3306,
             "user": urllib.parse.unquote(parsed.username or "root"),
-            "password": urllib.parse.unquote(parsed.password or ""),
+            "password": password,
             "database": database,
+            # The address this host's connections come from, where a user is granted by address.
+            "bind_address": options.get("bind_address"),
         }
     raise ValueError(f"unknown store URL scheme {parsed.scheme!r}: use sqlite:/// or mysql://")
 

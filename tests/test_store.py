@@ -19,7 +19,7 @@ import pytest
 
 from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AppliedOp, Bank, Counters, Operation, Outcome
 from common.money import MAX_BALANCE_CENTS
-from common.store import MAX_OPS_PER_BATCH_ROW, SQLiteStore, StoreImage, open_store as open_store_url
+from common.store import MAX_OPS_PER_BATCH_ROW, SCHEMA_TABLES, SQLiteStore, StoreImage, open_store as open_store_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crash_child  # noqa: E402
@@ -169,6 +169,9 @@ def test_the_two_schema_files_define_the_same_tables(tmp_path, mysql_url):
             on_mysql[table] = [(name, nullable == "YES", key == "PRI") for name, nullable, key in cursor.fetchall()]
         assert on_sqlite == on_mysql
         assert [name for name, _, _ in on_mysql["applied_ops"]][:2] == ["apply_index", "op_id"]
+        # An existing store is opened without its schema when it has every one of these tables.
+        cursor.execute("SHOW TABLES")
+        assert {name for (name,) in cursor.fetchall()} == SCHEMA_TABLES == set(tables)
     finally:
         sqlite_store.close()
         mysql_store.close()
@@ -564,3 +567,46 @@ def test_a_process_killed_mid_transaction_leaves_all_of_the_batch_or_none(store_
     store = open_store()
     persist_ops(store, bank, [deposit("after-crash", "acct0", 1)], window=window)
     assert open_store().load(window).counters.ops_applied_total == found.counters.ops_applied_total + 1
+
+
+def test_a_mysql_store_opened_with_row_privileges_only_names_its_password_file_and_source_address(mysql_url, tmp_path):
+    """As a deployment runs it: the tables exist, the replica's account may only read and write
+    rows, from its own host's address, its password in a file; the lab's reader may only SELECT."""
+    import urllib.parse
+
+    import pymysql
+
+    parsed = urllib.parse.urlsplit(mysql_url)
+    database = parsed.path.lstrip("/")
+    open_store_url(mysql_url).close()  # the administrator creates the database and its tables
+    admin = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=urllib.parse.unquote(parsed.username or "root"),
+                            password=urllib.parse.unquote(parsed.password or ""), autocommit=True)
+    writer, reader = f"w{database[-8:]}", f"r{database[-8:]}"
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f"CREATE USER '{writer}'@'127.0.0.12' IDENTIFIED BY 'writer-secret'")
+            cursor.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{database}`.* TO '{writer}'@'127.0.0.12'")
+            cursor.execute(f"CREATE USER '{reader}'@'127.0.0.11' IDENTIFIED BY 'reader-secret'")
+            cursor.execute(f"GRANT SELECT ON `{database}`.* TO '{reader}'@'127.0.0.11'")
+        (tmp_path / "writer.password").write_text("writer-secret\n")
+        (tmp_path / "reader.password").write_text("reader-secret\n")
+        server = f"{parsed.hostname}:{parsed.port or 3306}/{database}"
+
+        store = open_store_url(f"mysql://{writer}@{server}?password_file={tmp_path / 'writer.password'}&bind_address=127.0.0.12")
+        bank = Bank(dedup_window_ops=100)
+        persist_ops(store, bank, [deposit("d1", "alice", 500), transfer("t1", "alice", "bob", 200)], window=100)
+        store.close()
+        image = open_store_url(f"mysql://{reader}@{server}?password_file={tmp_path / 'reader.password'}&bind_address=127.0.0.11").load()
+        assert image.balances == {"alice": 300, "bob": 200} and [row.op.op_id for row in image.recent] == ["d1", "t1"]
+
+        with pytest.raises(pymysql.err.OperationalError):  # from another address than the one granted
+            open_store_url(f"mysql://{writer}@{server}?password_file={tmp_path / 'writer.password'}&bind_address=127.0.0.13")
+        with pytest.raises(ValueError, match="password and a password_file"):
+            open_store_url(f"mysql://{writer}:x@{server}?password_file={tmp_path / 'writer.password'}")
+        with pytest.raises(ValueError, match="unknown parameter passwd_file"):
+            open_store_url(f"mysql://{writer}@{server}?passwd_file={tmp_path / 'writer.password'}")
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP USER IF EXISTS '{writer}'@'127.0.0.12'")
+            cursor.execute(f"DROP USER IF EXISTS '{reader}'@'127.0.0.11'")
+        admin.close()

@@ -126,10 +126,12 @@ class LabCluster:
     async def start_fault(self, fault: Fault, target: str) -> None:
         cluster = self.cluster
         assert cluster is not None
+        # On a thread: a deployed cluster's kill or pause is a command over SSH, which the
+        # clients' event loop must not wait for.
         if fault.kind == "kill":
-            cluster.kill(target)
+            await asyncio.to_thread(cluster.kill, target)
         elif fault.kind == "pause":
-            cluster.pause(target)
+            await asyncio.to_thread(cluster.pause, target)
         elif fault.kind in ("partition", "delay", "drop"):
             proxies = self.proxies_of.get(target, [])
             if not proxies:
@@ -152,7 +154,7 @@ class LabCluster:
                 cluster.spawn(target)  # on the loop's thread: see Cluster (PR_SET_PDEATHSIG)
             await asyncio.to_thread(cluster.wait_ready, target)
         elif fault.kind == "pause":
-            cluster.resume(target)
+            await asyncio.to_thread(cluster.resume, target)
         elif fault.kind in ("partition", "delay"):
             for proxy in self.proxies_of.get(target, []):
                 await asyncio.to_thread(cluster.request, proxy, {"TASK": "FAULT", "ACTION": "heal"})

@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from common import aio
-from common.lab import archs, checker, report
+from common.lab import archs, checker, deployed, report
 from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port, run_dir_in_use
 from common.lab.faults import SCHEDULES, Fault, FaultInjector
 from common.lab.workload import DEFAULT_MIX, OpRecord, Workload, WorkloadConfig, describe_mix
@@ -61,6 +61,9 @@ class RunOptions:
     extra: dict = field(default_factory=dict)  # architecture options (e.g. replication mode)
     keep_history: bool = False  # write results/<run>.history.jsonl even when the verdict is valid
     keep_stores: bool = False  # keep the replicas' SQLite stores of a valid run (an invalid run's are kept)
+    # A deployed cluster's topology file: the run attaches to its processes and starts none
+    # (common/lab/deployed.py); `ports`, `store` and `extra` then mean nothing.
+    topology: Path | None = None
     attempt_timeout_s: float = 2.0
     op_deadline_s: float = 20.0
     hosts: archs.Hosts | None = None  # default: what this machine can bind (archs.detect_hosts)
@@ -130,11 +133,11 @@ async def _applied_counts(lab: archs.LabCluster) -> dict[str, int | None]:
 async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
     """Every node's loop monitor (STATUS "LOOP", common/aio.py) with the pid that answered; None
     for a node that did not answer (paused, or down). Nodes without a monitor are left out. (The
-    lab's own monitor is read by the caller.)"""
+    lab's own monitor is read by the caller.) The pid is the one STATUS names: a deployed node's
+    may be on another machine."""
     counters: dict[str, dict | None] = {}
     for name in lab.cluster.nodes:
-        pid = lab.cluster.pid(name)
-        if pid is None:
+        if not lab.cluster.is_running(name):
             counters[name] = None
             continue
         try:
@@ -146,7 +149,7 @@ async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
         if status.get("STATUS") != "OK":
             counters[name] = None
         elif isinstance(loop, dict) and type(loop.get("STALLS_TOTAL")) is int:
-            counters[name] = {**loop, "PID": pid}
+            counters[name] = {**loop, "PID": status.get("PID")}
     return counters
 
 
@@ -194,7 +197,8 @@ async def _wait_quiet(lab: archs.LabCluster, timeout_s: float = QUIET_TIMEOUT_S)
         await asyncio.sleep(0.1)
 
 
-async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Fault]) -> tuple[Workload, list[dict], dict, dict, float]:
+async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Fault],
+                 account_prefix: str = "acct-") -> tuple[Workload, list[dict], dict, dict, float]:
     config = WorkloadConfig(
         clients=options.clients,
         window=options.window,
@@ -205,6 +209,7 @@ async def _drive(options: RunOptions, lab: archs.LabCluster, schedule: list[Faul
         seed=options.seed,
         attempt_timeout_s=options.attempt_timeout_s,
         op_deadline_s=options.op_deadline_s,
+        account_prefix=account_prefix,
     )
     workload = Workload(config, lambda index: lab.make_client(index, options.window), progress=options.progress)
     # The lab's own loop too: its stalls are in the latency its clients measure.
@@ -285,30 +290,47 @@ def run_lab(options: RunOptions) -> RunResult:
     run_name = options.run_name or f"{options.architecture}-{options.clients}c-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = options.run_root / run_name
     needs_proxies = any(f.kind in ("partition", "delay", "drop") for f in schedule)
-    layout = archs.LayoutOptions(
-        run_dir=run_dir,
-        ports=options.ports,
-        proxies=needs_proxies if options.proxies is None else options.proxies,
-        store=options.store,
-        request_timeout_s=options.attempt_timeout_s,
-        extra=options.extra,
-        hosts=options.hosts,
-    )
-    lab = archs.build(options.architecture, layout)
+    if options.topology is not None:
+        lab, cluster = deployed.attach(options.topology, options.architecture, request_timeout_s=options.attempt_timeout_s)
+        proxies = False
+        account_prefix = f"{run_name}-"  # the cluster keeps every earlier run's accounts
+    else:
+        layout = archs.LayoutOptions(
+            run_dir=run_dir,
+            ports=options.ports,
+            proxies=needs_proxies if options.proxies is None else options.proxies,
+            store=options.store,
+            request_timeout_s=options.attempt_timeout_s,
+            extra=options.extra,
+            hosts=options.hosts,
+        )
+        lab = archs.build(options.architecture, layout)
+        proxies = layout.proxies
+        account_prefix = "acct-"
     # Refused before anything starts: a fault on a role the cluster lacks would hit some other node.
     missing = sorted({fault.role for fault in schedule} - lab.fault_roles())
     if missing:
         raise ValueError(f"{lab.architecture} has no node in role {', '.join(missing)} for the fault schedule")
-    if needs_proxies and layout.proxies and not any(lab.proxies_of.values()):
+    if needs_proxies and (options.topology is not None or proxies) and not any(lab.proxies_of.values()):
         raise ValueError(f"{lab.architecture} has no fault proxy for the schedule's partition, delay or drop")
     started_at = time.time()
-    with Cluster(run_dir, lab.nodes, name=run_name, architecture=lab.architecture) as cluster:
+    if options.topology is None:
+        cluster = Cluster(run_dir, lab.nodes, name=run_name, architecture=lab.architecture)
+    with cluster:
         lab.cluster = cluster
         cluster.start()
-        workload, faults, applied, window, window_s = asyncio.run(_drive(options, lab, schedule))
+        before = deployed.read_images(lab) if options.topology is not None else None
+        workload, faults, applied, window, window_s = asyncio.run(_drive(options, lab, schedule, account_prefix))
         peak_rss = {node.name: _peak_rss_mb(cluster.pid(node.name)) for node in lab.nodes}
-        cluster.close()  # a clean stop: every replica's last group commit reaches its store
-    states = {name: _load_state(url) for name, url in lab.stores().items()}
+        if before is not None:  # the deployed cluster keeps running: what this run changed in each store
+            after = deployed.final_images(lab)
+            accounts = WorkloadConfig(accounts=options.accounts, account_prefix=account_prefix).account_names()
+            states = {name: deployed.run_image(before[name], after[name], accounts) for name in after}
+        # Local: a clean stop, so every replica's last group commit reaches its store. Deployed:
+        # whatever the run left down or paused is started or resumed; nothing is stopped.
+        cluster.close()
+    if before is None:
+        states = {name: _load_state(url) for name, url in lab.stores().items()}
     history = workload.history
     result = checker.check(history, states, total_order=lab.total_order, read_your_writes=lab.read_your_writes,
                            failover_may_lose=lab.failover_may_lose)
@@ -369,7 +391,7 @@ def run_lab(options: RunOptions) -> RunResult:
             for record in history:
                 out.write(json.dumps(record.to_json()) + "\n")
         body["history"] = str(history_path)
-    body["stores_deleted"] = options.store == "sqlite" and result.valid and not options.keep_stores
+    body["stores_deleted"] = options.topology is None and options.store == "sqlite" and result.valid and not options.keep_stores
     if body["stores_deleted"]:
         for path in run_dir.iterdir():
             if path.name.endswith(SQLITE_STORE_SUFFIXES):

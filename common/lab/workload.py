@@ -120,9 +120,11 @@ class WorkloadConfig:
     drain_s: float = 10.0  # after the run, in-flight operations get this long to resolve
     read_your_writes: bool = False  # send MIN_SEQ = the highest SEQ this client has seen
     seed: int = 1
+    # A cluster the lab did not start may hold accounts of earlier runs: each run there names its own.
+    account_prefix: str = "acct-"
 
     def account_names(self) -> list[str]:
-        return [f"acct-{i}" for i in range(self.accounts)]
+        return [f"{self.account_prefix}{i}" for i in range(self.accounts)]
 
 
 def _cents_from_reply(text: object) -> int | None:
