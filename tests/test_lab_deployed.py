@@ -58,7 +58,7 @@ def test_lab_run_refuses_a_topology_without_control_commands_and_faults_it_canno
     plain.write_text(json.dumps({"nodes": {"replica1": {"script": "replica.py", "mode": "sequencer", "host": "127.0.0.12", "port": 1}}}))
     done = subprocess.run([sys.executable, "lab.py", "run", "--topology", str(plain), "--arch", "sequencer"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "has no 'control' object" in done.stderr
+    assert done.returncode == 64 and "has no 'control' object" in done.stderr  # bad usage
 
     control = {action: [["true"]] for action in deployed.CONTROL_ACTIONS}
     document = {"nodes": {"replica1": {"script": "replica.py", "mode": "sequencer", "host": "127.0.0.12", "port": 1},
@@ -70,4 +70,4 @@ def test_lab_run_refuses_a_topology_without_control_commands_and_faults_it_canno
     assert "runs no queue replica" in deployed.check(deployment, "queue")
     done = subprocess.run([sys.executable, "lab.py", "run", "--topology", str(deployment), "--arch", "sequencer",
                            "--faults", "partition-replica"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "a deployed cluster does not have" in done.stderr
+    assert done.returncode == 64 and "a deployed cluster does not have" in done.stderr

@@ -396,9 +396,9 @@ def run_lab(options: RunOptions) -> RunResult:
         for path in run_dir.iterdir():
             if path.name.endswith(SQLITE_STORE_SUFFIXES):
                 path.unlink()
+    run_dirs = [path for path in options.run_root.iterdir() if path.is_dir()] if options.run_root.is_dir() else []
     body["older_runs_removed"] = (
-        _remove_oldest([path for path in options.run_root.iterdir() if path.is_dir()], MAX_RUN_DIRS, shutil.rmtree,
-                       spare=run_dir_in_use)
+        _remove_oldest(run_dirs, MAX_RUN_DIRS, shutil.rmtree, spare=run_dir_in_use)
         + _remove_oldest(list(options.results_dir.glob("*.history.jsonl")), MAX_HISTORY_FILES, Path.unlink))
     path = report.write_report(body, options.results_dir)
     return RunResult(body, history, states, result, path, lab)
