@@ -23,13 +23,16 @@ import os
 import sys
 import time
 
-from common import bankclient, farmclient, topology, wire
-from common.bank import DEFAULT_MAX_ACCOUNTS, MAX_ACCOUNTS_PER_PAGE, check_account, check_op_id
-from common.blocking import BlockingConnection
+from common import clients, topology
+from common.bank.errors import SaldoError
+from common.bank.money import parse_amount_cents
+from common.bank.state import DEFAULT_MAX_ACCOUNTS, MAX_ACCOUNTS_PER_PAGE, check_account, check_op_id
 from common.cli import EXIT_USAGE, UsageParser
-from common.errors import SaldoError
-from common.money import parse_amount_cents
-from common.sequencing import MIN_SEQ_WAIT_S
+from common.farm import client as farm_client
+from common.sequencer.core import MIN_SEQ_WAIT_S
+from common.transport import wire
+from common.transport.blocking import BlockingConnection
+from common.transport.client import FAILED, OK, UNKNOWN, balance_line, execute_with_retries, new_op_id, operation_line
 
 EXIT_OK, EXIT_NOK, EXIT_UNKNOWN = 0, 1, 2
 
@@ -72,7 +75,7 @@ def add_operation_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(bankclient.ARCHITECTURES), help="architecture (default: from --topology, else standalone)")
+    parser.add_argument("--arch", choices=sorted(clients.ARCHITECTURES), help="architecture (default: from --topology, else standalone)")
     parser.add_argument("--topology", help="topology file of a running cluster: addresses come from it")
     parser.add_argument("--address", action="append", default=[], metavar="HOST:PORT",
                         help="where to send (repeat for several: replicas of multicast / primary-backup)")
@@ -111,17 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_request(args: argparse.Namespace) -> tuple[str, bytes]:
     """(request id, line), validated here so a typo is refused before anything is sent."""
-    op_id = check_op_id(args.id) if args.id else bankclient.new_op_id()
+    op_id = check_op_id(args.id) if args.id else new_op_id()
     if args.command == "balance":
-        return op_id, bankclient.balance_line(op_id, check_account(args.account), args.min_seq)
+        return op_id, balance_line(op_id, check_account(args.account), args.min_seq)
     amount_cents = parse_amount_cents(args.amount)
     wait = f',"WAIT":"{args.wait.upper()}"' if args.wait else ""
     if args.command == "transfer":
         source, target = check_account(args.source, "FROM"), check_account(args.target, "TO")
         if source == target:
             raise SaldoError("SAME_ACCOUNT", "SOURCE and TARGET are the same account")
-        return op_id, bankclient.operation_line(op_id, "TRANSFER", source, target, amount_cents, wait)
-    return op_id, bankclient.operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents, wait)
+        return op_id, operation_line(op_id, "TRANSFER", source, target, amount_cents, wait)
+    return op_id, operation_line(op_id, args.command.upper(), check_account(args.account), None, amount_cents, wait)
 
 
 CLUSTER_HINT = "is a cluster running there? `make up` starts one; --topology FILE names its addresses"
@@ -186,7 +189,7 @@ def describe_reply(reply: dict, outcome: str, is_read: bool = False, reachabilit
         text += f": {reply['DETAIL']}"
     if reply.get("ERROR") == "NOT_READY" and "cannot connect" in str(reply.get("DETAIL")):
         text += f" ({reachability or CLUSTER_HINT})"
-    if outcome == bankclient.UNKNOWN:
+    if outcome == UNKNOWN:
         text += " (outcome unknown: retry with --id " + str(reply.get("ID")) + ")"
     return text
 
@@ -194,12 +197,12 @@ def describe_reply(reply: dict, outcome: str, is_read: bool = False, reachabilit
 async def run_operation(args: argparse.Namespace, arch: str, addresses: dict, topo: dict | None) -> int:
     request_id, line = build_request(args)
     request_timeout_s = min(2.0, args.timeout)
-    client = bankclient.make_client(arch, addresses, request_timeout_s=request_timeout_s)
+    client = clients.make_client(arch, addresses, request_timeout_s=request_timeout_s)
     is_read = args.command == "balance"
     # A read naming --min-seq may wait at the replica (MIN_SEQ_WAIT_S): each attempt waits longer.
     attempt_timeout_s = MIN_SEQ_WAIT_S + 1.0 if is_read and args.min_seq else request_timeout_s
     try:
-        reply, _attempts, outcome = await bankclient.execute_with_retries(
+        reply, _attempts, outcome = await execute_with_retries(
             client, request_id, line, deadline_s=time.monotonic() + args.timeout, attempt_timeout_s=attempt_timeout_s,
             is_read=is_read,
         )
@@ -209,24 +212,24 @@ async def run_operation(args: argparse.Namespace, arch: str, addresses: dict, to
     if not args.json and reply.get("ERROR") == "NOT_READY" and "cannot connect" in str(reply.get("DETAIL")):
         reachability = describe_reachability(arch, addresses, topo)
     print(wire.encode(reply).decode().strip() if args.json else describe_reply(reply, outcome, is_read, reachability))
-    return {bankclient.OK: EXIT_OK, bankclient.FAILED: EXIT_NOK}.get(outcome, EXIT_UNKNOWN)
+    return {OK: EXIT_OK, FAILED: EXIT_NOK}.get(outcome, EXIT_UNKNOWN)
 
 
 async def run_accounts(args: argparse.Namespace, arch: str, addresses: dict) -> int:
     """Every account and balance at a replica, a page (ACCOUNTS) at a time, up to --limit of them."""
-    client = bankclient.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
+    client = clients.make_client(arch, addresses, request_timeout_s=min(2.0, args.timeout))
     deadline_s = time.monotonic() + args.timeout
     after, shown, last = (check_account(args.after, "--after") if args.after else None), 0, {}
     try:
         while shown < args.limit:
-            request_id = bankclient.new_op_id()
+            request_id = new_op_id()
             request = {"TASK": "ACCOUNTS", "ID": request_id, "LIMIT": min(MAX_ACCOUNTS_PER_PAGE, args.limit - shown)}
             if after is not None:
                 request["AFTER"] = after
-            last, _attempts, outcome = await bankclient.execute_with_retries(
+            last, _attempts, outcome = await execute_with_retries(
                 client, request_id, wire.encode(request), deadline_s=deadline_s, attempt_timeout_s=min(2.0, args.timeout),
                 is_read=True)
-            if outcome != bankclient.OK:
+            if outcome != OK:
                 print(wire.encode(last).decode().strip() if args.json else describe_reply(last, outcome))
                 return EXIT_NOK
             if args.json:
@@ -264,7 +267,7 @@ def run_status(args: argparse.Namespace, targets: list[tuple[str, str]]) -> int:
     for name, address, reply in rows:
         print(f"{name} ({address})")
         if reply.get("ROLE") == "farm-server":
-            print(farmclient.format_status(reply))
+            print(farm_client.format_status(reply))
             continue
         for key, value in reply.items():
             if key not in ("ID",):
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "worker":
-        from common.nodes import farm_worker
+        from common.farm import worker as farm_worker
 
         return farm_worker.main(args.worker_args)
     try:
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 parser.error(f"status: expected HOST:PORT, got {address!r}")
         return run_status(args, targets)
-    arch = args.arch or bankclient.client_architecture((topo or {}).get("architecture") or "standalone")
+    arch = args.arch or clients.client_architecture((topo or {}).get("architecture") or "standalone")
     if args.wait and args.command != "accounts" and arch not in ("sequencer", "queue"):
         print(f"client.py: note: --wait is for the sequencer and queue architectures; {arch} answers once the "
               "operation is applied (and durable) anyway", file=sys.stderr)
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.fail("accounts: the worker farm has no replica to ask; its accounts are the `accounts` table of "
                     "its shared store (sqlite3 or mysql: SELECT name, balance_cents FROM accounts ORDER BY name)")
     try:
-        addresses = bankclient.resolve_addresses(arch, topo, args.address, args.read_address)
+        addresses = clients.resolve_addresses(arch, topo, args.address, args.read_address)
         if args.command == "accounts":
             return asyncio.run(run_accounts(args, arch, addresses))
         return asyncio.run(run_operation(args, arch, addresses, topo))

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import sys
 
-from common.nodes.launch import main as launch
+from common.launch import main as launch
 
 MODES = {
-    "standalone": "common.nodes.bank_replica",
-    "multicast": "common.nodes.bank_replica",
-    "queue": "common.nodes.sequenced_replica",
-    "sequencer": "common.nodes.sequenced_replica",
-    "primary-backup": "common.nodes.pb_replica",
+    "standalone": "common.standalone.replica",
+    "multicast": "common.standalone.replica",
+    "queue": "common.sequencer.replica",
+    "sequencer": "common.sequencer.replica",
+    "primary-backup": "common.primary_backup.replica",
 }
 
 

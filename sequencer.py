@@ -8,16 +8,16 @@ Clients send operations to the client port (6002); the sequencer numbers them 1,
 them to its durable log (--log-dir) and broadcasts them to the replicas, which connect to the
 replica port (6003) with `replica.py --mode sequencer`. The reply to a client comes once a replica
 has applied the operation (or, with "WAIT": "SEQUENCED", once it is in the log). See
-common/sequencing.py for the protocol.
+common/sequencer/core.py for the protocol.
 """
 
 from __future__ import annotations
 
 import sys
 
-from common.nodes.launch import main as launch
+from common.launch import main as launch
 
-MODES = {"sequencer": "common.nodes.sequencer"}
+MODES = {"sequencer": "common.sequencer.sequencer"}
 
 
 def main(argv: list[str] | None = None) -> int:

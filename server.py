@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import sys
 
-from common.nodes.launch import main as launch
+from common.launch import main as launch
 
 MODES = {
-    "farm": "common.nodes.farm_server",
-    "queue": "common.nodes.queue_server",
-    "witness": "common.nodes.witness",
+    "farm": "common.farm.server",
+    "queue": "common.sequencer.queue_server",
+    "witness": "common.primary_backup.witness",
 }
 
 

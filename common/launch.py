@@ -1,4 +1,10 @@
-"""How a top-level script picks its role module by --mode and runs it (see common/nodes/__init__)."""
+"""How a top-level script picks its role module by --mode and runs it.
+
+Each mode names a driver module (a role's I/O, in its architecture's folder: common/farm/server.py,
+common/sequencer/replica.py, ...) with `add_flags(parser, mode)`, `prepare(args)` and
+`async serve(args, stop)`. A driver runs its architecture's core (a state machine without I/O)
+against sockets, stores and timers.
+"""
 
 from __future__ import annotations
 

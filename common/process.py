@@ -2,7 +2,7 @@
 
 Owns the life cycle every top-level script shares: `run(main)` configures key=value logging with
 the node's name, tunes the garbage collector, runs `main(stop)` on a fresh event loop beside the
-loop monitor that STATUS reports (common/aio.py), and turns SIGTERM / SIGINT into `stop` being set,
+loop monitor that STATUS reports (common/transport/aio.py), and turns SIGTERM / SIGINT into `stop` being set,
 so the process closes its listeners, lets its last group commit reach the disk, and exits 0.
 SIGKILL is the lab's business: nothing here is needed for a killed process to recover.
 """
@@ -14,8 +14,8 @@ import gc
 import signal
 from typing import Awaitable, Callable
 
-from common import aio
 from common import log as saldo_log
+from common.transport import aio
 
 log = saldo_log.get_logger("process")
 
@@ -23,7 +23,7 @@ log = saldo_log.get_logger("process")
 # now and then a full one that walks every object it tracks. saldo's hot paths make few reference
 # cycles, so collections run far less often; they still run, and memory stays bounded. What a
 # process keeps per operation is kept out of the collector's sight where it can be (the Bank's
-# dedup window holds plain tuples, see common/bank.py): a walk over it was a pause of 10 to 90 ms.
+# dedup window holds plain tuples, see common/bank/state.py): a walk over it was a pause of 10 to 90 ms.
 GC_THRESHOLDS = (50_000, 20, 10)
 
 

@@ -1,7 +1,7 @@
 -- saldo's store, MySQL / MariaDB dialect. The SQLite twin is sql/schema.sqlite.sql; a test keeps
 -- the two equivalent (same tables, same columns, same constraints).
 --
--- One database per replica (or per worker farm): it is the durable image of common/bank.py's Bank.
+-- One database per replica (or per worker farm): it is the durable image of common/bank/state.py's Bank.
 -- Every statement here is idempotent, so a process may run the whole file at each start.
 
 -- Balances in integer cents. No balance is ever negative, whatever the code above does.
@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS applied_ops (
 CREATE TABLE IF NOT EXISTS applied_batches (
     first_apply_index BIGINT NOT NULL,    -- the apply_index of the row's first operation
     last_apply_index BIGINT NOT NULL,     -- and of its last
-    ops_json MEDIUMTEXT NOT NULL,         -- at most 1,024 operations (common/store.py)
+    ops_json MEDIUMTEXT NOT NULL,         -- at most 1,024 operations (common/storage/store.py)
     PRIMARY KEY (first_apply_index),
     CONSTRAINT applied_batches_span CHECK (first_apply_index <= last_apply_index)
 ) ENGINE = InnoDB;

@@ -129,7 +129,7 @@ def store_url(request, tmp_path) -> str:
 @pytest.fixture
 def open_store(store_url):
     """open_store() opens (another) Store on this test's database; all are closed at teardown."""
-    from common.store import open_store as _open
+    from common.storage.store import open_store as _open
 
     opened = []
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation  # noqa: E402
-from common.store import MAX_OPS_PER_BATCH_ROW, open_store  # noqa: E402
+from common.bank.state import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation  # noqa: E402
+from common.storage.store import MAX_OPS_PER_BATCH_ROW, open_store  # noqa: E402
 
 ACCOUNTS = [f"acct{index}" for index in range(200)]
 META_NAME = "crash_batch"
@@ -61,7 +61,7 @@ def main() -> None:
     store = open_store(url)
     bank = store.load(window).to_bank(Bank(dedup_window_ops=window))
     applied, changed = apply_all(bank, make_ops(count, seed))
-    batch_rows = store.encode_applied(applied)  # before the transaction, as common/durable.py does
+    batch_rows = store.encode_applied(applied)  # before the transaction, as common/storage/durable.py does
     # persist() in steps, so the parent knows where the transaction is: half of the batch's rows,
     # then the rest with the balances and counters.
     first_rows = len(batch_rows) // 2

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from common import wire
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation
-from common.blocking import BlockingConnection
+from common.bank.state import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation
 from common.lab import archs, checker
 from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port
 from common.lab.faults import SCHEDULES, Fault
 from common.lab.runner import RunOptions, RunResult, run_lab
-from common.nodes.sequencer import REPLICA_LINE_BYTES
-from common.seqlog import SequencerLog
-from common.sequencing import entry_line
-from common.store import StoreImage
+from common.sequencer.core import entry_line
+from common.sequencer.log import SequencerLog
+from common.sequencer.sequencer import REPLICA_LINE_BYTES
+from common.storage.store import StoreImage
+from common.transport import wire
+from common.transport.blocking import BlockingConnection
 
 pytestmark = pytest.mark.slow
 
@@ -611,7 +611,7 @@ def port_address(running: RunningCluster, node_name: str, which: str) -> tuple[s
     return (node.host, node.port) if which == "node" else (node.host, int(node.settings[which]))
 
 
-# The replication ports take protocol messages only from their peers' hosts (common/peers.py): the
+# The replication ports take protocol messages only from their peers' hosts (common/transport/peers.py): the
 # bad input for them comes from a peer's host, so that it reaches the protocol's own checks.
 PORT_SOURCE_HOSTS = {"sequencer-replica-link": archs.REPLICA_HOSTS[0], "queue-replica": archs.ORCHESTRATOR_HOST}
 STRANGER_HOST = "127.0.0.1"  # no node of the lab's layouts runs there
@@ -915,7 +915,8 @@ def test_a_multicast_read_goes_to_another_replica_when_the_first_is_down():
     """Writes reach whichever replicas are up; a read must too, not keep asking a dead one."""
     import asyncio
 
-    from common import bankclient
+    from common.multicast.client import MulticastClient
+    from common.transport.client import execute_with_retries
 
     async def scenario():
         async def replica2(reader, writer):  # answers every read with a balance
@@ -927,11 +928,11 @@ def test_a_multicast_read_goes_to_another_replica_when_the_first_is_down():
         server = await asyncio.start_server(replica2, "127.0.0.1", 0)
         down = ("127.0.0.1", free_port())  # replica1: nothing listens there
         up = ("127.0.0.1", server.sockets[0].getsockname()[1])
-        client = bankclient.MulticastClient([down, up], request_timeout_s=1.0)
+        client = MulticastClient([down, up], request_timeout_s=1.0)
         line = wire.encode({"TASK": "BALANCE", "ID": "read-1", "ACCOUNT": "alice"})
         try:
-            return await bankclient.execute_with_retries(client, "read-1", line, deadline_s=time.monotonic() + 5.0,
-                                                         is_read=True)
+            return await execute_with_retries(client, "read-1", line, deadline_s=time.monotonic() + 5.0,
+                                              is_read=True)
         finally:
             await client.close()
             server.close()

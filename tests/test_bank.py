@@ -1,4 +1,4 @@
-"""common.bank: the request formats, the rules, exactly-once apply, and money conservation."""
+"""common.bank.state: the request formats, the rules, exactly-once apply, and money conservation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from common import wire
-from common.bank import (
+from common.bank.errors import SaldoError
+from common.bank.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS
+from common.bank.state import (
     BALANCE,
     DEPOSIT,
     MAX_ACCOUNT_CHARS,
@@ -29,8 +30,7 @@ from common.bank import (
     outcome_reply,
     parse_request,
 )
-from common.errors import SaldoError
-from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS
+from common.transport import wire
 
 
 def refusal(message: dict) -> str:
@@ -549,8 +549,8 @@ def test_the_dedup_window_is_out_of_the_collectors_sight_once_a_collection_has_s
 
 
 def test_a_full_page_of_accounts_with_the_longest_names_and_balances_fits_on_one_line():
-    from common.bank import MAX_ACCOUNT_CHARS, MAX_ACCOUNTS_PER_PAGE, AccountsQuery, accounts_reply
-    from common.money import MAX_BALANCE_CENTS
+    from common.bank.money import MAX_BALANCE_CENTS
+    from common.bank.state import MAX_ACCOUNT_CHARS, MAX_ACCOUNTS_PER_PAGE, AccountsQuery, accounts_reply
 
     balances = {f"{index:0{MAX_ACCOUNT_CHARS}d}": MAX_BALANCE_CENTS for index in range(MAX_ACCOUNTS_PER_PAGE + 100)}
     first = accounts_reply(balances, AccountsQuery(limit=MAX_ACCOUNTS_PER_PAGE), "page-1")

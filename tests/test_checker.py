@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AppliedOp, Bank, Counters, Operation, Outcome
+from common.bank.state import DEPOSIT, TRANSFER, WITHDRAW, AppliedOp, Bank, Counters, Operation, Outcome
 from common.lab import checker
 from common.lab.workload import OpRecord
-from common.store import StoreImage
+from common.storage.store import StoreImage
 
 SEED_CENTS = 10_000
 

@@ -27,7 +27,6 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-
 from conftest import MYSQL_URL_ENV, REPO_ROOT
 
 # The playbook runs twice in the first test that needs the deployment: more than the default limit on a loaded machine.
@@ -221,7 +220,7 @@ def running(deployment):
 
 
 def _status(host: str, port: int) -> dict:
-    from common.blocking import BlockingConnection
+    from common.transport.blocking import BlockingConnection
 
     with BlockingConnection(host, port, connect_timeout_s=1.0) as connection:
         return connection.request({"TASK": "STATUS"}, 2.0)

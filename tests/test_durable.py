@@ -1,4 +1,4 @@
-"""common.durable: group commit, and the relaxed sync of a log-backed replica.
+"""common.storage.durable: group commit, and the relaxed sync of a log-backed replica.
 
 A replica fed from the sequencer's log commits without waiting for the disk and flushes once per
 interval; `synced_meta` must then say exactly how far its store is on stable storage, because the
@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 
-from common.bank import DEPOSIT, Bank, Operation
-from common.durable import DurableBank
-from common.store import open_store
+from common.bank.state import DEPOSIT, Bank, Operation
+from common.storage.durable import DurableBank
+from common.storage.store import open_store
 
 
 def deposit(op_id: str, cents: int = 100) -> Operation:
@@ -207,8 +207,8 @@ def test_metadata_changed_while_a_state_transfer_installs_reaches_the_disk(tmp_p
 def test_a_snapshot_whose_meta_the_store_could_not_hold_is_refused_while_it_is_read(tmp_path, meta):
     import json
 
-    from common.errors import SaldoError
-    from common.snapshot import SnapshotReader, image_to_lines
+    from common.bank.errors import SaldoError
+    from common.storage.snapshot import SnapshotReader, image_to_lines
 
     async def scenario():
         source = await open_bank(tmp_path / "a.db", default_synchronous="normal", sync_interval_s=3600.0)
@@ -236,10 +236,10 @@ def test_a_replica_whose_snapshot_install_fails_keeps_following_the_sequencer(tm
     import json
     import sqlite3
 
-    from common import wire
-    from common.nodes import sequenced_replica
-    from common.snapshot import image_to_lines
-    from common.store import Counters, StoreImage
+    from common.sequencer import replica as sequenced_replica
+    from common.storage.snapshot import image_to_lines
+    from common.storage.store import Counters, StoreImage
+    from common.transport import wire
 
     async def scenario():
         subscribes: asyncio.Queue = asyncio.Queue()
@@ -290,11 +290,11 @@ def test_a_snapshot_of_long_names_and_ids_stays_within_the_line_limit_and_reads_
     # SNAPSHOT_APPLIED line of 66 KiB: the receiver refused it (LINE_TOO_LONG) at every attempt.
     import json
 
-    from common import wire
-    from common.bank import MAX_ACCOUNT_CHARS, MAX_OP_ID_CHARS, Bank, Operation
-    from common.money import MAX_AMOUNT_CENTS
-    from common.snapshot import SNAPSHOT_LINE_MAX_BYTES, SnapshotReader, image_to_lines
-    from common.store import StoreImage
+    from common.bank.money import MAX_AMOUNT_CENTS
+    from common.bank.state import MAX_ACCOUNT_CHARS, MAX_OP_ID_CHARS, Bank, Operation
+    from common.storage.snapshot import SNAPSHOT_LINE_MAX_BYTES, SnapshotReader, image_to_lines
+    from common.storage.store import StoreImage
+    from common.transport import wire
 
     bank = Bank(max_accounts=10_000, dedup_window_ops=10_000)
     names = [f"{index:04d}".ljust(MAX_ACCOUNT_CHARS, "a") for index in range(2_000)]
@@ -327,9 +327,9 @@ def test_a_replica_that_becomes_the_results_source_resends_the_outcomes_of_renum
     too, though its dedup window knows op-1 by seq 1 only."""
     import argparse
 
-    from common import wire
-    from common.nodes import sequenced_replica
-    from common.sequencing import parse_applied
+    from common.sequencer import replica as sequenced_replica
+    from common.sequencer.core import parse_applied
+    from common.transport import wire
 
     class RecordingStream:
         def __init__(self) -> None:
@@ -394,7 +394,7 @@ def test_a_flushing_commit_runs_on_the_commit_thread_unless_it_is_small_or_relax
     loop goes on; a commit of a few operations, or a relaxed one (no flush), runs on the loop."""
     import threading
 
-    from common.durable import MIN_OPS_TO_COMMIT_ON_THREAD
+    from common.storage.durable import MIN_OPS_TO_COMMIT_ON_THREAD
 
     async def committed_on(dbank: DurableBank, ops: list[Operation]) -> list[str]:
         threads: list[str] = []
@@ -432,9 +432,9 @@ def test_a_snapshot_whose_applied_operations_are_not_the_last_ones_in_order_is_r
     operations that do not end at its total would be recorded wrong, so it is refused."""
     import json
 
-    from common.errors import SaldoError
-    from common.snapshot import SnapshotReader, image_to_lines
-    from common.store import StoreImage
+    from common.bank.errors import SaldoError
+    from common.storage.snapshot import SnapshotReader, image_to_lines
+    from common.storage.store import StoreImage
 
     bank = Bank(dedup_window_ops=1_000)
     for index in range(5):

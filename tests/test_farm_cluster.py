@@ -15,23 +15,21 @@ import threading
 import time
 import urllib.parse
 import uuid
-from pathlib import Path
 
 import pytest
 
-from common import topology, wire
-from common.bank import DEPOSIT, Operation
-from common.blocking import BlockingConnection
+from common import topology
+from common.bank.state import DEPOSIT, Operation
 from common.lab import checker
 from common.lab.arch_farm import build
 from common.lab.archs import LayoutOptions
 from common.lab.cluster import REPO_ROOT, Cluster
 from common.lab.workload import Workload, WorkloadConfig
-from common.store import open_store
+from common.storage.store import open_store
+from common.transport import wire
+from common.transport.blocking import BlockingConnection
 
 pytestmark = pytest.mark.slow
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_farm(tmp_path, store_url: str, **options) -> tuple[Cluster, object]:

@@ -1,4 +1,4 @@
-"""common/farm.py without I/O: scripted message orders against a fake clock.
+"""common/farm/core.py without I/O: scripted message orders against a fake clock.
 
 Each test is a scenario: clients, workers and peer servers are connection numbers and the messages
 they would send; `Net` plays the network between two servers' cores, delivering each PeerRequest to
@@ -14,11 +14,11 @@ from decimal import Decimal
 
 import pytest
 
-from common.bank import check_op_id
-from common.bankclient import execute_with_retries
-from common.errors import SaldoError
-from common.farm import BORROWED, DOWN, HOME, LENT, UP, Close, FarmConfig, FarmCore, PeerRequest, Send
-from common.farmclient import FarmClient, format_status
+from common.bank.errors import SaldoError
+from common.bank.state import check_op_id
+from common.farm.client import FarmClient, format_status
+from common.farm.core import BORROWED, DOWN, HOME, LENT, UP, Close, FarmConfig, FarmCore, PeerRequest, Send
+from common.transport.client import execute_with_retries
 
 A_ADDR = ("127.0.0.11", 8765)
 B_ADDR = ("127.0.0.12", 8766)
@@ -843,7 +843,7 @@ def test_a_server_short_of_a_worker_for_updates_borrows_one_that_runs_them_not_a
 
 
 def test_classify_keeps_client_queries_and_worker_statuses_apart():
-    from common.farm import classify
+    from common.farm.core import classify
 
     assert classify({"TASK": "QUERY", "USER": "alice"}) == "client"
     assert classify({"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "w"}) == "result"
@@ -852,7 +852,7 @@ def test_classify_keeps_client_queries_and_worker_statuses_apart():
     assert classify({"SERVER_UUID": "s", "RESPONSE": "RELEASE_COMPLETED"}) == "peer"
     assert classify({"TASK": "STATUS"}) == "status"
     with pytest.raises(SaldoError):
-        from common.farm import check_id
+        from common.farm.core import check_id
 
         check_id("has space", "WORKER_UUID")
 

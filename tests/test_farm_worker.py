@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from common.bank import DEPOSIT, Operation
-from common.store import open_store
+from common.bank.state import DEPOSIT, Operation
+from common.storage.store import open_store
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""common/farmworker.py without I/O: a worker's side of the farm, scripted step by step.
+"""common/farm/worker_core.py without I/O: a worker's side of the farm, scripted step by step.
 
 Each test plays the servers: it answers the steps the core returns (a connection that opens or
 not, a reply or a closed connection, the results of the tasks it ran) and checks what the core
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from common.farmworker import Connect, Execute, Pause, Send, WorkerConfig, WorkerCore
+from common.farm.worker_core import Connect, Execute, Pause, Send, WorkerConfig, WorkerCore
 
 HOME = ("127.0.0.11", 8765)
 PEER = ("127.0.0.12", 8766)

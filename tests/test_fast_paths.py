@@ -13,13 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import wire
-from common.bank import Operation, Query, balance_reply, parse_balance_line, parse_request, parse_request_line
-from common.bankclient import balance_line, operation_line
-from common.errors import SaldoError
-from common.money import MAX_AMOUNT_CENTS
-from common.sequencing import entry_line, parse_entry, parse_entry_line
-from common.standalone import fast_balance_line
+from common.bank.errors import SaldoError
+from common.bank.money import MAX_AMOUNT_CENTS
+from common.bank.replies import fast_balance_line
+from common.bank.state import Operation, Query, balance_reply, parse_balance_line, parse_request, parse_request_line
+from common.sequencer.core import entry_line, parse_entry, parse_entry_line
+from common.transport import wire
+from common.transport.client import balance_line, operation_line
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@-", min_size=1, max_size=64)
 op_ids = st.text(alphabet="abcdef0123456789-ABCDEF_.:", min_size=1, max_size=64)

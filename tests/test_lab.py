@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from common.blocking import BlockingConnection
 from common.lab import archs, checker, runner
 from common.lab import report as report_module
 from common.lab.cluster import Cluster, PortInUse, RunDirInUse
@@ -31,7 +30,8 @@ from common.lab.faults import Fault, FaultInjector
 from common.lab.report import REPORT_FIELDS
 from common.lab.runner import RunOptions, RunResult, run_lab
 from common.lab.workload import MIXES, Workload, WorkloadConfig, describe_mix, parse_mix
-from common.store import open_store
+from common.storage.store import open_store
+from common.transport.blocking import BlockingConnection
 
 pytestmark = pytest.mark.slow
 

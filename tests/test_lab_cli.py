@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 import lab
-from common.blocking import BlockingConnection
 from common.lab import archs
 from common.lab.cluster import Cluster, Node, PortInUse
 from common.lab.faults import SCHEDULES
 from common.lab.runner import RunOptions, run_lab
+from common.transport.blocking import BlockingConnection
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 60.0
@@ -335,8 +335,9 @@ def test_the_help_formatter_leaves_out_defaults_that_say_nothing():
 
 
 def database_exists(url: str) -> bool:
-    import pymysql
     import urllib.parse
+
+    import pymysql
 
     parsed = urllib.parse.urlsplit(url)
     connection = pymysql.connect(host=parsed.hostname, port=parsed.port or 3306, user=parsed.username or "root",
@@ -366,7 +367,7 @@ def test_the_farm_bench_prints_one_summary_and_drops_its_database(mysql_url):
 
 def test_the_farm_bench_drops_its_database_when_a_run_fails(mysql_url, monkeypatch):
     from common.lab import farm_bench
-    from common.store import open_store
+    from common.storage.store import open_store
 
     def failing_run(options):
         open_store(farm_bench.farm_store(options.store)).close()  # the run created the database, then broke

@@ -8,11 +8,12 @@ import json
 import subprocess
 import sys
 
-from common.bank import DEPOSIT, TRANSFER, Bank, Operation
+from conftest import REPO_ROOT
+
+from common.bank.state import DEPOSIT, TRANSFER, Bank, Operation
 from common.lab import checker, deployed
 from common.lab.workload import OpRecord
-from common.store import StoreImage
-from conftest import REPO_ROOT
+from common.storage.store import StoreImage
 
 
 def _image(bank: Bank) -> StoreImage:

@@ -23,7 +23,7 @@ import pytest
 from common.lab import archs, checker
 from common.lab.cluster import Cluster
 from common.lab.workload import Workload, WorkloadConfig
-from common.store import MAX_OPS_PER_BATCH_ROW, open_store
+from common.storage.store import MAX_OPS_PER_BATCH_ROW, open_store
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""common.money: every valid amount round-trips exactly; every invalid one is refused with its own code."""
+"""common.bank.money: every valid amount round-trips exactly; every invalid one is refused with its own code."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import wire
-from common.errors import SaldoError
-from common.money import (
+from common.bank.errors import SaldoError
+from common.bank.money import (
     CENTS_PER_UNIT,
     MAX_AMOUNT_CENTS,
     MAX_AMOUNT_STRING_CHARS,
     parse_amount_cents,
     render_cents,
 )
+from common.transport import wire
 
 FAST = settings(max_examples=200, deadline=None)
 valid_cents = st.integers(min_value=1, max_value=MAX_AMOUNT_CENTS)

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from common import peers, wire
-from common.bankclient import new_op_id, operation_line
-from common.blocking import BlockingConnection
 from common.lab import archs, checker
 from common.lab.cluster import Cluster
 from common.lab.faults import Fault
 from common.lab.runner import RunOptions, RunResult, run_lab
-from common.nodes.pb_replica import PEER_LINE_BYTES
-from common.store import StoreImage, open_store
+from common.primary_backup.replica import PEER_LINE_BYTES
+from common.storage.store import StoreImage, open_store
+from common.transport import peers, wire
+from common.transport.blocking import BlockingConnection
+from common.transport.client import new_op_id, operation_line
 
 pytestmark = pytest.mark.slow
 
@@ -493,11 +493,11 @@ def test_a_backup_keeps_what_it_promised_and_refuses_entries_while_a_state_trans
     of applying to the state being replaced."""
     import argparse
 
-    from common.bank import DEPOSIT, Bank, Operation
-    from common.durable import DurableBank
-    from common.nodes.pb_replica import PBReplica
-    from common.primary_backup import Append, Position, ReplicaCore, Timing, VoterRecord, record_from_meta
-    from common.snapshot import SnapshotReader, image_to_lines
+    from common.bank.state import DEPOSIT, Bank, Operation
+    from common.primary_backup.core import Append, Position, ReplicaCore, Timing, VoterRecord, record_from_meta
+    from common.primary_backup.replica import PBReplica
+    from common.storage.durable import DurableBank
+    from common.storage.snapshot import SnapshotReader, image_to_lines
 
     replicas = ["r1", "r2", "r3"]
     url = f"sqlite:///{tmp_path}/r2.db"

@@ -1,4 +1,4 @@
-"""The primary-backup protocol core (common/primary_backup.py), without sockets or wall clocks.
+"""The primary-backup protocol core (common/primary_backup/core.py), without sockets or wall clocks.
 
 Two layers of tests:
 
@@ -6,7 +6,7 @@ Two layers of tests:
   the sync set, the up-to-date rule), the lease arithmetic, the in-memory log, the rejoin plan, the
   message parsers and the voter record's persistence formats;
 - a discrete-event simulation of a whole cluster (`Sim`) that drives the real ReplicaCore and Voter
-  objects the way common/nodes/pb_replica.py and common/nodes/witness.py do: records persisted before
+  objects the way common/primary_backup/replica.py and common/primary_backup/witness.py do: records persisted before
   the answers that depend on them, group commits that take time, one FIFO connection per direction
   with its own delays (so messages of different links reorder), connections that break and
   reconnect, crashes that lose what was not on disk, SIGSTOP-like pauses, and clocks that run at
@@ -27,10 +27,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import wire
-from common.bank import DEPOSIT, TRANSFER, Operation
-from common.errors import SaldoError
-from common.primary_backup import (
+from common.bank.errors import SaldoError
+from common.bank.state import DEPOSIT, TRANSFER, Operation
+from common.primary_backup.core import (
     ALREADY_VOTED,
     ASYNC,
     BACKUP,
@@ -75,6 +74,7 @@ from common.primary_backup import (
     record_to_meta,
     vote_reply_message,
 )
+from common.transport import wire
 
 TIMING = Timing(lease_duration_s=1.0, heartbeat_interval_s=0.1, backup_timeout_s=0.5, vote_timeout_s=0.3,
                 election_stagger_s=0.1, clock_drift=0.05, replication_interval_s=0.01)
@@ -427,7 +427,7 @@ def parse_vote_reply_for(fields: dict, *, pre: bool):
 
 
 class SimReplica:
-    """One replica: a ReplicaCore plus what pb_replica.py does around it. Its "bank" is the list of
+    """One replica: a ReplicaCore plus what common/primary_backup/replica.py does around it. Its "bank" is the list of
     applied entries, (entry epoch, op id); what is durable is a prefix of it."""
 
     def __init__(self, sim: Sim, name: str, rate: float) -> None:
@@ -651,7 +651,7 @@ class SimReplica:
 
 
 class SimWitness:
-    """The witness: a Voter answering after its record is on disk (common/nodes/witness.py)."""
+    """The witness: a Voter answering after its record is on disk (common/primary_backup/witness.py)."""
 
     def __init__(self, sim: Sim, name: str, rate: float) -> None:
         self.sim = sim

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common import store
+from common.storage import store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +107,7 @@ def test_a_store_url_that_cannot_work_is_refused_before_the_process_starts(monke
 def test_replicas_of_different_architectures_get_different_default_stores():
     from argparse import Namespace
 
-    from common.nodes.bank_replica import prepare_store
+    from common.storage.replica_store import prepare_store
 
     stores = set()
     for mode in ("standalone", "multicast", "queue", "sequencer", "primary-backup"):
@@ -129,7 +129,7 @@ def test_a_read_that_got_no_answer_failed_and_is_not_unknown():
     import asyncio
     import time
 
-    from common import bankclient
+    from common.transport.client import FAILED, UNKNOWN, execute_with_retries
 
     class Silent:  # every attempt times out, as a replica that never answers
         async def execute(self, request_id, line, timeout_s=None, is_read=False):
@@ -137,19 +137,19 @@ def test_a_read_that_got_no_answer_failed_and_is_not_unknown():
 
     async def attempt(is_read: bool) -> str:
         deadline_s = time.monotonic() + 0.05
-        _reply, _attempts, outcome = await bankclient.execute_with_retries(Silent(), "r-1", b"", deadline_s=deadline_s,
-                                                                          is_read=is_read)
+        _reply, _attempts, outcome = await execute_with_retries(Silent(), "r-1", b"", deadline_s=deadline_s,
+                                                               is_read=is_read)
         return outcome
 
-    assert asyncio.run(attempt(is_read=True)) == bankclient.FAILED
-    assert asyncio.run(attempt(is_read=False)) == bankclient.UNKNOWN  # a write may have happened
+    assert asyncio.run(attempt(is_read=True)) == FAILED
+    assert asyncio.run(attempt(is_read=False)) == UNKNOWN  # a write may have happened
 
 
 def test_a_read_refused_as_too_stale_says_so_even_if_its_last_attempt_timed_out_and_no_attempt_outlasts_the_deadline():
     import asyncio
     import time
 
-    from common import bankclient
+    from common.transport.client import FAILED, execute_with_retries
 
     class StaleThenSilent:  # a replica behind the read's MIN_SEQ, then one that does not answer
         def __init__(self) -> None:
@@ -165,12 +165,12 @@ def test_a_read_refused_as_too_stale_says_so_even_if_its_last_attempt_timed_out_
     async def scenario():
         client = StaleThenSilent()
         deadline_s = time.monotonic() + 0.3
-        reply, _attempts, outcome = await bankclient.execute_with_retries(
+        reply, _attempts, outcome = await execute_with_retries(
             client, "r-1", b"", deadline_s=deadline_s, attempt_timeout_s=3.0, is_read=True)
         return client, reply, outcome
 
     client, reply, outcome = asyncio.run(scenario())
-    assert (reply["ERROR"], outcome) == ("TOO_STALE", bankclient.FAILED)
+    assert (reply["ERROR"], outcome) == ("TOO_STALE", FAILED)
     assert len(client.timeouts_s) >= 2 and all(t <= 0.3 for t in client.timeouts_s), client.timeouts_s
 
 
@@ -184,7 +184,7 @@ def test_the_flags_of_an_operation_may_follow_its_name_as_a_printed_hint_suggest
 
 
 def test_the_protocol_reference_lists_every_error_code_with_whether_it_is_definite():
-    from common.errors import ERROR_CODES
+    from common.bank.errors import ERROR_CODES
 
     rows = [line for line in (REPO_ROOT / "docs" / "protocol.md").read_text().splitlines() if line.startswith("| `")]
     for code, (definite, _meaning) in ERROR_CODES.items():

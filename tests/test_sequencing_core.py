@@ -1,8 +1,8 @@
-"""The sequencer architecture's two state machines (common/sequencing.py), driven without sockets.
+"""The sequencer architecture's two state machines (common/sequencer/core.py), driven without sockets.
 
 SequencerCore and SequencedReplicaCore are pure: a test plays the driver, feeding scripted message
 orders and a fake clock, and checks what they hand back to send. The log is the real one
-(common/seqlog.py) in a temporary directory where a scenario needs a restart, because "numbering
+(common/sequencer/log.py) in a temporary directory where a scenario needs a restart, because "numbering
 continues after a restart" is a promise about the log and the core together.
 """
 
@@ -15,11 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import wire
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation
-from common.errors import SaldoError
-from common.seqlog import SequencerLog
-from common.sequencing import (
+from common.bank.errors import SaldoError
+from common.bank.state import DEPOSIT, TRANSFER, WITHDRAW, Bank, Operation
+from common.sequencer.core import (
     MAX_RESULTS_PER_ACK,
     Reply,
     SequencedReplicaCore,
@@ -35,6 +33,8 @@ from common.sequencing import (
     result_reply_line,
     sequenced_reply_line,
 )
+from common.sequencer.log import SequencerLog
+from common.transport import wire
 
 REPLICAS = ["replica1", "replica2"]
 
@@ -123,7 +123,7 @@ def test_numbering_continues_after_a_restart_from_the_log_with_no_gap_and_no_reu
     core.take_unlogged()
     seqlog.close()
 
-    # The restart (common/nodes/sequencer.py run_orderer): the core is rebuilt from the log.
+    # The restart (common/sequencer/sequencer.py run_orderer): the core is rebuilt from the log.
     reopened = SequencerLog(tmp_path / "log", segment_entries=3)
     entries, log_start = reopened.load()
     restarted = SequencerCore(REPLICAS, next_seq=reopened.last_seq + 1, log_start_seq=log_start, log=deque(entries))
@@ -1024,7 +1024,7 @@ def test_an_id_given_to_another_operation_is_refused_while_a_retry_of_the_same_o
     assert core.status()["SEQUENCED_TOTAL"] == 1
 
 
-# --- The node (common/nodes/sequencer.py) around its log, without sockets ----------------------
+# --- The node (common/sequencer/sequencer.py) around its log, without sockets ----------------------
 
 
 class FakeClient:
@@ -1044,7 +1044,7 @@ def sequencer_node_on(seqlog: SequencerLog):
     """A SequencerNode (for two replicas) on this log; call it inside the running loop."""
     import argparse
 
-    from common.nodes.sequencer import SequencerNode
+    from common.sequencer.sequencer import SequencerNode
 
     args = argparse.Namespace(host="127.0.0.1", peer_hosts="127.0.0.1", name="sequencer")
     return SequencerNode(args, SequencerCore(REPLICAS), seqlog)
@@ -1056,7 +1056,7 @@ def test_a_log_write_does_not_wait_behind_a_truncation_that_is_deleting_segments
     import asyncio
     import threading
 
-    from common.nodes.sequencer import INLINE_LOG_WRITE_MAX_ENTRIES
+    from common.sequencer.sequencer import INLINE_LOG_WRITE_MAX_ENTRIES
 
     async def scenario() -> None:
         seqlog = SequencerLog(tmp_path / "log", segment_entries=2)
@@ -1100,8 +1100,8 @@ def test_a_log_write_that_fails_stops_the_sequencer_before_anything_is_broadcast
     restart continues from what the log kept."""
     import asyncio
 
-    from common.durable import EXIT_STORE_FAILURE
-    from common.nodes import sequencer as sequencer_node
+    from common.sequencer import sequencer as sequencer_node
+    from common.storage.durable import EXIT_STORE_FAILURE
 
     exits: list = []
     client = FakeClient()

@@ -1,4 +1,4 @@
-"""common.store on both backends (SQLite file, MySQL/MariaDB): one set of scenarios, run on each.
+"""common.storage.store on both backends (SQLite file, MySQL/MariaDB): one set of scenarios, run on each.
 
 Round trips, the dedup window on disk, exactly-once apply_batch, concurrent writers, install, and a
 process SIGKILLed while its transaction is in flight (the store holds all of the batch or none).
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AppliedOp, Bank, Counters, Operation, Outcome
-from common.money import MAX_BALANCE_CENTS
-from common.store import MAX_OPS_PER_BATCH_ROW, SCHEMA_TABLES, SQLiteStore, StoreImage, open_store as open_store_url
+from common.bank.money import MAX_BALANCE_CENTS
+from common.bank.state import DEPOSIT, TRANSFER, WITHDRAW, AppliedOp, Bank, Counters, Operation, Outcome
+from common.storage.store import MAX_OPS_PER_BATCH_ROW, SCHEMA_TABLES, SQLiteStore, StoreImage
+from common.storage.store import open_store as open_store_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crash_child  # noqa: E402

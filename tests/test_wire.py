@@ -2,8 +2,8 @@
 
 Every scenario runs against a real listening socket on 127.0.0.1 (ephemeral port), once per server
 implementation; the client side is a plain blocking socket so the bytes on the wire are exactly
-the ones the test writes. The documented outcomes (common/wire.py, common/aio.py,
-common/blocking.py):
+the ones the test writes. The documented outcomes (common/transport/wire.py, common/transport/aio.py,
+common/transport/blocking.py):
 
 - a line arriving in pieces is answered once, when its newline arrives;
 - lines arriving together are answered in order;
@@ -26,9 +26,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import aio, wire
-from common.blocking import BlockingConnection, SelectorServer, serve_in_thread
-from common.errors import SaldoError, error_reply
+from common.bank.errors import SaldoError, error_reply
+from common.transport import aio, wire
+from common.transport.blocking import BlockingConnection, SelectorServer, serve_in_thread
 
 HOST = "127.0.0.1"
 SMALL_LIMIT = 1024
@@ -347,7 +347,7 @@ def test_an_id_that_cannot_be_echoed_is_refused(start_server, connect, raw_id):
     assert_ok(peer.reply(), 2, "ok")
 
 
-# --- The asyncio client: common.aio.Connection ---------------------------------------------------
+# --- The asyncio client: common.transport.aio.Connection -----------------------------------------
 
 
 def reversing_handler(batch_sizes: list[int]):
@@ -456,7 +456,7 @@ def test_aio_connection_talks_to_the_selectors_server():
     assert [reply["N"] for reply in replies] == list(range(100))
 
 
-# --- The blocking client: common.blocking.BlockingConnection -------------------------------------
+# --- The blocking client: common.transport.blocking.BlockingConnection ---------------------------
 
 
 def test_blocking_connection_matches_replies_answered_out_of_order(loop_thread):

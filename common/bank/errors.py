@@ -17,7 +17,7 @@ import json
 
 # code -> (definite, one-line meaning). The meaning is what README/PROTOCOL documentation shows.
 ERROR_CODES: dict[str, tuple[bool, str]] = {
-    # Framing and decoding (common/wire.py).
+    # Framing and decoding (common/transport/wire.py).
     "LINE_TOO_LONG": (True, "a line exceeded the maximum line length; the connection is closed"),
     "INVALID_UTF8": (True, "the line is not valid UTF-8"),
     "INVALID_JSON": (True, "the line is not valid JSON"),
@@ -27,7 +27,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "FIELD_TYPE": (True, "a field has the wrong JSON type"),
     "FIELD_INVALID": (True, "a field has the right type but an invalid value"),
     "ID_INVALID": (True, "the operation id is missing, empty, too long or has forbidden characters"),
-    # Money (common/money.py).
+    # Money (common/bank/money.py).
     "AMOUNT_MISSING": (True, "the amount is absent or null"),
     "AMOUNT_TYPE": (True, "the amount is neither a decimal string nor a JSON number"),
     "AMOUNT_BOOLEAN": (True, "the amount is a boolean"),
@@ -37,7 +37,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "AMOUNT_ZERO": (True, "the amount is zero"),
     "AMOUNT_TOO_PRECISE": (True, "the amount has more than two decimal places"),
     "AMOUNT_TOO_LARGE": (True, "the amount exceeds the maximum of one operation"),
-    # Bank rules (common/bank.py).
+    # Bank rules (common/bank/state.py).
     "ACCOUNT_EMPTY": (True, "the account name is empty"),
     "ACCOUNT_TOO_LONG": (True, "the account name is longer than the maximum"),
     "ACCOUNT_INVALID": (True, "the account name has characters outside [A-Za-z0-9_.@-]"),
@@ -55,7 +55,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "NOT_READY": (True, "the process is starting or catching up; the request was not accepted"),
     "TOO_STALE": (True, "the replica has not yet applied the sequence number the read requires"),
     "STALE_EPOCH": (True, "the message comes from an epoch older than one this node has promised; see PROMISED_EPOCH"),
-    # Worker farm (common/farm.py).
+    # Worker farm (common/farm/core.py).
     "NOT_PEER": (True, "the sender is not a configured peer of this process; its protocol messages are refused"),
     "WORKER_ID_IN_USE": (True, "another open connection already serves as this WORKER_UUID"),
     "TASK_FAILED": (True, "the worker reported that the task failed; DETAIL has its words (nothing changed)"),

@@ -3,7 +3,7 @@
 Owns the one way an amount enters saldo (`parse_amount_cents`) and the one way it leaves
 (`render_cents`). Amounts arrive as decimal strings ("12.34") or JSON numbers with at most two
 decimals; the wire decoder turns JSON numbers with a fraction into `decimal.Decimal` (see
-common/wire.py), so no float is ever involved in a balance. A Python float given by a caller of the
+common/transport/wire.py), so no float is ever involved in a balance. A Python float given by a caller of the
 library is read through its shortest repr, which is the literal the caller typed.
 """
 
@@ -13,7 +13,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from common.errors import SaldoError
+from common.bank.errors import SaldoError
 
 CENTS_PER_UNIT = 100
 # One operation moves at most one billion units. Documented in README ("Money").

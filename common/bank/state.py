@@ -37,7 +37,7 @@ The messages this module reads are saldo's own and the seeds':
 
 Seed 002 declares `id_msg` a UUID string, and its users also send numbers: an integer id_msg is the
 operation id written in decimal (7 and "7" name the same operation). Every reply to an Operacao
-echoes its id_msg as it came (common/errors.py, with_id_msg).
+echoes its id_msg as it came (common/bank/errors.py, with_id_msg).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from common.errors import SaldoError, error_reply
-from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, parse_amount_cents, render_cents
-from common.wire import MAX_LINE_BYTES
+from common.bank.errors import SaldoError, error_reply
+from common.bank.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, parse_amount_cents, render_cents
+from common.transport.wire import MAX_LINE_BYTES
 
 MAX_ACCOUNT_CHARS = 64
 MAX_OP_ID_CHARS = 64
@@ -251,9 +251,9 @@ def parse_replica_request(message: dict) -> Operation | Query | AccountsQuery:
     return parse_request(message)
 
 
-# The canonical form of saldo's own requests, as common/bankclient.operation_line writes them: one
-# regular expression recognises and validates a whole line without building a dict (a replica's hot
-# path). Anything else, including every other spelling of the same request, goes through the JSON
+# The canonical form of saldo's own requests, as common/transport/client.operation_line writes
+# them: one regular expression recognises and validates a whole line without building a dict (a
+# replica's hot path). Anything else, including every other spelling of the same request, goes through the JSON
 # decoder and parse_request; both give the same Operation for the same request (a test checks it).
 _ID = rb"([A-Za-z0-9_.:-]{1,%d})" % MAX_OP_ID_CHARS
 _NAME = rb"([A-Za-z0-9_.@-]{1,%d})" % MAX_ACCOUNT_CHARS
@@ -290,7 +290,7 @@ _CANONICAL_BALANCE = re.compile(rb'\{"TASK":"BALANCE","ID":"' + _ID + rb'","ACCO
 
 
 def parse_balance_line(line: bytes) -> tuple[str, str] | None:
-    """(request id, account) of a balance read in saldo's canonical form (bankclient.balance_line
+    """(request id, account) of a balance read in saldo's canonical form (common/transport/client.balance_line
     without MIN_SEQ), or None: then decode the line and use parse_request."""
     match = _CANONICAL_BALANCE.fullmatch(line)
     if match is None:

@@ -3,7 +3,7 @@
 Owns how a client reaches a farm: it sends every task to one server and moves to the next server
 of its list when that one cannot be reached, does not answer in time, says its queue is full or
 that the farm has no worker for the task (NO_WORKER). The caller retries with the same id
-(common/bankclient.execute_with_retries, the lab's workload), so the retry lands on the next
+(common/transport/client.execute_with_retries, the lab's workload), so the retry lands on the next
 server; exactly-once holds across servers because the workers record each operation id in the one
 shared store, and a server recognizes an id it already queued, handed out, forwarded or finished (a
 read's too, while it runs).
@@ -19,9 +19,7 @@ busy, nor sends the same task to every server of the list.
 
 from __future__ import annotations
 
-from common import bankclient
-from common.bankclient import BankClient, DirectClient
-from common.topology import DEFAULT_PORTS
+from common.transport.client import Addresses, BankClient, DirectClient
 
 # Replies after which the next task goes to the next server.
 FAILOVER_ERRORS = frozenset({"NOT_READY", "CONNECTION_LOST", "TIMEOUT", "QUEUE_FULL", "OVERLOADED", "NO_WORKER"})
@@ -55,16 +53,9 @@ class FarmClient(BankClient):
             await server.close()
 
 
-def _factory(addresses, *, request_timeout_s: float, max_in_flight: int) -> FarmClient:
+def make(addresses: Addresses, *, request_timeout_s: float, max_in_flight: int) -> FarmClient:
+    """The client for common/clients.py: every "write" address is a farm server."""
     return FarmClient(addresses["write"], request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
-
-
-bankclient.register(
-    "farm",
-    _factory,
-    {"write": [f"127.0.0.1:{DEFAULT_PORTS['farm_server']}", f"127.0.0.1:{DEFAULT_PORTS['farm_server'] + 1}"]},
-    [("server.py", "farm", "write")],
-)
 
 
 def format_status(reply: dict) -> str:

@@ -3,7 +3,7 @@
 Owns what a farm server (seed 000's `server.py`) decides: which task goes to which worker, when a
 task held too long goes back to the queue, which peers are up, when to ask a peer for workers, which
 workers to lend, when to give borrowed workers back. It never touches a socket, a timer or the
-clock: the driver (common/nodes/farm_server.py) feeds it messages with the time they arrived
+clock: the driver (common/farm/server.py) feeds it messages with the time they arrived
 (`on_message`, `on_disconnect`, `on_peer_result`, `tick`) and sends what it put in its outbox
 (`take_outbox`): `Send` a message on a connection, `Close` a connection, `PeerRequest` a message to
 a peer server whose reply comes back through `on_peer_result`. Randomness (the jitter of retries)
@@ -18,7 +18,7 @@ an ID, or whose ID another read holds, gets an id of its own). A task is QUEUED,
 FORWARDED to a peer, below), then DONE (the result goes to every client connection that asked for
 that id). A task goes back to the queue, at its front, when its
 worker's lease runs out, or at once when a saldo worker (one that keeps its connection) disconnects.
-Redelivery is safe because workers apply updates through common/store.py, which records each
+Redelivery is safe because workers apply updates through common/storage/store.py, which records each
 operation id with its outcome in the same transaction: a second apply returns the first outcome.
 The server also remembers the ids it has queued, handed out and (for `completed_memory` updates)
 finished, so a client's retry joins the task or gets the recorded reply instead of a second run;
@@ -81,11 +81,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from common import wire
-from common.bank import TRANSFER, Operation, Query, balance_reply, make_operation, parse_request
-from common.errors import ERROR_CODES, SaldoError, error_reply, is_definite, with_id_msg
+from common.bank.errors import ERROR_CODES, SaldoError, error_reply, is_definite, with_id_msg
+from common.bank.money import parse_balance_cents, render_cents
+from common.bank.state import TRANSFER, Operation, Query, balance_reply, make_operation, parse_request
 from common.log import get_logger
-from common.money import parse_balance_cents, render_cents
+from common.transport import wire
 
 log = get_logger("farm")
 

@@ -1,6 +1,6 @@
 """A worker farm server: `server.py --mode farm` (the default mode), seed 000's orchestrator.
 
-Wires common/farm.py's FarmCore to sockets and timers: one listening port serves clients, workers
+Wires common/farm/core.py's FarmCore to sockets and timers: one listening port serves clients, workers
 and peer servers alike (the core tells them apart by their messages); one outgoing connection per
 peer carries heartbeats and lending requests; a ticker drives the core's timers; optionally a
 supervisor receives the seed's periodic performance report, and the farm's store is read for the
@@ -22,10 +22,11 @@ import time
 import uuid
 from functools import partial
 
-from common import aio, topology
-from common.farm import Close, FarmConfig, FarmCore, PeerRequest, Send, address_key
+from common import topology
+from common.farm.core import Close, FarmConfig, FarmCore, PeerRequest, Send, address_key
 from common.log import get_logger
-from common.store import open_store, redact
+from common.storage.store import open_store, redact
+from common.transport import aio
 
 log = get_logger("farm_server")
 

@@ -1,7 +1,7 @@
 """A farm worker: `python client.py worker --server HOST:PORT --store URL` (seed 000's client.py).
 
-Owns the worker's I/O, as a plain blocking program (common/blocking.py): it carries out what the
-worker's core (common/farmworker.py) decides, one step at a time (connect, send and read the reply,
+Owns the worker's I/O, as a plain blocking program (common/transport/blocking.py): it carries out what the
+worker's core (common/farm/worker_core.py) decides, one step at a time (connect, send and read the reply,
 run tasks, close and wait), and runs the tasks it is given against the farm's store. The core
 decides the rest of docs/farm-protocol.md's worker side: which dialect a server speaks (saldo's
 batches, or the seed's later one-message-per-connection version), how results reach it, where to
@@ -27,15 +27,23 @@ import time
 import uuid
 
 from common import topology
-from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS, Operation, Query, parse_request
-from common.blocking import BlockingConnection, SelectorServer, serve_in_thread
+from common.bank.errors import SaldoError, error_reply
+from common.bank.money import render_cents
+from common.bank.state import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS, Operation, Query, parse_request
 from common.cli import UsageParser
-from common.errors import SaldoError, error_reply
-from common.farm import check_id
-from common.farmworker import DEFAULT_MAX_DELIVERY_ATTEMPTS, Connect, Execute, Send, Step, WorkerConfig, WorkerCore
+from common.farm.core import check_id
+from common.farm.worker_core import (
+    DEFAULT_MAX_DELIVERY_ATTEMPTS,
+    Connect,
+    Execute,
+    Send,
+    Step,
+    WorkerConfig,
+    WorkerCore,
+)
 from common.log import configure, get_logger
-from common.money import render_cents
-from common.store import check_store_url, open_store, redact
+from common.storage.store import check_store_url, open_store, redact
+from common.transport.blocking import BlockingConnection, SelectorServer, serve_in_thread
 
 log = get_logger("farm_worker")
 
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class FarmWorker:
-    """Carries out what the worker's core (common/farmworker.py) decides: connections, sends,
+    """Carries out what the worker's core (common/farm/worker_core.py) decides: connections, sends,
     waits; runs the tasks it is given against the store."""
 
     def __init__(self, args: argparse.Namespace, stop: threading.Event) -> None:

@@ -1,7 +1,7 @@
 """The farm worker's protocol: where it connects, which dialect it speaks, how long it waits, without I/O.
 
 Owns every decision of a farm worker (seed 000's client.py) other than running tasks. The driver
-(common/nodes/farm_worker.py) carries out one step at a time and tells the core what came of it:
+(common/farm/worker.py) carries out one step at a time and tells the core what came of it:
 
     step = core.start()
     Connect(address)  open a connection: core.on_connected(), or core.on_connect_failed(reason)
@@ -53,8 +53,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from common.errors import SaldoError
-from common.farm import SALDO, V2, check_id
+from common.bank.errors import SaldoError
+from common.farm.core import SALDO, V2, check_id
 
 Address = tuple[str, int]
 

@@ -20,11 +20,11 @@ Options (`lab.py ... --option KEY=VALUE`):
 from __future__ import annotations
 
 from common import topology
-from common.farmclient import FarmClient
+from common.farm.client import FarmClient
+from common.farm.server import _CONFIG_FLAGS
 from common.lab.archs import ORCHESTRATOR_HOST, LabCluster, LayoutOptions, _Ports, _store_url
 from common.lab.cluster import Node, free_port
-from common.nodes.farm_server import _CONFIG_FLAGS
-from common.store import open_store
+from common.storage.store import open_store
 
 SERVER_HOSTS = (ORCHESTRATOR_HOST, "127.0.0.12")
 WORKER_HOST = "127.0.0.13"
@@ -72,7 +72,7 @@ def build(options: LayoutOptions) -> LabCluster:
     for index in range(worker_count):
         name = f"worker{index + 1}"
         home, other = addresses[index % 2], addresses[1 - index % 2]
-        nodes.append(Node(name, "-m common.nodes.farm_worker", real(WORKER_HOST), free_port(real(WORKER_HOST)), {
+        nodes.append(Node(name, "-m common.farm.worker", real(WORKER_HOST), free_port(real(WORKER_HOST)), {
             "server": topology.format_address(home), "failover": topology.format_address(other),
             "worker_id": name, **worker_settings,
         }, role="worker", store=store))

@@ -33,7 +33,7 @@ from common.lab.archs import (
     _through_proxy,
 )
 from common.lab.cluster import Node
-from common.pbclient import PrimaryBackupClient
+from common.primary_backup.client import PrimaryBackupClient
 
 # Extra options passed through to every replica: option -> (flag key in the topology entry, type).
 _REPLICA_SETTINGS = {

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 from common import topology
-from common.bankclient import DirectClient, MulticastClient, SequencerClient
 from common.lab.cluster import Cluster, Node, free_port
 from common.lab.faults import SCHEDULES, Fault
 from common.log import get_logger
+from common.multicast.client import MulticastClient
+from common.sequencer.client import SequencerClient
+from common.transport.client import DirectClient
 
 log = get_logger("archs")
 

@@ -36,10 +36,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from common.bank import Bank, Operation
+from common.bank.money import render_cents
+from common.bank.state import Bank, Operation
 from common.lab.workload import OpRecord
-from common.money import render_cents
-from common.store import StoreImage
+from common.storage.store import StoreImage
 
 ANOMALY_TYPES = (
     "divergence",

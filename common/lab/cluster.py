@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import topology as topology_file
-from common.blocking import BlockingConnection
 from common.log import get_logger
+from common.transport.blocking import BlockingConnection
 
 log = get_logger("cluster")
 

@@ -34,16 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import topology
-from common.bank import Counters
-from common.bankclient import DirectClient, MulticastClient, SequencerClient
-from common.blocking import BlockingConnection
-from common.farmclient import FarmClient
+from common.bank.state import Counters
+from common.farm.client import FarmClient
 from common.lab.arch_pb import AckJournal, PBLabCluster
 from common.lab.archs import LabCluster
 from common.lab.cluster import READY_TIMEOUT_S, Node, StartFailed
 from common.log import get_logger
-from common.pbclient import PrimaryBackupClient
-from common.store import StoreImage, open_store
+from common.multicast.client import MulticastClient
+from common.primary_backup.client import PrimaryBackupClient
+from common.sequencer.client import SequencerClient
+from common.storage.store import StoreImage, open_store
+from common.transport.blocking import BlockingConnection
+from common.transport.client import DirectClient
 
 log = get_logger("deployed")
 

@@ -15,9 +15,10 @@ import asyncio
 import os
 import sys
 
-from common import aio, topology, wire
-from common.errors import SaldoError, error_reply
+from common import topology
+from common.bank.errors import SaldoError, error_reply
 from common.process import add_common_flags, run
+from common.transport import aio, wire
 
 
 async def handle_echo(stream: aio.MessageStream) -> None:

@@ -25,7 +25,7 @@ from common.lab import farm_lending
 from common.lab.archs import LayoutOptions, _store_url
 from common.lab.report import format_table
 from common.lab.runner import RunOptions, run_lab
-from common.store import drop_store
+from common.storage.store import drop_store
 
 WORKER_COUNTS = (1, 2, 4)
 CLIENTS = 8

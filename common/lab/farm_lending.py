@@ -32,7 +32,7 @@ from common.lab.arch_farm import build
 from common.lab.archs import LayoutOptions
 from common.lab.cluster import REPO_ROOT, Cluster
 from common.lab.workload import Workload, WorkloadConfig
-from common.store import open_store
+from common.storage.store import open_store
 
 POLL_S = 0.02
 SETTLE_TIMEOUT_S = 15.0

@@ -28,10 +28,11 @@ import os
 import sys
 import time
 
-from common import aio, peers, topology
-from common.errors import SaldoError, error_reply
+from common import topology
+from common.bank.errors import SaldoError, error_reply
 from common.log import get_logger
 from common.process import add_common_flags, run
+from common.transport import aio, peers
 
 log = get_logger("proxy")
 
@@ -156,7 +157,7 @@ class LinkProxy:
             )
         except asyncio.CancelledError:
             # The proxy is stopping (stop() cancels its connections): ending cancelled would make
-            # Python 3.11's stream callback log a traceback (see common/aio.py Server).
+            # Python 3.11's stream callback log a traceback (see common/transport/aio.py Server).
             return
         finally:
             self._connections.discard(pair)

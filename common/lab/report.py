@@ -24,8 +24,8 @@ import math
 import shutil
 from pathlib import Path
 
-from common.aio import LOOP_STALL_THRESHOLD_MS
 from common.lab.workload import OpRecord
+from common.transport.aio import LOOP_STALL_THRESHOLD_MS
 
 REPORT_FIELDS = (
     "architecture", "clients", "duration_s", "ops", "throughput_ops_s", "applied_ops_s",

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from common import aio
 from common.lab import archs, checker, deployed, report
 from common.lab.cluster import REPO_ROOT, Cluster, Node, free_port, run_dir_in_use
 from common.lab.faults import SCHEDULES, Fault, FaultInjector
 from common.lab.workload import DEFAULT_MIX, OpRecord, Workload, WorkloadConfig, describe_mix
 from common.log import get_logger
-from common.store import StoreImage, open_store
+from common.storage.store import StoreImage, open_store
+from common.transport import aio
 
 log = get_logger("runner")
 
@@ -131,7 +131,7 @@ async def _applied_counts(lab: archs.LabCluster) -> dict[str, int | None]:
 
 
 async def _loop_counters(lab: archs.LabCluster) -> dict[str, dict | None]:
-    """Every node's loop monitor (STATUS "LOOP", common/aio.py) with the pid that answered; None
+    """Every node's loop monitor (STATUS "LOOP", common/transport/aio.py) with the pid that answered; None
     for a node that did not answer (paused, or down). Nodes without a monitor are left out. (The
     lab's own monitor is read by the caller.) The pid is the one STATUS names: a deployed node's
     may be on another machine."""
@@ -266,7 +266,7 @@ async def _echo_reference(options: RunOptions, run_dir: Path, hosts: archs.Hosts
     host = hosts.real(archs.ORCHESTRATOR_HOST)
     port = free_port(host)
     node = Node("echo", "-m common.lab.echo", host, port, role="echo")
-    from common.bankclient import DirectClient
+    from common.transport.client import DirectClient
 
     cluster = Cluster(run_dir / "echo", [node], name="echo")
     try:

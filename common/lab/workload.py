@@ -24,12 +24,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-from common.aio import LoopMonitor
-from common.bankclient import (
-    FAILED, NOT_NOW_ERRORS, OK, UNKNOWN, OpIdSource, balance_line, classify, execute_with_retries, new_op_id,
+from common.bank.errors import is_definite
+from common.transport.aio import LoopMonitor
+from common.transport.client import (
+    FAILED,
+    NOT_NOW_ERRORS,
+    OK,
+    UNKNOWN,
+    OpIdSource,
+    balance_line,
+    classify,
+    execute_with_retries,
+    new_op_id,
     operation_line,
 )
-from common.errors import is_definite
 
 KINDS = ("TRANSFER", "DEPOSIT", "WITHDRAW", "BALANCE")
 DEFAULT_MIX = (0.6, 0.1, 0.1, 0.2)
@@ -148,7 +156,7 @@ class Progress:
 
 class Workload:
     """Runs the clients. `make_client(index)` returns an object with `async execute(id, line,
-    timeout_s)` and `async close()` (see common/bankclient.py)."""
+    timeout_s)` and `async close()` (see common/transport/client.py)."""
 
     def __init__(self, config: WorkloadConfig, make_client: Callable[[int], object], *, progress: bool = True) -> None:
         assert config.clients > 0 and config.window > 0 and config.accounts >= 2

@@ -6,21 +6,21 @@ the primary. When that replica answers NOT_PRIMARY, the reply says where to go i
 (`"TASK": "REDIRECT", "TARGET_MASTER": {"IP": ..., "PORT": ...}`): the client follows it at once;
 without a target (an election under way) it tries the next replica. A replica it cannot connect to
 is skipped for a moment. A bounded number of hops per request, then the last answer goes back to
-the caller, which retries with the same operation id after a backoff (see bankclient.execute_with_
-retries): a NOT_PRIMARY is definite, nothing was applied.
+the caller, which retries with the same operation id after a backoff (see common/transport/client.py's
+execute_with_retries): a NOT_PRIMARY is definite, nothing was applied.
 
 A read marked `"READ_FROM": "BACKUP"` (or every read, with `read_from_backup=True`) goes to a
 backup instead; its reply says how far behind the primary that backup is (`BEHIND`, operations).
 
-Registered with common/bankclient as architecture "primary-backup".
+common/clients.py names it the client of "primary-backup" and of "primary-backup-async".
 """
 
 from __future__ import annotations
 
 import time
 
-from common.bankclient import CLIENT_OF_VARIANT, BankClient, DirectClient, register
 from common.log import get_logger
+from common.transport.client import Addresses, BankClient, DirectClient
 
 log = get_logger("pbclient")
 
@@ -31,7 +31,7 @@ READ_FROM_BACKUP = b',"READ_FROM":"BACKUP"'
 
 
 class PrimaryBackupClient(BankClient):
-    """Same interface as bankclient.DirectClient: submit / execute / close."""
+    """Same interface as common/transport/client.DirectClient: submit / execute / close."""
 
     def __init__(
         self,
@@ -156,16 +156,7 @@ class PrimaryBackupClient(BankClient):
         self._clients.clear()
 
 
-def _factory(addresses, *, request_timeout_s: float, max_in_flight: int) -> PrimaryBackupClient:
+def make(addresses: Addresses, *, request_timeout_s: float, max_in_flight: int) -> PrimaryBackupClient:
+    """The client for common/clients.py: every replica named, the "write" ones first."""
     return PrimaryBackupClient(addresses["write"] + [a for a in addresses.get("read", []) if a not in addresses["write"]],
                                request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
-
-
-register(
-    "primary-backup",
-    _factory,
-    {"write": ["127.0.0.12:6004", "127.0.0.13:6004"]},
-    [("replica.py", "primary-backup", "write")],
-)
-# The seed's asynchronous mode replicates differently; its clients are the same.
-CLIENT_OF_VARIANT["primary-backup-async"] = "primary-backup"

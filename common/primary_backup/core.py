@@ -3,7 +3,7 @@
 Owns the rules of the primary-backup architecture as state machines that take what arrives (a
 message, a timer tick with `now_s`, a commit that reached the disk) and return what to do (messages
 to send, a voter record to persist first, replies that may now go out). The drivers carry it out:
-common/nodes/pb_replica.py for a replica, common/nodes/witness.py for the witness. A test drives
+common/primary_backup/replica.py for a replica, common/primary_backup/witness.py for the witness. A test drives
 the same classes with a fake clock and scripted message orders (tests/test_primary_backup_core.py).
 
 Roles. A replica is a *backup* when it starts. One replica at a time is the *primary*: it orders
@@ -53,7 +53,7 @@ Rejoin. A replica that (re)joins reports its position, the (epoch, seq) of its l
 primary's log holds that same entry, the backup is a prefix of the primary and catches up by log
 replay; if the backup is ahead of the primary or its last entry differs (a former primary's
 operations that no new primary ever had), or it is behind the primary's in-memory log, it catches
-up by state transfer (common/snapshot.py), which discards what the primary never had.
+up by state transfer (common/storage/snapshot.py), which discards what the primary never had.
 
 Messages (one JSON object per line; peer port 6005, witness port 6008):
   candidate -> voter  {"TASK": "PRE_VOTE" | "VOTE", "ID": 7, "EPOCH": 4, "CANDIDATE": "replica2",
@@ -71,7 +71,7 @@ Messages (one JSON object per line; peer port 6005, witness port 6008):
                        "LAST_SEQ": 1050, "DURABLE_SEQ": 1046}
   primary -> backup   {"TASK": "APPEND", "EPOCH": 4, "FROM_SEQ": 1042, "ENTRY_EPOCH": 4, "PRIMARY_SEQ": 1090,
                        "ENTRIES": [["<op id>", "TRANSFER", "alice", "bob", 150, null], ...]}
-                      or a state transfer: SNAPSHOT_BEGIN ... SNAPSHOT_END (common/snapshot.py)
+                      or a state transfer: SNAPSHOT_BEGIN ... SNAPSHOT_END (common/storage/snapshot.py)
   primary -> backup   {"TASK": "CAUGHT_UP", "EPOCH": 4, "SEQ": 1090}  (its log is the primary's up to
                        here; from now on it may serve reads, until its link to the primary ends)
   backup -> primary   {"TASK": "ACK", "EPOCH": 4, "SEQ": 1090}
@@ -85,9 +85,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from common.bank import ACCOUNT_RE, OP_ID_RE, OPERATION_KINDS, TRANSFER, Operation
-from common.errors import SaldoError
-from common.money import MAX_AMOUNT_CENTS
+from common.bank.errors import SaldoError
+from common.bank.money import MAX_AMOUNT_CENTS
+from common.bank.state import ACCOUNT_RE, OP_ID_RE, OPERATION_KINDS, TRANSFER, Operation
 
 PRIMARY, BACKUP, CANDIDATE = "primary", "backup", "candidate"
 SYNC, ASYNC = "sync", "async"
@@ -540,7 +540,7 @@ def plan_catch_up(log: ReplicationLog, backup_position: Position) -> tuple[str, 
 
 def entry_text(op: Operation, error: str | None) -> str:
     """One entry of an APPEND as JSON text: [op id, kind, account, to account, cents, outcome error].
-    Names and ids are of a plain character set (common/bank.py), so no escaping is needed; the
+    Names and ids are of a plain character set (common/bank/state.py), so no escaping is needed; the
     error lets the backup check that it decided the same outcome."""
     to_account = "null" if op.to_account is None else f'"{op.to_account}"'
     outcome = "null" if error is None else f'"{error}"'

@@ -1,6 +1,6 @@
 """A replica of the primary-backup architecture (`replica.py --mode primary-backup`).
 
-Owns the replica's I/O around common/primary_backup.py's ReplicaCore:
+Owns the replica's I/O around common/primary_backup/core.py's ReplicaCore:
 
 - the client port (6004): bank operations, reads, STATUS. The primary applies an operation to its
   DurableBank at once and queues the reply; the reply goes out once the commit point covers it
@@ -29,14 +29,12 @@ import time
 from collections import deque
 from functools import partial
 
-from common import aio, topology, wire
-from common.bank import AccountsQuery, Operation, Query, parse_replica_request, parse_request_line, read_reply
-from common.durable import DurableBank
-from common.errors import SaldoError, error_reply, with_id_msg
+from common import topology
+from common.bank.errors import SaldoError, error_reply, with_id_msg
+from common.bank.replies import classify_unknown, fast_outcome_line, reply_for_operation
+from common.bank.state import AccountsQuery, Operation, Query, parse_replica_request, parse_request_line, read_reply
 from common.log import get_logger
-from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
-from common.peers import PeerCheck, source_address
-from common.primary_backup import (
+from common.primary_backup.core import (
     ASYNC,
     DEFAULT_MAX_LOG_ENTRIES,
     REPLAY,
@@ -64,8 +62,11 @@ from common.primary_backup import (
     record_to_meta,
     stale_epoch_reply,
 )
-from common.snapshot import SnapshotReader, image_to_lines
-from common.standalone import classify_unknown, fast_outcome_line, reply_for_operation
+from common.storage.durable import DurableBank
+from common.storage.replica_store import add_store_flags, open_durable_bank, prepare_store
+from common.storage.snapshot import SnapshotReader, image_to_lines
+from common.transport import aio, wire
+from common.transport.peers import PeerCheck, source_address
 
 log = get_logger("pbreplica")
 
@@ -107,7 +108,7 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--witnesses", default="", help="the witnesses: NAME@HOST:PORT,... (e.g. witness@127.0.0.11:6008)")
     parser.add_argument("--peer-hosts", default="",
                         help="hosts the other replicas connect from, comma-separated: only they may use the peer "
-                             "port (default: any host, with a warning; see common/peers.py)")
+                             "port (default: any host, with a warning; see common/transport/peers.py)")
     parser.add_argument("--replication", choices=REPLICATION_MODES, default=SYNC,
                         help="sync (the default): answer once every backup of the sync set has applied; async (the "
                              "seed's): once durable here")

@@ -3,7 +3,7 @@
 Owns the third voter on the orchestrator host: with two replicas and this witness, the seed's three
 hosts make a majority of two, so one replica and the witness can elect a new primary and the lease
 of a primary cut off from both ends. The witness holds no data and no log: it decides votes and
-lease grants with the same rules as a replica's voter (common/primary_backup.Voter), without the
+lease grants with the same rules as a replica's voter (common/primary_backup/core.Voter), without the
 "is the candidate's log at least as up to date as mine" test, which needs a log.
 
 Its voter record (promised epoch, vote, newest sync set) is a small JSON file, replaced atomically
@@ -23,12 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import aio, topology
-from common.durable import EXIT_STORE_FAILURE
-from common.errors import SaldoError, error_reply
+from common import topology
+from common.bank.errors import SaldoError, error_reply
+from common.bank.replies import classify_unknown
 from common.log import get_logger
-from common.peers import PeerCheck
-from common.primary_backup import (
+from common.primary_backup.core import (
     Timing,
     Voter,
     VoterRecord,
@@ -40,7 +39,9 @@ from common.primary_backup import (
     sync_set_json,
     vote_reply_message,
 )
-from common.standalone import classify_unknown
+from common.storage.durable import EXIT_STORE_FAILURE
+from common.transport import aio
+from common.transport.peers import PeerCheck
 
 log = get_logger("witness")
 
@@ -55,7 +56,7 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--state-file", help="the voter record (default var/<name>.json)")
     parser.add_argument("--peer-hosts", default="",
                         help="hosts the replicas connect from, comma-separated: only they may ask for votes and "
-                             "leases (default: any host, with a warning; see common/peers.py)")
+                             "leases (default: any host, with a warning; see common/transport/peers.py)")
     parser.add_argument("--lease-duration", type=float, default=Timing().lease_duration_s,
                         help="the longest lease granted (at least the replicas'); also how long it stays quiet after a restart")
     parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)

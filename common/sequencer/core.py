@@ -1,7 +1,7 @@
 """Total order through a central sequencer (seed 002, part 3): the protocol, without I/O.
 
 Owns the two state machines of the architecture and the messages between them. The I/O drivers
-(common/nodes/sequencer.py and common/nodes/sequenced_replica.py) feed them what arrives and carry
+(common/sequencer/sequencer.py and common/sequencer/replica.py) feed them what arrives and carry
 out what they return; a test can drive them with scripted message orders and no sockets.
 
 The sequencer (`SequencerCore`):
@@ -20,7 +20,7 @@ The sequencer (`SequencerCore`):
 5. remembers, for the last `dedup_window_ops` operations it numbered (`OperationIds`), each id's
    seq and a fingerprint of its operation, whether or not the log still holds the entry and across
    its own restarts (they are read back from the log and the segments kept for them, see
-   common/seqlog.py). An id maps to one seq: a retry is answered with that seq, never numbered as
+   common/sequencer/log.py). An id maps to one seq: a retry is answered with that seq, never numbered as
    a new operation, and the same id with another operation is refused ID_REUSED at once. The
    window counts the operations the replicas count in theirs (each entry that is not a retry is
    applied once by every replica), so while the sequencer remembers an id, so do the replicas.
@@ -57,7 +57,7 @@ Messages (one JSON object per line, like every saldo port):
                                                               name: the replica waits before it subscribes again)
   replica -> sequencer  {"TASK": "APPLIED", "UPTO": 43, "SYNCED": 40, "RESULTS": [[42, null, 12050], [43, "INSUFFICIENT_FUNDS", null]]}
                         {"TASK": "RESEND", "FROM": 43, "TO": 45}
-  client -> sequencer   a bank operation (common/bank.py), optionally "WAIT": "SEQUENCED" | "APPLIED" | "ALL"
+  client -> sequencer   a bank operation (common/bank/state.py), optionally "WAIT": "SEQUENCED" | "APPLIED" | "ALL"
   sequencer -> client   {"ID": ..., "STATUS": "OK", "BALANCE": "120.50", "SEQ": 42} (or NOK with the error)
 """
 
@@ -71,10 +71,18 @@ from dataclasses import InitVar, dataclass, field
 from itertools import chain
 from typing import Any, Iterable
 
-from common import wire
-from common.bank import ACCOUNT_RE, DEFAULT_DEDUP_WINDOW_OPS, OP_ID_RE, OPERATION_KINDS, TRANSFER, Operation, Outcome
-from common.errors import DETAIL_JSON, ERROR_CODES, SaldoError
-from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, render_cents
+from common.bank.errors import DETAIL_JSON, ERROR_CODES, SaldoError
+from common.bank.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS, render_cents
+from common.bank.state import (
+    ACCOUNT_RE,
+    DEFAULT_DEDUP_WINDOW_OPS,
+    OP_ID_RE,
+    OPERATION_KINDS,
+    TRANSFER,
+    Operation,
+    Outcome,
+)
+from common.transport import wire
 
 WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL = "SEQUENCED", "APPLIED", "ALL"
 WAIT_MODES = (WAIT_SEQUENCED, WAIT_APPLIED, WAIT_ALL)
@@ -108,7 +116,7 @@ _RECORDED_ERRORS = frozenset({"INSUFFICIENT_FUNDS", "ACCOUNT_NOT_FOUND", "BALANC
 
 def entry_line(seq: int, op: Operation, retry_of: int | None = None) -> bytes:
     """An ORDERED entry as one line (a retry entry names the seq it repeats). Names and ids are of a
-    plain character set (validated by common/bank.py before an operation is sequenced), so
+    plain character set (validated by common/bank/state.py before an operation is sequenced), so
     formatting needs no escaping."""
     assert retry_of is None or 0 < retry_of < seq, (retry_of, seq)
     tail = "}\n" if retry_of is None else f',"RETRY_OF":{retry_of}}}\n'
@@ -396,7 +404,7 @@ class SequencerStats:
 class SequencerCore:
     """See the module docstring. `next_seq` and the log come from the durable log at start, and
     `retired`, the entries before the log's start that the log kept for their ids (see
-    common/seqlog.py), with it: the ids of the last `dedup_window_ops` operations are rebuilt from
+    common/sequencer/log.py), with it: the ids of the last `dedup_window_ops` operations are rebuilt from
     both."""
 
     replica_names: list[str]

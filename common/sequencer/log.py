@@ -10,7 +10,7 @@ Owns the files under the sequencer's log directory:
 broadcast is on disk (a crash can never hand its number out again). `truncate_before(seq,
 ids_from_seq)` takes whole segments that end before `seq` out of the log: the replicas no longer
 need them, but the sequencer remembers the ids of its last operations beyond truncation and across
-restarts (common/sequencing.py, OperationIds), so a segment is renamed `ids-...` and kept until the
+restarts (common/sequencer/core.py, OperationIds), so a segment is renamed `ids-...` and kept until the
 ids remembered no longer reach into it (every entry below `ids_from_seq`), then deleted. The active
 segment is never taken out, so the last number used is always known. `load` reads the log's
 segments back, checks that the numbers run without a gap, and cuts off a torn last line (a crash in
@@ -30,9 +30,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.errors import SaldoError
+from common.bank.errors import SaldoError
 from common.log import get_logger
-from common.sequencing import parse_logged_entry
+from common.sequencer.core import parse_logged_entry
 
 log = get_logger("seqlog")
 

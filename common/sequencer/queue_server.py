@@ -10,7 +10,7 @@ effect).
 
 The replicas' queues hold the same operations in the same order, so they are kept as one durable
 log read from each replica's own position: an entry leaves the log once every replica consumed it.
-This is the sequencer's machinery (common/sequencing.py, common/nodes/sequencer.py) with the two
+This is the sequencer's machinery (common/sequencer/core.py, common/sequencer/sequencer.py) with the two
 differences that define the architecture: the server pushes to the replicas, and it answers at
 enqueue time by default.
 """
@@ -21,8 +21,8 @@ import argparse
 import asyncio
 
 from common import topology
-from common.nodes import sequencer as orderer
-from common.sequencing import WAIT_ALL, WAIT_APPLIED, WAIT_SEQUENCED
+from common.sequencer import sequencer as orderer
+from common.sequencer.core import WAIT_ALL, WAIT_APPLIED, WAIT_SEQUENCED
 
 
 def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:

@@ -16,7 +16,7 @@ each entry until every replica reports it SYNCED: a replica that lost applied en
 before the commit, a power loss before the sync) subscribes from what its disk kept and is sent the
 rest again, and applying is deterministic: the same outcomes. A read that names MIN_SEQ waits
 until that much is committed here. When the sequencer says SNAPSHOT_NEEDED, the replica copies a
-peer's state (common/snapshot.py) and subscribes again from there.
+peer's state (common/storage/snapshot.py) and subscribes again from there.
 """
 
 from __future__ import annotations
@@ -28,16 +28,24 @@ import time
 from collections import deque
 from functools import partial
 
-from common import aio, topology, wire
-from common.bank import DEPOSIT, TRANSFER, WITHDRAW, AccountsQuery, Query, parse_replica_request, read_reply
-from common.durable import DurableBank
-from common.errors import SaldoError, error_reply, with_id_msg
+from common import topology
+from common.bank.errors import SaldoError, error_reply, with_id_msg
+from common.bank.replies import classify_unknown
+from common.bank.state import DEPOSIT, TRANSFER, WITHDRAW, AccountsQuery, Query, parse_replica_request, read_reply
 from common.log import get_logger
-from common.nodes.bank_replica import add_store_flags, open_durable_bank, prepare_store
-from common.peers import PeerCheck, resolve, source_address
-from common.sequencing import MAX_RESULTS_PER_ACK, MIN_SEQ_WAIT_S, SequencedReplicaCore, applied_line, parse_entry, parse_entry_line
-from common.snapshot import SnapshotReader, image_to_lines
-from common.standalone import classify_unknown
+from common.sequencer.core import (
+    MAX_RESULTS_PER_ACK,
+    MIN_SEQ_WAIT_S,
+    SequencedReplicaCore,
+    applied_line,
+    parse_entry,
+    parse_entry_line,
+)
+from common.storage.durable import DurableBank
+from common.storage.replica_store import add_store_flags, open_durable_bank, prepare_store
+from common.storage.snapshot import SnapshotReader, image_to_lines
+from common.transport import aio, wire
+from common.transport.peers import PeerCheck, resolve, source_address
 
 log = get_logger("seqreplica")
 
@@ -71,7 +79,7 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
                              "and given only to their hosts (none without --peers)")
     parser.add_argument("--peer-hosts", default="",
                         help="hosts the RPC server's FEED may come from, comma-separated (default: any host, "
-                             "with a warning; see common/peers.py)" if mode == "queue" else argparse.SUPPRESS)
+                             "with a warning; see common/transport/peers.py)" if mode == "queue" else argparse.SUPPRESS)
     parser.add_argument("--sync-interval-ms", type=int, default=DEFAULT_SYNC_INTERVAL_MS,
                         help="sync the store to disk at most this often; the orderer's log keeps what is not synced "
                              f"(0: at every commit; default {DEFAULT_SYNC_INTERVAL_MS})")

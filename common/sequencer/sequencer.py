@@ -20,14 +20,19 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from common import aio, topology, wire
-from common.bank import DEFAULT_DEDUP_WINDOW_OPS, AccountsQuery, Operation, Query, parse_replica_request, parse_request_line
-from common.durable import EXIT_STORE_FAILURE
-from common.errors import SaldoError, error_reply, with_id_msg
+from common import topology
+from common.bank.errors import SaldoError, error_reply, with_id_msg
+from common.bank.replies import classify_unknown
+from common.bank.state import (
+    DEFAULT_DEDUP_WINDOW_OPS,
+    AccountsQuery,
+    Operation,
+    Query,
+    parse_replica_request,
+    parse_request_line,
+)
 from common.log import get_logger
-from common.peers import PeerCheck, source_address
-from common.seqlog import DEFAULT_SEGMENT_ENTRIES, SequencerLog
-from common.sequencing import (
+from common.sequencer.core import (
     DEFAULT_MAX_LOG_ENTRIES,
     DEFAULT_MAX_WAITING_REQUESTS,
     WAIT_APPLIED,
@@ -36,7 +41,10 @@ from common.sequencing import (
     parse_applied,
     replicas_needed,
 )
-from common.standalone import classify_unknown
+from common.sequencer.log import DEFAULT_SEGMENT_ENTRIES, SequencerLog
+from common.storage.durable import EXIT_STORE_FAILURE
+from common.transport import aio, wire
+from common.transport.peers import PeerCheck, source_address
 
 log = get_logger("sequencer")
 
@@ -58,7 +66,7 @@ def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--replicas", required=False, help="names of the replicas, comma-separated (e.g. replica1,replica2)")
     parser.add_argument("--peer-hosts", default="",
                         help="hosts the replicas connect from, comma-separated: others may not SUBSCRIBE "
-                             "(default: any host, with a warning; see common/peers.py)")
+                             "(default: any host, with a warning; see common/transport/peers.py)")
     parser.add_argument("--log-dir", help="directory of the log (default var/<name>-log)")
     add_log_flags(parser)
 
@@ -352,7 +360,7 @@ class SequencerNode:
 
     async def _truncate(self) -> None:
         """Drop the log's prefix that every replica applied (or that exceeds the bound); on disk,
-        what still names a remembered id stays, out of the log (see common/seqlog.py)."""
+        what still names a remembered id stays, out of the log (see common/sequencer/log.py)."""
         if self.truncating:
             return
         point = self.core.truncation_point()

@@ -1,6 +1,7 @@
 """The standalone architecture: one process serves the bank, no replication.
 
-Owns the request loop of a process that applies client operations directly: the standalone
+Owns the request loop of a process that applies client operations directly, and that process
+(`replica.py --mode standalone|multicast`: its flags, its port, its store): the standalone
 baseline that every replicated architecture is compared with, and also what each replica of the
 multicast architecture runs (multicast puts the replication in the client: every replica applies
 what it receives, independently).
@@ -13,74 +14,34 @@ request's "ID", so a client may pipeline.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import time
 from collections import deque
 
-from common import aio, wire
-from common.aio import MessageStream
-from common.bank import (
+from common import topology
+from common.bank.errors import SaldoError, error_reply, with_id_msg
+from common.bank.replies import classify_unknown, fast_balance_line, fast_outcome_line, reply_for_operation
+from common.bank.state import (
     AccountsQuery,
-    Operation,
     Query,
-    outcome_reply,
     parse_balance_line,
     parse_replica_request,
     parse_request_line,
     read_reply,
 )
-from common.durable import DurableBank
-from common.errors import DETAIL_JSON, SaldoError, error_reply, with_id_msg
 from common.log import get_logger
-from common.money import render_cents
+from common.storage.durable import DurableBank
+from common.storage.replica_store import add_store_flags, open_durable_bank, prepare_store
+from common.transport import aio, wire
+from common.transport.aio import MessageStream
 
-log = get_logger("standalone")
+log = get_logger("replica")
 
 # Per connection: batches applied in memory whose commit is still in flight. Beyond this the
 # connection stops reading until the disk catches up (TCP then slows the client down).
 MAX_BATCHES_AWAITING_DISK = 64
-
-# Tasks that belong to other roles of saldo: answered WRONG_ROLE rather than UNKNOWN_MESSAGE.
-OTHER_ROLE_TASKS = frozenset(
-    {"ORDERED", "REPLICATE", "HELLO", "ACK", "APPLIED", "RESEND", "SUBSCRIBE", "WORKER_REQUEST", "WORKER_RESPONSE",
-     "HEARTBEAT", "COMMAND_RELEASE", "REDIRECT", "RETURN", "NO_TASK", "LEASE", "VOTE", "ENQUEUE", "SNAPSHOT"}
-)
-
-
-
-def fast_outcome_line(op_id: str, outcome, suffix: str = "") -> bytes:
-    """The reply line for an applied operation whose request ID is its op id (a plain string, see
-    bank.check_op_id), formatted without the JSON encoder: this is the hot path of every replica.
-    `suffix` is extra members, already encoded, each starting with a comma."""
-    if outcome.error is None:
-        return f'{{"ID":"{op_id}","STATUS":"OK","BALANCE":"{render_cents(outcome.balance_cents)}"{suffix}}}\n'.encode()
-    code = outcome.error
-    return (
-        f'{{"ID":"{op_id}","STATUS":"NOK","ERROR":"{code}","DETAIL":{DETAIL_JSON[code]},'
-        f'"DEFINITE":true{suffix}}}\n'
-    ).encode()
-
-
-def fast_balance_line(request_id: str, balance_cents: int, seq: int) -> bytes:
-    """The reply line for a balance read whose request ID is a plain string (see fast_outcome_line)."""
-    return f'{{"ID":"{request_id}","STATUS":"OK","BALANCE":"{render_cents(balance_cents)}","SEQ":{seq}}}\n'.encode()
-
-
-def reply_for_operation(message: dict, request_id: object, op: Operation, outcome, extra: dict | None = None) -> bytes:
-    """Fast path for saldo's own format; the generic encoder for the seeds' formats."""
-    if request_id == op.op_id and not extra and "id_msg" not in message:
-        return fast_outcome_line(op.op_id, outcome)
-    return wire.encode(with_id_msg(outcome_reply(outcome, request_id, **(extra or {})), message))
-
-
-def classify_unknown(message: dict) -> SaldoError:
-    """The error for a message this port does not serve: WRONG_ROLE if another role would."""
-    task = message.get("TASK")
-    if (type(task) is str and task in OTHER_ROLE_TASKS) or "WORKER" in message or "SERVER" in message:
-        return SaldoError("WRONG_ROLE", "this port serves bank operations (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, ACCOUNTS)")
-    return SaldoError("UNKNOWN_MESSAGE", "expected TASK (DEPOSIT, WITHDRAW, TRANSFER, BALANCE, QUERY, ACCOUNTS, STATUS) "
-                                         "or an Operacao")
 
 
 class BankService:
@@ -188,3 +149,39 @@ class BankService:
             return reply_for_operation(item, request_id, request, outcome)
         except SaldoError as error:
             return wire.encode(with_id_msg(error_reply(error.code, error.detail, request_id), item))
+
+
+# --- The process: `replica.py --mode standalone|multicast` ---------------------------------------
+
+DEFAULT_PORT = {
+    "standalone": topology.DEFAULT_PORTS["standalone"],
+    "multicast": topology.DEFAULT_PORTS["multicast_replica"],
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="client port (default: the seed's port for the mode)")
+    add_store_flags(parser)
+    parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    if args.port is None:
+        args.port = DEFAULT_PORT[args.mode]
+    if args.name is None:
+        args.name = f"{args.mode}-{args.port}"
+    prepare_store(args)
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    dbank = await open_durable_bank(args)
+    service = BankService(dbank, node_name=args.name, mode=args.mode)
+    server = await aio.start_server(
+        service.handle, args.host, args.port, name=f"{args.mode}-clients", max_connections=args.max_connections
+    )
+    await stop.wait()
+    log.info("stopping", ops_applied_total=dbank.bank.counters.ops_applied_total)
+    await server.stop()
+    await dbank.close()
+    return 0

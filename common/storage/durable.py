@@ -20,7 +20,7 @@ commit fails, the in-memory state is ahead of the disk and nothing can be truste
 stops at once (fail-stop) and recovers from the store when restarted.
 
 A replica fed from a durable log (the sequencer's, the queue server's) may relax that, because the
-log can give back whatever a crash takes (common/nodes/sequenced_replica.py acknowledges before
+log can give back whatever a crash takes (common/sequencer/replica.py acknowledges before
 the commit). With `sync_interval_s` > 0 and a store that allows it, `durable()` means committed
 (it survives a process crash), and at most once every `sync_interval_s` the store's write-ahead
 log is flushed to stable storage on the commit thread (`os.fsync` lets go of the GIL), while the
@@ -37,9 +37,9 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from common.bank import Bank, Operation, Outcome
+from common.bank.state import Bank, Operation, Outcome
 from common.log import get_logger
-from common.store import Store, StoreImage
+from common.storage.store import Store, StoreImage
 
 log = get_logger("durable")
 

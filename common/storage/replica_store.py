@@ -1,6 +1,7 @@
-"""A replica that applies client operations directly: `replica.py --mode standalone|multicast`.
+"""A replica's durable store: its flags (--store, --max-accounts, --dedup-window) and opening its DurableBank.
 
-Wires common/standalone.py's BankService to a listening port and a durable store.
+Shared by the replica drivers of every architecture (common/standalone/replica.py,
+common/sequencer/replica.py, common/primary_backup/replica.py).
 """
 
 from __future__ import annotations
@@ -10,19 +11,12 @@ import asyncio
 import sys
 from pathlib import Path
 
-from common import aio, topology
-from common.bank import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS
-from common.durable import DurableBank
+from common.bank.state import DEFAULT_DEDUP_WINDOW_OPS, DEFAULT_MAX_ACCOUNTS
 from common.log import get_logger
-from common.standalone import BankService
-from common.store import check_store_url, open_store, redact
+from common.storage.durable import DurableBank
+from common.storage.store import check_store_url, open_store, redact
 
 log = get_logger("replica")
-
-DEFAULT_PORT = {
-    "standalone": topology.DEFAULT_PORTS["standalone"],
-    "multicast": topology.DEFAULT_PORTS["multicast_replica"],
-}
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,21 +27,6 @@ def add_store_flags(parser: argparse.ArgumentParser) -> None:
         "--dedup-window", type=int, default=DEFAULT_DEDUP_WINDOW_OPS,
         help="how many applied operation ids are remembered for exactly-once retries",
     )
-
-
-def add_flags(parser: argparse.ArgumentParser, mode: str) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="client port (default: the seed's port for the mode)")
-    add_store_flags(parser)
-    parser.add_argument("--max-connections", type=int, default=aio.MAX_CONNECTIONS)
-
-
-def prepare(args: argparse.Namespace) -> None:
-    if args.port is None:
-        args.port = DEFAULT_PORT[args.mode]
-    if args.name is None:
-        args.name = f"{args.mode}-{args.port}"
-    prepare_store(args)
 
 
 def prepare_store(args: argparse.Namespace) -> None:
@@ -79,16 +58,3 @@ async def open_durable_bank(args: argparse.Namespace, *, sync_interval_s: float 
              ops_applied_total=bank.counters.ops_applied_total, meta=dbank.meta,
              sync_interval_s=dbank.sync_interval_s)
     return dbank
-
-
-async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    dbank = await open_durable_bank(args)
-    service = BankService(dbank, node_name=args.name, mode=args.mode)
-    server = await aio.start_server(
-        service.handle, args.host, args.port, name=f"{args.mode}-clients", max_connections=args.max_connections
-    )
-    await stop.wait()
-    log.info("stopping", ops_applied_total=dbank.bank.counters.ops_applied_total)
-    await server.stop()
-    await dbank.close()
-    return 0

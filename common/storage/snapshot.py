@@ -19,11 +19,21 @@ it installs anything: a bad or partial snapshot changes nothing.
 
 from __future__ import annotations
 
-from common import wire
-from common.bank import ACCOUNT_RE, MAX_ACCOUNT_CHARS, OP_ID_RE, OPERATION_KINDS, AppliedOp, Bank, Counters, Operation, Outcome
-from common.errors import ERROR_CODES, SaldoError
-from common.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS
-from common.store import COUNTER_NAMES, MAX_META_NAME_CHARS, StoreImage
+from common.bank.errors import ERROR_CODES, SaldoError
+from common.bank.money import MAX_AMOUNT_CENTS, MAX_BALANCE_CENTS
+from common.bank.state import (
+    ACCOUNT_RE,
+    MAX_ACCOUNT_CHARS,
+    OP_ID_RE,
+    OPERATION_KINDS,
+    AppliedOp,
+    Bank,
+    Counters,
+    Operation,
+    Outcome,
+)
+from common.storage.store import COUNTER_NAMES, MAX_META_NAME_CHARS, StoreImage
+from common.transport import wire
 
 # A line holds as many items as fit in this many bytes (a count alone would not do: 250 applied
 # operations with 64-character ids and names make more than 64 KiB).
@@ -167,7 +177,7 @@ class SnapshotReader:
         assert self.done and self._meta is not None and self._counters is not None
         image = StoreImage(self._balances, self._recent, self._counters, self._meta)
         # The applied operations are the last ones before the counters' total, in apply order, one
-        # per index: the store records them by index range (common/store.py, applied_batches).
+        # per index: the store records them by index range (common/storage/store.py, applied_batches).
         indexes = [applied.apply_index for applied in self._recent]
         if indexes and indexes != list(range(self._counters.ops_applied_total - len(indexes) + 1,
                                              self._counters.ops_applied_total + 1)):

@@ -16,7 +16,7 @@ the two ways of writing them, each one transaction:
   the effects, all in one transaction, so concurrent writers serialise correctly.
 
 The two record applied operations differently, because they need different things from the disk:
-- A replica remembers its dedup window in memory (common/bank.py) and reads it back only when it
+- A replica remembers its dedup window in memory (common/bank/state.py) and reads it back only when it
   starts. It writes one `applied_batches` row per group commit: the batch's operations as one JSON
   array, in apply order. A row per operation with a unique index on its id cost three to five
   times as much (7.1 against 1.4 to 2.6 microseconds per operation, measured without a flush: most
@@ -35,7 +35,7 @@ A replica whose operations are also kept in a durable log elsewhere (the sequenc
 queue server's queues) can afford commits that are not yet on disk, as long as it says how far
 its store is on disk: `persist(..., sync=False)` skips the flush where the store allows it
 (`syncs_every_commit` false), `persist(..., sync=True)` and `sync_to_disk()` make everything
-committed so far durable. See common/durable.py.
+committed so far durable. See common/storage/durable.py.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.bank import AppliedOp, Bank, Counters, Operation, Outcome, applied_row
+from common.bank.state import AppliedOp, Bank, Counters, Operation, Outcome, applied_row
 from common.log import get_logger
 
 log = get_logger("store")
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "sql"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "sql"
 COUNTER_NAMES = ("ops_applied_total", "deposited_cents_total", "withdrawn_cents_total")
 SCHEMA_TABLES = frozenset({"accounts", "applied_ops", "applied_batches", "replica_meta"})
 # Bound on one multi-row statement's parameters (SQLite's default limit is 32766 variables).
@@ -245,7 +245,7 @@ class Store:
             self._cursor().executemany(self._upsert_meta_sql, list(meta.items()))
 
     def _insert_applied_rows(self, rows: list[tuple]) -> None:
-        """Insert applied rows (common/bank.py) into applied_ops, in the open transaction. PyMySQL's
+        """Insert applied rows (common/bank/state.py) into applied_ops, in the open transaction. PyMySQL's
         executemany already sends one multi-row INSERT per chunk."""
         p = self._placeholder
         insert = f"INSERT INTO applied_ops ({APPLIED_COLUMNS}) VALUES ({', '.join([p] * APPLIED_COLUMN_COUNT)})"
@@ -256,7 +256,7 @@ class Store:
     @staticmethod
     def encode_applied(applied: list[tuple]) -> list[tuple[int, int, str]]:
         """The applied_batches rows that record `applied` (applied rows in apply order, see
-        common/bank.py): (first apply_index, last apply_index, a JSON array of the applied rows).
+        common/bank/state.py): (first apply_index, last apply_index, a JSON array of the applied rows).
         The applied rows are in applied_ops' column order already, so each applied_batches row is
         one call of the C encoder."""
         rows = []
@@ -420,7 +420,7 @@ class Store:
 
 
 class SQLiteStore(Store):
-    commits_in_thread = False  # only a flushing commit of a batch: see common/durable.py
+    commits_in_thread = False  # only a flushing commit of a batch: see common/storage/durable.py
     _placeholder = "?"
     _lock_suffix = ""  # BEGIN IMMEDIATE takes the database write lock up front
     _upsert_account_sql = (
@@ -590,7 +590,7 @@ _DATABASE_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 def open_store(url: str, *, default_synchronous: str = "full") -> Store:
     """Open (and create if needed) the store named by `url`; see the module docstring.
     `default_synchronous`: SQLite's level when the URL does not name one (a log-backed replica
-    asks for normal: see common/durable.py)."""
+    asks for normal: see common/storage/durable.py)."""
     scheme, settings = _parse_store_url(url)
     if scheme == "sqlite":
         return SQLiteStore(url, settings["path"], synchronous=settings.get("synchronous", default_synchronous).lower())

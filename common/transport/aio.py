@@ -12,7 +12,7 @@ sequencer, servers, the lab):
 - `IOCounters` and `LoopMonitor`, the process-wide figures every asyncio process's STATUS reports
   (reads, writes, and how late its event loop runs).
 
-The codec itself is common/wire.py, shared with the blocking transport.
+The codec itself is common/transport/wire.py, shared with the blocking transport.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import socket
 import time
 from typing import Awaitable, Callable
 
-from common import wire
-from common.errors import SaldoError, error_reply
+from common.bank.errors import SaldoError, error_reply
 from common.log import get_logger
+from common.transport import wire
 
 log = get_logger("aio")
 
@@ -343,7 +343,7 @@ async def open_stream(
     source_host: str | None = None,
 ) -> MessageStream:
     """One connection attempt to `address` from `source_host` (the address the peer checks, see
-    common/peers.py). If that address cannot reach the peer (a node listening on 127.0.0.1 whose
+    common/transport/peers.py). If that address cannot reach the peer (a node listening on 127.0.0.1 whose
     peer is on another machine, or another address family), it connects from wherever the system
     routes instead: the peer's --peer-hosts must then name that address. Raises OSError or
     TimeoutError when the peer cannot be reached."""

@@ -1,8 +1,8 @@
 """The blocking transport: plain sockets and `selectors`, for simple clients and small servers.
 
-Owns the same behaviour as common/aio.py for programs that do not want an event loop: a worker
+Owns the same behaviour as common/transport/aio.py for programs that do not want an event loop: a worker
 that asks a server for tasks, a command-line client, a test peer. It shares the codec
-(common/wire.py), so both transports frame, limit and reject input identically:
+(common/transport/wire.py), so both transports frame, limit and reject input identically:
 
 - `BlockingConnection`: a client; `request()` sends one message and waits for the reply with the
   same "ID" (replies to other ids that arrive meanwhile are kept for their own `request()`), and
@@ -22,10 +22,10 @@ import threading
 import time
 from typing import Callable
 
-from common import wire
-from common.aio import listen_failure
-from common.errors import SaldoError, error_reply
+from common.bank.errors import SaldoError, error_reply
 from common.log import get_logger
+from common.transport import wire
+from common.transport.aio import listen_failure
 
 log = get_logger("blocking")
 

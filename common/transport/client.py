@@ -1,11 +1,15 @@
-"""The bank client library: how a client reaches the bank in each architecture.
+"""The client machinery every architecture's client shares, for `client.py` and the lab alike.
 
-Owns the client side of every architecture, for `client.py` and for the lab's workload alike:
+Owns what does not depend on how an architecture orders operations:
 
-- `DirectClient`: one address answers everything: the standalone process, the queue
-  architecture's RPC server, the sequencer.
-- (more architectures add their client here: multicast sends to every replica, primary-backup
-  follows redirects.)
+- `BankClient`: the interface of every architecture's client (`submit`, `execute`, `request`,
+  `close`); each architecture's folder has its own (common/<architecture>/client.py), and
+  common/clients.py maps an architecture's name to it.
+- `DirectClient`: one address answers everything (the standalone process, the queue
+  architecture's RPC server, the sequencer); the other clients are built from it.
+- `execute_with_retries` and `classify`: retries with the same operation id until a conclusive
+  answer or a deadline, and what an answer means (ok, failed, unknown).
+- `new_op_id`, `OpIdSource`: UUIDv7 operation ids.
 
 `execute(request_id, line)` makes one attempt and never raises: a network failure becomes an error
 reply whose DEFINITE flag says whether the operation may have happened. Retrying an indefinite
@@ -13,8 +17,8 @@ failure with the same operation id is always safe (exactly-once apply) and is th
 see `execute_with_retries`.
 
 Requests are built by `operation_line` and friends as ready-to-send lines, without the JSON encoder
-(names and ids are of a plain character set, see common/bank.py), because the lab sends tens of
-thousands per second from one process.
+(names and ids are of a plain character set, see common/bank/state.py), because the lab sends tens
+of thousands per second from one process.
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ import os
 import random
 import time
 
-from common import wire
-from common.aio import RECONNECT_BACKOFF_S, Connection, future_resolver
-from common.errors import error_reply, is_definite
+from common.bank.errors import error_reply, is_definite
+from common.bank.money import render_cents
 from common.log import get_logger
-from common.money import render_cents
+from common.transport import wire
+from common.transport.aio import RECONNECT_BACKOFF_S, Connection, future_resolver
 
 log = get_logger("bankclient")
 
 CONNECT_TIMEOUT_S = 1.0
+
+# An architecture's addresses by purpose: "write" (where operations go), "read" (where reads may go).
+Addresses = dict[str, list[tuple[str, int]]]
 
 
 def new_op_id(rng: random.Random | None = None) -> str:
@@ -256,7 +263,7 @@ async def execute_with_retries(
 READ_ELSEWHERE_ERRORS = frozenset({"NOT_READY", "CONNECTION_LOST", "TIMEOUT"})
 
 
-def _read_from_one(owner, readers: list, request_id: str, line: bytes, on_reply, timeout_s: float | None) -> None:
+def read_from_one(owner, readers: list, request_id: str, line: bytes, on_reply, timeout_s: float | None) -> None:
     """Send a read to the replica `owner._read_index` names; if that replica cannot answer, the
     next read (the caller's retry) goes to the one after it."""
     reader_index = owner._read_index
@@ -267,185 +274,3 @@ def _read_from_one(owner, readers: list, request_id: str, line: bytes, on_reply,
         on_reply(reply)
 
     readers[reader_index].submit(request_id, line, on_read_reply, timeout_s)
-
-
-class SequencerClient(BankClient):
-    """Writes go to the sequencer; reads go to a replica and name the highest sequence number this
-    client has been told of (`max_seq_seen`, kept by whoever reads the replies: the lab's workload),
-    so a client always reads its own writes."""
-
-    def __init__(self, write_address: tuple[str, int], read_addresses: list[tuple[str, int]], *,
-                 request_timeout_s: float = 5.0, max_in_flight: int = 1024, read_index: int = 0) -> None:
-        self.writer = DirectClient(write_address, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
-        self.readers = [DirectClient(a, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight) for a in read_addresses]
-        self._read_index = read_index % max(1, len(self.readers))
-        self.max_seq_seen = 0
-
-    def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
-        if is_read and self.readers:
-            _read_from_one(self, self.readers, request_id, line, on_reply, timeout_s)
-            return
-        self.writer.submit(request_id, line, on_reply, timeout_s)
-
-    async def close(self) -> None:
-        await self.writer.close()
-        for reader in self.readers:
-            await reader.close()
-
-
-class _Gather:
-    """One multicast write's replies, in the order they arrive; the merged reply goes to
-    `on_reply` once every replica answered (or timed out: the connection answers for it)."""
-
-    __slots__ = ("replies", "remaining", "on_reply")
-
-    def __init__(self, count: int, on_reply) -> None:
-        self.replies: list[dict] = []
-        self.remaining = count
-        self.on_reply = on_reply
-
-    def __call__(self, reply: dict) -> None:
-        self.replies.append(reply)
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.on_reply(_merge_multicast(self.replies))
-
-
-class MulticastClient(BankClient):
-    """Sends every write to every replica (seed 002 part 1: no coordination). The reply is the
-    first to arrive, plus APPLIED (how many replicas answered OK), REPLICAS, and AGREE (whether
-    every replica answered, with the same outcome and the same resulting balance). A replica that does not answer in time simply
-    did not count: nothing makes the replicas converge, which is the point the lab shows."""
-
-    def __init__(self, addresses: list[tuple[str, int]], *, request_timeout_s: float = 5.0, max_in_flight: int = 1024,
-                 read_index: int = 0) -> None:
-        assert addresses
-        self.replicas = [DirectClient(a, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight) for a in addresses]
-        self._read_index = read_index % len(self.replicas)
-
-    def submit(self, request_id: str, line: bytes, on_reply, timeout_s: float | None = None, is_read: bool = False) -> None:
-        if is_read:  # a read asks one replica: what that replica has applied
-            _read_from_one(self, self.replicas, request_id, line, on_reply, timeout_s)
-            return
-        gather = _Gather(len(self.replicas), on_reply)
-        for replica in self.replicas:
-            replica.submit(request_id, line, gather, timeout_s)
-
-    async def close(self) -> None:
-        for replica in self.replicas:
-            await replica.close()
-
-
-def _merge_multicast(replies: list[dict]) -> dict:
-    """One reply from every replica's: a decided one if any replica decided, else the first."""
-    count = len(replies)
-    first = replies[0]
-    balance = first.get("BALANCE")
-    applied = agree = 0
-    for reply in replies:
-        if reply.get("STATUS") == "OK":
-            applied += 1
-            agree += reply.get("BALANCE") == balance
-    if applied == count:  # the common case: every replica applied it (outcomes may still differ)
-        merged = dict(first)
-        merged["APPLIED"] = merged["REPLICAS"] = count
-        merged["AGREE"] = agree == count
-        return merged
-    decided = [r for r in replies if r.get("STATUS") == "OK" or is_definite(r.get("ERROR"))]
-    merged = dict(decided[0] if decided else replies[0])
-    merged["APPLIED"] = applied
-    merged["REPLICAS"] = count
-    outcomes = {(r.get("STATUS"), r.get("ERROR")) for r in decided}
-    merged["AGREE"] = len(outcomes) <= 1 and len(decided) == count
-    return merged
-
-
-# --- Choosing a client per architecture ---------------------------------------------------------
-
-# Where each architecture is reached on one machine when no address is given: the seed's ports.
-DEFAULT_ADDRESSES: dict[str, dict[str, list[str]]] = {
-    "standalone": {"write": ["127.0.0.1:7000"]},
-    "queue": {"write": ["127.0.0.1:50051"], "read": ["127.0.0.1:6001"]},
-    "sequencer": {"write": ["127.0.0.1:6002"], "read": ["127.0.0.1:6007"]},
-    "multicast": {"write": ["127.0.0.1:5555"]},
-}
-
-# Which topology nodes a client of each architecture talks to: (script, mode or None, purpose).
-_TOPOLOGY_ROLES: dict[str, list[tuple[str, str | None, str]]] = {
-    "standalone": [("replica.py", "standalone", "write")],
-    "queue": [("server.py", "queue", "write"), ("replica.py", "queue", "read")],
-    "sequencer": [("sequencer.py", None, "write"), ("replica.py", "sequencer", "read")],
-    "multicast": [("replica.py", "multicast", "write")],
-}
-
-# Architecture -> factory(addresses, request_timeout_s) -> client with submit/execute/close.
-ARCHITECTURES: dict[str, object] = {}
-# Cluster architectures that differ from another one only on the servers' side (a topology file
-# may name them): their client is that other architecture's.
-CLIENT_OF_VARIANT: dict[str, str] = {}
-
-
-def client_architecture(name: str) -> str:
-    """The client architecture that talks to a cluster of architecture `name`."""
-    return CLIENT_OF_VARIANT.get(name, name)
-
-
-def register(name: str, factory, default_addresses: dict[str, list[str]], topology_roles: list[tuple[str, str | None, str]]) -> None:
-    """Add an architecture's client (each architecture's module registers its own)."""
-    ARCHITECTURES[name] = factory
-    DEFAULT_ADDRESSES[name] = default_addresses
-    _TOPOLOGY_ROLES[name] = topology_roles
-
-
-def _parse_all(addresses: list[str]) -> list[tuple[str, int]]:
-    from common.topology import parse_address
-
-    return [parse_address(address) for address in addresses]
-
-
-def resolve_addresses(arch: str, topo: dict | None, write: list[str], read: list[str]) -> dict[str, list[tuple[str, int]]]:
-    """Addresses for `arch`: the flags if given, else the topology's nodes, else the defaults."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    found: dict[str, list[str]] = {"write": [], "read": []}
-    if topo is not None:
-        for node in topo["nodes"].values():
-            for script, mode, purpose in _TOPOLOGY_ROLES.get(arch, []):
-                if node.get("script") == script and (mode is None or node.get("mode") == mode):
-                    found[purpose].append(f"{node['host']}:{node['port']}")
-    defaults = DEFAULT_ADDRESSES.get(arch, {})
-    chosen = {
-        "write": write or found["write"] or defaults.get("write", []),
-        "read": read or found["read"] or defaults.get("read", []),
-    }
-    if not chosen["write"]:
-        raise ValueError(f"{arch} needs --address (or --topology)")
-    return {purpose: _parse_all(addresses) for purpose, addresses in chosen.items()}
-
-
-def make_client(arch: str, addresses: dict[str, list[tuple[str, int]]], *, request_timeout_s: float = 2.0, max_in_flight: int = 1024):
-    factory = ARCHITECTURES[arch]
-    return factory(addresses, request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
-
-
-def _direct(addresses, *, request_timeout_s: float, max_in_flight: int) -> DirectClient:
-    return DirectClient(addresses["write"][0], request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
-
-
-def _sequencer(addresses, *, request_timeout_s: float, max_in_flight: int) -> SequencerClient:
-    return SequencerClient(addresses["write"][0], addresses["read"], request_timeout_s=request_timeout_s,
-                           max_in_flight=max_in_flight)
-
-
-def _multicast(addresses, *, request_timeout_s: float, max_in_flight: int) -> MulticastClient:
-    return MulticastClient(addresses["write"], request_timeout_s=request_timeout_s, max_in_flight=max_in_flight)
-
-
-ARCHITECTURES["standalone"] = _direct
-ARCHITECTURES["queue"] = _sequencer  # writes to the RPC server, reads from a replica, like the sequencer
-ARCHITECTURES["sequencer"] = _sequencer
-ARCHITECTURES["multicast"] = _multicast
-
-# Architectures whose client lives in a module of its own register themselves on import.
-from common import farmclient  # noqa: E402,F401  (registers "farm")
-from common import pbclient  # noqa: E402,F401  (registers "primary-backup")

@@ -18,9 +18,9 @@ import ipaddress
 import socket
 from typing import Callable
 
-from common import aio
-from common.errors import SaldoError, error_reply
+from common.bank.errors import SaldoError, error_reply
 from common.log import get_logger
+from common.transport import aio
 
 log = get_logger("peers")
 

@@ -2,7 +2,7 @@
 
 Owns framing (splitting a byte stream into lines under a length limit), decoding (bytes -> dict, or
 the error code that says why not) and encoding (dict -> one line). Both transports share it: the
-asyncio one (common/aio.py) and the blocking selectors one (common/blocking.py).
+asyncio one (common/transport/aio.py) and the blocking selectors one (common/transport/blocking.py).
 
 Decoding rules, each answered with its own error code by the transports:
 - a line longer than the maximum: LINE_TOO_LONG, and the connection is closed (the rest of the
@@ -14,7 +14,7 @@ Decoding rules, each answered with its own error code by the transports:
   string: FIELD_TYPE, so no handler ever meets a list or an object where it expects a name.
 
 JSON numbers with a fraction or exponent decode as `decimal.Decimal`, so an amount sent as a number
-is read exactly (see common/money.py). Integers stay `int`. Encoding writes such a number back
+is read exactly (see common/bank/money.py). Integers stay `int`. Encoding writes such a number back
 as the float with the same digits (a decoded reply can be printed or forwarded); one whose digits a
 float cannot hold is written as a string of them rather than changed.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
-from common.errors import SaldoError
+from common.bank.errors import SaldoError
 
 MAX_LINE_BYTES = 64 * 1024
 # Bytes asked of the socket per read: large, so that one read carries many pipelined lines.
