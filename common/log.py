@@ -41,6 +41,10 @@ class _KeyValueFormatter(logging.Formatter):
         return line
 
 
+# A core's event levels (common/core.py) as the logging module's.
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
+
+
 class EventLogger:
     """`log.info("event_name", key=value, ...)`: one key=value line."""
 
@@ -67,6 +71,11 @@ class EventLogger:
 
     def exception(self, event: str, **fields: object) -> None:
         self._emit(logging.ERROR, event, fields, exc_info=True)
+
+    def record(self, events) -> None:
+        """One line per event a core decided (common/core.py's Event: name, fields, level)."""
+        for event in events:
+            self._emit(_LEVELS[event.level], event.name, event.fields)
 
     def enabled(self, level: int = logging.DEBUG) -> bool:
         return self._logger.isEnabledFor(level)

@@ -1,8 +1,8 @@
 """common/farm/core.py without I/O: scripted message orders against a fake clock.
 
 Each test is a scenario: clients, workers and peer servers are connection numbers and the messages
-they would send; `Net` plays the network between two servers' cores, delivering each PeerRequest to
-the other core and its reply back (or no reply, for a server that is down).
+they would send; `Net` plays the network between two servers' cores, delivering each request one
+sends to a peer (a Send) to the other core and its reply back (or no reply, for a server that is down).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import pytest
 
 from common.bank.errors import SaldoError
 from common.bank.state import check_op_id
+from common.core import Output, Send
 from common.farm.client import FarmClient, format_status
-from common.farm.core import BORROWED, DOWN, HOME, LENT, UP, Close, FarmConfig, FarmCore, PeerRequest, Send
+from common.farm.core import BORROWED, DOWN, HOME, LENT, UP, FarmConfig, FarmCore
 from common.transport.client import execute_with_retries
 
 A_ADDR = ("127.0.0.11", 8765)
@@ -31,8 +32,8 @@ def make_core(server_id: str = "srv-a", address=A_ADDR, peers=(B_ADDR,), now: fl
 
 
 def sends(core: FarmCore, conn: int | None = None) -> list[dict]:
-    """Messages the core sent (on `conn`, or on any connection), taking its outbox."""
-    return [e.message for e in core.take_outbox() if type(e) is Send and (conn is None or e.conn == conn)]
+    """Messages the core sent (on `conn`, or on any connection), taking its output."""
+    return [r.message for r in core.take_output().replies if conn is None or r.to == conn]
 
 
 def deposit(op_id: str, account: str = "alice", amount: str = "10.00") -> dict:
@@ -94,6 +95,52 @@ def test_client_py_status_prints_a_farm_servers_figures_and_its_event_loop():
     assert "event loop" not in format_status(core.status(0.6))
 
 
+
+def test_the_core_logs_nothing_its_driver_logs_its_events_after_carrying_out_the_rest(monkeypatch, request):
+    """The core contract (common/core.py): what the core decided worth a line is an event in its
+    output; the driver writes the reply, then logs the event, one key=value line."""
+    import io
+    import logging
+    from types import SimpleNamespace
+
+    from common import log
+    from common.farm import server
+
+    saldo_logger = logging.getLogger("saldo")  # configure's changes go away with the test
+    monkeypatch.setattr(saldo_logger, "handlers", [])
+    monkeypatch.setattr(saldo_logger, "propagate", saldo_logger.propagate)
+    monkeypatch.setattr(log, "_node_name", log._node_name)
+    level_before = saldo_logger.level
+    lines = io.StringIO()
+    log.configure("farm-a", stream=lines)
+    request.addfinalizer(lambda: saldo_logger.setLevel(level_before))
+    core = make_core(peers=())
+    core.on_message(1, alive("w1"), 0.0)
+    core.on_message(2, {"TASK": "STATUS", "ID": "s-1"}, 0.0)
+    assert lines.getvalue() == ""  # the core decided, and wrote nothing
+    farm = server.FarmServer(core, SimpleNamespace(host="127.0.0.1", peers=[], heartbeat_timeout_s=0.5, name="farm-a"))
+    done = []
+
+    class Stream:
+        def send(self, message):
+            done.append(("reply", message.get("ID")))
+
+    class Log:
+        def record(self, events):
+            done.extend(("log", event.name) for event in events)
+
+    farm.streams[2] = Stream()
+    with monkeypatch.context() as patch:
+        patch.setattr(server, "core_log", Log())
+        farm.flush()
+    assert done == [("reply", "s-1"), ("log", "worker_joined")]  # the reply first, then the line
+    core.on_message(3, alive("w2"), 0.1)
+    farm.flush()
+    (line,) = lines.getvalue().splitlines()
+    assert " node=farm-a comp=farm event=worker_joined worker=w2 owner=srv-a dialect=saldo conn=3" in line, line
+    assert not core.take_output()  # everything decided was taken
+
+
 def test_a_retry_joins_the_task_in_flight_and_a_late_retry_gets_the_recorded_answer():
     core = make_core()
     core.on_message(2, deposit("op-1"), 0.0)
@@ -103,8 +150,8 @@ def test_a_retry_joins_the_task_in_flight_and_a_late_retry_gets_the_recorded_ans
     (batch,) = sends(core, 1)
     assert [t["ID"] for t in batch["TASKS"]] == ["op-1"]  # one task, not two
     core.on_message(1, alive("w1", results=[ok("op-1")]), 0.7)
-    out = core.take_outbox()
-    assert {e.conn for e in out if type(e) is Send and e.message.get("ID") == "op-1"} == {2, 3}
+    out = core.take_output()
+    assert {r.to for r in out.replies if r.message.get("ID") == "op-1"} == {2, 3}
     core.on_message(4, deposit("op-1"), 9.0)
     core.pump(9.0)
     assert sends(core, 4) == [{"ID": "op-1", "STATUS": "OK", "BALANCE": "10.00"}]
@@ -182,7 +229,7 @@ def test_a_query_has_an_internal_id_that_no_client_update_can_take():
     (batch,) = sends(core, 1)
     assert sorted(t["ID"] for t in batch["TASKS"]) == sorted([query_id, "q.srv-a.1"])
     core.on_message(1, alive("w1", results=[ok(query_id, "0.00"), ok("q.srv-a.1", "10.00")]), 0.3)
-    answers = {e.conn: e.message for e in core.take_outbox() if type(e) is Send}
+    answers = {r.to: r.message for r in core.take_output().replies}
     assert answers[2]["SALDO"] == "0.00" and answers[2]["USER"] == "alice"  # the query's client
     assert answers[3] == {"ID": "q.srv-a.1", "STATUS": "OK", "BALANCE": "10.00"}  # the deposit's
     assert not core.tasks
@@ -207,7 +254,7 @@ def test_a_lease_that_runs_out_puts_the_task_back_and_the_late_result_changes_no
     assert core.queue_length == 0
     core.tick(2.1)  # w1 stopped answering: the task is queued again and w1's connection dropped
     assert core.queue_length == 1
-    assert Close(1) in core.take_outbox()
+    assert 1 in core.take_output().close
     core.on_disconnect(1, 2.1)
     core.on_message(5, alive("w2"), 2.2)
     core.pump(2.2)
@@ -227,7 +274,7 @@ def test_a_saldo_worker_that_disconnects_gives_its_tasks_back_at_once_but_a_v2_w
     core.pump(0.0)
     core.on_disconnect(1, 0.5)
     assert core.queue_length == 1
-    core.take_outbox()
+    core.take_output()
     core.on_message(3, {"WORKER": "ALIVE", "WORKER_UUID": "w-v2"}, 0.6)  # v2: queries only
     core.on_message(2, {"TASK": "QUERY", "USER": "alice", "ID": "q1"}, 0.6)
     core.pump(0.6)
@@ -236,8 +283,9 @@ def test_a_saldo_worker_that_disconnects_gives_its_tasks_back_at_once_but_a_v2_w
     core.on_disconnect(3, 0.7)  # v2 opens a connection per message: a close says nothing
     assert core.queue_length == 1  # only the deposit, which no v2 worker may take
     core.on_message(4, {"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "w-v2", "SALDO": 12.5}, 1.0)
-    out = core.take_outbox()
-    assert [(e.conn, e.message) for e in out] == [
+    out = core.take_output()
+    assert not out.send and not out.close
+    assert [(r.to, r.message) for r in out.replies] == [
         (2, {"ID": "q1", "STATUS": "OK", "BALANCE": "12.50", "SALDO": "12.50", "USER": "alice"}),
         (4, {"STATUS": "ACK", "SERVER_UUID": "srv-a"}),
     ]
@@ -258,9 +306,9 @@ def test_a_seed_v1_worker_gets_one_query_at_a_time_and_no_answer_to_its_status()
     (task,) = sends(core, 1)
     assert task["TASK"] == "QUERY" and task["USER"] == "alice"
     core.on_message(1, {"STATUS": "OK", "SALDO": 99.99}, 30.1)
-    out = core.take_outbox()
-    assert [e.conn for e in out] == [2]  # the client's answer; nothing to the worker
-    assert out[0].message == {"ID": "r1", "STATUS": "OK", "BALANCE": "99.99", "SALDO": "99.99", "USER": "alice"}
+    out = core.take_output()
+    assert [r.to for r in out.replies] == [2] and not out.send and not out.close  # the client's answer; nothing to the worker
+    assert out.replies[0].message == {"ID": "r1", "STATUS": "OK", "BALANCE": "99.99", "SALDO": "99.99", "USER": "alice"}
     core.on_message(1, {"STATUS": "NOK", "TASK": "QUERY", "ERROR": "User not found"}, 30.2)
     assert sends(core) == []  # it holds nothing: ignored, and v1 expects no answer
     assert core.queue_length == 1  # the deposit waits for a worker that accepts updates
@@ -354,7 +402,7 @@ def test_a_retry_of_a_read_joins_its_task_by_the_id_its_client_sends():
     assert sorted(t["USER"] for t in batch["TASKS"]) == ["alice", "alice", "alice", "bob"]
     results = [ok(t["ID"], "7.00" if t["USER"] == "alice" else "3.00") for t in batch["TASKS"]]
     core.on_message(1, alive("w1", results=results), 2.3)
-    answers = [(e.conn, e.message.get("ID"), e.message["BALANCE"]) for e in core.take_outbox() if type(e) is Send]
+    answers = [(r.to, r.message.get("ID"), r.message["BALANCE"]) for r in core.take_output().replies]
     assert sorted(answers, key=str) == sorted([(2, "r-1", "7.00"), (3, "r-1", "7.00"), (4, "r-1", "3.00"),
                                                (5, None, "7.00"), (5, None, "7.00")], key=str)
     assert not core.tasks
@@ -371,13 +419,13 @@ def run_seed_worker(core: FarmCore, answer: dict, client_conn: int, max_steps: i
         now = 0.1 * step
         core.on_message(1, {"WORKER": "ALIVE", "WORKER_UUID": "w-bad"}, now)
         core.pump(now)
-        out = [e for e in core.take_outbox() if type(e) is Send]
-        to_client += [e.message for e in out if e.conn == client_conn]
-        if not any(e.conn == 1 and e.message.get("TASK") == "QUERY" for e in out):
+        out = core.take_output().replies
+        to_client += [r.message for r in out if r.to == client_conn]
+        if not any(r.to == 1 and r.message.get("TASK") == "QUERY" for r in out):
             break
         deliveries += 1
         core.on_message(1, {"STATUS": "OK", "TASK": "QUERY", "WORKER_UUID": "w-bad", **answer}, now)
-        to_client += [e.message for e in core.take_outbox() if type(e) is Send and e.conn == client_conn]
+        to_client += [r.message for r in core.take_output().replies if r.to == client_conn]
     return deliveries, to_client
 
 
@@ -422,8 +470,8 @@ def test_a_balance_above_what_one_operation_moves_is_a_result_not_a_bad_one():
 # --- Heartbeats -------------------------------------------------------------------------------
 
 
-def heartbeat_requests(core: FarmCore) -> list[PeerRequest]:
-    return [e for e in core.take_outbox() if type(e) is PeerRequest and e.message["TASK"] == "HEARTBEAT"]
+def heartbeat_requests(core: FarmCore) -> list[Send]:
+    return [s for s in core.take_output().send if s.message["TASK"] == "HEARTBEAT"]
 
 
 def test_a_peer_that_misses_heartbeats_is_marked_down_after_the_limit_and_up_at_its_first_answer():
@@ -460,10 +508,11 @@ def test_a_peer_that_misses_heartbeats_is_marked_down_after_the_limit_and_up_at_
 
 
 class Net:
-    """Delivers each server's PeerRequests to the other server and the reply back; a server in
-    `down` answers nothing. Messages to workers and clients are kept per (server, connection). A
-    forwarded task (a PeerRequest with a timeout) arrives on a connection of its own, as in the
-    driver, and its answer goes back whenever the other server sends it."""
+    """Delivers each server's requests to a peer (its Sends) to the other server and the reply
+    back; a server in `down` answers nothing. Messages to workers and clients are kept per (server,
+    connection). A forwarded task (a Send with a timeout) arrives on a connection of its own, as in
+    the driver, and its answer goes back whenever the other server sends it. A server's output is
+    carried out in the driver's order: sends, then replies, then closes."""
 
     def __init__(self, cores: dict[str, FarmCore], hosts: dict[str, str]) -> None:
         self.cores = cores
@@ -471,51 +520,53 @@ class Net:
         self.down: set[str] = set()
         self.inbox: dict[tuple[str, int], list[dict]] = {}
         self.closed: set[tuple[str, int]] = set()
-        self.forwards: dict[tuple[str, int], tuple[str, PeerRequest]] = {}  # (receiver, conn) -> (sender, request)
+        self.forwards: dict[tuple[str, int], tuple[str, Send]] = {}  # (receiver, conn) -> (sender, request)
         self._forward_conns = iter(range(8000, 8999))
+        # What a server decided while it answered a peer's request, beside that answer: carried out
+        # at the next round, as its driver would once the request's turn is over.
+        self.held: dict[str, list[Output]] = {}
 
     def run(self, now: float) -> None:
         for _round in range(20):
             moved = False
             for key, core in self.cores.items():
-                for effect in core.take_outbox():
-                    moved = True
-                    if type(effect) is Send and (key, effect.conn) in self.forwards:
-                        sender, request = self.forwards.pop((key, effect.conn))
-                        self.cores[sender].on_peer_result(key, request.message, effect.message, now)
-                    elif type(effect) is Send:
-                        self.inbox.setdefault((key, effect.conn), []).append(effect.message)
-                    elif type(effect) is Close:
-                        self.closed.add((key, effect.conn))
-                    elif effect.timeout_s is not None:
-                        self._forward(key, effect, now)
-                    else:
-                        self._deliver(key, effect, now)
+                for output in [*self.held.pop(key, []), core.take_output()]:
+                    moved = moved or bool(output.send or output.replies or output.close)
+                    for request in output.send:
+                        if request.timeout_s is not None:
+                            self._forward(key, request, now)
+                        else:
+                            self._deliver(key, request, now)
+                    for reply in output.replies:
+                        if (key, reply.to) in self.forwards:
+                            sender, request = self.forwards.pop((key, reply.to))
+                            self.cores[sender].on_peer_result(key, request.message, reply.message, now)
+                        else:
+                            self.inbox.setdefault((key, reply.to), []).append(reply.message)
+                    self.closed.update((key, conn) for conn in output.close)
             if not moved:
                 return
         raise AssertionError("the servers keep talking")
 
-    def _deliver(self, sender: str, request: PeerRequest, now: float) -> None:
-        target = self.cores.get(request.peer)
-        if target is None or request.peer in self.down or sender in self.down:
-            self.cores[sender].on_peer_result(request.peer, request.message, None, now)
+    def _deliver(self, sender: str, request: Send, now: float) -> None:
+        target = self.cores.get(request.to)
+        if target is None or request.to in self.down or sender in self.down:
+            self.cores[sender].on_peer_result(request.to, request.message, None, now)
             return
         target.on_message(PEER_CONN, dict(request.message, ID="p1"), now, self.hosts[sender])
-        reply = None
-        for effect in target.take_outbox():
-            if type(effect) is Send and effect.conn == PEER_CONN:
-                reply = effect.message
-            else:
-                target.outbox.append(effect)
-        self.cores[sender].on_peer_result(request.peer, request.message, reply, now)
+        output = target.take_output()
+        answers = [r.message for r in output.replies if r.to == PEER_CONN]
+        output.replies = [r for r in output.replies if r.to != PEER_CONN]
+        self.held.setdefault(request.to, []).append(output)
+        self.cores[sender].on_peer_result(request.to, request.message, answers[-1] if answers else None, now)
 
-    def _forward(self, sender: str, request: PeerRequest, now: float) -> None:
-        target = self.cores.get(request.peer)
-        if target is None or request.peer in self.down or sender in self.down:
-            self.cores[sender].on_peer_result(request.peer, request.message, None, now)
+    def _forward(self, sender: str, request: Send, now: float) -> None:
+        target = self.cores.get(request.to)
+        if target is None or request.to in self.down or sender in self.down:
+            self.cores[sender].on_peer_result(request.to, request.message, None, now)
             return
         conn = next(self._forward_conns)
-        self.forwards[(request.peer, conn)] = (sender, request)
+        self.forwards[(request.to, conn)] = (sender, request)
         target.on_message(conn, dict(request.message), now, self.hosts[sender])
 
     def lose_forwards(self, now: float) -> None:

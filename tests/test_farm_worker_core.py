@@ -40,7 +40,7 @@ def executed(core: WorkerCore, step, results: list[dict]):
 
 
 def events(core: WorkerCore) -> list[str]:
-    return [note.event for note in core.take_notes()]
+    return [event.name for event in core.take_events()]
 
 
 def seed_task(user: str = "alice") -> dict:
@@ -101,7 +101,7 @@ def test_a_v2_result_lost_on_the_way_is_sent_again_and_given_up_with_a_warning_a
     events(core)
     step = core.on_connect_failed("ConnectionRefusedError")  # third attempt: the bound
     assert type(step) is Pause
-    assert [n for n in core.take_notes() if n.event == "result_dropped"][0].level == "warning"
+    assert [e for e in core.take_events() if e.name == "result_dropped"][0].level == "warning"
     assert core.results_dropped_total == 1 and core.results_delivered_total == 0
     assert connected(core, core.on_paused(), HOME)["WORKER"] == "ALIVE"  # nothing left to deliver
 

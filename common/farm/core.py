@@ -3,12 +3,12 @@
 Owns what a farm server (seed 000's `server.py`) decides: which task goes to which worker, when a
 task held too long goes back to the queue, which peers are up, when to ask a peer for workers, which
 workers to lend, when to give borrowed workers back. It never touches a socket, a timer or the
-clock: the driver (common/farm/server.py) feeds it messages with the time they arrived
-(`on_message`, `on_disconnect`, `on_peer_result`, `tick`) and sends what it put in its outbox
-(`take_outbox`): `Send` a message on a connection, `Close` a connection, `PeerRequest` a message to
-a peer server whose reply comes back through `on_peer_result`. Randomness (the jitter of retries)
-comes from the `random.Random` it is given. So every order of events can be scripted in a test with
-a fake clock (tests/test_farm_core.py). The full protocol, with the seed's message shapes and
+clock, and it never logs: the driver (common/farm/server.py) feeds it messages with the time they
+arrived, `now_s` (`on_message`, `on_disconnect`, `on_peer_result`, `tick`), and carries out what
+it decided, taken with `take_output()` as every core's (common/core.py): replies on connections,
+requests to peer servers whose answers come back through `on_peer_result`, connections to close,
+and events to log. Randomness (the jitter of retries) comes from the `random.Random` it is given.
+So every order of events can be scripted in a test with a fake clock (tests/test_farm_core.py). The full protocol, with the seed's message shapes and
 saldo's additions, is docs/farm-protocol.md.
 
 Tasks. A client's request becomes a task: an UPDATE (DEPOSIT, WITHDRAW, TRANSFER: its id is the
@@ -84,10 +84,8 @@ from typing import Callable, NamedTuple
 from common.bank.errors import ERROR_CODES, SaldoError, error_reply, is_definite, with_id_msg
 from common.bank.money import parse_balance_cents, render_cents
 from common.bank.state import TRANSFER, Operation, Query, balance_reply, make_operation, parse_request
-from common.log import get_logger
+from common.core import WARNING, Core
 from common.transport import wire
-
-log = get_logger("farm")
 
 # Worker and server ids are echoed in messages and logs: a plain character set, bounded.
 MAX_ID_CHARS = 64
@@ -173,33 +171,6 @@ class FarmConfig:
         assert self.no_worker_wait_s > 0 and self.forward_timeout_s > 0 and self.max_forwarded > 0
 
 
-# --- What the core asks its driver to do ------------------------------------------------------
-
-
-class Send(NamedTuple):
-    """Send `message` on connection `conn` (a no-op if it has closed meanwhile)."""
-
-    conn: int
-    message: dict
-
-
-class Close(NamedTuple):
-    """Close connection `conn` after what was sent on it."""
-
-    conn: int
-
-
-class PeerRequest(NamedTuple):
-    """Send `message` to peer `peer` (its "host:port" key) and report the reply to on_peer_result.
-    `timeout_s` None: a control message (heartbeat, lending), answered within the driver's peer
-    timeout; a number: a forwarded task, whose answer may take that long, so it travels on a
-    connection of its own and never holds up a heartbeat."""
-
-    peer: str
-    message: dict
-    timeout_s: float | None = None
-
-
 # --- Validation helpers -----------------------------------------------------------------------
 
 
@@ -246,7 +217,8 @@ class Task:
     __slots__ = ("task_id", "seq", "update", "query", "body", "waiters", "worker", "attempts", "submitted_at",
                  "queued_at", "forward_id", "forwarded_to", "forwarded_in", "may_have_run", "bad_result", "keyed_read")
 
-    def __init__(self, task_id: str, seq: int, update: Operation | None, query: Query | None, body: dict, now: float) -> None:
+    def __init__(self, task_id: str, seq: int, update: Operation | None, query: Query | None, body: dict,
+                 now_s: float) -> None:
         self.task_id = task_id
         self.seq = seq  # submission order, to merge the two queues fairly
         self.update = update
@@ -255,8 +227,8 @@ class Task:
         self.waiters: list[Waiter] = []  # the clients to answer
         self.worker: str | None = None
         self.attempts = 0  # deliveries to a worker and forwards to a peer
-        self.submitted_at = now
-        self.queued_at = now  # when it last entered the queue
+        self.submitted_at = now_s
+        self.queued_at = now_s  # when it last entered the queue
         self.forward_id: object = None  # the "ID" a forward of it carries (its client's, so a peer joins retries)
         self.forwarded_to: str | None = None  # the peer's key, while forwarded
         self.forwarded_in = False  # a peer forwarded it here: it is never forwarded again
@@ -287,7 +259,7 @@ class Worker:
         "tasks_done", "bad_results",
     )
 
-    def __init__(self, worker_id: str, owner: str, now: float) -> None:
+    def __init__(self, worker_id: str, owner: str, now_s: float) -> None:
         self.worker_id = worker_id
         self.anonymous = False  # a v1 worker without an id: known only by its connection
         self.owner = owner
@@ -303,7 +275,7 @@ class Worker:
         self.park_deadline: float | None = None  # when to answer NO_TASK (None: hold, v1)
         self.directive: dict | None = None  # REDIRECT or RETURN to give at its next ALIVE
         self.releasing = False  # borrowed, and COMMAND_RELEASE for it is on its way to the owner
-        self.last_seen = now
+        self.last_seen = now_s
         self.tasks_done = 0
         self.bad_results = 0  # results it sent that were not results (logged, redelivered)
 
@@ -343,14 +315,22 @@ class Peer:
 # --- The server -------------------------------------------------------------------------------
 
 
-class FarmCore:
-    """One farm server's state; see the module docstring for the rules it follows."""
+class FarmCore(Core):
+    """One farm server's state; see the module docstring for the rules it follows. What it decides
+    comes out of `take_output()` (common/core.py): a Reply is a message on a connection the driver
+    numbered (`conn`: a client's, a worker's or a peer's); `close` names connections to drop; a Send
+    is a request to a peer server (its "host:port" key) whose answer, or None when there was none,
+    comes back through `on_peer_result`. A Send without `timeout_s` is a control message
+    (heartbeat, lending), answered within the driver's peer timeout; one with a timeout is a
+    forwarded task, whose answer may take that long, so it travels on a connection of its own and
+    never holds up a heartbeat. The farm persists nothing itself (its workers write the store), so
+    its outputs carry no `persist`."""
 
-    def __init__(self, config: FarmConfig, rng: random.Random, now: float) -> None:
+    def __init__(self, config: FarmConfig, rng: random.Random, now_s: float) -> None:
+        super().__init__()
         self.config = config
         self.rng = rng
-        self.started_at = now
-        self.outbox: list[Send | Close | PeerRequest] = []
+        self.started_at = now_s
         self.queue_updates: deque[Task] = deque()
         self.queue_queries: deque[Task] = deque()
         self.tasks: dict[str, Task] = {}  # queued, held or forwarded, by id
@@ -385,40 +365,36 @@ class FarmCore:
         self.status_probe: Callable[[], dict] | None = None  # figures the driver reads at each STATUS
 
     # --- The driver's side ---------------------------------------------------------------------
-    def take_outbox(self) -> list[Send | Close | PeerRequest]:
-        outbox, self.outbox = self.outbox, []
-        return outbox
-
     @property
     def queue_length(self) -> int:
         return len(self.queue_updates) + len(self.queue_queries)
 
-    def on_message(self, conn: int, message: dict | SaldoError, now: float, source_host: str = "") -> None:
+    def on_message(self, conn: int, message: dict | SaldoError, now_s: float, source_host: str = "") -> None:
         """One message that arrived on connection `conn` (from host `source_host`)."""
         if isinstance(message, SaldoError):  # undecodable line: the wire layer's error, answered
-            self._send(conn, error_reply(message.code, message.detail))
+            self._reply(conn, error_reply(message.code, message.detail))
             return
         request_id = None
         try:
             request_id = wire.request_id_of(message)
             kind = classify(message)
             if kind == "peer":
-                self._on_peer_message(conn, message, request_id, now, source_host)
+                self._on_peer_message(conn, message, request_id, now_s, source_host)
             elif kind == "worker":
-                self._on_worker_alive(conn, message, now)
+                self._on_worker_alive(conn, message, now_s)
             elif kind == "result":
-                self._on_worker_status(conn, message, now)
+                self._on_worker_status(conn, message, now_s)
             elif kind == "status":
-                reply = self.status(now)
+                reply = self.status(now_s)
                 if request_id is not None:
                     reply["ID"] = request_id
-                self._send(conn, reply)
+                self._reply(conn, reply)
             else:
-                self._on_client_task(conn, message, request_id, now)
+                self._on_client_task(conn, message, request_id, now_s)
         except SaldoError as error:
-            self._send(conn, with_id_msg(error_reply(error.code, error.detail, request_id), message))
+            self._reply(conn, with_id_msg(error_reply(error.code, error.detail, request_id), message))
 
-    def on_disconnect(self, conn: int, now: float) -> None:
+    def on_disconnect(self, conn: int, now_s: float) -> None:
         """Connection `conn` closed. A saldo worker's tasks go back to the queue at once (it kept
         its connection, so a close means it is gone); a v1/v2 worker's stay held until its lease
         ends (a v2 worker opens a connection per message, so a close says nothing)."""
@@ -429,14 +405,14 @@ class FarmCore:
         if worker is None:
             return
         worker.conn = None
-        worker.last_seen = now
+        worker.last_seen = now_s
         self._unpark(worker)
         if worker.dialect == SALDO or worker.anonymous:
-            self._requeue_held(worker, "worker_disconnected", now)
+            self._requeue_held(worker, "worker_disconnected", now_s)
         if worker.anonymous:
             self._forget_worker(worker)
 
-    def pump(self, now: float) -> None:
+    def pump(self, now_s: float) -> None:
         """Hand queued tasks to waiting workers; the driver calls it after each batch of input."""
         if not self.parked or not (self.queue_updates or self.queue_queries):
             return
@@ -449,23 +425,23 @@ class FarmCore:
             batch = self._take_tasks(worker, min(worker.max_tasks, max(1, share)))
             if batch:
                 self._unpark(worker)
-                self._hand_out(worker, batch, now)
+                self._hand_out(worker, batch, now_s)
 
-    def tick(self, now: float) -> None:
+    def tick(self, now_s: float) -> None:
         """Timers: leases, long polls, heartbeats, lending and returning, tasks no worker here can
         run. Called every ~50 ms."""
-        self._expire_leases(now)
-        self._answer_long_polls(now)
-        self._probe_peers(now)
-        runs_here, runs_home = self.runnable_kinds(now)
-        self._watch_load(now, runs_here, runs_home)
-        self._serve_unrunnable(now, runs_here)
-        self._forget_stale_workers(now)
-        self._expire_pending_releases(now)
-        self.pump(now)
+        self._expire_leases(now_s)
+        self._answer_long_polls(now_s)
+        self._probe_peers(now_s)
+        runs_here, runs_home = self.runnable_kinds(now_s)
+        self._watch_load(now_s, runs_here, runs_home)
+        self._serve_unrunnable(now_s, runs_here)
+        self._forget_stale_workers(now_s)
+        self._expire_pending_releases(now_s)
+        self.pump(now_s)
 
     # --- Clients -------------------------------------------------------------------------------
-    def _on_client_task(self, conn: int, message: dict, request_id: object, now: float) -> None:
+    def _on_client_task(self, conn: int, message: dict, request_id: object, now_s: float) -> None:
         request = parse_client_request(message)
         forwarded_by = message.get("FORWARDED_BY")  # a peer that had no worker for it
         if forwarded_by is not None:
@@ -513,10 +489,10 @@ class FarmCore:
             return
         self._next_seq += 1
         if isinstance(request, Operation):
-            task = Task(task_id, self._next_seq, request, None, _task_body(task_id, request), now)
+            task = Task(task_id, self._next_seq, request, None, _task_body(task_id, request), now_s)
             self.queue_updates.append(task)
         else:
-            task = Task(task_id, self._next_seq, None, request, _task_body(task_id, request), now)
+            task = Task(task_id, self._next_seq, None, request, _task_body(task_id, request), now_s)
             self.queue_queries.append(task)
         task.forward_id = forward_id
         task.keyed_read = task.query is not None and forward_id != task_id
@@ -536,9 +512,9 @@ class FarmCore:
         reply = _with_id(reply, waiter.request_id)
         if waiter.id_msg is not None:
             reply = {**reply, "id_msg": waiter.id_msg}
-        self._send(waiter.conn, reply)
+        self._reply(waiter.conn, reply)
 
-    def _finish(self, task: Task, reply: dict, worker: Worker | None, now: float) -> None:
+    def _finish(self, task: Task, reply: dict, worker: Worker | None, now_s: float) -> None:
         """The task is done: answer every waiter and remember an update's answer."""
         del self.tasks[task.task_id]
         if worker is not None:
@@ -558,7 +534,7 @@ class FarmCore:
         for waiter in task.waiters:
             self._answer(waiter, reply)
         self.tasks_completed_total += 1
-        second = int(now)
+        second = int(now_s)
         if self._rate and self._rate[-1][0] == second:
             self._rate[-1][1] += 1
         else:
@@ -567,7 +543,7 @@ class FarmCore:
                 self._rate.popleft()
 
     # --- Workers asking for work -----------------------------------------------------------------
-    def _on_worker_alive(self, conn: int, message: dict, now: float) -> None:
+    def _on_worker_alive(self, conn: int, message: dict, now_s: float) -> None:
         if message.get("WORKER") != "ALIVE":
             raise SaldoError("UNKNOWN_MESSAGE", 'a worker says {"WORKER": "ALIVE"}')
         worker_uuid = message.get("WORKER_UUID")
@@ -584,21 +560,21 @@ class FarmCore:
         if results is not None and (type(results) is not list or len(results) > self.config.max_batch_tasks):
             raise SaldoError("FIELD_INVALID", f"RESULTS must be a list of at most {self.config.max_batch_tasks}")
         dialect = SALDO if max_tasks is not None else V2 if worker_uuid is not None else V1
-        worker = self._bind(conn, worker_uuid, owner, dialect, now)
+        worker = self._bind(conn, worker_uuid, owner, dialect, now_s)
         worker.max_tasks = max_tasks or 1
         worker.accepts_updates = UPDATE in accepts
         for result in results or ():
-            self._take_result(worker, result, now)
+            self._take_result(worker, result, now_s)
         # ALIVE means "I hold nothing now": anything it still holds was dropped on its side.
-        self._requeue_held(worker, "worker_asked_again", now)
+        self._requeue_held(worker, "worker_asked_again", now_s)
         if worker.directive is not None:
-            self._give_directive(worker, now)
+            self._give_directive(worker, now_s)
             return
         worker.parked = True
-        worker.park_deadline = None if dialect == V1 else now + self.config.no_task_wait_s
+        worker.park_deadline = None if dialect == V1 else now_s + self.config.no_task_wait_s
         self.parked[worker.worker_id] = None
 
-    def _bind(self, conn: int, worker_uuid: str | None, owner: str | None, dialect: str, now: float) -> Worker:
+    def _bind(self, conn: int, worker_uuid: str | None, owner: str | None, dialect: str, now_s: float) -> Worker:
         """The worker this ALIVE comes from, bound to `conn`; raises WORKER_ID_IN_USE for an id that
         another open connection serves, without changing anything."""
         bound_id = self.by_conn.get(conn)
@@ -606,7 +582,7 @@ class FarmCore:
             worker = self.workers[bound_id]
             if worker_uuid is not None and worker_uuid != bound_id:
                 raise SaldoError("WORKER_ID_IN_USE", f"this connection already serves as {bound_id}")
-            worker.last_seen = now
+            worker.last_seen = now_s
             return worker
         if worker_uuid is None:
             worker_uuid = f"anon-{conn}"
@@ -621,10 +597,10 @@ class FarmCore:
         if worker is None:
             if len(self.workers) >= MAX_WORKERS:
                 raise SaldoError("OVERLOADED", f"this server tracks {MAX_WORKERS} workers")
-            worker = Worker(worker_uuid, owner, now)
+            worker = Worker(worker_uuid, owner, now_s)
             worker.anonymous = anonymous
             self.workers[worker_uuid] = worker
-            log.info("worker_joined", worker=worker_uuid, owner=owner, dialect=dialect, conn=conn)
+            self._event("worker_joined", worker=worker_uuid, owner=owner, dialect=dialect, conn=conn)
         if owner == self.config.server_id:
             self._worker_came_home(worker)
             worker.owner = owner
@@ -633,19 +609,19 @@ class FarmCore:
             if worker.placement != BORROWED or worker.owner != owner:
                 self.loans_received_total += 1
                 self._workers_promised_until = 0.0  # what was promised arrives
-                log.info("worker_borrowed", worker=worker_uuid, owner=owner, conn=conn)
+                self._event("worker_borrowed", worker=worker_uuid, owner=owner, conn=conn)
             worker.owner = owner
             worker.placement = BORROWED
         worker.dialect = dialect
         worker.conn = conn
-        worker.last_seen = now
+        worker.last_seen = now_s
         self.by_conn[conn] = worker_uuid
         return worker
 
     def _worker_came_home(self, worker: Worker) -> None:
         """One of ours is here: back from a loan, or (after our restart) back from a peer."""
         if worker.placement != HOME:
-            log.info("worker_home", worker=worker.worker_id, was=worker.placement, lent_to=worker.lent_to)
+            self._event("worker_home", worker=worker.worker_id, was=worker.placement, lent_to=worker.lent_to)
         worker.lent_to = None
         worker.directive = None
         for peer in self.peers.values():
@@ -668,38 +644,38 @@ class FarmCore:
                 break
         return batch
 
-    def _hand_out(self, worker: Worker, batch: list[Task], now: float) -> None:
+    def _hand_out(self, worker: Worker, batch: list[Task], now_s: float) -> None:
         assert worker.conn is not None
         for task in batch:
             task.worker = worker.worker_id
             task.attempts += 1
             task.may_have_run = True
             worker.held.add(task.task_id)
-        worker.lease_deadline = now + self.config.visibility_timeout_s
+        worker.lease_deadline = now_s + self.config.visibility_timeout_s
         if worker.dialect == SALDO:
-            self._send(worker.conn, {"TASK": "BATCH", "SERVER_UUID": self.config.server_id,
-                                     "LEASE_S": self.config.visibility_timeout_s,
-                                     "FAILOVER_LIST": self._failover_list(),
-                                     "TASKS": [task.body for task in batch]})
+            self._reply(worker.conn, {"TASK": "BATCH", "SERVER_UUID": self.config.server_id,
+                                      "LEASE_S": self.config.visibility_timeout_s,
+                                      "FAILOVER_LIST": self._failover_list(),
+                                      "TASKS": [task.body for task in batch]})
         else:
             assert len(batch) == 1
-            self._send(worker.conn, batch[0].body)
+            self._reply(worker.conn, batch[0].body)
 
     def _unpark(self, worker: Worker) -> None:
         if worker.parked:
             worker.parked = False
             self.parked.pop(worker.worker_id, None)
 
-    def _answer_long_polls(self, now: float) -> None:
+    def _answer_long_polls(self, now_s: float) -> None:
         for worker_id in list(self.parked):
             worker = self.workers[worker_id]
-            if worker.park_deadline is not None and worker.park_deadline <= now and worker.conn is not None:
+            if worker.park_deadline is not None and worker.park_deadline <= now_s and worker.conn is not None:
                 self._unpark(worker)
-                self._send(worker.conn, {"TASK": "NO_TASK", "SERVER_UUID": self.config.server_id,
-                                         "FAILOVER_LIST": self._failover_list()})
+                self._reply(worker.conn, {"TASK": "NO_TASK", "SERVER_UUID": self.config.server_id,
+                                          "FAILOVER_LIST": self._failover_list()})
 
     # --- Workers reporting results ---------------------------------------------------------------
-    def _on_worker_status(self, conn: int, message: dict, now: float) -> None:
+    def _on_worker_status(self, conn: int, message: dict, now_s: float) -> None:
         """A v1/v2 worker's STATUS for the task it holds (by ID, or its only one)."""
         worker_id = self.by_conn.get(conn)
         worker_uuid = message.get("WORKER_UUID")
@@ -718,12 +694,12 @@ class FarmCore:
             self.by_conn[conn] = worker.worker_id
         elif worker.conn != conn:
             raise SaldoError("WORKER_ID_IN_USE", f"{worker.worker_id} is served by another open connection")
-        worker.last_seen = now
-        self._take_result(worker, message, now)
+        worker.last_seen = now_s
+        self._take_result(worker, message, now_s)
         if worker_uuid is not None:  # v2 waits for an ACK; v1's table has no answer to STATUS
-            self._send(conn, {"STATUS": "ACK", "SERVER_UUID": self.config.server_id})
+            self._reply(conn, {"STATUS": "ACK", "SERVER_UUID": self.config.server_id})
 
-    def _take_result(self, worker: Worker, result: object, now: float) -> None:
+    def _take_result(self, worker: Worker, result: object, now_s: float) -> None:
         """One task's outcome from the worker that holds it; anything else is ignored (counted)."""
         if type(result) is not dict:
             self.late_results_total += 1
@@ -741,16 +717,16 @@ class FarmCore:
             worker.bad_results += 1
             self.bad_results_total += 1
             task.bad_result = f"worker {worker.worker_id} sent {error.detail}"
-            log.warning("bad_result", worker=worker.worker_id, task=task.task_id, attempt=task.attempts, error=error.code,
-                        detail=error.detail)
-            self._requeue(task, worker, "bad_result", now)
+            self._event("bad_result", WARNING, worker=worker.worker_id, task=task.task_id, attempt=task.attempts,
+                        error=error.code, detail=error.detail)
+            self._requeue(task, worker, "bad_result", now_s)
             return
         if reply.get("STATUS") == "NOK" and not reply["DEFINITE"]:
-            self._requeue(task, worker, "result_not_final", now)  # e.g. the worker's database was down
+            self._requeue(task, worker, "result_not_final", now_s)  # e.g. the worker's database was down
             return
-        self._finish(task, reply, worker, now)
+        self._finish(task, reply, worker, now_s)
 
-    def _requeue(self, task: Task, worker: Worker | None, reason: str, now: float) -> None:
+    def _requeue(self, task: Task, worker: Worker | None, reason: str, now_s: float) -> None:
         """Back to the front of its queue, or given up after max_task_attempts attempts."""
         if worker is not None:
             worker.held.discard(task.task_id)
@@ -759,11 +735,12 @@ class FarmCore:
             self._give_up(task, reason)
             return
         self.tasks_requeued_total += 1
-        task.queued_at = now
+        task.queued_at = now_s
         (self.queue_updates if task.update is not None else self.queue_queries).appendleft(task)
 
     def _give_up(self, task: Task, reason: str) -> None:
-        log.warning("task_given_up", task=task.task_id, attempts=task.attempts, reason=reason, bad_result=task.bad_result)
+        self._event("task_given_up", WARNING, task=task.task_id, attempts=task.attempts, reason=reason,
+                    bad_result=task.bad_result)
         if task.bad_result is None and not task.may_have_run:  # every peer it went to refused it
             reply = _task_error(task, "NO_WORKER", f"no worker ran the task in {task.attempts} attempts")
         elif task.bad_result is None:
@@ -781,27 +758,27 @@ class FarmCore:
         for waiter in task.waiters:
             self._answer(waiter, reply)
 
-    def _requeue_held(self, worker: Worker, reason: str, now: float) -> None:
+    def _requeue_held(self, worker: Worker, reason: str, now_s: float) -> None:
         if not worker.held:
             return
-        log.info("tasks_requeued", worker=worker.worker_id, tasks=len(worker.held), reason=reason)
+        self._event("tasks_requeued", worker=worker.worker_id, tasks=len(worker.held), reason=reason)
         for task_id in sorted(worker.held, key=lambda t: -self.tasks[t].seq):  # newest first: front keeps order
-            self._requeue(self.tasks[task_id], worker, reason, now)
+            self._requeue(self.tasks[task_id], worker, reason, now_s)
         worker.held.clear()
 
-    def _expire_leases(self, now: float) -> None:
+    def _expire_leases(self, now_s: float) -> None:
         for worker in list(self.workers.values()):
-            if worker.held and worker.lease_deadline <= now:
-                log.warning("lease_expired", worker=worker.worker_id, tasks=len(worker.held))
-                self._requeue_held(worker, "visibility_timeout", now)
+            if worker.held and worker.lease_deadline <= now_s:
+                self._event("lease_expired", WARNING, worker=worker.worker_id, tasks=len(worker.held))
+                self._requeue_held(worker, "visibility_timeout", now_s)
                 if worker.conn is not None:  # it stopped answering: its connection is of no use
-                    self.outbox.append(Close(worker.conn))
+                    self._close(worker.conn)
                     self.by_conn.pop(worker.conn, None)
                     worker.conn = None
                     self._unpark(worker)
 
-    def _forget_stale_workers(self, now: float) -> None:
-        limit = now - self.config.worker_forget_s
+    def _forget_stale_workers(self, now_s: float) -> None:
+        limit = now_s - self.config.worker_forget_s
         for worker in list(self.workers.values()):
             if worker.conn is None and not worker.held and worker.last_seen < limit:
                 self._forget_worker(worker)
@@ -809,28 +786,28 @@ class FarmCore:
     def _forget_worker(self, worker: Worker) -> None:
         self._unpark(worker)
         self.workers.pop(worker.worker_id, None)
-        log.info("worker_forgotten", worker=worker.worker_id, placement=worker.placement)
+        self._event("worker_forgotten", worker=worker.worker_id, placement=worker.placement)
 
-    def _present(self, worker: Worker, now: float) -> bool:
+    def _present(self, worker: Worker, now_s: float) -> bool:
         """Here and able to work: connected, or (v2, a connection per message) heard of lately. A
         saldo worker keeps its connection: once that closed, it is gone."""
         if worker.placement == LENT:
             return False
         if worker.conn is not None or worker.held:
             return True
-        return worker.dialect == V2 and now - worker.last_seen < 3 * self.config.no_task_wait_s
+        return worker.dialect == V2 and now_s - worker.last_seen < 3 * self.config.no_task_wait_s
 
     # --- Directives: REDIRECT (lend) and RETURN (give back) ------------------------------------
-    def _give_directive(self, worker: Worker, now: float) -> None:
+    def _give_directive(self, worker: Worker, now_s: float) -> None:
         conn = worker.conn
         assert conn is not None and worker.directive is not None and not worker.held
-        self._send(conn, worker.directive)
-        self.outbox.append(Close(conn))
+        self._reply(conn, worker.directive)
+        self._close(conn)
         self.by_conn.pop(conn, None)
         worker.conn = None
         self._unpark(worker)
-        worker.last_seen = now
-        log.info("worker_directed", worker=worker.worker_id, directive=worker.directive["TASK"])
+        worker.last_seen = now_s
+        self._event("worker_directed", worker=worker.worker_id, directive=worker.directive["TASK"])
         if worker.directive["TASK"] == "RETURN":
             self._forget_worker(worker)  # it is its owner's again; nothing of it is ours to track
         worker.directive = None
@@ -864,7 +841,7 @@ class FarmCore:
         if type(claimed) is str and claimed in self.peers and self.peers[claimed].address[0] == source_host:
             peer = self.peers[claimed]
             if uuid is not None:
-                log.info("peer_id_learned", peer=peer.key, uuid=uuid, was=peer.uuid)
+                self._event("peer_id_learned", peer=peer.key, uuid=uuid, was=peer.uuid)
                 peer.uuid = uuid
             return peer
         if uuid is not None:
@@ -875,41 +852,41 @@ class FarmCore:
             return matches[0]
         raise SaldoError("NOT_PEER", f"no SERVER_UUID, and host {source_host or '?'} is not one peer's")
 
-    def _on_peer_message(self, conn: int, message: dict, request_id: object, now: float, source_host: str) -> None:
+    def _on_peer_message(self, conn: int, message: dict, request_id: object, now_s: float, source_host: str) -> None:
         peer = self._identify_peer(message, source_host)
-        self._heard_from(peer, message, now)
+        self._heard_from(peer, message, now_s)
         task = message.get("TASK")
         response = message.get("RESPONSE")
         me = self.config.server_id
         if task in ("HEARTBEAT", "REQUEST") or (message.get("SERVER") == "ALIVE" and task is None):
-            self._reconcile_lent(peer, message.get("WORKERS_HELD"), now)
+            self._reconcile_lent(peer, message.get("WORKERS_HELD"), now_s)
             reply = {"SERVER": "ALIVE", "TASK": "HEARTBEAT" if task != "REQUEST" else "RECIEVE", "RESPONSE": "ALIVE",
                      "SERVER_UUID": me, "QUEUE_LENGTH": self.queue_length, "WORKERS_HELD": self._held_for(peer),
-                     "RUNS": sorted(self.runnable_kinds(now)[0])}
+                     "RUNS": sorted(self.runnable_kinds(now_s)[0])}
         elif task == "RECIEVE":  # (sic) a seed v1 heartbeat's answer sent as a message: heard, not answered
             return
         elif task == "WORKER_REQUEST":
-            reply = self._lend(peer, message, now)
+            reply = self._lend(peer, message, now_s)
         elif task == "COMMAND_RELEASE":
             ids = _check_id_list(message.get("WORKERS_UUID"), "WORKERS_UUID")
-            reply = self._accept_release(peer, ids, now)
+            reply = self._accept_release(peer, ids, now_s)
         elif task == "WORKER_RESPONSE" or response in ("AVAILABLE", "UNAVAILABLE"):
             # A seed server may answer a request with a message of its own instead of a reply.
             if not peer.request_outstanding:
                 raise SaldoError("UNKNOWN_MESSAGE", "no WORKER_REQUEST of this server awaits an answer")
-            self._on_lend_reply(peer, message, now)
+            self._on_lend_reply(peer, message, now_s)
             reply = {"STATUS": "ACK", "SERVER_UUID": me}
         elif response == "RELEASE_COMPLETED":
             ids = _check_id_list(message.get("WORKERS_UUID", []), "WORKERS_UUID")
-            log.info("release_completed", owner=peer.key, workers=len(ids))
+            self._event("release_completed", owner=peer.key, workers=len(ids))
             reply = {"STATUS": "ACK", "SERVER_UUID": me}
         else:
             raise SaldoError("UNKNOWN_MESSAGE", f"unknown server message TASK={str(task)[:40]!r} RESPONSE={str(response)[:40]!r}")
         if request_id is not None:
             reply["ID"] = request_id
-        self._send(conn, reply)
+        self._reply(conn, reply)
 
-    def _heard_from(self, peer: Peer, message: dict, now: float) -> None:
+    def _heard_from(self, peer: Peer, message: dict, now_s: float) -> None:
         uuid = message.get("SERVER_UUID")
         if type(uuid) is str:
             peer.uuid = uuid
@@ -921,17 +898,17 @@ class FarmCore:
                 peer.runs = _check_kinds(message["RUNS"], "RUNS")
             except SaldoError:
                 peer.runs = None  # not a saldo server's word: never forwarded a task
-        peer.last_heard = now
+        peer.last_heard = now_s
         peer.failures = 0
         if peer.state != UP:
-            log.info("peer_up", peer=peer.key, uuid=peer.uuid, was=peer.state)
+            self._event("peer_up", peer=peer.key, uuid=peer.uuid, was=peer.state)
             peer.state = UP
 
     def _held_for(self, peer: Peer) -> list[str]:
         """Ids of `peer`'s workers that are here (for its reconciliation)."""
         return [w.worker_id for w in self.workers.values() if w.placement == BORROWED and w.owner in (peer.uuid, peer.key)][:MAX_IDS_PER_MESSAGE]
 
-    def _reconcile_lent(self, peer: Peer, held: object, now: float) -> None:
+    def _reconcile_lent(self, peer: Peer, held: object, now_s: float) -> None:
         """The peer says which of our workers it holds: forget the lent ones it no longer has (they
         died there), and note ours it took in that we did not know of (after our restart)."""
         if type(held) is not list:
@@ -941,19 +918,19 @@ class FarmCore:
         for worker in list(self.workers.values()):
             if worker.placement == LENT and worker.lent_to == peer.key:
                 if worker.worker_id in held_ids:
-                    worker.last_seen = now
-                elif now - worker.last_seen > grace:
-                    log.warning("lent_worker_lost", worker=worker.worker_id, borrower=peer.key)
+                    worker.last_seen = now_s
+                elif now_s - worker.last_seen > grace:
+                    self._event("lent_worker_lost", WARNING, worker=worker.worker_id, borrower=peer.key)
                     self._forget_worker(worker)
         for worker_id in held_ids:
             if worker_id not in self.workers and len(self.workers) < MAX_WORKERS:
-                worker = Worker(worker_id, self.config.server_id, now)
+                worker = Worker(worker_id, self.config.server_id, now_s)
                 worker.placement = LENT
                 worker.lent_to = peer.key
                 self.workers[worker_id] = worker
 
     # --- Lending (this server as the owner) ------------------------------------------------------
-    def _lend(self, peer: Peer, message: dict, now: float) -> dict:
+    def _lend(self, peer: Peer, message: dict, now_s: float) -> dict:
         needed = message.get("WORKERS_NEEDED", 1)
         if type(needed) is not int or not 0 < needed <= MAX_IDS_PER_MESSAGE:
             raise SaldoError("FIELD_INVALID", f"WORKERS_NEEDED must be an integer from 1 to {MAX_IDS_PER_MESSAGE}")
@@ -964,7 +941,7 @@ class FarmCore:
         kinds = TASK_KINDS if kinds is None else _check_kinds(kinds, "TASK_KINDS")
         if self.queue_length >= self.config.return_queue_threshold:
             return nack  # busy ourselves
-        home = [w for w in self.workers.values() if w.placement == HOME and self._present(w, now)]
+        home = [w for w in self.workers.values() if w.placement == HOME and self._present(w, now_s)]
         # Only workers that can run what waits there: a seed worker lent for an update is no help.
         idle = [w for w in home if w.parked and not w.anonymous and w.directive is None and w.can_run(kinds)]
         count = min(needed, len(idle), len(home) - self.config.min_own_workers)
@@ -975,38 +952,39 @@ class FarmCore:
             worker.directive = self._redirect(peer)
             worker.placement = LENT
             worker.lent_to = peer.key
-            self._give_directive(worker, now)
+            self._give_directive(worker, now_s)
         self.loans_given_total += count
         ids = [w.worker_id for w in lent]
-        log.info("workers_lent", borrower=peer.key, workers=",".join(ids), home_left=len(home) - count)
+        self._event("workers_lent", borrower=peer.key, workers=",".join(ids), home_left=len(home) - count)
         return {"TASK": "WORKER_RESPONSE", "STATUS": "ACK", "RESPONSE": "AVAILABLE", "SERVER_UUID": me,
                 "MASTER": me, "WORKERS": ids, "WORKERS_UUID": ids}
 
-    def _accept_release(self, peer: Peer, ids: list[str], now: float) -> dict:
+    def _accept_release(self, peer: Peer, ids: list[str], now_s: float) -> dict:
         """The borrower gives back these workers: they are ours (a worker naming us as owner is)."""
         for worker_id in ids:
             worker = self.workers.get(worker_id)
             if worker is None or worker.placement == LENT:
                 peer.pending_release.add(worker_id)
         if peer.pending_release:
-            peer.pending_release_since = now
-        log.info("release_accepted", borrower=peer.key, workers=",".join(ids))
+            peer.pending_release_since = now_s
+        self._event("release_accepted", borrower=peer.key, workers=",".join(ids))
         return {"SERVER_UUID": self.config.server_id, "RESPONSE": "RELEASE_ACK", "WORKERS_UUID": ids}
 
     def _release_completed(self, peer: Peer) -> None:
-        self.outbox.append(PeerRequest(peer.key, {"SERVER_UUID": self.config.server_id, "RESPONSE": "RELEASE_COMPLETED",
-                                                  "SERVER_ADDRESS": self._key, "WORKERS_UUID": []}))
-        log.info("release_complete", borrower=peer.key)
+        self._send(peer.key, {"SERVER_UUID": self.config.server_id, "RESPONSE": "RELEASE_COMPLETED",
+                              "SERVER_ADDRESS": self._key, "WORKERS_UUID": []})
+        self._event("release_complete", borrower=peer.key)
 
-    def _expire_pending_releases(self, now: float) -> None:
+    def _expire_pending_releases(self, now_s: float) -> None:
         for peer in self.peers.values():
-            if peer.pending_release and now - peer.pending_release_since > self.config.worker_forget_s:
-                log.warning("release_incomplete", borrower=peer.key, missing=",".join(sorted(peer.pending_release)))
+            if peer.pending_release and now_s - peer.pending_release_since > self.config.worker_forget_s:
+                self._event("release_incomplete", WARNING, borrower=peer.key,
+                            missing=",".join(sorted(peer.pending_release)))
                 peer.pending_release.clear()
                 self._release_completed(peer)
 
     # --- Borrowing and giving back (this server as the borrower) --------------------------------
-    def _watch_load(self, now: float, runs_here: frozenset[str], runs_home: frozenset[str]) -> None:
+    def _watch_load(self, now_s: float, runs_here: frozenset[str], runs_home: frozenset[str]) -> None:
         queue_length = self.queue_length
         config = self.config
         queued = self.queued_kinds()
@@ -1016,38 +994,39 @@ class FarmCore:
         unrunnable = queued - runs_here
         overloaded = queue_length > config.lend_queue_threshold or bool(unrunnable)
         underloaded = queue_length < config.return_queue_threshold and queued <= runs_home
-        self._overloaded_since = (self._overloaded_since or now) if overloaded else None
-        self._underloaded_since = (self._underloaded_since or now) if underloaded else None
-        if self._overloaded_since is not None and now - self._overloaded_since >= config.overload_s:
-            self._ask_for_workers(now, unrunnable or queued)
-        if self._underloaded_since is not None and now - self._underloaded_since >= config.underload_s:
-            self._give_back(now)
+        self._overloaded_since = (self._overloaded_since or now_s) if overloaded else None
+        self._underloaded_since = (self._underloaded_since or now_s) if underloaded else None
+        if self._overloaded_since is not None and now_s - self._overloaded_since >= config.overload_s:
+            self._ask_for_workers(now_s, unrunnable or queued)
+        if self._underloaded_since is not None and now_s - self._underloaded_since >= config.underload_s:
+            self._give_back(now_s)
 
-    def _ask_for_workers(self, now: float, kinds: frozenset[str]) -> None:
+    def _ask_for_workers(self, now_s: float, kinds: frozenset[str]) -> None:
         """Ask up peers for workers that can run one of `kinds` (what waits here)."""
         borrowed = sum(1 for w in self.workers.values() if w.placement == BORROWED)
         wanted = min(self.config.max_borrowed - borrowed, math.ceil(self.queue_length / max(1, self.config.lend_queue_threshold)))
         for peer in self.peers.values():
             if wanted <= 0:
                 return
-            if peer.state != UP or peer.request_outstanding or now < peer.cooldown_until:
+            if peer.state != UP or peer.request_outstanding or now_s < peer.cooldown_until:
                 continue
             peer.request_outstanding = True
-            self.outbox.append(PeerRequest(peer.key, {
+            self._send(peer.key, {
                 "TASK": "WORKER_REQUEST", "WORKERS_NEEDED": wanted, "SERVER_UUID": self.config.server_id,
                 "SERVER_ADDRESS": self._key, "TASK_KINDS": sorted(kinds),
                 "REQUESTOR_INFO": {"ip": self.config.address[0], "port": self.config.address[1]},
-            }))
-            log.info("workers_requested", peer=peer.key, needed=wanted, kinds=",".join(sorted(kinds)), queue=self.queue_length)
+            })
+            self._event("workers_requested", peer=peer.key, needed=wanted, kinds=",".join(sorted(kinds)),
+                        queue=self.queue_length)
 
     # --- Tasks no worker here can run: forwarded once, or refused -------------------------------
-    def runnable_kinds(self, now: float) -> tuple[frozenset[str], frozenset[str]]:
+    def runnable_kinds(self, now_s: float) -> tuple[frozenset[str], frozenset[str]]:
         """The kinds of task a worker present here can run: (any worker here, own or borrowed;
         our own at home only)."""
         here: set[str] = set()
         home: set[str] = set()
         for worker in self.workers.values():
-            if not self._present(worker, now):
+            if not self._present(worker, now_s):
                 continue
             kinds = TASK_KINDS if worker.accepts_updates else (QUERY,)
             here.update(kinds)
@@ -1060,21 +1039,21 @@ class FarmCore:
     def queued_kinds(self) -> frozenset[str]:
         return frozenset(kind for kind, queue in ((UPDATE, self.queue_updates), (QUERY, self.queue_queries)) if queue)
 
-    def _serve_unrunnable(self, now: float, runs_here: frozenset[str]) -> None:
+    def _serve_unrunnable(self, now_s: float, runs_here: frozenset[str]) -> None:
         """A queued task that no worker here has been able to run for `no_worker_wait_s` (since it
         was queued, and since the last worker here that could run it left: one may connect, or be
         lent, meanwhile) goes to an up peer that says it has a worker for it, or is refused. One
         that a peer forwarded here is refused, never forwarded again: a task makes at most one hop.
         While workers a peer lent us are on their way (at most `redirect_timeout_s`), tasks wait."""
-        if now < self._workers_promised_until:
+        if now_s < self._workers_promised_until:
             return
         for kind, queue in ((UPDATE, self.queue_updates), (QUERY, self.queue_queries)):
             if kind in runs_here:
                 self._unrunnable_since.pop(kind, None)
                 continue
-            since = self._unrunnable_since.setdefault(kind, now)
+            since = self._unrunnable_since.setdefault(kind, now_s)
             peer = self._forward_target(kind)
-            while queue and now - max(queue[0].queued_at, since) >= self.config.no_worker_wait_s:
+            while queue and now_s - max(queue[0].queued_at, since) >= self.config.no_worker_wait_s:
                 task = queue[0]
                 if peer is not None and not task.forwarded_in:
                     if len(self.forwarded) >= self.config.max_forwarded or task.forward_id in self.forwarded:
@@ -1107,10 +1086,10 @@ class FarmCore:
         else:
             message = dict(task.body)  # saldo's bank format, its operation id as ID
         message["FORWARDED_BY"] = self.config.server_id
-        self.outbox.append(PeerRequest(peer.key, message, self.config.forward_timeout_s))
-        log.info("task_forwarded", task=task.task_id, peer=peer.key, kind=task.kind, attempt=task.attempts)
+        self._send(peer.key, message, self.config.forward_timeout_s)
+        self._event("task_forwarded", task=task.task_id, peer=peer.key, kind=task.kind, attempt=task.attempts)
 
-    def _on_forward_result(self, peer: Peer, request: dict, reply: dict | None, now: float) -> None:
+    def _on_forward_result(self, peer: Peer, request: dict, reply: dict | None, now_s: float) -> None:
         """The peer's answer to a forwarded task (None: none, or an indefinite one)."""
         task_id = self.forwarded.pop(request.get("ID"), None)
         task = self.tasks.get(task_id) if task_id is not None else None
@@ -1119,22 +1098,22 @@ class FarmCore:
         task.forwarded_to = None
         if reply is None:  # the peer may have run it: the id keeps a second run from applying it again
             task.may_have_run = True
-            log.warning("forward_unanswered", task=task.task_id, peer=peer.key)
-            self._requeue(task, None, "forward_unanswered", now)
+            self._event("forward_unanswered", WARNING, task=task.task_id, peer=peer.key)
+            self._requeue(task, None, "forward_unanswered", now_s)
             return
         if reply.get("STATUS") != "OK" and reply.get("ERROR") in FORWARD_NOT_NOW:
-            log.info("forward_refused", task=task.task_id, peer=peer.key, error=reply.get("ERROR"))
-            self._requeue(task, None, "forward_refused", now)
+            self._event("forward_refused", task=task.task_id, peer=peer.key, error=reply.get("ERROR"))
+            self._requeue(task, None, "forward_refused", now_s)
             return
         try:
             answer = _client_reply(task, reply)
         except SaldoError as error:
             self.bad_results_total += 1
             task.bad_result = f"peer {peer.key} answered {error.detail}"
-            log.warning("bad_result", peer=peer.key, task=task.task_id, error=error.code, detail=error.detail)
-            self._requeue(task, None, "bad_result", now)
+            self._event("bad_result", WARNING, peer=peer.key, task=task.task_id, error=error.code, detail=error.detail)
+            self._requeue(task, None, "bad_result", now_s)
             return
-        self._finish(task, answer, None, now)
+        self._finish(task, answer, None, now_s)
 
     def _refuse_no_worker(self, task: Task, runs_here: frozenset[str]) -> None:
         self.no_worker_total += 1
@@ -1153,24 +1132,24 @@ class FarmCore:
             reply = _task_error(task, "UNAVAILABLE", f"{detail}; an earlier attempt may have applied it")
         else:
             reply = _task_error(task, "NO_WORKER", detail)
-        log.warning("no_worker", task=task.task_id, kind=task.kind, definite=reply["DEFINITE"], detail=detail)
+        self._event("no_worker", WARNING, task=task.task_id, kind=task.kind, definite=reply["DEFINITE"], detail=detail)
         self._drop(task, reply)
 
-    def _on_lend_reply(self, peer: Peer, reply: dict, now: float) -> None:
+    def _on_lend_reply(self, peer: Peer, reply: dict, now_s: float) -> None:
         peer.request_outstanding = False
         status = reply.get("STATUS")
         if status == "ACK" or reply.get("RESPONSE") == "AVAILABLE":
             ids = _check_id_list(reply.get("WORKERS_UUID", reply.get("WORKERS", [])), "WORKERS_UUID")
-            log.info("workers_promised", owner=peer.key, workers=",".join(ids))
+            self._event("workers_promised", owner=peer.key, workers=",".join(ids))
             # They arrive by themselves (REDIRECT); until then nothing of them is ours to track,
             # but what waits for them is not forwarded (nor refused) while they are on their way.
             if ids:
-                self._workers_promised_until = max(self._workers_promised_until, now + self.config.redirect_timeout_s)
-            peer.cooldown_until = now + self.config.overload_s
+                self._workers_promised_until = max(self._workers_promised_until, now_s + self.config.redirect_timeout_s)
+            peer.cooldown_until = now_s + self.config.overload_s
         else:
-            peer.cooldown_until = now + self.config.request_cooldown_s
+            peer.cooldown_until = now_s + self.config.request_cooldown_s
 
-    def _give_back(self, now: float) -> None:
+    def _give_back(self, now_s: float) -> None:
         by_owner: dict[str, list[Worker]] = {}
         for worker in self.workers.values():
             if worker.placement == BORROWED and not worker.releasing and worker.directive is None:
@@ -1183,11 +1162,11 @@ class FarmCore:
                 worker.releasing = True
             peer.request_outstanding = True
             ids = [w.worker_id for w in workers]
-            self.outbox.append(PeerRequest(peer.key, {"TASK": "COMMAND_RELEASE", "SERVER_UUID": self.config.server_id,
-                                                      "SERVER_ADDRESS": self._key, "WORKERS_UUID": ids}))
-            log.info("release_requested", owner=peer.key, workers=",".join(ids), queue=self.queue_length)
+            self._send(peer.key, {"TASK": "COMMAND_RELEASE", "SERVER_UUID": self.config.server_id,
+                                  "SERVER_ADDRESS": self._key, "WORKERS_UUID": ids})
+            self._event("release_requested", owner=peer.key, workers=",".join(ids), queue=self.queue_length)
 
-    def _on_release_reply(self, peer: Peer, request: dict, reply: dict | None, now: float) -> None:
+    def _on_release_reply(self, peer: Peer, request: dict, reply: dict | None, now_s: float) -> None:
         peer.request_outstanding = False
         acknowledged = set()
         if reply is not None and reply.get("RESPONSE") == "RELEASE_ACK":
@@ -1196,7 +1175,7 @@ class FarmCore:
             except SaldoError:
                 acknowledged = set()
         else:
-            peer.cooldown_until = now + self.config.request_cooldown_s
+            peer.cooldown_until = now_s + self.config.request_cooldown_s
         for worker_id in request["WORKERS_UUID"]:
             worker = self.workers.get(worker_id)
             if worker is None or worker.placement != BORROWED:
@@ -1206,7 +1185,7 @@ class FarmCore:
                 worker.directive = {"TASK": "RETURN", "SERVER_RETURN": {"ip": peer.address[0], "port": peer.address[1]},
                                     "HOME_MASTER": address_fields(peer.address), "SERVER_UUID": self.config.server_id}
                 if worker.parked and not worker.held and worker.conn is not None:
-                    self._give_directive(worker, now)
+                    self._give_directive(worker, now_s)
 
     def _peer_by_uuid(self, uuid: str) -> Peer | None:
         for peer in self.peers.values():
@@ -1215,18 +1194,18 @@ class FarmCore:
         return None
 
     # --- Heartbeats (outgoing) ----------------------------------------------------------------
-    def _probe_peers(self, now: float) -> None:
+    def _probe_peers(self, now_s: float) -> None:
         runs: frozenset[str] | None = None
         for peer in self.peers.values():
-            if peer.heartbeat_outstanding or now < peer.next_probe_at:
+            if peer.heartbeat_outstanding or now_s < peer.next_probe_at:
                 continue
             if runs is None:
-                runs = self.runnable_kinds(now)[0]
+                runs = self.runnable_kinds(now_s)[0]
             peer.heartbeat_outstanding = True
-            self.outbox.append(PeerRequest(peer.key, {
+            self._send(peer.key, {
                 "TASK": "HEARTBEAT", "SERVER": "ALIVE", "SERVER_UUID": self.config.server_id, "SERVER_ADDRESS": self._key,
                 "QUEUE_LENGTH": self.queue_length, "WORKERS_HELD": self._held_for(peer), "RUNS": sorted(runs),
-            }))
+            })
 
     def backoff_s(self, failures: int) -> float:
         """The wait before retry number `failures` (1, 2, ...): exponential, capped, with jitter."""
@@ -1234,66 +1213,66 @@ class FarmCore:
         base = min(config.retry_max_s, config.retry_initial_s * 2 ** min(failures - 1, 30))
         return base * (1.0 + config.jitter_fraction * (2.0 * self.rng.random() - 1.0))
 
-    def on_peer_result(self, peer_key: str, request: dict, reply: dict | None, now: float) -> None:
-        """The reply to a PeerRequest, or None when there was none (timeout, no connection)."""
+    def on_peer_result(self, peer_key: str, request: dict, reply: dict | None, now_s: float) -> None:
+        """The answer to a Send to a peer, or None when there was none (timeout, no connection)."""
         peer = self.peers.get(peer_key)
         if peer is None:
             return
         if reply is not None and reply.get("STATUS") == "NOK" and not is_definite(reply.get("ERROR")):
             reply = None  # a synthesized TIMEOUT / CONNECTION_LOST: no answer
         if "FORWARDED_BY" in request:
-            self._on_forward_result(peer, request, reply, now)
+            self._on_forward_result(peer, request, reply, now_s)
             return
         task = request.get("TASK")
         if task == "HEARTBEAT":
             peer.heartbeat_outstanding = False
             if reply is None or reply.get("RESPONSE") != "ALIVE":
-                self._heartbeat_failed(peer, now)
+                self._heartbeat_failed(peer, now_s)
             else:
-                self._heard_from(peer, reply, now)
+                self._heard_from(peer, reply, now_s)
                 try:
-                    self._reconcile_lent(peer, reply.get("WORKERS_HELD"), now)
+                    self._reconcile_lent(peer, reply.get("WORKERS_HELD"), now_s)
                 except SaldoError as error:
-                    log.warning("bad_heartbeat_reply", peer=peer.key, error=error.code)
-                peer.next_probe_at = now + self.config.heartbeat_interval_s
+                    self._event("bad_heartbeat_reply", WARNING, peer=peer.key, error=error.code)
+                peer.next_probe_at = now_s + self.config.heartbeat_interval_s
         elif task == "WORKER_REQUEST":
             if reply is None:
                 peer.request_outstanding = False
-                peer.cooldown_until = now + self.config.request_cooldown_s
+                peer.cooldown_until = now_s + self.config.request_cooldown_s
                 return
-            self._heard_from(peer, reply, now)
+            self._heard_from(peer, reply, now_s)
             try:
-                self._on_lend_reply(peer, reply, now)
+                self._on_lend_reply(peer, reply, now_s)
             except SaldoError as error:
-                log.warning("bad_lend_reply", peer=peer.key, error=error.code)
+                self._event("bad_lend_reply", WARNING, peer=peer.key, error=error.code)
         elif task == "COMMAND_RELEASE":
             if reply is not None:
-                self._heard_from(peer, reply, now)
-            self._on_release_reply(peer, request, reply, now)
+                self._heard_from(peer, reply, now_s)
+            self._on_release_reply(peer, request, reply, now_s)
         # RELEASE_COMPLETED is informational: its answer changes nothing.
 
-    def _heartbeat_failed(self, peer: Peer, now: float) -> None:
+    def _heartbeat_failed(self, peer: Peer, now_s: float) -> None:
         peer.failures += 1
         if peer.state != DOWN and peer.failures >= self.config.heartbeat_miss_limit:
-            log.warning("peer_down", peer=peer.key, failures=peer.failures, last_heard=peer.last_heard)
+            self._event("peer_down", WARNING, peer=peer.key, failures=peer.failures, last_heard=peer.last_heard)
             peer.state = DOWN
             peer.request_outstanding = False
-        peer.next_probe_at = now + self.backoff_s(peer.failures)
+        peer.next_probe_at = now_s + self.backoff_s(peer.failures)
 
     # --- Status --------------------------------------------------------------------------------
-    def tasks_per_s(self, now: float) -> float:
-        second = int(now)
+    def tasks_per_s(self, now_s: float) -> float:
+        second = int(now_s)
         recent = sum(count for at, count in self._rate if second - RATE_WINDOW_S < at < second)
         return round(recent / (RATE_WINDOW_S - 1), 1)
 
-    def worker_counts(self, now: float) -> dict:
+    def worker_counts(self, now_s: float) -> dict:
         counts = {"OWN": 0, "HOME": 0, "LENT_OUT": 0, "BORROWED": 0, "IDLE": 0, "BUSY": 0}
         for worker in self.workers.values():
             if worker.placement == LENT:
                 counts["OWN"] += 1
                 counts["LENT_OUT"] += 1
                 continue
-            if not self._present(worker, now):
+            if not self._present(worker, now_s):
                 continue
             if worker.placement == HOME:
                 counts["OWN"] += 1
@@ -1303,9 +1282,9 @@ class FarmCore:
             counts["BUSY" if worker.held else "IDLE"] += 1
         return counts
 
-    def status(self, now: float) -> dict:
+    def status(self, now_s: float) -> dict:
         config = self.config
-        runs_here = self.runnable_kinds(now)[0]
+        runs_here = self.runnable_kinds(now_s)[0]
         return {
             "STATUS": "OK",
             **self.status_extra,
@@ -1313,11 +1292,11 @@ class FarmCore:
             "ROLE": "farm-server",
             "SERVER_UUID": config.server_id,
             "ADDRESS": address_key(config.address),
-            "UPTIME_S": round(now - self.started_at, 3),
+            "UPTIME_S": round(now_s - self.started_at, 3),
             "QUEUE_LENGTH": self.queue_length,
             "MAX_QUEUE": config.max_queue,
             "IN_FLIGHT": len(self.tasks) - self.queue_length,
-            "TASKS_PER_S": self.tasks_per_s(now),
+            "TASKS_PER_S": self.tasks_per_s(now_s),
             "TASKS_COMPLETED_TOTAL": self.tasks_completed_total,
             "TASKS_BY_BORROWED_TOTAL": self.tasks_by_borrowed_total,
             "TASKS_REQUEUED_TOTAL": self.tasks_requeued_total,
@@ -1330,11 +1309,11 @@ class FarmCore:
             "BAD_RESULTS_TOTAL": self.bad_results_total,
             "LOANS_GIVEN_TOTAL": self.loans_given_total,
             "LOANS_RECEIVED_TOTAL": self.loans_received_total,
-            "OVERLOADED_FOR_S": round(now - self._overloaded_since, 3) if self._overloaded_since is not None else 0.0,
+            "OVERLOADED_FOR_S": round(now_s - self._overloaded_since, 3) if self._overloaded_since is not None else 0.0,
             "LEND_QUEUE_THRESHOLD": config.lend_queue_threshold,
             "RETURN_QUEUE_THRESHOLD": config.return_queue_threshold,
             "MIN_OWN_WORKERS": config.min_own_workers,
-            "WORKERS": self.worker_counts(now),
+            "WORKERS": self.worker_counts(now_s),
             "WORKER_LIST": [
                 {"WORKER_UUID": w.worker_id, "OWNER": w.owner, "PLACEMENT": w.placement, "LENT_TO": w.lent_to,
                  "DIALECT": w.dialect, "ACCEPTS": [QUERY, UPDATE] if w.accepts_updates else [QUERY],
@@ -1344,15 +1323,15 @@ class FarmCore:
             ],
             "PEERS": [
                 {"ADDRESS": p.key, "SERVER_UUID": p.uuid, "STATE": p.state, "FAILURES": p.failures,
-                 "LAST_HEARTBEAT_S_AGO": None if p.last_heard is None else round(now - p.last_heard, 3),
+                 "LAST_HEARTBEAT_S_AGO": None if p.last_heard is None else round(now_s - p.last_heard, 3),
                  "QUEUE_LENGTH": p.queue_length, "RUNS": None if p.runs is None else sorted(p.runs)}
                 for p in self.peers.values()
             ],
         }
 
-    def performance_report(self, now: float, system: dict, timestamp: str, message_id: str) -> dict:
+    def performance_report(self, now_s: float, system: dict, timestamp: str, message_id: str) -> dict:
         """The seed v2 periodic report to a supervisor (field names as that version spelled them)."""
-        counts = self.worker_counts(now)
+        counts = self.worker_counts(now_s)
         return {
             "server_uuid": self.config.server_id,
             "task": "performance_report",
@@ -1366,20 +1345,16 @@ class FarmCore:
                                 "workers_borrowed": counts["BORROWED"], "workers_recieved": counts["BORROWED"],
                                 "workers_lent": counts["LENT_OUT"], "workers_failed": 0},
                     "tasks": {"tasks_pending": self.queue_length, "tasks_running": len(self.tasks) - self.queue_length,
-                              "tasks_per_s": self.tasks_per_s(now), "tasks_completed_total": self.tasks_completed_total},
+                              "tasks_per_s": self.tasks_per_s(now_s), "tasks_completed_total": self.tasks_completed_total},
                 },
             },
             "config_thresholds": {"max_queue": self.config.max_queue, "lend_queue_threshold": self.config.lend_queue_threshold},
             "neighbors": [
                 {"server_uuid": p.uuid, "status": "available" if p.state == UP else "unavailable",
-                 "last_heartbeat": None if p.last_heard is None else round(now - p.last_heard, 3)}
+                 "last_heartbeat": None if p.last_heard is None else round(now_s - p.last_heard, 3)}
                 for p in self.peers.values()
             ],
         }
-
-    # --- Small helpers -------------------------------------------------------------------------
-    def _send(self, conn: int, message: dict) -> None:
-        self.outbox.append(Send(conn, message))
 
 
 # --- Reading messages ---------------------------------------------------------------------------

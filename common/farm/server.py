@@ -23,12 +23,15 @@ import uuid
 from functools import partial
 
 from common import topology
-from common.farm.core import Close, FarmConfig, FarmCore, PeerRequest, Send, address_key
+from common.core import Send
+from common.farm.core import FarmConfig, FarmCore, address_key
 from common.log import get_logger
 from common.storage.store import open_store, redact
 from common.transport import aio
 
 log = get_logger("farm_server")
+# The core's events, logged under the name of the part that decided them.
+core_log = get_logger("farm")
 
 DEFAULT_PORT = topology.DEFAULT_PORTS["farm_server"]
 # How often the store's applied-operations counter is read for STATUS (when --store is given).
@@ -145,7 +148,7 @@ class PeerLink:
 
 
 class FarmServer:
-    """Runs one FarmCore: feeds it what arrives, does what its outbox says."""
+    """Runs one FarmCore: feeds it what arrives, carries out what it decided (common/core.py)."""
 
     def __init__(self, core: FarmCore, args: argparse.Namespace) -> None:
         self.core = core
@@ -174,41 +177,46 @@ class FarmServer:
                 batch = await stream.read_batch()
                 if batch is None:
                     return
-                now = time.monotonic()
+                now_s = time.monotonic()
                 for item in batch:
-                    core.on_message(conn, item, now, source_host)
-                core.pump(now)
+                    core.on_message(conn, item, now_s, source_host)
+                core.pump(now_s)
                 self.flush()
                 if not await stream.drain():
                     return
         finally:
             del self.streams[conn]
-            now = time.monotonic()
-            core.on_disconnect(conn, now)
-            core.pump(now)
+            now_s = time.monotonic()
+            core.on_disconnect(conn, now_s)
+            core.pump(now_s)
             self.flush()
 
     def flush(self) -> None:
-        for effect in self.core.take_outbox():
-            if type(effect) is Send:
-                stream = self.streams.get(effect.conn)
-                if stream is not None:
-                    stream.send(effect.message)
-            elif type(effect) is Close:
-                stream = self.streams.get(effect.conn)
-                if stream is not None:
-                    self._spawn(stream.close())
-            else:
-                assert type(effect) is PeerRequest
-                self._spawn(self._call_peer(effect))
+        """Carry out the core's output in the contract's order: send, reply (then close), log. The
+        farm persists nothing itself (its workers write the store)."""
+        output = self.core.take_output()
+        assert not output.persist, "a farm server persists nothing"
+        for request in output.send:  # each to a peer; its answer comes back to the core
+            self._spawn(self._call_peer(request))
+        streams = self.streams
+        for reply in output.replies:
+            stream = streams.get(reply.to)
+            if stream is not None:  # (a connection that closed meanwhile: nothing to do)
+                stream.send(reply.message)
+        for conn in output.close:
+            stream = streams.get(conn)
+            if stream is not None:
+                self._spawn(stream.close())
+        if output.events:
+            core_log.record(output.events)
 
-    async def _call_peer(self, effect: PeerRequest) -> None:
-        links = self.links if effect.timeout_s is None else self.task_links
-        reply = await links[effect.peer].request(effect.message, effect.timeout_s)
+    async def _call_peer(self, request: Send) -> None:
+        links = self.links if request.timeout_s is None else self.task_links
+        reply = await links[request.to].request(request.message, request.timeout_s)
         try:
-            self.core.on_peer_result(effect.peer, effect.message, reply, time.monotonic())
+            self.core.on_peer_result(request.to, request.message, reply, time.monotonic())
         except Exception as error:  # a bug must not stop the server; the next heartbeat starts afresh
-            log.exception("peer_result_failed", peer=effect.peer, task=effect.message.get("TASK"), error=repr(error))
+            log.exception("peer_result_failed", peer=request.to, task=request.message.get("TASK"), error=repr(error))
         self.flush()
 
     def _spawn(self, coroutine) -> None:
@@ -251,9 +259,9 @@ class FarmServer:
         stream: aio.MessageStream | None = None
         while not stop.is_set():
             await asyncio.sleep(self.args.report_interval_s)
-            now = time.monotonic()
+            now_s = time.monotonic()
             report = self.core.performance_report(
-                now, system_figures(now - self.core.started_at),
+                now_s, system_figures(now_s - self.core.started_at),
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), str(uuid.uuid4()),
             )
             try:

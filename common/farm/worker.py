@@ -109,7 +109,7 @@ class FarmWorker:
         step = core.start()
         try:
             while not self.stop.is_set():
-                self._log_notes()
+                self._log_events()
                 if isinstance(step, Connect):
                     step = self._connect(step.address)
                 elif isinstance(step, Send):
@@ -120,7 +120,7 @@ class FarmWorker:
                     self._disconnect()
                     self.stop.wait(step.seconds)
                     step = core.on_paused()
-            self._log_notes()
+            self._log_events()
         finally:
             self._disconnect()
 
@@ -148,9 +148,8 @@ class FarmWorker:
             self.connection.close()
             self.connection = None
 
-    def _log_notes(self) -> None:
-        for note in self.core.take_notes():
-            (log.warning if note.level == "warning" else log.info)(note.event, **note.fields)
+    def _log_events(self) -> None:
+        log.record(self.core.take_events())
 
     # --- Running tasks ----------------------------------------------------------------------------
     def execute(self, tasks: list) -> list[dict]:

@@ -10,7 +10,7 @@ Owns every decision of a farm worker (seed 000's client.py) other than running t
     Execute(tasks)    run the tasks against the store: core.on_executed(results), one per task
     Pause(seconds)    close the connection if one is open, wait: core.on_paused()
 
-and logs the events `take_notes()` returns. No clock, no socket, no log: the jitter of waits comes
+and logs the events `take_events()` returns (common/core.py's Event). No clock, no socket, no log: the jitter of waits comes
 from the `random.Random` the core is given, so a test scripts any order of replies
 (tests/test_farm_worker_core.py). docs/farm-protocol.md has the messages.
 
@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from common.bank.errors import SaldoError
+from common.core import INFO, WARNING, Event
 from common.farm.core import SALDO, V2, check_id
 
 Address = tuple[str, int]
@@ -119,14 +120,6 @@ class Pause(NamedTuple):
     seconds: float
 
 
-class Note(NamedTuple):
-    """An event for the driver's log."""
-
-    level: str  # "info" or "warning"
-    event: str
-    fields: dict
-
-
 Step = Connect | Send | Execute | Pause
 
 
@@ -173,7 +166,7 @@ class WorkerCore:
         self.failures = 0  # connections in a row that failed (rule 5)
         self.idle_polls = 0  # NO_TASK answers in a row from a v2 server
         self.failover_turn = 0  # which failover server comes next
-        self.notes: list[Note] = []
+        self.events: list[Event] = []  # for the driver's log (common/core.py's Event)
         self._answered = False  # the open connection's server answered at least once
         self._in_flight: dict | None = None  # the message sent, whose reply is awaited
         self._executing: list | None = None
@@ -184,9 +177,9 @@ class WorkerCore:
         self.results_dropped_total = 0
 
     # --- The driver's side ---------------------------------------------------------------------
-    def take_notes(self) -> list[Note]:
-        notes, self.notes = self.notes, []
-        return notes
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
 
     def start(self) -> Step:
         return Connect(self._target())
@@ -202,7 +195,7 @@ class WorkerCore:
         return self._send(self._alive())
 
     def on_connect_failed(self, reason: str) -> Step:
-        self._note("info", "connect_failed", server=format_address(self._target()), error=reason)
+        self._event("connect_failed", server=format_address(self._target()), error=reason)
         if self.deliveries:
             return self._delivery_failed(reason)
         return self._ended(LOST)
@@ -215,9 +208,9 @@ class WorkerCore:
         if sent is not None and "STATUS" in sent:
             return self._delivery_failed(reason)
         if sent is not None and sent.get("RESULTS"):
-            self._note("warning", "results_not_delivered", server=format_address(server), results=len(sent["RESULTS"]),
-                       reason=reason, detail="the server runs the tasks of a closed connection again")
-        self._note("info", "connection_ended", server=format_address(server), reason=reason)
+            self._event("results_not_delivered", WARNING, server=format_address(server), results=len(sent["RESULTS"]),
+                        reason=reason, detail="the server runs the tasks of a closed connection again")
+        self._event("connection_ended", server=format_address(server), reason=reason)
         return self._ended(SERVED if self._answered else LOST)
 
     def on_reply(self, reply: dict | SaldoError) -> Step:
@@ -226,14 +219,14 @@ class WorkerCore:
         self._answered = True
         server = self.current
         if isinstance(reply, SaldoError):
-            self._note("warning", "undecodable_reply", server=format_address(server), error=reply.code)
+            self._event("undecodable_reply", WARNING, server=format_address(server), error=reply.code)
             return self._delivery_failed(reply.code) if "STATUS" in sent else self._ended(REFUSED)
         if "STATUS" in sent:
             return self._on_status_reply(reply)
         task = reply.get("TASK")
         if reply.get("STATUS") == "NOK":  # e.g. WORKER_ID_IN_USE while the server has not seen our old connection close
-            self._note("warning", "server_refused", server=format_address(server), error=reply.get("ERROR"),
-                       detail=reply.get("DETAIL"))
+            self._event("server_refused", WARNING, server=format_address(server), error=reply.get("ERROR"),
+                        detail=reply.get("DETAIL"))
             return self._ended(REFUSED)
         self._learn_dialect(server, SALDO if task == "BATCH" or "SERVER_UUID" in reply else V2)
         if server == self.home and task != "REDIRECT":
@@ -250,14 +243,14 @@ class WorkerCore:
         if task == "REDIRECT":
             return self._ended(SERVED if self._follow_redirect(reply) else REFUSED)
         if task == "RETURN":
-            self._note("info", "returning_home", home=format_address(self.home), borrower=format_address(server),
-                       named=self._named_return(reply))
+            self._event("returning_home", home=format_address(self.home), borrower=format_address(server),
+                        named=self._named_return(reply))
             self.current = self.home
             self.moves_total += 1
             return self._ended(SERVED)
         if type(task) is str:  # one task in the seed's shape
             return self._execute([reply])
-        self._note("warning", "unexpected_reply", server=format_address(server), reply=str(reply)[:200])
+        self._event("unexpected_reply", WARNING, server=format_address(server), reply=str(reply)[:200])
         return self._ended(REFUSED)
 
     def on_executed(self, results: list[dict]) -> Step:
@@ -325,8 +318,8 @@ class WorkerCore:
     def _on_status_reply(self, reply: dict) -> Step:
         delivery = self.deliveries[0]
         if reply.get("STATUS") != "ACK":
-            self._note("warning", "result_refused", server=format_address(delivery.server),
-                       task=delivery.message.get("ID"), reply=str(reply)[:200])
+            self._event("result_refused", WARNING, server=format_address(delivery.server),
+                        task=delivery.message.get("ID"), reply=str(reply)[:200])
             return self._delivery_failed("not acknowledged")
         if "SERVER_UUID" not in reply:
             self._learn_dialect(delivery.server, V2)
@@ -340,8 +333,8 @@ class WorkerCore:
         if delivery.attempts >= self.config.max_delivery_attempts:
             self.deliveries.popleft()
             self.results_dropped_total += 1
-            self._note("warning", "result_dropped", server=format_address(delivery.server),
-                       task=delivery.message.get("ID"), status=delivery.message["STATUS"], attempts=delivery.attempts,
+            self._event("result_dropped", WARNING, server=format_address(delivery.server),
+                        task=delivery.message.get("ID"), status=delivery.message["STATUS"], attempts=delivery.attempts,
                        reason=reason)
         self.failures += 1
         return Pause(self._backoff_s(self.failures))
@@ -374,7 +367,7 @@ class WorkerCore:
             self.current = others[self.failover_turn % len(others)]
             self.failover_turn += 1
         if self.current != self.home:
-            self._note("info", "failing_over", server=format_address(self.current))
+            self._event("failing_over", server=format_address(self.current))
 
     def _backoff_s(self, count: int) -> float:
         """The wait after the count-th such end in a row: exponential, capped, with jitter."""
@@ -386,7 +379,7 @@ class WorkerCore:
         target = (parse_address(reply.get("TARGET_MASTER"), "IP", "PORT")
                   or parse_address(reply.get("SERVER_REDIRECT"), "ip", "port"))
         if target is None:
-            self._note("warning", "bad_redirect", reply=str(reply)[:200])
+            self._event("bad_redirect", WARNING, reply=str(reply)[:200])
             return False
         home = parse_address(reply.get("HOME_MASTER"), "IP", "PORT")
         if home is not None:
@@ -395,7 +388,7 @@ class WorkerCore:
         self._learn_failover(reply.get("FAILOVER_LIST"))
         self.current = target
         self.moves_total += 1
-        self._note("info", "redirected", target=format_address(target), home=format_address(self.home))
+        self._event("redirected", target=format_address(target), home=format_address(self.home))
         return True
 
     def _named_return(self, reply: dict) -> str | None:
@@ -408,7 +401,7 @@ class WorkerCore:
             try:
                 self.learned_owner = check_id(server_id, "SERVER_UUID")
             except SaldoError:
-                self._note("warning", "bad_server_uuid", value=server_id[:80])
+                self._event("bad_server_uuid", WARNING, value=server_id[:80])
 
     def _learn_failover(self, servers: object) -> None:
         if type(servers) is not list:
@@ -420,11 +413,11 @@ class WorkerCore:
 
     def _learn_dialect(self, server: Address, dialect: str) -> None:
         if self.dialects.get(server) != dialect:
-            self._note("info", "server_dialect", server=format_address(server), dialect=dialect)
+            self._event("server_dialect", server=format_address(server), dialect=dialect)
         self.dialects[server] = dialect
         self.dialects.move_to_end(server)
         while len(self.dialects) > MAX_KNOWN_SERVERS:
             self.dialects.popitem(last=False)
 
-    def _note(self, level: str, event: str, **fields: object) -> None:
-        self.notes.append(Note(level, event, fields))
+    def _event(self, name: str, level: str = INFO, /, **fields: object) -> None:
+        self.events.append(Event(name, fields, level))
