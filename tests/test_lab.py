@@ -36,7 +36,7 @@ from common.transport.blocking import BlockingConnection
 pytestmark = pytest.mark.slow
 
 SVG = "{http://www.w3.org/2000/svg}"
-FAULT_SHADE = "#f4a582"  # the fill of a fault window in the timeline (common/lab/report.py)
+FAULT_SHADE = "#f4a582"  # the fill of a fault window (class "fault") in the timeline (common/lab/report.py)
 
 
 def lab_run(root: Path, **options) -> RunResult:
@@ -60,7 +60,7 @@ def write_ids(result: RunResult, *, acknowledged: bool) -> set[str]:
 def shaded_rects(svg_path: Path) -> list[ElementTree.Element]:
     root = ElementTree.parse(svg_path).getroot()  # raises if the file is not well-formed XML
     assert root.tag == f"{SVG}svg"
-    return [rect for rect in root.iter(f"{SVG}rect") if rect.get("fill") == FAULT_SHADE]
+    return [rect for rect in root.iter(f"{SVG}rect") if rect.get("class") == "fault" and rect.get("fill") == FAULT_SHADE]
 
 
 @pytest.fixture(scope="module")

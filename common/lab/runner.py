@@ -378,7 +378,8 @@ def run_lab(options: RunOptions) -> RunResult:
         "run_window_s": [round(window["run_started_s"], 3), round(window["run_ended_s"], 3)],
         "run_dir": str(run_dir),
     }
-    points = report.timeline(run_history, window["run_ended_s"])
+    body["outages"] = report.outages(run_history, body["run_window_s"])
+    points = report.timeline(run_history, body["run_window_s"])
     options.results_dir.mkdir(parents=True, exist_ok=True)
     svg_path = options.results_dir / f"{run_name}.svg"
     svg_path.write_text(report.timeline_svg(body, points))
